@@ -1,0 +1,1 @@
+"""Built-in injectors for Hugging Face backbones (installed as ``resprune.backbones``)."""

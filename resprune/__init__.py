@@ -1,0 +1,67 @@
+"""resprune: training-free visual token pruning for large vision-language models.
+
+Quick use::
+
+    import resprune
+    keep = resprune.select(tokens, 64)                                # ResPrune, geometric
+    keep = resprune.select(tokens, 64, scores={"relevance": r}, alpha=0.75)
+    pipe = resprune.load_pipeline("resprune-llava15", budget=128)      # shipped YAML config
+"""
+
+from ._markers import hookimpl
+from .budget import check_budget, resolve_budget
+from .config import PipelineConfig, load_config, shipped_configs
+from .context import PruneContext
+from .errors import (
+    BudgetError,
+    ConfigError,
+    DuplicateStrategyError,
+    IncompatibleBackboneError,
+    InvalidInputError,
+    MissingContextError,
+    MissingDependencyError,
+    PluginContractError,
+    PluginError,
+    PluginLoadError,
+    ResPruneError,
+    UnknownStrategyError,
+)
+from .interfaces import Injector, Scorer, Selector
+from .pipeline import Pipeline, load_pipeline
+from .plugins import get_host, list_plugins, reset_plugins
+from .selection import Selection, score, select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hookimpl",
+    "select",
+    "score",
+    "Selection",
+    "Pipeline",
+    "load_pipeline",
+    "load_config",
+    "shipped_configs",
+    "PipelineConfig",
+    "PruneContext",
+    "Scorer",
+    "Selector",
+    "Injector",
+    "list_plugins",
+    "get_host",
+    "reset_plugins",
+    "check_budget",
+    "resolve_budget",
+    "ResPruneError",
+    "ConfigError",
+    "UnknownStrategyError",
+    "PluginError",
+    "PluginLoadError",
+    "DuplicateStrategyError",
+    "PluginContractError",
+    "BudgetError",
+    "InvalidInputError",
+    "MissingContextError",
+    "MissingDependencyError",
+    "IncompatibleBackboneError",
+]

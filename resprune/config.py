@@ -1,0 +1,261 @@
+"""YAML pipeline configs: schema, loading, overrides and validation (OmegaConf).
+
+A config chooses components by registry name only (no import paths)::
+
+    description: ResPrune on LLaVA-1.5
+    budget: 64                       # int k per image, or a float ratio in (0, 1]
+    scorers:
+      - name: cls_attention
+      - name: text_relevance         # writes the score "relevance"
+        params: {reduce: max}
+    selector:
+      name: residual_energy
+      params: {alpha: 0.75, seed: cls_attention}
+
+``base: NAME`` starts from another config (shipped name or path) and merges this file
+on top. Loading resolves everything and validates every strategy's params, so a typo
+fails before any model work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .budget import check_budget
+from .errors import ConfigError, suggest
+from .params import build_params
+from .plugins import get_host
+
+__all__ = [
+    "StrategyConfig",
+    "ScorerConfig",
+    "BackboneConfig",
+    "PipelineConfig",
+    "load_config",
+    "shipped_configs",
+    "to_yaml",
+]
+
+
+@dataclass
+class StrategyConfig:
+    """A selector chosen by registry name, with its params."""
+
+    name: str = MISSING
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScorerConfig:
+    """A scorer chosen by registry name; ``output`` renames the score it writes."""
+
+    name: str = MISSING
+    params: dict[str, Any] = field(default_factory=dict)
+    output: Optional[str] = None
+
+
+@dataclass
+class BackboneConfig:
+    """Backbone hints and injector params (used when attaching to a model)."""
+
+    model_type: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineConfig:
+    """A whole pruning pipeline: scorers, one selector, a budget."""
+
+    budget: Any = MISSING
+    selector: StrategyConfig = field(default_factory=StrategyConfig)
+    scorers: list[ScorerConfig] = field(default_factory=list)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    description: str = ""
+    reproduces: Optional[str] = None
+    """Which paper table/setting this config reproduces, if any."""
+
+
+
+
+def _config_dir():
+    return resources.files("resprune") / "configs"
+
+
+def shipped_configs() -> dict[str, str]:
+    """Names of the configs shipped with resprune -> their descriptions."""
+    out = {}
+    for entry in sorted(_config_dir().iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            data = OmegaConf.create(entry.read_text())
+            out[entry.name[: -len(".yaml")]] = str(data.get("description", ""))
+    return out
+
+
+def _read(source: str | Path, *, seen: tuple[str, ...] = ()) -> tuple[DictConfig, str]:
+    """Read a shipped name or a YAML path, following ``base:``; return (config, label)."""
+    text_path = Path(source)
+    if text_path.suffix in (".yaml", ".yml") or text_path.exists():
+        if not text_path.is_file():
+            raise ConfigError(f"config file not found: {text_path}")
+        label, text = str(text_path), text_path.read_text()
+    else:
+        names = shipped_configs()
+        if source not in names:
+            raise ConfigError(
+                f"unknown config '{source}': neither a YAML file nor a shipped config.{suggest(str(source), names)} "
+                f"Shipped configs: {', '.join(names)}.")
+        label = f"{source} (shipped)"
+        text = (_config_dir() / f"{source}.yaml").read_text()
+    if label in seen:
+        raise ConfigError(f"{label}: 'base' chain loops: {' -> '.join(seen + (label,))}")
+    try:
+        cfg = OmegaConf.create(text)
+    except Exception as exc:  # yaml errors, duplicate keys
+        raise ConfigError(f"{label}: cannot parse YAML: {exc}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{label}: a pipeline config must be a mapping at the top level")
+    return _with_base(cfg, label, seen + (label,), Path(label).parent if label == str(text_path) else None)
+
+
+def _with_base(cfg: DictConfig, label: str, seen: tuple[str, ...], folder: Path | None) -> tuple[DictConfig, str]:
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg, label
+    base_path = Path(str(base))
+    if folder is not None and not base_path.is_absolute() and (folder / base_path).exists():
+        base_path = folder / base_path
+    parent, _ = _read(base_path if base_path.exists() else str(base), seen=seen)
+    if "selector" in cfg and "name" in cfg.selector and cfg.selector.name != parent.get("selector", {}).get("name"):
+        parent.selector = {"name": cfg.selector.name, "params": {}}  # params do not carry across selectors
+    return OmegaConf.merge(parent, cfg), label
+
+
+def _overrides(overrides: Iterable[str] | Mapping[str, Any], kwargs: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        items += list(overrides.items())
+    else:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value (e.g. budget=64, selector.params.alpha=0.5)")
+            dl = OmegaConf.from_dotlist([item])
+            key = item.split("=", 1)[0].strip()
+            items.append((key, OmegaConf.select(dl, key)))
+    items += list(kwargs.items())
+    return items
+
+
+def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
+    if key == "selector" and isinstance(value, str):  # shorthand: selector=divprune
+        cfg.selector = {"name": value, "params": {}}
+        return
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{label}: override {key}={value!r}: {_msg(exc)}") from None
+
+
+def _msg(exc: OmegaConfBaseException) -> str:
+    return (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | DictConfig | PipelineConfig,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+    **kwargs: Any,
+) -> DictConfig:
+    """Load, merge, override and validate a pipeline config.
+
+    Args:
+        source: a shipped config name (``"resprune-llava15"``), a YAML path, a mapping.
+        overrides: dotlist strings (``["budget=64", "selector.params.alpha=0.3"]``) or a
+            mapping of dotted keys to values. ``selector=NAME`` switches the selector
+            (dropping the old selector's params).
+        **kwargs: more overrides by top-level key, e.g. ``budget=64``.
+
+    Returns:
+        The resolved config (read-only ``DictConfig``) with every strategy's params filled
+        with their defaults.
+
+    Raises:
+        ConfigError: naming the file, the full key and the valid choices.
+    """
+    if isinstance(source, (str, Path)):
+        raw, label = _read(source)
+    elif isinstance(source, PipelineConfig):
+        raw, label = OmegaConf.structured(source), "<PipelineConfig>"
+    elif isinstance(source, (Mapping, DictConfig)):
+        raw = OmegaConf.create(OmegaConf.to_container(source) if isinstance(source, DictConfig) else dict(source))
+        raw, label = _with_base(raw, "<dict>", ("<dict>",), None)
+    else:
+        raise ConfigError(f"cannot load a pipeline config from {type(source).__name__}")
+
+    schema = OmegaConf.structured(PipelineConfig)
+    valid = [f.name for f in dataclasses.fields(PipelineConfig)]
+    for key in raw:
+        if key not in valid:
+            raise ConfigError(f"{label}: unknown key '{key}'.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{label}: {exc.full_key or ''}: {_msg(exc)}") from None
+    for key, value in _overrides(overrides, kwargs):
+        _apply(cfg, key, value, label)
+    return validate_config(cfg, label)
+
+
+def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
+    """Check a merged config against the registries; fill params defaults; make it read-only."""
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{label}: {exc.full_key or ''}: {_msg(exc)}") from None
+    check_budget(container["budget"], where=f"{label}: budget")
+
+    host = get_host()
+    sel = container["selector"]
+    selector_cls = _lookup(host.selectors, sel["name"], f"{label}: selector.name")
+    sel["params"] = dataclasses.asdict(build_params(selector_cls, sel["params"], where=f"{label}: selector.params"))
+    outputs: dict[str, str] = {}
+    for i, sc in enumerate(container["scorers"]):
+        where = f"{label}: scorers[{i}]"
+        scorer_cls = _lookup(host.scorers, sc["name"], f"{where}.name")
+        sc["params"] = dataclasses.asdict(build_params(scorer_cls, sc["params"], where=f"{where}.params"))
+        out = sc["output"] or scorer_cls.output
+        if out in outputs:
+            raise ConfigError(f"{where}: score '{out}' is already written by scorer '{outputs[out]}'; "
+                              f"give one of them another name with `output:`.")
+        outputs[out] = sc["name"]
+
+    selector = selector_cls(sel["params"])
+    missing = sorted(selector.required_scores() - set(outputs))
+    if missing:
+        writers = [e.name for e in host.scorers.entries() if getattr(e.cls, "output", None) == missing[0]]
+        raise ConfigError(
+            f"{label}: selector '{sel['name']}' ({selector!r}) needs score '{missing[0]}', which no scorer "
+            f"in `scorers` writes. Add one ({', '.join(writers) or 'a scorer with output: ' + missing[0]}).")
+    result = OmegaConf.structured(PipelineConfig)
+    result = OmegaConf.merge(result, container)
+    OmegaConf.set_readonly(result, True)
+    return result
+
+
+def _lookup(registry: Any, name: Any, where: str) -> Any:
+    try:
+        return registry.get(name)
+    except KeyError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (what is saved beside results)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+

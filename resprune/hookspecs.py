@@ -1,0 +1,76 @@
+"""Hook specifications: the three ways a plugin adds strategies to resprune.
+
+Each hook hands the plugin a ``register`` callback. A plugin calls it once per class it
+provides::
+
+    import resprune
+
+    @resprune.hookimpl
+    def resprune_register_selectors(register):
+        register(MySelector)                      # MySelector.name is its registry name
+        register(MyOtherSelector, aliases=("mos",))
+
+``register(cls, *, aliases=(), override=False)`` stores ``cls`` under ``cls.name`` (and
+the aliases). Registering a name another plugin already took is an error naming both
+plugins, unless ``override=True`` is passed deliberately.
+
+Pipelines pick strategies by name from the registries these hooks fill, never by hook
+call order. Hook implementations must not give their arguments default values: pluggy
+does not pass arguments that have defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._markers import hookspec
+
+RegisterFn = Callable[..., Any]
+
+
+# --- strategies -----------------------------------------------------------------------
+
+
+@hookspec
+def resprune_register_scorers(register: RegisterFn) -> None:
+    """Register :class:`~resprune.interfaces.Scorer` subclasses.
+
+    A scorer turns a :class:`~resprune.context.PruneContext` into one named score per
+    visual token (``[B, N]``), e.g. text relevance or CLS attention.
+
+    Args:
+        register: ``register(cls, *, aliases=(), override=False)``.
+
+    Added in 0.1.
+    """
+
+
+@hookspec
+def resprune_register_selectors(register: RegisterFn) -> None:
+    """Register :class:`~resprune.interfaces.Selector` subclasses.
+
+    A selector picks ``k`` distinct token indices from the tokens and the named scores.
+
+    Args:
+        register: ``register(cls, *, aliases=(), override=False)``.
+
+    Added in 0.1.
+    """
+
+
+# --- backbones ------------------------------------------------------------------------
+
+
+@hookspec
+def resprune_register_injectors(register: RegisterFn) -> None:
+    """Register :class:`~resprune.interfaces.Injector` subclasses.
+
+    An injector attaches a pipeline to a model of the ``config.model_type`` values it
+    declares in ``model_types``.
+
+    Args:
+        register: ``register(cls, *, aliases=(), override=False)``.
+
+    Added in 0.1.
+    """

@@ -1,0 +1,107 @@
+"""The three plugin interfaces: Scorer, Selector and Injector.
+
+A strategy is a class with a registry ``name``, a ``Params`` dataclass (the schema of
+its ``params:`` block in YAML) and the context fields it ``requires``. It is built with
+validated params: ``MySelector(alpha=0.5)`` or ``MySelector({"alpha": 0.5})``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+
+from .params import build_params
+
+if TYPE_CHECKING:
+    from .context import PruneContext
+
+__all__ = ["Strategy", "Scorer", "Selector", "Injector"]
+
+
+class Strategy:
+    """Common base: name, params schema, context requirements."""
+
+    kind: ClassVar[str] = "strategy"
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    @dataclass
+    class Params:
+        """No parameters."""
+
+    def __init__(self, params: Mapping[str, Any] | Any | None = None, /, **kwargs: Any) -> None:
+        if params is not None and kwargs:
+            raise TypeError(f"{type(self).__name__}: pass params either as a mapping or as keywords, not both")
+        values = kwargs if params is None else params
+        self.params = build_params(type(self), values, where=f"{self.kind} '{self.name}' params")
+
+    def describe(self) -> dict[str, Any]:
+        """Name and resolved params (saved beside results)."""
+        return {"name": self.name, "params": asdict(self.params)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in asdict(self.params).items())
+        return f"{type(self).__name__}({args})"
+
+
+class Scorer(Strategy, ABC):
+    """Produces one score per visual token, written under a name (``output``)."""
+
+    kind: ClassVar[str] = "scorer"
+    output: ClassVar[str]
+    """Default name of the score this scorer writes (a pipeline may rename it)."""
+
+    @abstractmethod
+    def score(self, context: PruneContext) -> Tensor:
+        """Return a float tensor ``[B, N]`` for the ``B`` images of ``context``."""
+
+
+class Selector(Strategy, ABC):
+    """Picks ``k`` distinct tokens from the tokens and the named scores."""
+
+    kind: ClassVar[str] = "selector"
+
+    def required_scores(self) -> frozenset[str]:
+        """Score names this selector cannot work without (under its current params)."""
+        return frozenset()
+
+    def optional_scores(self) -> frozenset[str]:
+        """Score names this selector uses when they are present."""
+        return frozenset()
+
+    @abstractmethod
+    def select(self, tokens: Tensor, k: int, scores: Mapping[str, Tensor], context: PruneContext) -> Tensor:
+        """Pick tokens.
+
+        Args:
+            tokens: float32 ``[B, N, d]``, finite.
+            k: number of tokens to keep, ``1 <= k <= N``.
+            scores: score name -> float32 ``[B, N]``; contains every required score.
+            context: the rest of what is known about the images.
+
+        Returns:
+            int64 ``[B, k]``: distinct indices per row, in the order they were picked.
+        """
+
+
+class Injector(Strategy, ABC):
+    """Attaches a pipeline to a model whose ``config.model_type`` is in ``model_types``."""
+
+    kind: ClassVar[str] = "injector"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[frozenset[str]] = frozenset({"tokens"})
+    """Context fields this backbone can supply to scorers and selectors."""
+
+    @abstractmethod
+    def attach(self, model: Any, pipeline: Any, processor: Any = None) -> Any:
+        """Patch ``model`` so it prunes with ``pipeline``; return a handle that restores it.
+
+        The handle is a context manager (``with injector.attach(...) as attached:``) with a
+        ``remove()`` method; after it the model is exactly as before.
+        """

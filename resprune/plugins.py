@@ -1,0 +1,253 @@
+"""Plugin loading: built-in strategies first, then the ``resprune`` entry-point group.
+
+Environment variables:
+
+- ``RESPRUNE_DISABLE_PLUGIN_AUTOLOAD=1``: load the built-in plugins only.
+- ``RESPRUNE_DISABLE_PLUGINS=a,b``: skip the entry-point plugins named ``a`` and ``b``.
+- ``RESPRUNE_STRICT_PLUGINS=1``: a plugin that fails to load is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import os
+import threading
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from ._markers import PROJECT_NAME
+from .errors import PluginError, PluginLoadError
+from .interfaces import Injector, Scorer, Selector
+from .registry import Registry
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "PluginHost",
+    "FailedPlugin",
+    "get_host",
+    "reset_plugins",
+    "list_plugins",
+    "scorers",
+    "selectors",
+    "injectors",
+]
+
+ENTRY_POINT_GROUP = "resprune"
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "resprune.strategies.residual_energy",
+    "resprune.strategies.dpp",
+    "resprune.strategies.divprune",
+    "resprune.strategies.topk",
+    "resprune.strategies.random_choice",
+    "resprune.strategies.uniform",
+    "resprune.strategies.text_relevance",
+    "resprune.strategies.token_scores",
+    "resprune.strategies.cls_attention",
+)
+"""Modules registered as plugins before any entry point, under their module names."""
+
+_HOOKS = {
+    "scorers": "resprune_register_scorers",
+    "selectors": "resprune_register_selectors",
+    "injectors": "resprune_register_injectors",
+}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class FailedPlugin:
+    """An entry-point plugin that could not be loaded."""
+
+    name: str
+    distribution: str | None
+    error: BaseException
+
+
+@dataclass
+class _PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    provides: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in _HOOKS})
+
+
+class PluginHost:
+    """A plugin manager plus the registries its registration hooks fill.
+
+    Args:
+        autoload: also load the ``resprune`` entry-point group (default: unless
+            ``RESPRUNE_DISABLE_PLUGIN_AUTOLOAD`` is set).
+        strict: raise on a plugin that fails to load (default: ``RESPRUNE_STRICT_PLUGINS``).
+        builtins: dotted module names registered first.
+        plugins: extra plugin objects (modules, classes, instances) registered after the
+            entry points, e.g. by tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        autoload: bool | None = None,
+        strict: bool | None = None,
+        builtins: Iterable[str] = BUILTIN_PLUGINS,
+        plugins: Iterable[Any] = (),
+    ) -> None:
+        self.autoload = (not _flag("RESPRUNE_DISABLE_PLUGIN_AUTOLOAD")) if autoload is None else autoload
+        self.strict = _flag("RESPRUNE_STRICT_PLUGINS") if strict is None else strict
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.scorers: Registry[type[Scorer]] = Registry("scorer", Scorer)
+        self.selectors: Registry[type[Selector]] = Registry("selector", Selector)
+        self.injectors: Registry[type[Injector]] = Registry("injector", Injector)
+        self.failed: list[FailedPlugin] = []
+        self._info: dict[str, _PluginInfo] = {}
+        own_version = _version("resprune")
+        for module_name in builtins:
+            self._register(importlib.import_module(module_name), module_name, "resprune", own_version)
+        if self.autoload:
+            self._load_entry_points()
+        for plugin in plugins:
+            name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin)}"
+            self._register(plugin, name, None, None)
+        self._check_pending()
+        self._fill_registries()
+
+    # --- loading ----------------------------------------------------------------------
+
+    def _register(self, plugin: Any, name: str, dist: str | None, version: str | None) -> None:
+        if self.pm.is_registered(plugin) or self.pm.has_plugin(name):
+            return
+        self.pm.register(plugin, name=name)
+        self._info[name] = _PluginInfo(name, dist, version)
+
+    def _load_entry_points(self) -> None:
+        blocked = {n.strip() for n in os.environ.get("RESPRUNE_DISABLE_PLUGINS", "").split(",") if n.strip()}
+        seen: set[str] = set()
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in seen or ep.name in blocked:
+                continue
+            seen.add(ep.name)
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            try:
+                plugin = ep.load()
+                self._register(plugin, ep.name, dist_name, dist.version if dist is not None else None)
+            except Exception as exc:  # noqa: BLE001 - one broken plugin must not stop the others
+                self._fail(ep.name, dist_name, exc)
+
+    def _fail(self, name: str, dist: str | None, exc: BaseException) -> None:
+        where = f"plugin '{name}'" + (f" (distribution '{dist}')" if dist else "")
+        message = f"resprune: {where} failed to load and is skipped: {type(exc).__name__}: {exc}"
+        if self.strict:
+            raise PluginLoadError(message + " [RESPRUNE_STRICT_PLUGINS=1]") from exc
+        self.failed.append(FailedPlugin(name, dist, exc))
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        if self.pm.has_plugin(name):
+            self.pm.unregister(name=name)
+        self._info.pop(name, None)
+
+    def _check_pending(self) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(
+                f"plugin '{exc.plugin_name if hasattr(exc, 'plugin_name') else exc.plugin}' "
+                f"implements an unknown hook: {exc}. The hooks are: {', '.join(_HOOKS.values())} "
+                f"(check the spelling)."
+            ) from None
+
+    def _fill_registries(self) -> None:
+        for kind, hook_name in _HOOKS.items():
+            registry: Registry[Any] = getattr(self, kind)
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                staged: list[tuple[Any, tuple[str, ...], bool]] = []
+
+                def register(cls: Any, *, aliases: Iterable[str] = (), override: bool = False,
+                             _staged: list[tuple[Any, tuple[str, ...], bool]] = staged) -> None:
+                    _staged.append((cls, tuple(aliases), override))
+
+                info = self._info.get(impl.plugin_name)
+                try:
+                    impl.function(**{a: register for a in impl.argnames})
+                except Exception as exc:  # noqa: BLE001
+                    if info is None or info.distribution == "resprune":
+                        raise
+                    self._fail(impl.plugin_name, info.distribution, exc)
+                    continue
+                for cls, aliases, override in staged:
+                    registry.register(cls, plugin=impl.plugin_name, aliases=aliases, override=override)
+                    if info is not None:
+                        info.provides[kind].append(cls.name)
+
+    # --- queries ----------------------------------------------------------------------
+
+    def list_plugins(self) -> list[dict[str, Any]]:
+        """Every loaded plugin with its distribution, version and the names it registered."""
+        rows = []
+        for info in self._info.values():
+            rows.append({
+                "plugin": info.name,
+                "distribution": info.distribution,
+                "version": info.version,
+                **{kind: sorted(names) for kind, names in info.provides.items()},
+            })
+        return rows
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+_host: PluginHost | None = None
+_lock = threading.Lock()
+
+
+def get_host() -> PluginHost:
+    """The process-wide plugin host, loaded on first use."""
+    global _host
+    if _host is None:
+        with _lock:
+            if _host is None:
+                _host = PluginHost()
+    return _host
+
+
+def reset_plugins(host: PluginHost | None = None) -> PluginHost | None:
+    """Replace the process-wide host (``None``: reload lazily on next use). Returns the old one."""
+    global _host
+    with _lock:
+        old, _host = _host, host
+    return old
+
+
+def list_plugins() -> list[dict[str, Any]]:
+    """Every loaded plugin and the scorers, selectors and injectors it provides."""
+    return get_host().list_plugins()
+
+
+def scorers() -> Registry[type[Scorer]]:
+    """The scorer registry of the process-wide host."""
+    return get_host().scorers
+
+
+def selectors() -> Registry[type[Selector]]:
+    """The selector registry of the process-wide host."""
+    return get_host().selectors
+
+
+def injectors() -> Registry[type[Injector]]:
+    """The injector registry of the process-wide host."""
+    return get_host().injectors

@@ -1,0 +1,70 @@
+"""ResPrune: greedy text-weighted residual-energy selection (Algorithm 1 of the paper)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from resprune import hookimpl
+from resprune.context import PruneContext
+from resprune.interfaces import Selector
+from resprune.linalg import DEFAULT_TOL, greedy_residual_select
+from resprune.params import check_choice, check_range
+
+
+class ResidualEnergy(Selector):
+    """Greedily keep the token with the largest weighted residual energy.
+
+    ``E_S(v_i) * (r_i + eps)^alpha``, where ``E_S(v_i) = ||v_i - P_S v_i||^2`` is the
+    energy of token ``i`` outside the span of the tokens kept so far and ``r_i`` the
+    text relevance (score ``relevance``; uniform when that score is absent).
+    """
+
+    name = "residual_energy"
+    aliases = ("resprune",)
+    description = "ResPrune: greedy subspace reconstruction weighted by text relevance"
+
+    @dataclass
+    class Params:
+        alpha: float = 1.0
+        """Text guidance strength; 0 gives purely geometric selection."""
+        eps: float = 1e-6
+        """Added to the relevance before the power, for stability."""
+        seed: str = "none"
+        """Score whose argmax is the first pick (cls_attention, norm, relevance, ...), or 'none'."""
+        relevance: str = "relevance"
+        """Score used as r; a missing score means uniform weights."""
+        tol: float = DEFAULT_TOL
+        """Relative residual energy under which a token counts as inside the kept span."""
+        method: str = "auto"
+        """How Gram columns are computed: 'incremental', 'gram' or 'auto'."""
+
+        def __post_init__(self) -> None:
+            check_range("alpha", self.alpha, low=0.0)
+            check_range("eps", self.eps, low=0.0)
+            check_range("tol", self.tol, low=0.0, high=0.5)
+            check_choice("method", self.method, ("auto", "incremental", "gram"))
+            if not self.seed or not self.relevance:
+                raise ValueError("seed and relevance must be score names ('none' for no seed)")
+
+    def required_scores(self) -> frozenset[str]:
+        return frozenset() if self.params.seed == "none" else frozenset({self.params.seed})
+
+    def optional_scores(self) -> frozenset[str]:
+        return frozenset({self.params.relevance})
+
+    def select(self, tokens: Tensor, k: int, scores: Mapping[str, Tensor], context: PruneContext) -> Tensor:
+        p = self.params
+        weights = None
+        relevance = scores.get(p.relevance)
+        if relevance is not None and p.alpha != 0:
+            weights = (relevance.clamp_min(0) + p.eps).pow(p.alpha)
+        first = None if p.seed == "none" else scores[p.seed].argmax(dim=-1)
+        return greedy_residual_select(tokens, k, weights=weights, first=first, tol=p.tol, method=p.method)
+
+
+@hookimpl
+def resprune_register_selectors(register):
+    register(ResidualEnergy)

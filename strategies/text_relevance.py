@@ -1,0 +1,84 @@
+"""Text relevance of each visual token to the instruction's keywords (Eq. 13)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from resprune import hookimpl
+from resprune.context import PruneContext
+from resprune.errors import InvalidInputError
+from resprune.interfaces import Scorer
+from resprune.params import check_choice
+from resprune.text import ANSWER_FORMAT_PATTERNS, KEYWORD_MODES, extract_keywords, strip_format
+
+REDUCTIONS = ("max", "mean", "pooled")
+
+
+class TextRelevance(Scorer):
+    """``r_i = max_j max(0, cos(v_i, u_j))`` over keyword sub-word embeddings ``u_j``.
+
+    The instruction is stripped of answer-format phrases (``strip``), reduced to keywords
+    (``keywords``), and every sub-word embedding of every keyword (from the context's
+    ``text_embedder``, the LLM's input-embedding table) is one ``u_j``. ``reduce`` picks
+    the paper's Table VI variant: ``max`` (Eq. 13), ``mean`` over keywords, or ``pooled``
+    (cosine to the mean keyword embedding). No keyword left gives ``r_i = 1``.
+    """
+
+    name = "text_relevance"
+    output = "relevance"
+    description = "cosine relevance of tokens to the instruction's keywords"
+    requires = frozenset({"text", "text_embedder"})
+
+    @dataclass
+    class Params:
+        reduce: str = "max"
+        """'max' | 'mean' | 'pooled'."""
+        keywords: str = "content"
+        """'content' (stop-word filter) | 'nouns' (spaCy) | 'all'."""
+        strip: list[str] = field(default_factory=lambda: list(ANSWER_FORMAT_PATTERNS))
+        """Regular expressions removed from the instruction first."""
+
+        def __post_init__(self) -> None:
+            check_choice("reduce", self.reduce, REDUCTIONS)
+            check_choice("keywords", self.keywords, KEYWORD_MODES)
+
+    def keywords(self, text: str) -> list[str]:
+        """The keywords this scorer embeds for ``text``."""
+        return extract_keywords(strip_format(text, self.params.strip), self.params.keywords)
+
+    def score(self, context: PruneContext) -> Tensor:
+        texts = context.texts(requester=f"scorer '{self.name}'")
+        embed = context.get("text_embedder", requester=f"scorer '{self.name}'")
+        tokens = context.tokens
+        out = torch.ones(tokens.shape[:2], device=tokens.device)
+        unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)
+        for b, text in enumerate(texts):
+            words = self.keywords(text)
+            if not words:
+                continue
+            u = torch.cat([self._embed(embed, w, tokens) for w in words]).float()
+            if u.shape[0] == 0:
+                continue
+            if self.params.reduce == "pooled":
+                u = u.mean(dim=0, keepdim=True)
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+            cos = (unit[b] @ u.T).clamp_min(0)  # [N, L]
+            out[b] = cos.mean(dim=-1) if self.params.reduce == "mean" else cos.max(dim=-1).values
+        return out
+
+    def _embed(self, embed, word: str, tokens: Tensor) -> Tensor:
+        u = embed(word)
+        if not isinstance(u, Tensor) or u.dim() != 2 or u.shape[-1] != tokens.shape[-1]:
+            shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise InvalidInputError(
+                f"text_embedder({word!r}) returned {shape}; expected [L, d] with d={tokens.shape[-1]} "
+                f"(the visual tokens' width).")
+        return u.to(tokens.device)
+
+
+@hookimpl
+def resprune_register_scorers(register):
+    register(TextRelevance)
