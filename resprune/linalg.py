@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["greedy_residual_select", "choose_method", "DEFAULT_TOL"]
+__all__ = ["greedy_residual_select", "choose_method", "span_residual", "optimal_residual", "DEFAULT_TOL"]
 
 DEFAULT_TOL = 1e-4
 """Relative residual energy below which a token counts as inside the kept span."""
@@ -121,3 +121,20 @@ def greedy_residual_select(
         factor[:, :, t] = c
         energy = (energy - c * c).clamp_min_(0.0)
     return out
+
+
+def span_residual(tokens: Tensor, kept: Tensor | list[int]) -> float:
+    """``||V - P_S V||_F^2``: energy of all tokens outside the span of the kept ones (float64)."""
+    v = tokens.double()
+    basis = v[torch.as_tensor(kept, dtype=torch.long, device=v.device)]
+    if basis.numel() == 0:
+        return float(v.pow(2).sum())
+    u, s, vh = torch.linalg.svd(basis, full_matrices=False)
+    q = vh[s > s.max() * 1e-10] if float(s.max()) > 0 else vh[:0]
+    return float(v.pow(2).sum() - (v @ q.T).pow(2).sum())
+
+
+def optimal_residual(tokens: Tensor, k: int) -> float:
+    """The least ``||V - P V||_F^2`` over rank-``k`` projectors: the SVD tail (float64)."""
+    s = torch.linalg.svdvals(tokens.double())
+    return float(s[k:].pow(2).sum())

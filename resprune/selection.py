@@ -70,7 +70,8 @@ def check_tokens(tokens: Any, *, where: str = "tokens") -> Tensor:
     if 0 in tokens.shape:
         raise InvalidInputError(f"{where} is empty: shape {tuple(tokens.shape)} (need B, N, d >= 1).")
     tokens = tokens.float()
-    if not bool(torch.isfinite(tokens).all()):
+    # one cheap reduction; the full scan only runs when the sum is not finite (NaN/Inf, or overflow)
+    if not bool(torch.isfinite(tokens.sum())) and not bool(torch.isfinite(tokens).all()):
         bad = (~torch.isfinite(tokens)).nonzero()[0].tolist()
         raise InvalidInputError(f"{where} contains NaN or Inf (first at index {bad} of shape {tuple(tokens.shape)}).")
     return tokens
