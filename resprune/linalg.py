@@ -60,6 +60,7 @@ def greedy_residual_select(
     first: Tensor | None = None,
     tol: float = DEFAULT_TOL,
     method: Method = "auto",
+    trace: list[Tensor] | None = None,
 ) -> Tensor:
     """Greedily pick ``k`` tokens maximising weighted residual energy.
 
@@ -71,6 +72,8 @@ def greedy_residual_select(
             argmax of weighted energy like every other).
         tol: relative residual-energy tolerance (see the module docstring).
         method: ``"incremental"``, ``"gram"`` or ``"auto"`` (:func:`choose_method`).
+        trace: if a list is given, the residual energies ``[B, N]`` after each pick are
+            appended to it (for tests and analysis).
 
     Returns:
         int64 ``[B, k]`` indices in the order picked.
@@ -120,6 +123,8 @@ def greedy_residual_select(
         c = col * torch.where(useful, e_pick.clamp_min(torch.finfo(v.dtype).tiny).rsqrt(), 0.0).unsqueeze(-1)
         factor[:, :, t] = c
         energy = (energy - c * c).clamp_min_(0.0)
+        if trace is not None:
+            trace.append(energy.clone())
     return out
 
 

@@ -1,0 +1,92 @@
+"""Contract checks every scorer and selector must pass (built-in or third-party).
+
+Use them in a plugin's own test suite::
+
+    from resprune.testing import check_selector_contract
+    def test_my_selector():
+        check_selector_contract(MySelector())
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from ..context import PruneContext
+from ..interfaces import Scorer, Selector
+from ..selection import run_scorer, run_selector
+
+__all__ = ["random_context", "check_selector_contract", "check_scorer_contract"]
+
+
+def _word_embedder(d: int):
+    """A deterministic stand-in for an LLM embedding table: 2 sub-words per word."""
+
+    def embed(word: str) -> Tensor:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "little")
+        return torch.randn(2, d, generator=torch.Generator().manual_seed(seed))
+
+    return embed
+
+
+def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> PruneContext:
+    """A context with every standard field, for ``B`` images of a ``rows x cols`` grid."""
+    gen = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    tokens = torch.randn(b, n, d, generator=gen).to(dtype).float()
+    cls_attention = torch.softmax(torch.randn(b, n, generator=gen), dim=-1)
+    texts = [f"What colour is the object number {i} near the window?" for i in range(b)]
+    return PruneContext(tokens, source="resprune.testing.random_context", text=texts,
+                        text_embedder=_word_embedder(d), cls_attention=cls_attention, grid=(rows, cols))
+
+
+def _scores_for(selector: Selector, context: PruneContext, seed: int = 1) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    names = selector.required_scores() | selector.optional_scores()
+    return {name: torch.rand(context.batch_size, context.num_tokens, generator=gen) for name in sorted(names)}
+
+
+def check_selector_contract(selector: Selector, *, context: PruneContext | None = None) -> None:
+    """Assert the selector interface: shapes, dtype, distinct in-range indices, every budget
+    from 1 to N, determinism, and that each image's picks do not depend on its batch."""
+    ctx = context or random_context()
+    b, n = ctx.batch_size, ctx.num_tokens
+    scores = _scores_for(selector, ctx)
+    for k in sorted({1, 2, n // 2, n - 1, n} - {0}):
+        out = run_selector(selector, ctx.tokens, k, scores, ctx)  # checks shape, dtype, range, distinctness
+        assert out.shape == (b, k) and out.dtype == torch.long
+        again = run_selector(selector, ctx.tokens, k, scores, ctx)
+        assert torch.equal(out, again), f"selector '{selector.name}' is not deterministic (k={k})"
+        for i in range(b):
+            one = PruneContext(ctx.tokens[i : i + 1], source=ctx.source,
+                               **{f: _row(ctx.get(f), i, b) for f in ctx.available if f != "tokens"})
+            single = run_selector(selector, one.tokens, k, {s: v[i : i + 1] for s, v in scores.items()}, one)
+            assert torch.equal(single[0], out[i]), (
+                f"selector '{selector.name}': image {i} picks differ alone and in a batch (k={k})")
+    if n >= 2:
+        assert set(run_selector(selector, ctx.tokens, n, scores, ctx)[0].tolist()) == set(range(n))
+
+
+def check_scorer_contract(scorer: Scorer, *, context: PruneContext | None = None) -> None:
+    """Assert the scorer interface: finite float ``[B, N]``, deterministic, batch-independent."""
+    ctx = context or random_context()
+    out = run_scorer(scorer, ctx)  # checks shape, dtype and finiteness
+    assert out.shape == (ctx.batch_size, ctx.num_tokens)
+    assert torch.equal(out, run_scorer(scorer, ctx)), f"scorer '{scorer.name}' is not deterministic"
+    for i in range(ctx.batch_size):
+        one = PruneContext(ctx.tokens[i : i + 1], source=ctx.source,
+                           **{f: _row(ctx.get(f), i, ctx.batch_size) for f in ctx.available if f != "tokens"})
+        torch.testing.assert_close(run_scorer(scorer, one)[0], out[i], rtol=1e-5, atol=1e-6,
+                                   msg=f"scorer '{scorer.name}': image {i} scores differ alone and in a batch")
+
+
+def _row(value, i: int, b: int):
+    """Slice batch row ``i`` out of a per-image context value (lists and [B, ...] tensors)."""
+    if isinstance(value, list) and len(value) == b:
+        return [value[i]]
+    if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == b and b > 1:
+        return value[i : i + 1]
+    return value
