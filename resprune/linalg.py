@@ -37,16 +37,17 @@ DEFAULT_TOL = 1e-4
 Method = Literal["auto", "incremental", "gram"]
 
 
-def choose_method(n: int, d: int, k: int, device: torch.device | str = "cpu") -> Literal["incremental", "gram"]:
-    """Pick the cheaper way to get Gram columns for an ``[N, d]`` input and budget ``k``.
+def choose_method(n: int, d: int, k: int, *, batch: int = 1,
+                  device: torch.device | str = "cpu") -> Literal["incremental", "gram"]:
+    """Pick the cheaper way to get Gram columns for a ``[B, N, d]`` input and budget ``k``.
 
     A rough cost model, calibrated on a 2-core CPU: the Gram GEMM runs at about
     150 GFLOP/s, the per-step matrix-vector products at memory speed (about 60 GB/s
     while ``V`` fits in cache, 20 GB/s beyond).
     """
     del device  # the same model serves until a GPU-specific kernel exists
-    gram_s = 2.0 * n * n * d / 150e9
-    nbytes = 4.0 * n * d
+    gram_s = 2.0 * batch * n * n * d / 150e9
+    nbytes = 4.0 * batch * n * d  # every step reads all of V
     bandwidth = 60e9 if nbytes <= 24 * 2**20 else 20e9
     incremental_s = k * nbytes / bandwidth
     return "gram" if gram_s < incremental_s else "incremental"
@@ -83,7 +84,7 @@ def greedy_residual_select(
         raise ValueError(f"k must be in [1, N={n}], got {k}")
     v = tokens.float()
     if method == "auto":
-        method = choose_method(n, d, k, v.device)
+        method = choose_method(n, d, k, batch=b, device=v.device)
     gram = torch.bmm(v, v.transpose(1, 2)) if method == "gram" else None
 
     energy0 = v.pow(2).sum(-1)  # [B, N]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from resprune.linalg import DEFAULT_TOL
 from resprune.testing.reference import residual_energies
 
 
@@ -40,6 +41,10 @@ def assert_same_up_to_ties(tokens: Tensor, a: list[int], b: list[int], weights: 
     """``a == b``, or they part at a pick where both candidates are (numerically) tied."""
     for t, (x, y) in enumerate(zip(a, b)):
         if x != y:
+            e = residual_energies(tokens, a[:t])
+            e0 = tokens.double().pow(2).sum(-1)
+            in_span = bool(e[x] <= 2 * DEFAULT_TOL * e0[x]) and bool(e[y] <= 2 * DEFAULT_TOL * e0[y])
+            assert not in_span, f"fallback order differs at step {t} ({x} vs {y}): both lie in the kept span"
             gap = weighted_gap(tokens, a[:t], x, y, weights)
             assert gap <= rtol, f"selections part at step {t} ({x} vs {y}) without a tie (gap {gap:.3g})"
             return

@@ -1,0 +1,153 @@
+"""Selection time per selector over N, d, k and batch, against the naive reference.
+
+Run from the repository root::
+
+    python benchmarks/bench_selection.py            # the paper's sizes (CPU: ~1 min)
+    python benchmarks/bench_selection.py --smoke    # tiny sizes, seconds (CI)
+    python benchmarks/bench_selection.py --device cuda --markdown docs/bench.md
+
+The naive reference is greedy residual selection that keeps the whole residual matrix
+``R = V - P_S V`` and updates all of it every step (``R <- R - (R q) q^T``), in float32 on
+the same device: the textbook implementation the fast kernel replaces. Both run in the same
+process, so the speed-up column is a same-machine ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import resprune
+from resprune.linalg import choose_method
+
+
+@dataclass(frozen=True)
+class Case:
+    n: int
+    d: int
+    k: int
+    batch: int = 1
+
+
+PAPER_CASES = [
+    Case(576, 4096, 64),     # LLaVA-1.5, 88.9% pruned
+    Case(576, 4096, 192),    # LLaVA-1.5, 66.7% pruned
+    Case(2880, 4096, 320),   # LLaVA-NeXT, 5 tiles
+    Case(576, 4096, 64, 16), # a batch of 16 images
+]
+LARGE_CASES = [Case(10000, 3584, 320)]  # Qwen2.5-VL high resolution
+SMOKE_CASES = [Case(64, 32, 8), Case(96, 48, 24, 3)]
+
+SELECTORS: list[tuple[str, dict]] = [
+    ("residual_energy", {}),
+    ("residual_energy", {"method": "incremental"}),
+    ("residual_energy", {"method": "gram"}),
+    ("residual_energy", {"alpha": 0.75}),  # text-weighted (relevance given)
+    ("dpp", {}),
+    ("divprune", {}),
+    ("topk", {}),
+    ("random", {}),
+    ("uniform", {}),
+]
+
+
+def naive_residual_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy residual selection with a full residual-matrix update per step (one image)."""
+    resid = tokens.float().clone()
+    picked = torch.empty(k, dtype=torch.long, device=tokens.device)
+    taken = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for t in range(k):
+        energy = resid.pow(2).sum(-1).masked_fill(taken, -1.0)
+        i = energy.argmax()
+        picked[t] = i
+        taken[i] = True
+        q = resid[i] / resid[i].norm().clamp_min(1e-30)
+        resid -= torch.outer(resid @ q, q)
+    return picked
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time in milliseconds (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run(cases: list[Case], device: torch.device, repeats: int, with_reference: bool) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for case in cases:
+        tokens = torch.randn(case.batch, case.n, case.d, generator=gen).to(device)
+        relevance = torch.rand(case.batch, case.n, generator=gen).to(device)
+        ref_ms = None
+        if with_reference:
+            ref_ms = timed(lambda: [naive_residual_select(tokens[i], case.k) for i in range(case.batch)],
+                           device, max(1, repeats // 2))
+        for name, params in SELECTORS:
+            scores = {"relevance": relevance}
+            ms = timed(lambda: resprune.select(tokens, case.k, selector=name, scores=scores, **params),
+                       device, repeats)
+            label = name + "".join(f" {k}={v}" for k, v in params.items())
+            if name in ("residual_energy", "dpp") and "method" not in params:
+                label += f" [{choose_method(case.n, case.d, case.k, batch=case.batch)}]"
+            rows.append({"selector": label, "B": case.batch, "N": case.n, "d": case.d, "k": case.k, "ms": ms,
+                         "ref_ms": ref_ms if name == "residual_energy" else None})
+    return rows
+
+
+def markdown(rows: list[dict], device: torch.device) -> str:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    lines = [
+        f"Selection time, median ms — {where}, torch {torch.__version__}, float32.",
+        "`naive` = full residual-matrix update per step (same device, same run).",
+        "",
+        "| selector | B | N | d | k | ms | naive ms | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ref = f"{r['ref_ms']:.1f}" if r["ref_ms"] is not None else ""
+        speed = f"{r['ref_ms'] / r['ms']:.1f}x" if r["ref_ms"] is not None else ""
+        lines.append(f"| {r['selector']} | {r['B']} | {r['N']} | {r['d']} | {r['k']} | {r['ms']:.2f} | {ref} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds (for CI)")
+    parser.add_argument("--large", action="store_true", help="also N=10000 (Qwen2.5-VL high resolution)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median reported)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    cases = SMOKE_CASES if args.smoke else PAPER_CASES + (LARGE_CASES if args.large else [])
+    repeats = args.repeats or (2 if args.smoke else 5)
+    rows = run(cases, device, repeats, with_reference=not args.no_reference)
+    table = markdown(rows, device)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

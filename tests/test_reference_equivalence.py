@@ -1,0 +1,189 @@
+"""Every fast selector and scorer against a slow, obviously correct reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import resprune
+from resprune.linalg import choose_method, greedy_residual_select, optimal_residual, span_residual
+from resprune.testing.reference import divprune_reference, optimal_rank_k_residual, total_residual
+
+from helpers import assert_same_up_to_ties, make_tokens
+
+settings.register_profile("resprune", deadline=None, max_examples=40)
+settings.load_profile("resprune")
+
+
+def cosine_distance(tokens: torch.Tensor) -> torch.Tensor:
+    v = tokens.double()
+    unit = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return 1.0 - unit @ unit.T
+
+
+# --- residual energy: the two Gram-column methods ----------------------------------------------
+
+
+@given(st.integers(1, 40), st.integers(1, 24), st.integers(0, 999), st.booleans())
+def test_gram_and_incremental_methods_agree(n, d, seed, weighted):
+    tokens = make_tokens(n, d, seed=seed, dups=n // 5, rank=max(1, d - 2), batch=2)
+    k = max(1, (n * 2) // 3)
+    w = torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) + 0.01 if weighted else None
+    a = greedy_residual_select(tokens, k, weights=w, method="incremental")
+    b = greedy_residual_select(tokens, k, weights=w, method="gram")
+    for i in range(2):
+        assert_same_up_to_ties(tokens[i], a[i].tolist(), b[i].tolist(), None if w is None else w[i])
+
+
+def test_choose_method_prefers_gram_for_large_budgets_and_incremental_for_small():
+    assert choose_method(576, 4096, 8) == "incremental"
+    assert choose_method(576, 4096, 400) == "gram"
+    # a batch multiplies the bytes every incremental step reads: V no longer sits in cache
+    assert choose_method(576, 4096, 64) == "incremental"
+    assert choose_method(576, 4096, 64, batch=16) == "gram"
+
+
+def test_span_and_optimal_residual_helpers_match_reference():
+    v = make_tokens(30, 10, seed=4)
+    kept = [3, 7, 11]
+    assert math.isclose(span_residual(v, kept), total_residual(v, kept), rel_tol=1e-9)
+    assert math.isclose(optimal_residual(v, 4), optimal_rank_k_residual(v, 4), rel_tol=1e-9)
+    assert span_residual(v, []) == pytest.approx(float(v.double().pow(2).sum()))
+
+
+# --- DivPrune ----------------------------------------------------------------------------------
+
+
+@given(st.integers(2, 30), st.integers(2, 12), st.integers(0, 999))
+def test_divprune_matches_loop_reference(n, d, seed):
+    tokens = make_tokens(n, d, seed=seed)
+    k = max(1, n // 2)
+    fast = resprune.select(tokens, k, selector="divprune", order="selection").tolist()
+    slow = divprune_reference(tokens, k)
+    dist = cosine_distance(tokens)
+    for t, (x, y) in enumerate(zip(fast, slow)):
+        if x != y:  # allowed only at a numerical tie of the max-min criterion
+            if t == 0:
+                eye = torch.eye(n, dtype=torch.bool)
+                nearest = dist.masked_fill(eye, float("inf")).min(-1).values
+                assert abs(float(nearest[x] - nearest[y])) < 1e-5
+            else:
+                to_kept = dist[:, fast[:t]].min(-1).values
+                assert abs(float(to_kept[x] - to_kept[y])) < 1e-5
+            break
+
+
+def test_divprune_first_pick_is_farthest_from_its_nearest_neighbour():
+    v = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.7, 0.7]])
+    assert resprune.select(v, 1, selector="divprune").tolist() == [2]
+
+
+# --- DPP: greedy MAP by explicit determinants ---------------------------------------------------
+
+
+def dpp_greedy_by_determinants(tokens: torch.Tensor, r: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy MAP: each step adds the item that maximises det(L_S) (L = diag(r) S diag(r))."""
+    v = tokens.double()
+    unit = v / v.norm(dim=-1, keepdim=True)
+    kernel = r.double()[:, None] * (unit @ unit.T) * r.double()[None, :]
+    chosen: list[int] = []
+    for _ in range(k):
+        dets = torch.full((v.shape[0],), float("-inf"), dtype=torch.float64)
+        for j in range(v.shape[0]):
+            if j not in chosen:
+                idx = chosen + [j]
+                dets[j] = torch.linalg.det(kernel[idx][:, idx])
+        chosen.append(int(dets.argmax()))
+    return chosen, kernel
+
+
+@given(st.integers(3, 14), st.integers(6, 12), st.integers(0, 999))
+def test_dpp_is_greedy_determinant_maximisation(n, d, seed):
+    tokens = make_tokens(n, d, seed=seed)
+    r = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 0.9 + 0.1
+    k = min(n, d) // 2 + 1
+    fast = resprune.select(tokens, k, selector="dpp", normalize="none", scores={"relevance": r},
+                           order="selection").tolist()
+    slow, kernel = dpp_greedy_by_determinants(tokens, r, k)
+    for t, (x, y) in enumerate(zip(fast, slow)):
+        if x != y:
+            base = fast[:t]
+            dx = float(torch.linalg.det(kernel[base + [x]][:, base + [x]]))
+            dy = float(torch.linalg.det(kernel[base + [y]][:, base + [y]]))
+            assert abs(dx - dy) <= 1e-4 * max(abs(dy), 1e-12), f"dpp pick {t} is not the determinant argmax"
+            break
+
+
+def test_dpp_minmax_normalisation_and_missing_relevance():
+    v = make_tokens(20, 8, seed=1)
+    r = torch.rand(20, generator=torch.Generator().manual_seed(2))
+    scaled = resprune.select(v, 6, selector="dpp", scores={"relevance": 3 * r + 5})
+    assert torch.equal(scaled, resprune.select(v, 6, selector="dpp", scores={"relevance": r}))
+    assert torch.equal(resprune.select(v, 6, selector="dpp"),
+                       resprune.select(v, 6, selector="dpp", scores={"relevance": torch.ones(20)}))
+
+
+# --- top-k, random, uniform -------------------------------------------------------------------
+
+
+def test_topk_is_the_k_largest_scores_ties_by_lower_index():
+    s = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.2, 0.7])
+    v = torch.randn(6, 4)
+    out = resprune.select(v, 3, selector="topk", score="relevance", scores={"relevance": s}, order="selection")
+    assert out.tolist() == [1, 3, 5]
+
+
+def test_random_is_seeded_and_independent_of_batch_and_tokens():
+    v = torch.randn(3, 50, 4)
+    a = resprune.select(v, 10, selector="random", seed=7)
+    assert torch.equal(a, resprune.select(v * 2 + 1, 10, selector="random", seed=7))
+    assert torch.equal(a[1], resprune.select(v[1], 10, selector="random", seed=7))
+    assert not torch.equal(a, resprune.select(v, 10, selector="random", seed=8))
+
+
+def test_uniform_spreads_over_the_grid():
+    v = torch.randn(24 * 24, 4)
+    out = resprune.select(v, 144, selector="uniform", context={"grid": (24, 24)})
+    rows, cols = out // 24, out % 24
+    # a 12 x 12 sub-grid: every other row and column, each exactly 12 times
+    assert sorted(set(rows.tolist())) == list(range(1, 24, 2))
+    assert torch.bincount(cols, minlength=24)[1::2].tolist() == [12] * 12
+    seq = resprune.select(torch.randn(10, 4), 5, selector="uniform")
+    assert seq.tolist() == [1, 3, 5, 7, 9]
+
+
+# --- token scores -----------------------------------------------------------------------------
+
+
+def test_token_scores_match_their_definitions():
+    v = make_tokens(12, 5, seed=9)
+    norm = resprune.score(v, "norm")
+    torch.testing.assert_close(norm, torch.tensor([float(torch.sqrt(sum(x * x for x in row))) for row in v]))
+    mean = v.mean(0)
+    cos = torch.tensor([float(row @ mean / (row.norm() * mean.norm())) for row in v])
+    torch.testing.assert_close(resprune.score(v, "mean_similarity"), cos)
+    pos = torch.tensor([[y, x] for y in range(3) for x in range(4)], dtype=torch.float32)
+    centre = resprune.score(v, "center", context={"positions": pos})
+    expect = torch.tensor([-math.hypot(y - 1.0, x - 1.5) for y in range(3) for x in range(4)])
+    torch.testing.assert_close(centre, expect)
+
+
+def test_cls_attention_scorer_passes_the_context_through():
+    v = torch.randn(2, 6, 4)
+    att = torch.softmax(torch.randn(2, 6), -1)
+    torch.testing.assert_close(resprune.score(v, "cls_attention", context={"cls_attention": att}), att)
+
+
+# --- pipeline-level quality sanity: ResPrune reconstructs better than random ----------------------
+
+
+def test_residual_energy_reconstructs_low_rank_tokens_better_than_random_and_uniform():
+    v = make_tokens(256, 64, rank=24, seed=0) + 0.01 * make_tokens(256, 64, seed=1)
+    res = {name: total_residual(v, resprune.select(v, 24, selector=name)) for name in
+           ("residual_energy", "random", "uniform", "divprune")}
+    assert res["residual_energy"] < 0.2 * min(res["random"], res["uniform"], res["divprune"])
+    assert res["residual_energy"] >= optimal_rank_k_residual(v, 24) * (1 - 1e-9)
