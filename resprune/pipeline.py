@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -15,6 +15,9 @@ from .context import PruneContext
 from .errors import ConfigError
 from .interfaces import Scorer, Selector
 from .selection import Selection, check_scores, check_tokens, make_scorer, make_selector, run_scorer, run_selector
+
+if TYPE_CHECKING:
+    from .injection import Attached
 
 __all__ = ["Pipeline", "load_pipeline"]
 
@@ -84,8 +87,12 @@ class Pipeline:
 
     # --- running ----------------------------------------------------------------------
 
-    def run(self, context: PruneContext, *, scores: Mapping[str, Tensor] | None = None) -> Selection:
-        """Prune the batch described by ``context`` (tokens ``[B, N, d]``)."""
+    def run(self, context: PruneContext, *, scores: Mapping[str, Tensor] | None = None,
+            k: int | None = None) -> Selection:
+        """Prune the batch described by ``context`` (tokens ``[B, N, d]``).
+
+        ``k`` overrides the budget (injectors use it to split one image's budget over tiles).
+        """
         for _, scorer in self.scorers:
             context.check(scorer.requires, requester=f"scorer '{scorer.name}'")
         context.check(self.selector.requires, requester=f"selector '{self.selector.name}'")
@@ -94,7 +101,7 @@ class Pipeline:
         computed = check_scores(scores, b, n)
         for name, scorer in self.scorers:
             computed[name] = run_scorer(scorer, context)
-        k = self.budget_for(n)
+        k = self.budget_for(n) if k is None else min(int(k), n)
         order = run_selector(self.selector, tokens, k, computed, context)
         return Selection(kept=order.sort(dim=-1).values, order=order, k=k, n=n, scores=computed)
 
@@ -111,6 +118,19 @@ class Pipeline:
         """Kept indices only, original order: ``[k]`` for 2-D tokens, ``[B, k]`` for 3-D."""
         sel = self.prune(tokens, **context)
         return sel.kept[0] if tokens.dim() == 2 else sel.kept
+
+    def attach(self, model: Any, processor: Any = None, *, text: str | Sequence[str] | None = None,
+               **params: Any) -> Attached:
+        """Prune ``model``'s visual tokens with this pipeline until the handle is removed.
+
+        Picks the injector registered for ``model.config.model_type``; ``processor`` (or a
+        tokenizer) lets text-conditioned scorers read and embed the prompt; ``text``
+        overrides the instruction per prompt; ``params`` are injector params (e.g.
+        ``scope="per_tile"``). Use as ``with pipe.attach(model, processor) as attached:``.
+        """
+        from .injection import attach
+
+        return attach(self, model, processor, text=text, **params)
 
     # --- reporting --------------------------------------------------------------------
 

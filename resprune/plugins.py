@@ -51,6 +51,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.text_relevance",
     "resprune.strategies.token_scores",
     "resprune.strategies.cls_attention",
+    "resprune.backbones.llava",
+    "resprune.backbones.qwen2_5_vl",
 )
 """Modules registered as plugins before any entry point, under their module names."""
 

@@ -1,0 +1,688 @@
+"""Attaching a pipeline to a Hugging Face LVLM: prune image tokens once, before the LLM.
+
+The generic machinery every image-placeholder backbone shares (LLaVA, LLaVA-NeXT,
+Qwen2.5-VL, and third-party ones). While attached, the model's own ``forward`` and
+``generate`` are wrapped (instance attributes, with their signatures kept); when a call
+carries pixel inputs the wrapper
+
+1. runs the vision tower and projector once (:meth:`PlaceholderInjector.encode`);
+2. picks the kept tokens of every image with the pipeline (images of equal geometry are
+   pruned together as one batch);
+3. rewrites the text side: drops the placeholder columns of the dropped tokens from
+   ``input_ids`` / ``attention_mask``, re-pads, and scatters the kept features into the
+   input embeddings;
+4. calls the original method with ``inputs_embeds`` and no pixel inputs.
+
+``generate`` returns the caller's original ``input_ids`` followed by the new tokens, so
+code that slices off the prompt keeps working. ``forward`` returns logits for the pruned
+sequence; :attr:`Attached.last` maps its columns back to the original ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import weakref
+from abc import abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .context import PruneContext
+from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError
+from .interfaces import Injector
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector",
+           "find_injector", "attach"]
+
+
+@dataclass
+class EncodedImage:
+    """One image's visual tokens as the LLM would receive them, plus what is known about them.
+
+    Attributes:
+        features: ``[N, D]`` projector output (LLM input-embedding space, model dtype).
+        grid: ``(rows, cols)`` when the ``N`` tokens form one raster-ordered grid.
+        positions: ``[N, 2]`` token centres (row, col) in grid units; NaN for non-spatial ones.
+        cls_attention: ``[N]`` vision-tower CLS->patch attention, if requested and available.
+        candidates: bool ``[N]``, the tokens the selector may pick (``None``: all).
+        always: bool ``[N]``, tokens kept whatever the selector does (``None``: none).
+        groups: int ``[N]``, a group id per token when the budget applies per group (tiles).
+        layout: backbone-specific geometry for pictures (tiles, image size, ...).
+    """
+
+    features: Tensor
+    grid: tuple[int, int] | None = None
+    positions: Tensor | None = None
+    cls_attention: Tensor | None = None
+    candidates: Tensor | None = None
+    always: Tensor | None = None
+    groups: Tensor | None = None
+    layout: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class ImageSelection:
+    """What was kept of one image.
+
+    Attributes:
+        row: batch row of the prompt the image belongs to.
+        image: index of the image among all images of the call.
+        kept: int64 ``[k]`` kept token indices, ascending (what the LLM gets).
+        order: int64 ``[k]`` the same indices in the order they were picked.
+        k: tokens kept.
+        n: tokens before pruning.
+        text: the instruction the text-conditioned scorers saw ("" when none was needed).
+        scores: the named scores ``[N]`` that were computed.
+        geometry: the image's :class:`EncodedImage` without features (grid, positions, layout).
+    """
+
+    row: int
+    image: int
+    kept: Tensor
+    order: Tensor
+    k: int
+    n: int
+    text: str = ""
+    scores: dict[str, Tensor] = field(default_factory=dict)
+    geometry: EncodedImage | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        """Boolean ``[N]``: True where a token is kept."""
+        m = torch.zeros(self.n, dtype=torch.bool, device=self.kept.device)
+        return m.index_fill_(0, self.kept, True)
+
+
+@dataclass
+class PrunedBatch:
+    """The rewritten inputs of one call.
+
+    Attributes:
+        input_ids: ``[B, L']`` with the dropped placeholders removed and rows re-padded.
+        attention_mask: ``[B, L']``.
+        inputs_embeds: ``[B, L', D]`` with the kept features scattered in.
+        columns: int64 ``[B, L']``: the original column of each new column (-1 for padding).
+        selections: one :class:`ImageSelection` per image, in placeholder order.
+        extra: backbone-specific model inputs (e.g. Qwen2.5-VL ``position_ids``).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    inputs_embeds: Tensor
+    columns: Tensor
+    selections: list[ImageSelection]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_before(self) -> int:
+        return sum(s.n for s in self.selections)
+
+    @property
+    def tokens_after(self) -> int:
+        return sum(s.k for s in self.selections)
+
+
+_attached: weakref.WeakKeyDictionary[Any, Attached] = weakref.WeakKeyDictionary()
+
+
+class Attached:
+    """Handle returned by ``pipeline.attach(model, processor)``; a context manager.
+
+    Attributes:
+        selections: per image of the most recent pruning call: kept indices (original
+            order), selection order, budget ``k`` and ``N``.
+        last: the most recent :class:`PrunedBatch` (columns map, rewritten inputs).
+        calls: how many calls were pruned while attached.
+    """
+
+    def __init__(self, model: Any, pipeline: Pipeline, injector: PlaceholderInjector, processor: Any,
+                 text: str | Sequence[str] | None) -> None:
+        self.model = model
+        self.pipeline = pipeline
+        self.injector = injector
+        self.processor = processor
+        self.text = text
+        self.selections: list[ImageSelection] = []
+        self.last: PrunedBatch | None = None
+        self.calls = 0
+        self._saved: dict[str, Any] = {}
+        self._state: dict[str, Any] = {}
+        self._active = False
+
+    # --- patching -----------------------------------------------------------------------
+
+    def _install(self) -> None:
+        if self.model in _attached:
+            raise InvalidInputError(
+                "this model already has a resprune pipeline attached; leave that `with` block "
+                "(or call .remove()) before attaching another.")
+        self._state = self.injector.save_state(self.model)
+        for name, make in (("forward", self._wrap_forward), ("generate", self._wrap_generate)):
+            self._saved[name] = self.model.__dict__.get(name, _MISSING)
+            original = getattr(self.model, name)
+            wrapper = make(original)
+            functools.update_wrapper(wrapper, original)  # keeps the signature generate inspects
+            setattr(self.model, name, wrapper)
+        _attached[self.model] = self
+        self._active = True
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was before :meth:`attach`."""
+        if not self._active:
+            return
+        for name, value in self._saved.items():
+            if value is _MISSING:
+                self.model.__dict__.pop(name, None)
+            else:
+                self.model.__dict__[name] = value
+        self.injector.restore_state(self.model, self._state)
+        _attached.pop(self.model, None)
+        self._active = False
+
+    def __enter__(self) -> Attached:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    # --- wrapped calls ------------------------------------------------------------------
+
+    def prune(self, inputs: Mapping[str, Any], call: str = "forward") -> PrunedBatch:
+        """Prune one call's inputs (what the wrappers do); also usable without calling the model."""
+        batch = self.injector.prune_inputs(self.model, inputs, self.pipeline, processor=self.processor,
+                                           text=self.text, call=call)
+        self.selections = batch.selections
+        self.last = batch
+        self.calls += 1
+        return batch
+
+    def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            kwargs = _bind(original, args, kwargs)
+            if not self.injector.has_images(kwargs):
+                return original(**kwargs)
+            batch = self.prune(kwargs)
+            new = self.injector.model_kwargs(kwargs, batch)
+            labels = kwargs.get("labels")
+            if labels is not None:
+                new["labels"] = _gather_columns(labels, batch.columns, fill=-100)
+            return original(**new)
+
+        return forward
+
+    def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            if args:
+                kwargs = {"inputs": args[0], **kwargs} if len(args) == 1 else _bind(original, args, kwargs)
+            if "inputs" in kwargs and "input_ids" not in kwargs and isinstance(kwargs["inputs"], Tensor):
+                kwargs["input_ids"] = kwargs.pop("inputs")
+            if not self.injector.has_images(kwargs):
+                return original(**kwargs)
+            if kwargs.get("inputs_embeds") is not None:
+                raise InvalidInputError("resprune prunes from input_ids and pixel inputs; do not also pass "
+                                        "inputs_embeds to an attached model's generate().")
+            batch = self.prune(kwargs, "generate")
+            new = self.injector.model_kwargs(kwargs, batch)
+            new["input_ids"] = batch.input_ids
+            out = original(**new)
+            return _restore_prompt(out, kwargs["input_ids"], batch.input_ids.shape[1])
+
+        return generate
+
+    def __repr__(self) -> str:
+        state = "attached" if self._active else "removed"
+        return f"Attached({type(self.model).__name__}, {self.injector.name}, {state}, calls={self.calls})"
+
+
+_MISSING = object()
+
+
+def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs)
+    out = dict(bound.arguments)
+    extra = out.pop("kwargs", None)
+    if isinstance(extra, dict):
+        out.update(extra)
+    return out
+
+
+def _gather_columns(values: Tensor, columns: Tensor, *, fill: int | float) -> Tensor:
+    index = columns.clamp_min(0).to(values.device)
+    out = torch.gather(values, 1, index)
+    return out.masked_fill(columns.to(values.device) < 0, fill)
+
+
+def _restore_prompt(out: Any, original_ids: Tensor, pruned_len: int) -> Any:
+    """Put the caller's prompt back in front of the generated tokens."""
+    sequences = out if isinstance(out, Tensor) else getattr(out, "sequences", None)
+    if sequences is None:
+        return out
+    repeat = sequences.shape[0] // original_ids.shape[0]
+    prompt = original_ids.to(sequences.device).repeat_interleave(repeat, dim=0)
+    restored = torch.cat([prompt, sequences[:, pruned_len:]], dim=1)
+    if isinstance(out, Tensor):
+        return restored
+    out.sequences = restored
+    return out
+
+
+# --- the injector base class ------------------------------------------------------------
+
+
+class PlaceholderInjector(Injector):
+    """Base for backbones whose image features replace placeholder tokens in ``input_ids``.
+
+    Subclasses implement :meth:`encode` (vision tower + projector, per image, once) and
+    may override :meth:`instruction_patterns`, :meth:`extra_inputs` and the state hooks.
+    """
+
+    pixel_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    """Model inputs whose presence means there are images to prune."""
+    vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "vision_feature_layer",
+                                                "vision_feature_select_strategy")
+    """Model inputs consumed by :meth:`encode` and dropped from the LLM call."""
+    provides = frozenset({"tokens", "text", "text_embedder", "grid", "positions"})
+    instruction_patterns: ClassVar[tuple[str, ...]] = (
+        r"USER:(.*?)ASSISTANT:",
+        r"\[INST\](.*?)\[/INST\]",
+        r"<\|im_start\|>user(.*?)<\|im_end\|>",
+        r"<\|start_header_id\|>user<\|end_header_id\|>(.*?)<\|eot_id\|>",
+    )
+    """Regexes that cut the last user turn out of a decoded prompt (first that matches wins)."""
+
+    # --- what subclasses provide ---------------------------------------------------------
+
+    @abstractmethod
+    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
+        """Run the vision tower and projector once; one :class:`EncodedImage` per image.
+
+        ``need`` holds the context fields the pipeline asks for (e.g. ``cls_attention``),
+        so optional extras are only computed on request.
+        """
+
+    def extra_inputs(self, model: Any, inputs: Mapping[str, Any], batch: PrunedBatch, call: str) -> dict[str, Any]:
+        """Backbone-specific model inputs for the pruned sequence (default: none).
+
+        ``call`` is ``"forward"`` or ``"generate"``: the layouts the model itself would build
+        for each can differ (Qwen2.5-VL position ids).
+        """
+        return {}
+
+    def save_state(self, model: Any) -> dict[str, Any]:
+        """Model state the injector may change while attached (restored by :meth:`restore_state`)."""
+        return {}
+
+    def restore_state(self, model: Any, state: dict[str, Any]) -> None:
+        """Undo what :meth:`save_state` recorded."""
+
+    # --- attaching -----------------------------------------------------------------------
+
+    def image_token_id(self, model: Any) -> int:
+        token = getattr(model.config, "image_token_id", None)
+        if token is None:
+            token = getattr(model.config, "image_token_index", None)
+        if token is None:
+            raise IncompatibleBackboneError(f"injector '{self.name}': model config has no image_token_id.")
+        return int(token)
+
+    def check_pipeline(self, pipeline: Pipeline, processor: Any, text: Any) -> None:
+        """Fail before patching if the pipeline needs context this backbone cannot supply."""
+        offered = set(self.provides)
+        if _tokenizer(processor) is None:
+            offered.discard("text_embedder")
+            if text is None:
+                offered.discard("text")
+        for requester, needs in _requirements(pipeline):
+            missing = sorted(set(needs) - offered)
+            if missing:
+                why = {
+                    "text_embedder": "pass the processor (or tokenizer) to attach() so keywords can be embedded",
+                    "text": "pass the processor to attach(), or text=...",
+                }.get(missing[0], f"the {self.name} backbone does not provide it")
+                raise MissingContextError(
+                    f"{requester} needs context '{missing[0]}', which the '{self.name}' injector cannot supply "
+                    f"for {', '.join(self.model_types)} models: {why}. It supplies: {', '.join(sorted(offered))}.")
+
+    def attach(self, model: Any, pipeline: Any, processor: Any = None, *,
+               text: str | Sequence[str] | None = None) -> Attached:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in self.model_types:
+            raise IncompatibleBackboneError(
+                f"injector '{self.name}' handles {', '.join(self.model_types)} models, not '{model_type}'.")
+        self.check_pipeline(pipeline, processor, text)
+        handle = Attached(model, pipeline, self, processor, text)
+        handle._install()
+        return handle
+
+    # --- pruning ------------------------------------------------------------------------
+
+    def has_images(self, inputs: Mapping[str, Any]) -> bool:
+        return any(inputs.get(key) is not None for key in self.pixel_inputs)
+
+    def model_kwargs(self, inputs: Mapping[str, Any], batch: PrunedBatch) -> dict[str, Any]:
+        """The kwargs for the original forward/generate: embeds instead of pixels."""
+        drop = set(self.vision_inputs) | {"input_ids", "attention_mask", "inputs_embeds", "position_ids",
+                                          "labels", "inputs"}
+        out = {k: v for k, v in inputs.items() if k not in drop}
+        out["inputs_embeds"] = batch.inputs_embeds
+        out["attention_mask"] = batch.attention_mask
+        out.update(batch.extra)
+        return out
+
+    def prune_inputs(self, model: Any, inputs: Mapping[str, Any], pipeline: Pipeline, *,
+                     processor: Any = None, text: str | Sequence[str] | None = None,
+                     call: str = "forward") -> PrunedBatch:
+        """Encode the images, select, and rewrite the text side of one call."""
+        input_ids = inputs.get("input_ids")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise InvalidInputError(f"injector '{self.name}': input_ids [B, L] are required with pixel inputs.")
+        b, length = input_ids.shape
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.device)
+        token_id = self.image_token_id(model)
+        placeholder = (input_ids == token_id) & mask.bool()
+        if not bool(placeholder.any()):
+            raise InvalidInputError(
+                f"injector '{self.name}': pixel inputs were given but the prompt has no image token "
+                f"(id {token_id}); build prompts with the processor (its chat template inserts it).")
+        images = self.encode(model, inputs, pipeline.requires)
+        counts = placeholder.sum(dim=1).tolist()
+        total = sum(counts)
+        if total != sum(img.n for img in images):
+            raise InvalidInputError(
+                f"injector '{self.name}': the prompts hold {total} image tokens but the {len(images)} image(s) "
+                f"give {sum(img.n for img in images)} features ({[img.n for img in images]}); each image needs "
+                f"exactly its N placeholders. Use the processor that matches the model.")
+        rows = _rows_of_images(placeholder, [img.n for img in images], self.name)
+        texts = _row_texts(self, input_ids, mask, token_id, processor, text, b)
+        embedder = _embedder(model, processor)
+        selections = _select_all(self, pipeline, images, rows, texts, embedder)
+
+        # rewrite: keep every non-placeholder column and the kept placeholders
+        keep = mask.bool() & ~placeholder
+        flat_cols = placeholder.nonzero()  # row-major: matches feature order
+        offset = 0
+        kept_feats: list[Tensor] = []
+        for img, sel in zip(images, selections):
+            cols = flat_cols[offset: offset + img.n]
+            chosen = cols[sel.kept.to(cols.device)]
+            keep[chosen[:, 0], chosen[:, 1]] = True
+            kept_feats.append(img.features[sel.kept.to(img.features.device)])
+            offset += img.n
+        new_len = int(keep.sum(dim=1).max())
+        left = _pads_left(mask, processor)
+        columns = torch.full((b, new_len), -1, dtype=torch.long, device=input_ids.device)
+        for r in range(b):
+            idx = keep[r].nonzero().squeeze(1)
+            start = new_len - idx.numel() if left else 0
+            columns[r, start: start + idx.numel()] = idx
+        pad_id = _pad_id(model, processor)
+        new_ids = _gather_columns(input_ids, columns, fill=pad_id)
+        new_mask = (columns >= 0).to(mask.dtype)
+        embed = model.get_input_embeddings()
+        inputs_embeds = embed(new_ids)
+        if kept_feats:
+            feats = torch.cat(kept_feats).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_slots = (new_ids == token_id) & new_mask.bool()
+            inputs_embeds = inputs_embeds.masked_scatter(image_slots.unsqueeze(-1), feats)
+        batch = PrunedBatch(new_ids, new_mask, inputs_embeds, columns, selections)
+        batch.extra = self.extra_inputs(model, inputs, batch, call)
+        return batch
+
+
+# --- helpers of prune_inputs --------------------------------------------------------------
+
+
+def _requirements(pipeline: Pipeline) -> list[tuple[str, frozenset[str]]]:
+    out = [(f"scorer '{s.name}'", s.requires) for _, s in pipeline.scorers]
+    out.append((f"selector '{pipeline.selector.name}'", pipeline.selector.requires))
+    return out
+
+
+def _tokenizer(processor: Any) -> Any:
+    if processor is None:
+        return None
+    return getattr(processor, "tokenizer", None) or (processor if callable(getattr(processor, "encode", None))
+                                                     else None)
+
+
+def _pad_id(model: Any, processor: Any) -> int:
+    tok = _tokenizer(processor)
+    for value in (getattr(tok, "pad_token_id", None), getattr(model.generation_config, "pad_token_id", None),
+                  getattr(model.config, "pad_token_id", None)):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _pads_left(mask: Tensor, processor: Any) -> bool:
+    """Re-pad on the side the caller padded (left when unknown: what generate needs)."""
+    if bool((mask[:, 0] == 0).any()):
+        return True
+    if bool((mask[:, -1] == 0).any()):
+        return False
+    tok = _tokenizer(processor)
+    return getattr(tok, "padding_side", "left") != "right"
+
+
+def _rows_of_images(placeholder: Tensor, sizes: list[int], who: str) -> list[int]:
+    """Batch row of each image: images fill the placeholders in row-major order."""
+    flat_rows = placeholder.nonzero()[:, 0].tolist()
+    rows, offset = [], 0
+    for i, n in enumerate(sizes):
+        span = set(flat_rows[offset: offset + n])
+        if len(span) != 1:
+            raise InvalidInputError(f"injector '{who}': image {i} ({n} tokens) spans prompt rows {sorted(span)}; "
+                                    f"each image's placeholders must lie in one row.")
+        rows.append(span.pop())
+        offset += n
+    return rows
+
+
+def _row_texts(injector: PlaceholderInjector, input_ids: Tensor, mask: Tensor, token_id: int, processor: Any,
+               text: str | Sequence[str] | None, b: int) -> Callable[[int], str]:
+    """A lazy ``row -> instruction`` function (decoding only happens if a scorer wants text)."""
+    if text is not None:
+        texts = [text] * b if isinstance(text, str) else list(text)
+        if len(texts) != b:
+            raise InvalidInputError(f"text= has {len(texts)} entries but the batch has {b} prompts.")
+        return lambda r: texts[r]
+    tok = _tokenizer(processor)
+    cache: dict[int, str] = {}
+
+    def row_text(r: int) -> str:
+        if r not in cache:
+            if tok is None:
+                raise MissingContextError("the instruction text is needed but no processor/tokenizer was given "
+                                          "to attach(); pass processor=... or text=...")
+            ids = input_ids[r][mask[r].bool() & (input_ids[r] != token_id)].tolist()
+            cache[r] = instruction_text(tok.decode(ids, skip_special_tokens=False), injector.instruction_patterns,
+                                        getattr(tok, "all_special_tokens", []))
+        return cache[r]
+
+    return row_text
+
+
+def instruction_text(prompt: str, patterns: Sequence[str], specials: Sequence[str] = ()) -> str:
+    """The last user turn of a decoded chat prompt, without template markers or special tokens."""
+    body = prompt
+    for pattern in patterns:
+        found = re.findall(pattern, prompt, flags=re.S)
+        if found:
+            body = found[-1]
+            break
+    for special in sorted(specials, key=len, reverse=True):
+        if special:
+            body = body.replace(special, " ")
+    body = re.sub(r"<\|[a-z_]+\|>", " ", body)
+    return " ".join(body.split())
+
+
+def _embedder(model: Any, processor: Any) -> Callable[[str], Tensor] | None:
+    tok = _tokenizer(processor)
+    if tok is None:
+        return None
+    table = model.get_input_embeddings()
+
+    def embed(word: str) -> Tensor:
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            return torch.zeros(0, table.embedding_dim)
+        with torch.no_grad():
+            return table(torch.as_tensor(ids, device=table.weight.device)).float()
+
+    return embed
+
+
+def _geometry_key(img: EncodedImage) -> tuple[Any, ...]:
+    def key(t: Tensor | None) -> Any:
+        return None if t is None else (tuple(t.shape), hash(t.cpu().numpy().tobytes()))
+
+    return (img.n, img.grid, key(img.positions), key(img.candidates), key(img.always), key(img.groups),
+            img.cls_attention is not None)
+
+
+def _select_all(injector: PlaceholderInjector, pipeline: Pipeline, images: list[EncodedImage], rows: list[int],
+                row_text: Callable[[int], str], embedder: Callable[[str], Tensor] | None) -> list[ImageSelection]:
+    """Run the pipeline over every image; images of equal geometry go through as one batch."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(_geometry_key(img), []).append(i)
+    out: list[ImageSelection | None] = [None] * len(images)
+    needs_text = bool({"text", "text_embedder"} & set(pipeline.requires))
+    for members in groups.values():
+        first = images[members[0]]
+        feats = torch.stack([images[i].features for i in members]).float()
+        cls = (torch.stack([images[i].cls_attention for i in members]).float()
+               if first.cls_attention is not None else None)
+        texts = [row_text(rows[i]) for i in members] if needs_text else None  # decoded once, reused
+        subsets = _subsets(first)
+        kept_all: list[list[Tensor]] = [[] for _ in members]
+        order_all: list[list[Tensor]] = [[] for _ in members]
+        score_all: list[dict[str, Tensor]] = [{} for _ in members]
+        for idx, k in subsets(pipeline):
+            if k == 0:
+                continue
+            ctx = PruneContext(
+                feats[:, idx], source=f"backbone '{injector.name}'",
+                text=lambda m=members: [row_text(rows[i]) for i in m],
+                text_embedder=embedder,
+                cls_attention=None if cls is None else cls[:, idx],
+                grid=first.grid if idx.numel() == first.n else None,
+                positions=None if first.positions is None else first.positions[idx],
+            )
+            sel = pipeline.run(ctx, k=k)
+            for j in range(len(members)):
+                kept_all[j].append(idx[sel.kept[j].cpu()])
+                order_all[j].append(idx[sel.order[j].cpu()])
+                for name, value in sel.scores.items():
+                    full = torch.full((first.n,), float("nan"))
+                    full[idx] = value[j].detach().float().cpu()
+                    prev = score_all[j].get(name)
+                    score_all[j][name] = full if prev is None else torch.where(torch.isnan(full), prev, full)
+        forced = None if first.always is None else first.always.nonzero().squeeze(1).cpu()
+        for j, i in enumerate(members):
+            parts = kept_all[j] + ([forced] if forced is not None else [])
+            kept = torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long)
+            order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
+            geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
+                                    candidates=first.candidates, always=first.always, groups=first.groups,
+                                    layout=images[i].layout)
+            out[i] = ImageSelection(row=rows[i], image=i, kept=kept, order=order, k=int(kept.numel()), n=first.n,
+                                    text=texts[j] if texts else "", scores=score_all[j], geometry=geometry)
+    return [s for s in out if s is not None]
+
+
+def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]]:
+    """The token subsets selection runs over, with the budget of each.
+
+    The budget counts every token the LLM receives from the image: tokens that are always
+    kept use up budget first; the rest is split over the groups (tiles) in proportion to
+    their sizes (largest remainder), or spent on all candidates at once.
+    """
+
+    def plan(pipeline: Pipeline) -> list[tuple[Tensor, int]]:
+        n = img.n
+        k_total = pipeline.budget_for(n)
+        cand = torch.ones(n, dtype=torch.bool) if img.candidates is None else img.candidates.cpu().clone()
+        always = torch.zeros(n, dtype=torch.bool) if img.always is None else img.always.cpu()
+        cand &= ~always
+        k = min(int(cand.sum()), max(k_total - int(always.sum()), 0))
+        if img.groups is None:
+            return [(cand.nonzero().squeeze(1), k)]
+        groups = img.groups.cpu()
+        ids = sorted(set(groups[cand].tolist()))
+        sizes = [int((cand & (groups == g)).sum()) for g in ids]
+        total = sum(sizes)
+        exact = [k * s / total for s in sizes] if total else [0.0] * len(sizes)
+        share = [int(e) for e in exact]
+        for i in sorted(range(len(ids)), key=lambda i: (-(exact[i] - share[i]), i))[: k - sum(share)]:
+            share[i] += 1
+        return [((cand & (groups == g)).nonzero().squeeze(1), s) for g, s in zip(ids, share)]
+
+    return plan
+
+
+# --- lookup -------------------------------------------------------------------------------
+
+
+def find_injector(model: Any) -> type[PlaceholderInjector]:
+    """The registered injector class for ``model.config.model_type``."""
+    from .plugins import get_host
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    registry = get_host().injectors
+    supported: dict[str, str] = {}
+    for name in registry.names():
+        cls = registry.get(name)
+        for mt in cls.model_types:
+            supported.setdefault(mt, name)
+    if model_type not in supported:
+        raise IncompatibleBackboneError(
+            f"no injector supports model_type '{model_type}' ({type(model).__name__}). Supported: "
+            f"{', '.join(f'{mt} ({inj})' for mt, inj in sorted(supported.items())) or 'none'}. "
+            f"Third-party backbones register one through the resprune_register_injectors hook.")
+    return registry.get(supported[model_type])
+
+
+def attach(pipeline: Pipeline, model: Any, processor: Any = None, *, text: str | Sequence[str] | None = None,
+           **params: Any) -> Attached:
+    """Attach ``pipeline`` to ``model`` with the injector registered for its model type.
+
+    ``params`` are the injector's parameters (e.g. ``scope="per_tile"`` for LLaVA-NeXT),
+    merged over the config's ``backbone.params``.
+    """
+    cls = find_injector(model)
+    cfg_params: dict[str, Any] = {}
+    if pipeline.config is not None:
+        from omegaconf import OmegaConf
+
+        backbone = pipeline.config.backbone
+        wanted = backbone.model_type
+        if wanted and wanted not in cls.model_types:
+            import warnings
+
+            warnings.warn(f"pipeline config is for '{wanted}' models but the model is "
+                          f"'{model.config.model_type}'; its backbone.params are ignored.", UserWarning, stacklevel=3)
+        else:
+            cfg_params = OmegaConf.to_container(backbone.params)  # type: ignore[assignment]
+    injector = cls({**cfg_params, **params})
+    return injector.attach(model, pipeline, processor, text=text)
