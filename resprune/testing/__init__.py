@@ -4,8 +4,12 @@
   that fast paths are compared against.
 - :mod:`resprune.testing.contracts`: the contract checks every scorer and selector must
   pass; plugin authors run them over their own strategies.
+- :mod:`resprune.testing.tiny`: tiny randomly initialised LLaVA / LLaVA-NeXT / Qwen2.5-VL
+  models with offline processors, for tests that need a real model without a download.
 """
 
 from .contracts import check_scorer_contract, check_selector_contract, random_context
+from .tiny import MODEL_TYPES, tiny_inputs, tiny_lvlm
 
-__all__ = ["check_scorer_contract", "check_selector_contract", "random_context"]
+__all__ = ["check_scorer_contract", "check_selector_contract", "random_context", "tiny_lvlm", "tiny_inputs",
+           "MODEL_TYPES"]

@@ -1,0 +1,379 @@
+"""Backbone injectors on tiny random models: identity, equivalence to masking, generation modes.
+
+References are independent of the injector: the *unpruned* model run on the full prompt,
+with the dropped image tokens masked out of attention and positions set as the injector
+defines them (contiguous for the LLaVA family, original M-RoPE for Qwen2.5-VL).
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import resprune
+from resprune.testing.tiny import tiny_inputs, tiny_lvlm
+
+TYPES = ("llava", "llava_next", "qwen2_5_vl")
+CONFIG = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next", "qwen2_5_vl": "resprune-qwen2.5-vl"}
+PROMPTS = ["What is shown in the picture?", "Describe the colours of the sky, please."]
+
+
+@functools.cache
+def photos() -> list[Image.Image]:
+    folder = resources.files("resprune") / "data" / "photos"
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(".jpg"))
+    sizes = [(120, 90), (84, 112), (100, 100), (140, 70)]
+    return [Image.open(f).convert("RGB").resize(s) for f, s in zip(files, sizes)]
+
+
+@functools.cache
+def model_and_processor(model_type: str, attn: str = "sdpa"):
+    return tiny_lvlm(model_type, seed=0, attn_implementation=attn)
+
+
+def inputs_for(model_type: str, batch: int = 2):
+    _, proc = model_and_processor(model_type)
+    return tiny_inputs(model_type, proc, photos()[:batch], PROMPTS[:batch])
+
+
+def pipeline(model_type: str, budget, **overrides):
+    return resprune.load_pipeline(CONFIG[model_type], budget=budget, **overrides)
+
+
+def generate(model, inputs, **kw):
+    kw = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, "output_logits": True, **kw}
+    return model.generate(**inputs, **kw)
+
+
+def masked_reference_inputs(model, model_type, inputs, attached, call):
+    """The unpruned inputs with the dropped image tokens masked out, positions as the injector has them."""
+    batch = attached.last
+    ids = inputs["input_ids"]
+    mask = inputs["attention_mask"].clone()
+    kept = torch.zeros_like(mask, dtype=torch.bool)
+    cols = batch.columns
+    kept[torch.arange(ids.shape[0])[:, None].expand_as(cols)[cols >= 0], cols[cols >= 0]] = True
+    image = ids == model.config.image_token_id
+    mask[image & ~kept] = 0
+    ref = dict(inputs)
+    ref["attention_mask"] = mask
+    if model_type == "qwen2_5_vl":
+        types = inputs["mm_token_type_ids"]
+        pos3, _ = model.model.get_rope_index(ids, types, inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+        if call == "generate":
+            text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            ref["position_ids"] = torch.cat([text[None], pos3], dim=0)
+        else:
+            ref["position_ids"] = pos3
+    elif call == "forward":
+        # the pruned forward sees positions 0..L'-1 along its (re-padded) rows
+        pos = torch.zeros_like(ids)
+        for r in range(ids.shape[0]):
+            valid = cols[r] >= 0
+            pos[r, cols[r][valid]] = torch.arange(cols.shape[1])[valid]
+        ref["position_ids"] = pos
+    return ref, kept
+
+
+# --- keep-all identity --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_keep_all_is_bit_identical(model_type, attn, batch):
+    model, proc = model_and_processor(model_type, attn)
+    inputs = tiny_inputs(model_type, proc, photos()[:batch], PROMPTS[:batch])
+    before = set(model.__dict__)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        gen = generate(model, inputs)
+    with pipeline(model_type, 100_000).attach(model, proc) as attached, torch.no_grad():
+        assert torch.equal(model(**inputs).logits, logits)
+        pruned = generate(model, inputs)
+        assert all(s.k == s.n for s in attached.selections)
+    assert torch.equal(pruned.sequences, gen.sequences)
+    for a, b in zip(pruned.logits, gen.logits):
+        assert torch.equal(a, b)
+    assert set(model.__dict__) == before
+
+
+# --- pruned equivalence ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("budget", [1, 5, 0.3])
+def test_pruned_forward_equals_masked_unpruned_model(model_type, budget):
+    model, proc = model_and_processor(model_type)
+    inputs = inputs_for(model_type)
+    with pipeline(model_type, budget).attach(model, proc) as attached, torch.no_grad():
+        logits = model(**inputs).logits
+        ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "forward")
+    with torch.no_grad():
+        ref = model(**ref_inputs).logits
+    cols = attached.last.columns
+    for r in range(cols.shape[0]):
+        valid = cols[r] >= 0
+        torch.testing.assert_close(logits[r, valid], ref[r, cols[r][valid]], rtol=0, atol=1e-5)
+    assert [s.k for s in attached.selections] == [resprune.resolve_budget(budget, s.n) for s in attached.selections]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("mode", [
+    {},
+    {"num_beams": 2},
+    {"num_return_sequences": 2, "do_sample": True, "top_k": 5},
+    {"num_beams": 2, "num_return_sequences": 2},
+])
+def test_pruned_generate_equals_masked_unpruned_model(model_type, mode):
+    model, proc = model_and_processor(model_type)
+    inputs = inputs_for(model_type)
+    with pipeline(model_type, 4).attach(model, proc) as attached, torch.no_grad():
+        torch.manual_seed(0)
+        out = generate(model, inputs, **mode)
+        ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "generate")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ref = generate(model, ref_inputs, **mode)
+    assert out.sequences.shape == ref.sequences.shape
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_generate_returns_the_callers_prompt_then_new_tokens():
+    model, proc = model_and_processor("llava")
+    inputs = inputs_for("llava")
+    with pipeline("llava", 3).attach(model, proc):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        positional = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                                    attention_mask=inputs["attention_mask"], max_new_tokens=4, do_sample=False)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert torch.equal(out, positional)
+
+
+# --- several images in one prompt, text-only rows --------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl"])
+def test_several_images_in_one_prompt_each_get_their_own_budget(model_type):
+    model, proc = model_and_processor(model_type)
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare the two pictures."}]
+    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                    tokenize=False)
+    single = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                       "text": "What is it?"}]}], add_generation_prompt=True, tokenize=False)
+    inputs = proc(images=photos()[:3], text=[text, single], padding=True, return_tensors="pt")
+    with pipeline(model_type, 0.5).attach(model, proc) as attached, torch.no_grad():
+        out = generate(model, inputs)
+        ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "generate")
+    assert [s.row for s in attached.selections] == [0, 0, 1]
+    assert all(s.k == resprune.resolve_budget(0.5, s.n) for s in attached.selections)
+    assert attached.selections[0].text == "Compare the two pictures."
+    with torch.no_grad():
+        ref = generate(model, ref_inputs)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_text_only_row_in_a_qwen_batch():
+    model, proc = model_and_processor("qwen2_5_vl")
+    inputs = tiny_inputs("qwen2_5_vl", proc, [photos()[0], None], PROMPTS)
+    with pipeline("qwen2_5_vl", 3).attach(model, proc) as attached, torch.no_grad():
+        out = generate(model, inputs)
+        ref_inputs, _ = masked_reference_inputs(model, "qwen2_5_vl", inputs, attached, "generate")
+    assert [s.row for s in attached.selections] == [0]
+    with torch.no_grad():
+        ref = generate(model, ref_inputs)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+# --- Qwen2.5-VL positions -------------------------------------------------------------------
+
+
+def test_qwen_kept_tokens_keep_their_mrope_positions_and_rope_deltas_decode_right():
+    model, proc = model_and_processor("qwen2_5_vl")
+    inputs = inputs_for("qwen2_5_vl", batch=1)
+    with torch.no_grad():
+        pos3, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                             inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    saved = model.model.rope_deltas
+    with pipeline("qwen2_5_vl", 4).attach(model, proc) as attached, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        batch = attached.last
+        cols = batch.columns[0]
+        assert torch.equal(batch.extra["position_ids"][:, 0], pos3[:, 0, cols])
+        # manual decode without position_ids relies on rope_deltas: it must match generate
+        # (no attention_mask either: transformers 5.17 cannot decode Qwen with a growing 2-D
+        # mask and no position_ids, even unpruned)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        gen = generate(model, inputs, max_new_tokens=2)
+    torch.testing.assert_close(step.logits[:, -1], gen.logits[1], rtol=0, atol=1e-5)
+    assert model.model.rope_deltas is saved
+
+
+def test_qwen_refuses_cls_attention_before_patching():
+    model, proc = model_and_processor("qwen2_5_vl")
+    with pytest.raises(resprune.MissingContextError, match=r"cls_attention.*qwen2_5_vl"), \
+            pytest.warns(UserWarning, match="config is for 'llava' models"):
+        pipeline("llava", 4).attach(model, proc)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+
+
+# --- CLS attention -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+def test_cls_attention_equals_eager_attention_weights(model_type):
+    model, proc = model_and_processor(model_type)
+    inputs = inputs_for(model_type)
+    pipe = resprune.Pipeline("topk", budget=3, scorers=["cls_attention"])
+    pipe.selector = resprune.selection.make_selector("topk", {"score": "cls_attention"})
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    eager, _ = tiny_lvlm(model_type, seed=0, attn_implementation="eager")
+    layer = model.config.vision_feature_layer
+    with torch.no_grad():
+        pv = inputs["pixel_values"]
+        if pv.dim() == 5:  # LLaVA-NeXT: tiles of every image, as the model flattens them
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            counts = [image_size_to_num_patches(s, model.config.image_grid_pinpoints,
+                                                model.config.vision_config.image_size) for s in inputs["image_sizes"]]
+            pv = torch.cat([p[:c] for p, c in zip(pv, counts)])
+        att = eager.model.vision_tower(pv, output_attentions=True).attentions
+    n_layers = model.config.vision_config.num_hidden_layers
+    weights = att[n_layers + layer].mean(1)[:, 0, 1:]  # [tiles, patches]
+    if model_type == "llava":
+        for i, sel in enumerate(attached.selections):
+            torch.testing.assert_close(sel.scores["cls_attention"], weights[i], rtol=1e-5, atol=1e-6)
+    else:
+        first = 0
+        for sel in attached.selections:
+            base = sel.geometry.layout["tile"] == 0
+            got = sel.scores["cls_attention"][base & ~sel.geometry.layout["newline"]]
+            torch.testing.assert_close(got, weights[first], rtol=1e-5, atol=1e-6)
+            first += int(sel.geometry.layout["tile"].max()) + 1
+
+
+# --- LLaVA-NeXT policies -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["candidate", "keep", "drop"])
+@pytest.mark.parametrize("scope", ["global", "per_tile"])
+def test_llava_next_scope_and_newline_policy(policy, scope):
+    model, proc = model_and_processor("llava_next")
+    inputs = inputs_for("llava_next")
+    budget = 12
+    pipe = resprune.load_pipeline("resprune-llava-next", budget=budget)
+    with pipe.attach(model, proc, scope=scope, image_newline=policy) as attached, torch.no_grad():
+        model(**inputs)
+    for sel in attached.selections:
+        newline = sel.geometry.layout["newline"]
+        tiles = sel.geometry.layout["tile"]
+        kept_nl = int(newline[sel.kept].sum())
+        assert sel.k == len(set(sel.kept.tolist()))
+        if policy == "keep":
+            assert kept_nl == int(newline.sum())
+            assert sel.k == max(budget, int(newline.sum()))
+        elif policy == "drop":
+            assert kept_nl == 0 and sel.k == budget
+        else:
+            assert sel.k == budget
+        if scope == "per_tile" and policy == "drop":
+            # each tile gets its share of the budget (largest remainder)
+            counts = torch.bincount(tiles[~newline], minlength=int(tiles.max()) + 1).float()
+            share = counts / counts.sum() * budget
+            got = torch.bincount(tiles[sel.kept], minlength=len(counts)).float()
+            assert bool(((got - share).abs() < 1).all())
+
+
+# --- errors leave the model as it was -------------------------------------------------------
+
+
+def test_unsupported_model_type_is_a_clear_error():
+    class Config:
+        model_type = "blip_2"
+
+    class Model:
+        config = Config()
+
+    with pytest.raises(resprune.IncompatibleBackboneError, match=r"blip_2.*llava.*qwen2_5_vl"):
+        pipeline("llava", 4).attach(Model())
+
+
+def test_image_token_count_mismatch_prompt_without_image_and_bad_budget():
+    model, proc = model_and_processor("llava")
+    inputs = inputs_for("llava")
+    with pipeline("llava", 4).attach(model, proc):
+        ids = inputs["input_ids"].clone()
+        first = (ids[0] == model.config.image_token_id).nonzero()[0, 0]
+        ids[0, first] = proc.tokenizer.pad_token_id
+        with pytest.raises(resprune.InvalidInputError, match="image tokens"):
+            model(**{**inputs, "input_ids": ids})
+        no_image = proc.tokenizer(["Hello there"], return_tensors="pt")
+        with pytest.raises(resprune.InvalidInputError, match="no image token"):
+            model(input_ids=no_image["input_ids"], pixel_values=inputs["pixel_values"][:1])
+    assert "forward" not in model.__dict__
+    with pytest.raises(resprune.BudgetError):
+        pipeline("llava", 1.5)
+    with pytest.raises(resprune.BudgetError):
+        pipeline("llava", "half")
+
+
+def test_text_scorers_without_processor_fail_before_patching():
+    model, _ = model_and_processor("llava")
+    with pytest.raises(resprune.MissingContextError, match="processor"):
+        pipeline("llava", 4).attach(model)
+    assert "forward" not in model.__dict__
+    with pytest.raises(resprune.MissingContextError, match="text_embedder"):
+        pipeline("llava", 4).attach(model, text="a dog on the grass")
+    assert "forward" not in model.__dict__
+    # geometric ResPrune needs neither: it runs without a processor
+    geometric = resprune.load_pipeline("resprune-llava15", budget=4, scorers=[{"name": "cls_attention"}])
+    with geometric.attach(model) as attached, torch.no_grad():
+        model(**inputs_for("llava"))
+    assert [s.k for s in attached.selections] == [4, 4]
+
+
+def test_attaching_twice_is_refused():
+    model, proc = model_and_processor("llava")
+    with pipeline("llava", 4).attach(model, proc):
+        with pytest.raises(resprune.InvalidInputError, match="already"):
+            pipeline("llava", 4).attach(model, proc)
+    assert "forward" not in model.__dict__
+
+
+# --- property test over budgets and image sizes ----------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_random_budgets_and_image_sizes_match_masked_reference(model_type):
+    model, proc = model_and_processor(model_type)
+
+    @settings(max_examples=8, deadline=None)
+    @given(st.integers(40, 160), st.integers(40, 160), st.one_of(st.integers(1, 60), st.floats(0.05, 1.0)),
+           st.integers(0, 3))
+    def check(w, h, budget, which):
+        image = photos()[which].resize((w, h))
+        inputs = tiny_inputs(model_type, proc, [image, photos()[(which + 1) % 4]], PROMPTS)
+        with pipeline(model_type, budget).attach(model, proc) as attached, torch.no_grad():
+            out = generate(model, inputs, max_new_tokens=3)
+            ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "generate")
+        for s in attached.selections:
+            assert s.k == resprune.resolve_budget(budget, s.n)
+            assert torch.equal(s.kept, s.kept.sort().values) and set(s.order.tolist()) == set(s.kept.tolist())
+        with torch.no_grad():
+            ref = generate(model, ref_inputs, max_new_tokens=3)
+        assert torch.equal(out.sequences, ref.sequences)
+        for a, b in zip(out.logits, ref.logits):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+    check()
