@@ -123,11 +123,13 @@ class LlavaNextInjector(PlaceholderInjector):
         positions = torch.full((feats.shape[0], 2), float("nan"))
         positions[base, 0], positions[base, 1] = row[base], col[base]
         crop_grid = None
+        crop_rc = torch.full((feats.shape[0], 2), float("nan"))
         if bool(crop.any()):
             r, c = row[crop], col[crop]  # global rows/cols of the (padded) crop grid
             r0, c0 = r.min(), c.min()
             h, w = r.max() - r0 + 1, c.max() - c0 + 1
             crop_grid = (int(h), int(w))
+            crop_rc[crop, 0], crop_rc[crop, 1] = r - r0, c - c0
             positions[crop, 0] = (r - r0 + 0.5) / h * side - 0.5  # image-relative, base-grid units
             positions[crop, 1] = (c - c0 + 0.5) / w * side - 0.5
         # a newline belongs to the tile of the token before it (the end of its row)
@@ -144,7 +146,7 @@ class LlavaNextInjector(PlaceholderInjector):
             always=newline if policy == "keep" else None,
             groups=groups.long() if self.params.scope == "per_tile" else None,
             layout={"kind": "anyres", "base_grid": (side, side), "crop_grid": crop_grid, "image_size": size,
-                    "newline": newline, "tile": groups.long()},
+                    "newline": newline, "tile": groups.long(), "crop_rc": crop_rc},
         )
 
 

@@ -47,12 +47,46 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(text: str | None) -> int | float | None:
+    if text is None:
+        return None
+    from .errors import BudgetError
+
+    try:
+        return float(text) if any(ch in text for ch in ".eE") else int(text)
+    except ValueError:
+        raise BudgetError(f"--budget {text!r} is not a budget: use an int k >= 1 or a ratio in (0, 1].") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    budget = float(args.budget) if "." in args.budget else int(args.budget)
-    run_demo(photo=args.photo, budget=budget, out=args.out)
+    run_demo(args.model, config=args.config, photo=args.photo, prompt=args.prompt, budget=_budget(args.budget),
+             overrides=args.overrides, out=args.out, max_new_tokens=args.max_new_tokens, device=args.device)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .run import run_one
+
+    run_one(args.config, args.overrides, model=args.model, image=args.image, prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens, device=args.device, out=args.out, compare=args.compare)
+    return 0
+
+
+def _visualize(args: argparse.Namespace) -> int:
+    from .run import visualize_one
+
+    visualize_one(args.config, args.overrides, model=args.model, image=args.image, prompt=args.prompt,
+                  device=args.device, out=args.out)
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> None:
+    p.add_argument("--model", default=default_model, required=default_model is None,
+                   help="hub id, local checkpoint folder, or tiny:llava | tiny:llava_next | tiny:qwen2_5_vl "
+                        "(a random tiny model built offline)")
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,11 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. budget=64 selector.params.alpha=0.3")
     p.set_defaults(func=_config)
 
-    p = sub.add_parser("demo", help="prune a bundled photo's patch tokens with every selector")
-    p.add_argument("--photo", default="astronaut", choices=PHOTOS)
-    p.add_argument("--budget", default="64", help="tokens kept (int) or share kept (float in (0, 1])")
+    p = sub.add_parser("demo", help="prune a bundled photo on a (tiny, offline by default) LVLM; "
+                                    "print costs, write an overlay PNG")
+    _model_args(p, default_model="tiny:llava")
+    p.add_argument("--config", default=None, help="pipeline config (default: the paper's for the model type)")
+    p.add_argument("--photo", default="astronaut", help=f"bundled photo ({', '.join(PHOTOS)}) or an image path")
+    p.add_argument("--prompt", default=None, help="instruction (default: a bundled sample question)")
+    p.add_argument("--budget", default=None, help="tokens kept per image (int) or share kept (float in (0, 1])")
+    p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--out", default="resprune-demo.png", help="where the overlay PNG goes")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. selector.params.alpha=0.3")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("run", help="prune and generate with a config on any supported checkpoint")
+    p.add_argument("config", help="shipped config name or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. budget=64")
+    _model_args(p, default_model=None)
+    p.add_argument("--image", required=True, help="image path")
+    p.add_argument("--prompt", required=True, help="the instruction")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--compare", action="store_true", help="also generate without pruning")
+    p.add_argument("--out", default=None, help="also write the overlay PNG here")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("visualize", help="write the kept-token overlay for a config, image and prompt")
+    p.add_argument("config", help="shipped config name or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. budget=64")
+    _model_args(p, default_model=None)
+    p.add_argument("--image", required=True, help="image path")
+    p.add_argument("--prompt", default="Describe the picture.", help="the instruction")
+    p.add_argument("--out", default="resprune-overlay.png", help="where the PNG goes")
+    p.set_defaults(func=_visualize)
     return parser
 
 

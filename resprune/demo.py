@@ -1,10 +1,20 @@
-"""The embedded default job: prune a bundled photograph's patch tokens with every selector."""
+"""The embedded default job: prune a bundled photograph's visual tokens on an LVLM.
+
+By default the model is a tiny randomly initialised LLaVA-1.5 built offline (576 visual
+tokens per image, like the real one), so it runs anywhere in seconds. Its answers are
+noise; the selection, the token counts, the FLOPs and the timings are real. Point it at
+a real checkpoint with ``--model PATH_OR_HUB_ID``.
+"""
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,14 +22,25 @@ from PIL import Image
 from torch import Tensor
 
 from .budget import resolve_budget
+from .costs import LLMDims, kv_cache_bytes, llm_dims, prefill_flops
 from .linalg import optimal_residual, span_residual
+from .models import chat_inputs, is_tiny, load_model
+from .pipeline import load_pipeline
 from .selection import select
-from .visualize import overlay_grid
+from .visualize import overlay_selection
 
-__all__ = ["PHOTOS", "photo_path", "pixel_tokens", "compare_selectors", "run_demo"]
+__all__ = ["PHOTOS", "DEFAULT_CONFIGS", "photo_path", "sample_questions", "pixel_tokens", "compare_selectors",
+           "run_demo"]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 """Bundled public-domain / CC0 photographs (see resprune/data/photos/PROVENANCE.md)."""
+
+DEFAULT_CONFIGS = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next",
+                   "qwen2_5_vl": "resprune-qwen2.5-vl"}
+"""The paper's setting for each backbone (shipped configs)."""
+
+VICUNA_7B = LLMDims(hidden=4096, intermediate=11008, layers=32, kv_heads=32, head_dim=128)
+"""LLaVA-1.5-7B's language model, for costs at real size."""
 
 DEMO_SELECTORS: tuple[tuple[str, dict], ...] = (
     ("residual_energy", {"seed": "norm"}),
@@ -38,12 +59,20 @@ def photo_path(name: str) -> Path:
     return Path(str(resources.files("resprune") / "data" / "photos" / f"{name}.jpg"))
 
 
-def pixel_tokens(image: Image.Image, grid: int = 24, patch: int = 14) -> tuple[Tensor, Image.Image]:
-    """Square-resize ``image`` and cut it into ``grid x grid`` patches of ``patch`` px.
+def sample_questions() -> list[dict[str, Any]]:
+    """The bundled sample questions: ``image`` (a bundled photo path), ``question``, ``answers``."""
+    root = resources.files("resprune") / "data"
+    records = []
+    for line in (root / "sample_questions.jsonl").read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            rec["image"] = str(root / rec["image"])
+            records.append(rec)
+    return records
 
-    Returns the tokens ``[grid * grid, 3 * patch * patch]`` (raster order, values in
-    [0, 1]) and the resized image.
-    """
+
+def pixel_tokens(image: Image.Image, grid: int = 24, patch: int = 14) -> tuple[Tensor, Image.Image]:
+    """Square-resize ``image`` and cut it into ``grid x grid`` RGB patches of ``patch`` px."""
     side = grid * patch
     img = image.convert("RGB").resize((side, side), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # [H, W, 3]
@@ -51,18 +80,21 @@ def pixel_tokens(image: Image.Image, grid: int = 24, patch: int = 14) -> tuple[T
     return tokens.contiguous(), img
 
 
-def compare_selectors(tokens: Tensor, budget: int | float, grid: tuple[int, int],
-                      selectors: tuple[tuple[str, dict], ...] = DEMO_SELECTORS) -> list[dict]:
-    """Run each selector on ``tokens`` and measure how well the kept ones span the rest."""
+def compare_selectors(tokens: Tensor, budget: int | float, grid: tuple[int, int] | None,
+                      selectors: Iterable[tuple[str, dict]] = DEMO_SELECTORS) -> list[dict]:
+    """Run each selector on ``tokens`` ``[N, d]``; measure how well the kept ones span the rest."""
+    tokens = tokens.float()
     n = tokens.shape[0]
     k = resolve_budget(budget, n)
     total = float(tokens.double().pow(2).sum())
     best = optimal_residual(tokens, k)
     scores = {"norm": tokens.norm(dim=-1)}
+    context = {"grid": grid} if grid else {}
     rows = []
     for name, params in selectors:
+        select(tokens, k, selector=name, scores=scores, context=context, **params)  # warm-up
         start = time.perf_counter()
-        kept = select(tokens, k, selector=name, scores=scores, context={"grid": grid}, order="selection", **params)
+        kept = select(tokens, k, selector=name, scores=scores, context=context, order="selection", **params)
         ms = (time.perf_counter() - start) * 1e3
         resid = span_residual(tokens, kept)
         rows.append({"selector": name, "k": k, "n": n, "ms": ms, "kept": kept,
@@ -70,25 +102,112 @@ def compare_selectors(tokens: Tensor, budget: int | float, grid: tuple[int, int]
     return rows
 
 
-def run_demo(photo: str = "astronaut", budget: int | float = 64, out: str | Path = "resprune-demo.png",
-             print_fn=print) -> list[dict]:
-    """Prune a bundled photo's 24x24 patch tokens with each selector; print a table; save an overlay."""
-    torch.manual_seed(0)
-    image = Image.open(photo_path(photo))
-    tokens, resized = pixel_tokens(image)
-    grid = (24, 24)
-    rows = compare_selectors(tokens, budget, grid)
-    k, n = rows[0]["k"], rows[0]["n"]
-    print_fn(f"resprune demo: photo '{photo}' as {n} patch tokens (24x24 grid of 14 px RGB patches, d={tokens.shape[1]})")
-    print_fn(f"keeping k={k} of {n} tokens ({100 * (1 - k / n):.1f}% pruned)\n")
-    print_fn(f"{'selector':<16} {'kept':>5} {'residual %':>11} {'x SVD optimum':>14} {'select ms':>10}")
-    for r in rows:
-        print_fn(f"{r['selector']:<16} {r['k']:>5} {100 * r['residual']:>11.2f} {r['vs_svd']:>14.2f} {r['ms']:>10.2f}")
-    print_fn("\nresidual %: energy of all tokens outside the span of the kept ones (Eq. 8), lower is better;")
-    print_fn("x SVD optimum: that residual over the best any rank-k subspace can do (>= 1).")
+def _median_ms(fn: Callable[[], Any], repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} "
+
+
+def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str = "astronaut",
+             prompt: str | None = None, budget: int | float | None = None, overrides: Iterable[str] = (),
+             out: str | Path = "resprune-demo.png", max_new_tokens: int = 12, device: str | None = None,
+             print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Prune a bundled photo (or an image path) on ``model``; print costs; write an overlay PNG."""
+    lvlm, processor = load_model(model, device=device)
+    model_type = lvlm.config.model_type
+    config = config or DEFAULT_CONFIGS.get(model_type)
+    if config is None:
+        raise ValueError(f"no default config for model type '{model_type}'; pass config=...")
+    kwargs = {} if budget is None else {"budget": budget}
+    pipe = load_pipeline(config, list(overrides), **kwargs)
+    path = photo_path(photo) if photo in PHOTOS else Path(photo)
+    image = Image.open(path).convert("RGB")
+    if prompt is None:
+        prompt = next((q["question"] for q in sample_questions() if Path(q["image"]).name == path.name),
+                      "Describe the picture.") + " Answer the question using a single word or phrase."
+    inputs = chat_inputs(processor, [image], [prompt], device=lvlm.device)
+    tokenizer = getattr(processor, "tokenizer", processor)
+
+    if is_tiny(model):
+        print_fn(f"resprune demo: a tiny randomly initialised {model_type} model (built offline, random weights:")
+        print_fn("its answers are noise; the token selection, FLOPs and timings are real). For a real model:")
+        print_fn("  resprune demo --model llava-hf/llava-1.5-7b-hf      (a hub id, or a local checkpoint folder)")
+    else:
+        print_fn(f"resprune demo: {model} ({model_type})")
+    print_fn(f"pipeline '{config}': {pipe.summary()}")
+    print_fn(f"image: {path.name}   prompt: {prompt!r}\n")
+
+    with torch.no_grad():
+        full_ms = _median_ms(lambda: lvlm(**inputs))
+        full_answer = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        with pipe.attach(lvlm, processor) as attached:
+            pruned_ms = _median_ms(lambda: lvlm(**inputs))
+            select_ms = _median_ms(lambda: attached.prune(inputs))
+            pruned_answer = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            batch = attached.last
+            selections = attached.selections
+        vision_ms = _median_ms(lambda: attached.injector.encode(lvlm, inputs, pipe.requires))
+
+    prompt_len = inputs["input_ids"].shape[1]
+    t_full = int(inputs["attention_mask"].sum())
+    t_pruned = int(batch.attention_mask.sum())
+    dims = llm_dims(lvlm.config)
+    for i, sel in enumerate(selections):
+        print_fn(f"image {i}: kept {sel.k} of {sel.n} visual tokens ({100 * (1 - sel.k / sel.n):.1f}% pruned); "
+                 f"first picks {sel.order[:8].tolist()}")
+    if selections[0].text:
+        print_fn(f"instruction seen by the text scorers: {selections[0].text!r}")
+    rows = [
+        ("prompt tokens (visual + text)", f"{t_full}", f"{t_pruned}", f"{t_pruned / t_full:.2f}x"),
+        ("prefill FLOPs, this model (Eq. 18)", _si(prefill_flops(dims, t_full)), _si(prefill_flops(dims, t_pruned)),
+         f"-{100 * (1 - prefill_flops(dims, t_pruned) / prefill_flops(dims, t_full)):.1f}%"),
+        ("prefill FLOPs at 7B size (Vicuna-7B)", _si(prefill_flops(VICUNA_7B, t_full)),
+         _si(prefill_flops(VICUNA_7B, t_pruned)),
+         f"-{100 * (1 - prefill_flops(VICUNA_7B, t_pruned) / prefill_flops(VICUNA_7B, t_full)):.1f}%"),
+        ("KV cache at 7B size (bf16)", f"{kv_cache_bytes(VICUNA_7B, t_full) / 2**20:.1f} MiB",
+         f"{kv_cache_bytes(VICUNA_7B, t_pruned) / 2**20:.1f} MiB", f"{t_pruned / t_full:.2f}x"),
+        ("prefill ms (vision + selection + LLM)", f"{full_ms:.1f}", f"{pruned_ms:.1f}", f"{pruned_ms / full_ms:.2f}x"),
+    ]
+    print_fn("")
+    print_fn(f"{'':<40} {'full':>12} {'pruned':>12} {'change':>8}")
+    for name, a, b, c in rows:
+        print_fn(f"{name:<40} {a:>12} {b:>12} {c:>8}")
+    print_fn(f"  of which vision tower {vision_ms:.1f} ms; vision + selection + input rewrite {select_ms:.1f} ms")
+    if is_tiny(model):
+        print_fn("  (a tiny LLM costs almost nothing, so here selection time is not repaid; the FLOPs rows show "
+                 "what it saves at 7B size)")
+    decode = lambda ids: tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)  # noqa: E731
+    print_fn(f"\nanswer, full:   {decode(full_answer)!r}")
+    print_fn(f"answer, pruned: {decode(pruned_answer)!r}")
+
     out = Path(out)
-    overlay_grid(resized, rows[0]["kept"], grid, path=out)
-    print_fn(f"\noverlay of residual_energy's kept patches (dropped ones dimmed): {out.resolve()}")
-    print_fn("These are raw pixel patches, so no text relevance is used; on a model the same selectors")
-    print_fn("run on the projector's output tokens, weighted by the instruction's keywords.")
-    return rows
+    overlay_selection(image, selections[0], processor=processor, path=out)
+    print_fn(f"\noverlay of the kept tokens (dropped ones dimmed): {out.resolve()}")
+
+    geometry = selections[0].geometry
+    with torch.no_grad():
+        tokens = attached.injector.encode(lvlm, inputs, frozenset())[0].features.float()
+    k_cmp = min(selections[0].k, max(1, tokens.shape[1] // 2))  # below the rank, or every span is complete
+    comparison = compare_selectors(tokens, k_cmp, getattr(geometry, "grid", None))
+    print_fn(f"\nhow well {k_cmp} tokens kept by each selector span all {tokens.shape[0]} "
+             f"(this image's projector outputs, d={tokens.shape[1]}):")
+    print_fn(f"{'selector':<16} {'residual %':>11} {'x SVD optimum':>14} {'select ms':>10}")
+    for r in comparison:
+        print_fn(f"{r['selector']:<16} {100 * r['residual']:>11.2f} {r['vs_svd']:>14.2f} {r['ms']:>10.2f}")
+    print_fn("residual %: energy of all tokens outside the span of the kept ones (Eq. 8), lower is better.")
+    return {"selections": selections, "tokens_full": t_full, "tokens_pruned": t_pruned,
+            "flops_full": prefill_flops(dims, t_full), "flops_pruned": prefill_flops(dims, t_pruned),
+            "prefill_ms_full": full_ms, "prefill_ms_pruned": pruned_ms, "overlay": out.resolve(),
+            "comparison": comparison}
+

@@ -154,6 +154,15 @@ class Pipeline:
         path.write_text(self.to_yaml())
         return path
 
+    def summary(self) -> str:
+        """One line: budget, scorers and the selector's params that differ from their defaults."""
+        sel = self.selector
+        defaults = type(sel).Params()
+        changed = {k: v for k, v in vars(sel.params).items() if getattr(defaults, k) != v}
+        args = ", ".join(f"{k}={v}" for k, v in changed.items())
+        scorers = ", ".join(n if n == s.name else f"{s.name}->{n}" for n, s in self.scorers) or "none"
+        return f"budget {self.budget}; scorers: {scorers}; selector: {sel.name}({args})"
+
     def __repr__(self) -> str:
         scorers = ", ".join(f"{n}={s!r}" for n, s in self.scorers)
         return f"Pipeline(budget={self.budget!r}, scorers=[{scorers}], selector={self.selector!r})"

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["overlay_grid"]
+__all__ = ["overlay_grid", "overlay_selection"]
 
 
 def overlay_grid(image: Image.Image, kept: Tensor | list[int], grid: tuple[int, int], *,
@@ -41,6 +42,106 @@ def overlay_grid(image: Image.Image, kept: Tensor | list[int], grid: tuple[int, 
         for idx in np.flatnonzero(keep):
             r, c = divmod(int(idx), cols)
             draw.rectangle([xs[c], ys[r], xs[c + 1] - 1, ys[r + 1] - 1], outline=outline)
+    if path is not None:
+        out.save(path)
+    return out
+
+
+def _cells(image: Image.Image, rc: np.ndarray, keep: np.ndarray, grid: tuple[int, int], dim: float,
+           outline: tuple[int, int, int] | None) -> Image.Image:
+    """Dim dropped cells / frame kept cells given each token's (row, col) in a grid."""
+    rows, cols = grid
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    h, w = arr.shape[:2]
+    ys = np.linspace(0, h, rows + 1).round().astype(int)
+    xs = np.linspace(0, w, cols + 1).round().astype(int)
+    for (r, c), k in zip(rc.astype(int), keep):
+        if not k:
+            arr[ys[r]:ys[r + 1], xs[c]:xs[c + 1]] *= dim
+    out = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    if outline is not None:
+        draw = ImageDraw.Draw(out)
+        for (r, c), k in zip(rc.astype(int), keep):
+            if k:
+                draw.rectangle([xs[c], ys[r], xs[c + 1] - 1, ys[r + 1] - 1], outline=outline)
+    return out
+
+
+def _center_square(image: Image.Image) -> Image.Image:
+    w, h = image.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return image.crop((left, top, left + s, top + s))
+
+
+def overlay_selection(image: Image.Image, selection: Any, *, processor: Any = None, dim: float = 0.25,
+                      outline: tuple[int, int, int] | None = (255, 255, 255), panel: int = 336,
+                      path: str | Path | None = None) -> Image.Image:
+    """Picture of what one image kept, in its backbone's geometry.
+
+    - a single grid (LLaVA-1.5, Qwen2.5-VL after the 2x2 merge): kept patches shown,
+      dropped ones dimmed; LLaVA's centre crop is applied when the processor crops;
+    - LLaVA-NeXT AnyRes: the base view and the high-resolution crop grid side by side,
+      with a strip for the row newlines (kept ones white, dropped ones dark).
+
+    Args:
+        image: the original picture.
+        selection: an :class:`~resprune.injection.ImageSelection` (``attached.selections[i]``).
+        processor: the model's processor, to know whether it centre-crops.
+        panel: height in pixels of each drawn view.
+    """
+    geometry = selection.geometry
+    layout = getattr(geometry, "layout", {}) or {}
+    keep = selection.mask.cpu().numpy()
+    img = image.convert("RGB")
+    if layout.get("kind") == "anyres":
+        return _anyres(img, keep, layout, dim, outline, panel, path)
+    grid = layout.get("grid") or getattr(geometry, "grid", None)
+    if grid is None:
+        raise ValueError("this selection has no spatial grid to draw")
+    image_processor = getattr(processor, "image_processor", None)
+    if getattr(image_processor, "do_center_crop", False):
+        img = _center_square(img)
+    scale = panel / img.height
+    img = img.resize((max(1, round(img.width * scale)), panel), Image.BICUBIC)
+    rows, cols = grid
+    rc = np.stack(np.divmod(np.arange(rows * cols), cols), axis=1)
+    out = _cells(img, rc, keep, grid, dim, outline)
+    if path is not None:
+        out.save(path)
+    return out
+
+
+def _anyres(img: Image.Image, keep: np.ndarray, layout: dict, dim: float, outline: Any, panel: int,
+            path: str | Path | None) -> Image.Image:
+    tile = layout["tile"].cpu().numpy()
+    newline = layout["newline"].cpu().numpy()
+    rows, cols = layout["base_grid"]
+    base_idx = np.flatnonzero((tile == 0) & ~newline)
+    base_rc = np.stack(np.divmod(np.arange(len(base_idx)), cols), axis=1)
+    base = _cells(img.resize((panel, panel), Image.BICUBIC), base_rc, keep[base_idx], (rows, cols), dim, outline)
+    views = [base]
+    if layout.get("crop_grid"):
+        crop_idx = np.flatnonzero((tile > 0) & ~newline)
+        h, w = layout["crop_grid"]
+        rc = layout["crop_rc"].cpu().numpy()[crop_idx]
+        width = max(1, round(panel * w / h))
+        crop = _cells(img.resize((width, panel), Image.BICUBIC), rc, keep[crop_idx], (h, w), dim, outline)
+        # newline strip: one cell per crop row, right of the crop view
+        nl_idx = np.flatnonzero(newline)
+        strip = Image.new("RGB", (max(6, panel // max(h, 1)), panel), (0, 0, 0))
+        draw = ImageDraw.Draw(strip)
+        ys = np.linspace(0, panel, max(len(nl_idx), 1) + 1).round().astype(int)
+        for j, idx in enumerate(nl_idx):
+            draw.rectangle([1, ys[j] + 1, strip.width - 2, ys[j + 1] - 2],
+                           fill=(255, 255, 255) if keep[idx] else (60, 60, 60))
+        views += [crop, strip]
+    gap = 8
+    out = Image.new("RGB", (sum(v.width for v in views) + gap * (len(views) - 1), panel), (0, 0, 0))
+    x = 0
+    for v in views:
+        out.paste(v, (x, 0))
+        x += v.width + gap
     if path is not None:
         out.save(path)
     return out

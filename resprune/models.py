@@ -1,0 +1,69 @@
+"""Loading a supported LVLM (a real checkpoint or a tiny offline one) and building its inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import ResPruneError
+
+__all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "is_tiny"]
+
+TINY_PREFIX = "tiny:"
+"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``: random tiny models built offline."""
+
+_TINY_IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 448}
+"""Tiny models see images at the real token counts (LLaVA-1.5: 576; LLaVA-NeXT: up to ~2900)."""
+
+
+def is_tiny(spec: str) -> bool:
+    return spec.startswith(TINY_PREFIX)
+
+
+def load_model(spec: str, *, device: str | None = None, dtype: str = "auto", seed: int = 0) -> tuple[Any, Any]:
+    """``(model, processor)`` for a hub id, a local checkpoint folder, or ``tiny:<model_type>``.
+
+    Real checkpoints go through ``AutoModelForImageTextToText`` / ``AutoProcessor``; nothing
+    is downloaded unless the hub is reachable and the id is not cached.
+    """
+    import torch
+
+    if is_tiny(spec):
+        from .testing.tiny import MODEL_TYPES, tiny_lvlm
+
+        model_type = spec[len(TINY_PREFIX):]
+        if model_type not in MODEL_TYPES:
+            raise ResPruneError(f"unknown tiny model '{spec}'; use one of "
+                                f"{', '.join(TINY_PREFIX + t for t in MODEL_TYPES)}.")
+        model, processor = tiny_lvlm(model_type, seed=seed, image_size=_TINY_IMAGE_SIZE[model_type])
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        try:
+            processor = AutoProcessor.from_pretrained(spec)
+            model = AutoModelForImageTextToText.from_pretrained(spec, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            where = "local folder" if Path(spec).exists() else "hub id (needs the hub or a local cache)"
+            raise ResPruneError(f"could not load model '{spec}' as a {where}: {exc}") from exc
+        model.eval()
+    if device:
+        model.to(device)
+    return model, processor
+
+
+def chat_inputs(processor: Any, images: list[Any], prompts: list[str], device: Any = None) -> Any:
+    """A left-padded batch of one-turn chats, one image (or ``None``) per prompt."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+    texts = []
+    for image, prompt in zip(images, prompts, strict=True):
+        content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
+        if image is not None:
+            content.insert(0, {"type": "image"})
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True, tokenize=False))
+    present = [im for im in images if im is not None]
+    batch = processor(images=present or None, text=texts, padding=True, return_tensors="pt")
+    return batch.to(device) if device is not None else batch

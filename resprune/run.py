@@ -1,0 +1,82 @@
+"""One image, one prompt, any supported checkpoint: what ``resprune run`` / ``visualize`` do."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .costs import llm_dims, prefill_flops
+from .errors import InvalidInputError
+from .models import chat_inputs, load_model
+from .pipeline import Pipeline, load_pipeline
+from .visualize import overlay_selection
+
+__all__ = ["run_one", "visualize_one"]
+
+
+def _open(image: str | Path) -> Image.Image:
+    try:
+        return Image.open(image).convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read image '{image}': {exc}") from None
+
+
+def _setup(config: str, overrides: Iterable[str], model: str, image: str | Path, prompt: str,
+           device: str | None) -> tuple[Pipeline, Any, Any, Image.Image, Any]:
+    pipe = load_pipeline(config, list(overrides))
+    lvlm, processor = load_model(model, device=device)
+    img = _open(image)
+    inputs = chat_inputs(processor, [img], [prompt], device=lvlm.device)
+    return pipe, lvlm, processor, img, inputs
+
+
+def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: str | Path, prompt: str,
+            max_new_tokens: int = 64, device: str | None = None, out: str | Path | None = None,
+            compare: bool = False, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Prune with ``config`` and generate an answer; print it with the token counts and FLOPs."""
+    pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
+        start = time.perf_counter()
+        ids = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start
+        batch, selections = attached.last, attached.selections
+    answer = tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)
+    dims = llm_dims(lvlm.config)
+    t_full, t_pruned = int(inputs["attention_mask"].sum()), int(batch.attention_mask.sum())
+    for sel in selections:
+        print_fn(f"image {sel.image}: kept {sel.k} of {sel.n} visual tokens")
+    print_fn(f"prompt tokens {t_full} -> {t_pruned}; prefill FLOPs (Eq. 18) {prefill_flops(dims, t_full):.3g} -> "
+             f"{prefill_flops(dims, t_pruned):.3g}; generate {seconds:.2f} s")
+    print_fn(f"answer: {answer}")
+    result: dict[str, Any] = {"answer": answer, "selections": selections, "tokens_full": t_full,
+                              "tokens_pruned": t_pruned, "seconds": seconds}
+    if compare:
+        with torch.no_grad():
+            full = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        result["answer_full"] = tokenizer.decode(full[0, prompt_len:], skip_special_tokens=True)
+        print_fn(f"answer without pruning: {result['answer_full']}")
+    if out is not None:
+        overlay_selection(img, selections[0], processor=processor, path=out)
+        print_fn(f"overlay: {Path(out).resolve()}")
+        result["overlay"] = Path(out).resolve()
+    return result
+
+
+def visualize_one(config: str, overrides: Iterable[str] = (), *, model: str, image: str | Path,
+                  prompt: str = "Describe the picture.", device: str | None = None,
+                  out: str | Path = "resprune-overlay.png", print_fn: Callable[[str], Any] = print) -> Path:
+    """Write the kept-token overlay (no generation: only the vision tower and selection run)."""
+    pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
+    with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
+        attached.prune(inputs)
+        sel = attached.selections[0]
+    overlay_selection(img, sel, processor=processor, path=out)
+    print_fn(f"kept {sel.k} of {sel.n} visual tokens; overlay: {Path(out).resolve()}")
+    return Path(out).resolve()
