@@ -242,10 +242,26 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
         raise ConfigError(
             f"{label}: selector '{sel['name']}' ({selector!r}) needs score '{missing[0]}', which no scorer "
             f"in `scorers` writes. Add one ({', '.join(writers) or 'a scorer with output: ' + missing[0]}).")
+    _validate_backbone(container["backbone"], host, label)
     result = OmegaConf.structured(PipelineConfig)
     result = OmegaConf.merge(result, container)
     OmegaConf.set_readonly(result, True)
     return result
+
+
+def _validate_backbone(backbone: dict[str, Any], host: Any, label: str) -> None:
+    """``backbone.params`` are the params of the injector registered for ``backbone.model_type``."""
+    model_type = backbone.get("model_type")
+    if model_type is None:
+        if backbone.get("params"):
+            raise ConfigError(f"{label}: backbone.params need backbone.model_type (which injector they are for).")
+        return
+    owners = {mt: e.cls for e in host.injectors.entries() for mt in e.cls.model_types}
+    if model_type not in owners:
+        raise ConfigError(f"{label}: backbone.model_type: no injector handles '{model_type}'."
+                          f"{suggest(model_type, list(owners))} Supported: {', '.join(sorted(owners)) or 'none'}.")
+    backbone["params"] = dataclasses.asdict(build_params(owners[model_type], backbone.get("params") or {},
+                                                         where=f"{label}: backbone.params"))
 
 
 def _lookup(registry: Any, name: Any, where: str) -> Any:

@@ -377,3 +377,23 @@ def test_random_budgets_and_image_sizes_match_masked_reference(model_type):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
     check()
+
+
+def test_backbone_params_are_validated_with_the_config():
+    pipe = resprune.load_pipeline("resprune-llava-next", ["backbone.params.scope=per_tile"])
+    assert pipe.config.backbone.params.scope == "per_tile"
+    with pytest.raises(resprune.ConfigError, match=r"backbone.params.*scope.*'global', 'per_tile'"):
+        resprune.load_pipeline("resprune-llava-next", ["backbone.params.scope=tiles"])
+    with pytest.raises(resprune.ConfigError, match=r"backbone.model_type.*llava_nxt.*llava_next"):
+        resprune.load_pipeline("resprune-llava-next", ["backbone.model_type=llava_nxt"])
+    with pytest.raises(resprune.ConfigError, match=r"backbone.params.scope: unknown parameter of injector 'llava'"):
+        resprune.load_pipeline("resprune-llava15", ["backbone.params.scope=global"])
+
+
+def test_config_backbone_params_reach_the_injector():
+    model, proc = model_and_processor("llava_next")
+    pipe = resprune.load_pipeline("resprune-llava-next", ["backbone.params.image_newline=drop"], budget=40)
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        model(**inputs_for("llava_next"))
+    for sel in attached.selections:
+        assert int(sel.geometry.layout["newline"][sel.kept].sum()) == 0
