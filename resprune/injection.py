@@ -414,7 +414,8 @@ class PlaceholderInjector(Injector):
         rows = _rows_of_images(placeholder, [img.n for img in images], self.name)
         texts = _row_texts(self, input_ids, mask, token_id, processor, text, b)
         embedder = _embedder(model, processor)
-        selections = _select_all(self, pipeline, images, rows, texts, embedder)
+        with torch.no_grad():  # selection yields indices; the kept features keep their autograd graph
+            selections = _select_all(self, pipeline, images, rows, texts, embedder)
 
         # rewrite: keep every non-placeholder column and the kept placeholders
         keep = mask.bool() & ~placeholder

@@ -397,3 +397,18 @@ def test_config_backbone_params_reach_the_injector():
         model(**inputs_for("llava_next"))
     for sel in attached.selections:
         assert int(sel.geometry.layout["newline"][sel.kept].sum()) == 0
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("<s>USER: <image>\nWhat is the cat doing? ASSISTANT:", "What is the cat doing?"),  # LLaVA-1.5
+    ("<s>[INST] <image>\nCount the birds. [/INST]", "Count the birds."),  # LLaVA-NeXT (Mistral)
+    ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n<|vision_start|><|vision_end|>"
+     "Read the sign.<|im_end|>\n<|im_start|>assistant\n", "Read the sign."),  # Qwen2.5-VL
+    ("USER: first question ASSISTANT: an answer</s>USER: <image>\nsecond question ASSISTANT:", "second question"),
+    ("no template at all <image>", "no template at all"),
+])
+def test_instruction_is_the_last_user_turn_without_template(prompt, expected):
+    from resprune.injection import PlaceholderInjector, instruction_text
+
+    specials = ["<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+    assert instruction_text(prompt, PlaceholderInjector.instruction_patterns, specials) == expected
