@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .budget import check_budget
@@ -107,8 +107,8 @@ def _read(source: str | Path, *, seen: tuple[str, ...] = ()) -> tuple[DictConfig
             raise ConfigError(f"config file not found: {text_path}")
         label, text = str(text_path), text_path.read_text()
     else:
-        names = shipped_configs()
-        if source not in names:
+        if not (_config_dir() / f"{source}.yaml").is_file():
+            names = shipped_configs()
             raise ConfigError(
                 f"unknown config '{source}': neither a YAML file nor a shipped config.{suggest(str(source), names)} "
                 f"Shipped configs: {', '.join(names)}.")
@@ -146,16 +146,18 @@ def _overrides(overrides: Iterable[str] | Mapping[str, Any], kwargs: Mapping[str
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value (e.g. budget=64, selector.params.alpha=0.5)")
-            dl = OmegaConf.from_dotlist([item])
             key = item.split("=", 1)[0].strip()
-            items.append((key, OmegaConf.select(dl, key)))
+            try:
+                items.append((key, OmegaConf.select(OmegaConf.from_dotlist([item]), key)))
+            except OmegaConfBaseException as exc:
+                raise ConfigError(f"override {item!r}: {_msg(exc)}") from None
     items += list(kwargs.items())
     return items
 
 
 def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
     if key == "selector" and isinstance(value, str):  # shorthand: selector=divprune
-        cfg.selector = {"name": value, "params": {}}
+        cfg.selector = StrategyConfig(name=value)
         return
     try:
         OmegaConf.update(cfg, key, value, merge=True)
@@ -203,6 +205,12 @@ def load_config(
     for key in raw:
         if key not in valid:
             raise ConfigError(f"{label}: unknown key '{key}'.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
+    scorers = raw.get("scorers")
+    for i, entry in enumerate(scorers if isinstance(scorers, ListConfig) else []):  # errors name scorers[i]
+        try:
+            OmegaConf.merge(OmegaConf.structured(ScorerConfig), entry)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{label}: scorers[{i}].{exc.full_key or ''}: {_msg(exc)}") from None
     try:
         cfg = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as exc:
@@ -218,7 +226,7 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
         container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{label}: {exc.full_key or ''}: {_msg(exc)}") from None
-    check_budget(container["budget"], where=f"{label}: budget")
+    check_budget(container["budget"], where=f"{label}: budget")  # BudgetError is a ConfigError
 
     host = get_host()
     sel = container["selector"]

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from .budget import resolve_budget
+from .errors import InvalidInputError
 from .costs import LLMDims, kv_cache_bytes, llm_dims, prefill_flops
 from .linalg import optimal_residual, span_residual
 from .models import chat_inputs, is_tiny, load_model
@@ -124,15 +125,19 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
              out: str | Path = "resprune-demo.png", max_new_tokens: int = 12, device: str | None = None,
              print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prune a bundled photo (or an image path) on ``model``; print costs; write an overlay PNG."""
+    path = photo_path(photo) if photo in PHOTOS else Path(photo)
+    if not path.is_file():
+        raise InvalidInputError(f"photo '{photo}' is neither a bundled photo ({', '.join(PHOTOS)}) nor an image file.")
+    image = Image.open(path).convert("RGB")
+    kwargs = {} if budget is None else {"budget": budget}
+    if config is not None:  # fail on a bad config before building the model
+        load_pipeline(config, list(overrides), **kwargs)
     lvlm, processor = load_model(model, device=device)
     model_type = lvlm.config.model_type
     config = config or DEFAULT_CONFIGS.get(model_type)
     if config is None:
-        raise ValueError(f"no default config for model type '{model_type}'; pass config=...")
-    kwargs = {} if budget is None else {"budget": budget}
+        raise InvalidInputError(f"no default config for model type '{model_type}'; pass --config.")
     pipe = load_pipeline(config, list(overrides), **kwargs)
-    path = photo_path(photo) if photo in PHOTOS else Path(photo)
-    image = Image.open(path).convert("RGB")
     if prompt is None:
         prompt = next((q["question"] for q in sample_questions() if Path(q["image"]).name == path.name),
                       "Describe the picture.") + " Answer the question using a single word or phrase."

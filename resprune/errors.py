@@ -65,7 +65,7 @@ class PluginContractError(PluginError):
     """A plugin's strategy returned output that breaks its interface (shape, dtype...)."""
 
 
-class BudgetError(ResPruneError, ValueError):
+class BudgetError(ConfigError):
     """A token budget that is neither a positive int nor a ratio in (0, 1]."""
 
 

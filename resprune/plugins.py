@@ -162,34 +162,51 @@ class PluginHost:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
+            name = self.pm.get_name(exc.plugin) if exc.plugin is not None else None
             raise PluginError(
-                f"plugin '{exc.plugin_name if hasattr(exc, 'plugin_name') else exc.plugin}' "
+                f"plugin '{name or exc.plugin}' "
                 f"implements an unknown hook: {exc}. The hooks are: {', '.join(_HOOKS.values())} "
                 f"(check the spelling)."
             ) from None
 
     def _fill_registries(self) -> None:
+        """Call every plugin's hooks, then commit what each registered, plugin by plugin.
+
+        A third-party plugin whose hook raises is skipped as a whole (none of what its
+        other hooks registered is kept); a built-in one raises.
+        """
+        staged: dict[str, list[tuple[str, Any, tuple[str, ...], bool]]] = {}
+        failed: set[str] = set()
         for kind, hook_name in _HOOKS.items():
-            registry: Registry[Any] = getattr(self, kind)
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                staged: list[tuple[Any, tuple[str, ...], bool]] = []
+                name = impl.plugin_name
+                if name in failed:
+                    continue
+                calls: list[tuple[str, Any, tuple[str, ...], bool]] = []
 
                 def register(cls: Any, *, aliases: Iterable[str] = (), override: bool = False,
-                             _staged: list[tuple[Any, tuple[str, ...], bool]] = staged) -> None:
-                    _staged.append((cls, tuple(aliases), override))
+                             _calls: list[tuple[str, Any, tuple[str, ...], bool]] = calls,
+                             _kind: str = kind) -> None:
+                    _calls.append((_kind, cls, tuple(aliases), override))
 
-                info = self._info.get(impl.plugin_name)
                 try:
                     impl.function(**{a: register for a in impl.argnames})
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - one broken plugin must not stop the others
+                    info = self._info.get(name)
                     if info is None or info.distribution == "resprune":
                         raise
-                    self._fail(impl.plugin_name, info.distribution, exc)
+                    failed.add(name)
+                    staged.pop(name, None)
+                    self._fail(name, info.distribution, exc)
                     continue
-                for cls, aliases, override in staged:
-                    registry.register(cls, plugin=impl.plugin_name, aliases=aliases, override=override)
-                    if info is not None:
-                        info.provides[kind].append(cls.name)
+                staged.setdefault(name, []).extend(calls)
+        for name, calls in staged.items():
+            info = self._info.get(name)
+            for kind, cls, aliases, override in calls:
+                registry: Registry[Any] = getattr(self, kind)
+                registry.register(cls, plugin=name, aliases=aliases, override=override)
+                if info is not None and cls.name not in info.provides[kind]:
+                    info.provides[kind].append(cls.name)
 
     # --- queries ----------------------------------------------------------------------
 

@@ -117,8 +117,8 @@ def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str
     missing = sorted(selector.required_scores() - set(scores))
     if missing:
         raise InvalidInputError(
-            f"selector '{selector.name}' needs score '{missing[0]}' ({selector!r}), but only "
-            f"{sorted(scores) or 'no scores'} were given. Pass scores={{'{missing[0]}': ...}} "
+            f"selector '{selector.name}' needs score '{missing[0]}' ({selector!r}), but "
+            f"{'only ' + str(sorted(scores)) if scores else 'no scores'} were given. Pass scores={{'{missing[0]}': ...}} "
             f"or add a scorer that writes it.")
     context.check(selector.requires, requester=f"selector '{selector.name}'")
     b, n = tokens.shape[:2]

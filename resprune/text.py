@@ -6,7 +6,7 @@ import functools
 import re
 from collections.abc import Sequence
 
-from .errors import MissingDependencyError
+from .errors import InvalidInputError, MissingDependencyError
 
 __all__ = ["ANSWER_FORMAT_PATTERNS", "STOP_WORDS", "KEYWORD_MODES", "strip_format", "extract_keywords"]
 
@@ -70,7 +70,7 @@ def extract_keywords(text: str, mode: str = "content") -> list[str]:
         if mode == "content":
             words = [w for w in words if w.lower().strip("'") not in STOP_WORDS]
         elif mode != "all":
-            raise ValueError(f"keyword mode {mode!r} is not one of {KEYWORD_MODES}")
+            raise InvalidInputError(f"keyword mode {mode!r} is not one of {KEYWORD_MODES}")
     seen: dict[str, str] = {}
     for w in words:
         seen.setdefault(w.lower(), w)
