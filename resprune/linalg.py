@@ -85,45 +85,47 @@ def greedy_residual_select(
     v = tokens.float()
     if method == "auto":
         method = choose_method(n, d, k, batch=b, device=v.device)
+    v = v.contiguous()
     gram = torch.bmm(v, v.transpose(1, 2)) if method == "gram" else None
 
     energy0 = v.pow(2).sum(-1)  # [B, N]
     w = torch.ones_like(energy0) if weights is None else weights.float()
     floor = energy0 * tol  # per-token degeneracy threshold
-    # fallback priority: higher initial weighted energy first, then lower index
+    # Fallback keys, below every live key (live keys are w * e >= 0): higher initial weighted
+    # energy first, then the lower index. One argmax per step then covers both regimes.
     order = torch.sort(w * energy0, dim=-1, descending=True, stable=True).indices
-    priority = torch.empty_like(energy0)
-    priority.scatter_(1, order, -torch.arange(n, device=v.device, dtype=v.dtype).expand(b, n).contiguous())
+    fallback = torch.empty_like(energy0)
+    fallback.scatter_(1, order, -1.0 - torch.arange(n, device=v.device, dtype=v.dtype).expand(b, n).contiguous())
 
-    rows = torch.arange(b, device=v.device)
+    rows_n = torch.arange(b, device=v.device) * n
     energy = energy0.clone()
-    factor = torch.zeros(b, n, k, device=v.device, dtype=v.dtype)
-    taken = torch.zeros(b, n, device=v.device, dtype=torch.bool)
+    factor = torch.zeros(b, k, n, device=v.device, dtype=v.dtype)  # row t: the new column c of step t
+    blocked = torch.zeros(b, n, device=v.device, dtype=v.dtype)  # -inf once taken
     out = torch.empty(b, k, device=v.device, dtype=torch.long)
-    neg_inf = torch.tensor(float("-inf"), device=v.device)
+    tiny = torch.finfo(v.dtype).tiny
 
     for t in range(k):
         if t == 0 and first is not None:
             pick = first.to(device=v.device, dtype=torch.long)
         else:
-            live = ~taken & (energy > floor)
-            best, pick = torch.where(live, energy * w, neg_inf).max(dim=-1)
-            fallback = torch.where(taken, neg_inf, priority).argmax(dim=-1)
-            pick = torch.where(best > neg_inf, pick, fallback)
+            key = torch.where(energy > floor, energy * w, fallback).add_(blocked)
+            pick = key.argmax(dim=-1)  # first maximum: ties go to the lower index
         out[:, t] = pick
-        taken[rows, pick] = True
+        flat = rows_n + pick  # flat index of each row's pick (cheaper than advanced indexing)
+        blocked.view(-1).index_fill_(0, flat, float("-inf"))
 
-        e_pick = energy[rows, pick]  # [B]
+        e_pick = energy.take(flat)  # [B]
         if gram is not None:
-            col = gram[rows, pick]  # [B, N] (G is symmetric)
+            col = gram.view(b * n, n).index_select(0, flat)  # [B, N] (G is symmetric)
         else:
-            col = torch.bmm(v, v[rows, pick].unsqueeze(-1)).squeeze(-1)
+            col = torch.bmm(v, v.view(b * n, d).index_select(0, flat).unsqueeze(-1)).squeeze(-1)
         if t > 0:
-            col = col - torch.bmm(factor[:, :, :t], factor[rows, pick, :t].unsqueeze(-1)).squeeze(-1)
-        useful = e_pick > floor[rows, pick]
-        c = col * torch.where(useful, e_pick.clamp_min(torch.finfo(v.dtype).tiny).rsqrt(), 0.0).unsqueeze(-1)
-        factor[:, :, t] = c
-        energy = (energy - c * c).clamp_min_(0.0)
+            prev = factor[:, :t]  # [B, t, N]
+            col = col - torch.bmm(prev.gather(2, pick.view(b, 1, 1).expand(b, t, 1)).transpose(1, 2), prev).squeeze(1)
+        scale = torch.where(e_pick > floor.take(flat), e_pick.clamp_min(tiny).rsqrt(), 0.0)
+        c = col.mul_(scale.unsqueeze(-1))
+        factor[:, t] = c
+        energy.addcmul_(c, c, value=-1.0).clamp_min_(0.0)
         if trace is not None:
             trace.append(energy.clone())
     return out
