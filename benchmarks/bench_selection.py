@@ -15,17 +15,15 @@ process, so the speed-up column is a same-machine ratio.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 import resprune
 from resprune.linalg import choose_method
+
+from common import device_name, timed
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,18 @@ SELECTORS: list[tuple[str, dict]] = [
 ]
 
 
+def word_embedder(d: int, device: torch.device, vocab: int = 32000):
+    """A stand-in for an LLM's input-embedding table: 1-3 sub-word rows per word."""
+    table = torch.randn(vocab, d, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def embed(word: str) -> torch.Tensor:
+        h = sum(ord(ch) * 31**i for i, ch in enumerate(word))
+        ids = [(h + j * 7919) % vocab for j in range(1 + len(word) % 3)]
+        return table[ids]
+
+    return embed
+
+
 def naive_residual_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy residual selection with a full residual-matrix update per step (one image)."""
     resid = tokens.float().clone()
@@ -71,21 +81,6 @@ def naive_residual_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
         q = resid[i] / resid[i].norm().clamp_min(1e-30)
         resid -= torch.outer(resid @ q, q)
     return picked
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time in milliseconds (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def run(cases: list[Case], device: torch.device, repeats: int, with_reference: bool) -> list[dict]:
@@ -107,14 +102,38 @@ def run(cases: list[Case], device: torch.device, repeats: int, with_reference: b
                 label += f" [{choose_method(case.n, case.d, case.k, batch=case.batch)}]"
             rows.append({"selector": label, "B": case.batch, "N": case.n, "d": case.d, "k": case.k, "ms": ms,
                          "ref_ms": ref_ms if name == "residual_energy" else None})
+        context = {"text": ["What colour is the umbrella the woman near the red car is holding?"] * case.batch,
+                   "text_embedder": word_embedder(case.d, device)}
+        ms = timed(lambda: resprune.score(tokens, "text_relevance", context=context), device, repeats)
+        rows.append({"selector": "text_relevance (scorer)", "B": case.batch, "N": case.n, "d": case.d, "k": "-",
+                     "ms": ms, "ref_ms": None})
     return rows
 
 
+def growth(device: torch.device, repeats: int, ns: tuple[int, ...] = (576, 2880, 10000), d: int = 3584,
+           ks: tuple[int, ...] = (64, 320)) -> str:
+    """residual_energy time over N and k: cost should grow at most linearly in each."""
+    gen = torch.Generator().manual_seed(0)
+    times: dict[tuple[int, int], float] = {}
+    methods: dict[tuple[int, int], str] = {}
+    for n in ns:
+        tokens = torch.randn(1, n, d, generator=gen).to(device)
+        for k in ks:
+            times[(n, k)] = timed(lambda: resprune.select(tokens, k), device, repeats)
+            methods[(n, k)] = choose_method(n, d, k)
+    lines = [f"residual_energy (auto) over N and k, d={d} — {device_name(device)}; ms, and ms per 1000 N",
+             "", "| N | " + " | ".join(f"k={k}" for k in ks) + " | " + " | ".join(f"k={k} per 1000 N" for k in ks) + " |",
+             "|---:|" + "---:|" * (2 * len(ks))]
+    for n in ns:
+        cells = [f"{times[(n, k)]:.1f} ({methods[(n, k)]})" for k in ks]
+        per = [f"{times[(n, k)] / n * 1000:.2f}" for k in ks]
+        lines.append(f"| {n} | " + " | ".join(cells) + " | " + " | ".join(per) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict], device: torch.device) -> str:
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     lines = [
-        f"Selection time, median ms — {where}, torch {torch.__version__}, float32.",
+        f"Selection time, median ms — {device_name(device)}, torch {torch.__version__}, float32.",
         "`naive` = full residual-matrix update per step (same device, same run).",
         "",
         "| selector | B | N | d | k | ms | naive ms | speed-up |",
@@ -134,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (median reported)")
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
+    parser.add_argument("--growth", action="store_true", help="also time residual_energy over N in "
+                        "{576, 2880, 10000} and k in {64, 320} (d=3584; slow on CPU)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     args = parser.parse_args(argv)
 
@@ -142,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.smoke else 5)
     rows = run(cases, device, repeats, with_reference=not args.no_reference)
     table = markdown(rows, device)
+    if args.growth:
+        table += "\n\n" + (growth(device, repeats, ns=(64, 128, 256), d=32, ks=(8, 16)) if args.smoke
+                             else growth(device, min(repeats, 3)))
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as fh:

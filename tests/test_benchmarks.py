@@ -1,0 +1,50 @@
+"""The benchmark scripts: their naive reference is right, and they run (tiny sizes)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from resprune.testing.reference import greedy_residual_reference
+
+from helpers import make_tokens
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_e2e
+        import bench_selection
+
+        yield bench_selection, bench_e2e
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_naive_baseline_is_greedy_residual_selection(bench, seed):
+    bench_selection, _ = bench
+    tokens = make_tokens(40, 16, seed=seed)
+    assert bench_selection.naive_residual_select(tokens, 12).tolist() == greedy_residual_reference(tokens, 12)
+
+
+def test_selection_benchmark_smoke_table(bench, capsys):
+    bench_selection, _ = bench
+    assert bench_selection.main(["--smoke", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("residual_energy", "dpp", "divprune", "text_relevance"):
+        assert name in out
+
+
+def test_e2e_benchmark_pruned_runs_see_fewer_tokens(bench, capsys):
+    _, bench_e2e = bench
+    assert bench_e2e.main(["--smoke", "--backbones", "llava"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| llava")]
+    tokens = {r[4].strip(): int(r[6]) for r in rows}
+    assert tokens["pruned"] == tokens["oracle"] < tokens["full"]
