@@ -93,9 +93,7 @@ def build(model_type: str, size: str, device: torch.device) -> tuple[Any, Any]:
     model, processor = tiny_lvlm(model_type, image_size=IMAGE_SIZE[model_type])
     if size == "tiny":
         return model.to(device), processor
-    cfg = model.config
-    cfg.vision_config.update(FULL_SIZE[model_type]["vision"])
-    cfg.text_config.update(FULL_SIZE[model_type]["text"])
+    cfg = full_size_config(model.config, model_type)
     dtype = torch.bfloat16
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -105,7 +103,20 @@ def build(model_type: str, size: str, device: torch.device) -> tuple[Any, Any]:
     finally:
         torch.set_default_dtype(old)
     big.generation_config = model.generation_config
+    params = sum(p.numel() for p in big.parameters())
+    print(f"{model_type}: {params / 1e9:.2f} B parameters (random, bf16)", file=sys.stderr)
     return big.eval(), processor
+
+
+def full_size_config(cfg: Any, model_type: str) -> Any:
+    """The tiny config (token ids, processor geometry) with the real model sizes."""
+    derived = {"head_dim", "layer_types"}  # computed from the sizes at init: rebuild, don't copy
+    for part in ("vision", "text"):
+        sub = getattr(cfg, f"{part}_config")
+        values = {k: v for k, v in sub.to_dict().items() if k not in derived}
+        values.update(FULL_SIZE[model_type][part])
+        setattr(cfg, f"{part}_config", type(sub)(**values))
+    return cfg
 
 
 def prompts(model_type: str, batch: int) -> tuple[list[Image.Image], list[str]]:

@@ -48,3 +48,15 @@ def test_e2e_benchmark_pruned_runs_see_fewer_tokens(bench, capsys):
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| llava")]
     tokens = {r[4].strip(): int(r[6]) for r in rows}
     assert tokens["pruned"] == tokens["oracle"] < tokens["full"]
+
+
+@pytest.mark.parametrize("model_type, billions", [("llava", 7.06), ("llava_next", 7.06), ("qwen2_5_vl", 8.29)])
+def test_full_size_configs_have_the_real_parameter_counts(bench, model_type, billions):
+    _, bench_e2e = bench
+    from resprune.testing.tiny import tiny_lvlm
+
+    model, _ = tiny_lvlm(model_type, image_size=bench_e2e.IMAGE_SIZE[model_type])
+    cfg = bench_e2e.full_size_config(model.config, model_type)
+    with torch.device("meta"):
+        big = type(model)(cfg)
+    assert sum(p.numel() for p in big.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
