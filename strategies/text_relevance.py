@@ -53,21 +53,32 @@ class TextRelevance(Scorer):
         texts = context.texts(requester=f"scorer '{self.name}'")
         embed = context.get("text_embedder", requester=f"scorer '{self.name}'")
         tokens = context.tokens
-        out = torch.ones(tokens.shape[:2], device=tokens.device)
-        unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)
-        for b, text in enumerate(texts):
+        b, n, d = tokens.shape
+        keys: list[Tensor] = []  # unit keyword embeddings per image, [L_b, d]
+        for text in texts:
             words = self.keywords(text)
-            if not words:
-                continue
-            u = torch.cat([self._embed(embed, w, tokens) for w in words]).float()
-            if u.shape[0] == 0:
-                continue
-            if self.params.reduce == "pooled":
+            u = torch.cat([self._embed(embed, w, tokens) for w in words]).float() if words else tokens.new_zeros(0, d)
+            if self.params.reduce == "pooled" and u.shape[0]:
                 u = u.mean(dim=0, keepdim=True)
-            u = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
-            cos = (unit[b] @ u.T).clamp_min(0)  # [N, L]
-            out[b] = cos.mean(dim=-1) if self.params.reduce == "mean" else cos.max(dim=-1).values
-        return out
+            keys.append(u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny))
+        longest = max(u.shape[0] for u in keys)
+        if longest == 0:
+            return torch.ones(b, n, device=tokens.device)
+        # one batched product for all images: cos = (v . u_hat) / ||v||, without a normalised copy of V
+        padded = tokens.new_zeros(b, longest, d)
+        valid = torch.zeros(b, longest, dtype=torch.bool, device=tokens.device)
+        for i, u in enumerate(keys):
+            padded[i, : u.shape[0]] = u
+            valid[i, : u.shape[0]] = True
+        norms = tokens.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)  # [B, N, 1]
+        cos = (torch.bmm(tokens, padded.transpose(1, 2)) / norms).clamp_min_(0)  # [B, N, L]
+        mask = valid.unsqueeze(1)
+        if self.params.reduce == "mean":
+            out = cos.masked_fill(~mask, 0).sum(-1) / valid.sum(-1, keepdim=True).clamp_min(1)
+        else:
+            out = cos.masked_fill(~mask, float("-inf")).max(dim=-1).values
+        has_keys = valid.any(dim=-1, keepdim=True)
+        return torch.where(has_keys, out, torch.ones_like(out))
 
     def _embed(self, embed, word: str, tokens: Tensor) -> Tensor:
         u = embed(word)
