@@ -62,6 +62,7 @@ def greedy_residual_select(
     tol: float = DEFAULT_TOL,
     method: Method = "auto",
     trace: list[Tensor] | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """Greedily pick ``k`` tokens maximising weighted residual energy.
 
@@ -75,6 +76,8 @@ def greedy_residual_select(
         method: ``"incremental"``, ``"gram"`` or ``"auto"`` (:func:`choose_method`).
         trace: if a list is given, the residual energies ``[B, N]`` after each pick are
             appended to it (for tests and analysis).
+        row_scale: ``[B, N]``: select as if token ``i`` were ``row_scale_i * v_i``, without
+            materialising the scaled copy (``dpp`` uses it for ``r_i v_i / ||v_i||``).
 
     Returns:
         int64 ``[B, k]`` indices in the order picked.
@@ -86,9 +89,14 @@ def greedy_residual_select(
     if method == "auto":
         method = choose_method(n, d, k, batch=b, device=v.device)
     v = v.contiguous()
+    rs = None if row_scale is None else row_scale.float()
     gram = torch.bmm(v, v.transpose(1, 2)) if method == "gram" else None
+    if gram is not None and rs is not None:
+        gram.mul_(rs.unsqueeze(-1)).mul_(rs.unsqueeze(1))
 
     energy0 = v.pow(2).sum(-1)  # [B, N]
+    if rs is not None:
+        energy0 = energy0 * rs.square()
     w = torch.ones_like(energy0) if weights is None else weights.float()
     floor = energy0 * tol  # per-token degeneracy threshold
     # Fallback keys, below every live key (live keys are w * e >= 0): higher initial weighted
@@ -119,6 +127,8 @@ def greedy_residual_select(
             col = gram.view(b * n, n).index_select(0, flat)  # [B, N] (G is symmetric)
         else:
             col = torch.bmm(v, v.view(b * n, d).index_select(0, flat).unsqueeze(-1)).squeeze(-1)
+            if rs is not None:
+                col.mul_(rs).mul_(rs.take(flat).unsqueeze(-1))
         if t > 0:
             prev = factor[:, :t]  # [B, t, N]
             col = col - torch.bmm(prev.gather(2, pick.view(b, 1, 1).expand(b, t, 1)).transpose(1, 2), prev).squeeze(1)

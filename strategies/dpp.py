@@ -46,15 +46,15 @@ class ConditionalDPP(Selector):
         return frozenset({self.params.relevance})
 
     def select(self, tokens: Tensor, k: int, scores: Mapping[str, Tensor], context: PruneContext) -> Tensor:
-        unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)
+        scale = 1.0 / tokens.norm(dim=-1).clamp_min(torch.finfo(tokens.dtype).tiny)  # rows u_i = scale_i v_i
         r = scores.get(self.params.relevance)
         if r is not None:
             if self.params.normalize == "minmax":
                 lo = r.min(dim=-1, keepdim=True).values
                 span = r.max(dim=-1, keepdim=True).values - lo
                 r = torch.where(span > 0, (r - lo) / span.clamp_min(torch.finfo(r.dtype).tiny), torch.ones_like(r))
-            unit = unit * r.clamp_min(0).unsqueeze(-1)
-        return greedy_residual_select(unit, k, tol=self.params.tol, method=self.params.method)
+            scale = scale * r.clamp_min(0)
+        return greedy_residual_select(tokens, k, tol=self.params.tol, method=self.params.method, row_scale=scale)
 
 
 @hookimpl

@@ -187,3 +187,15 @@ def test_residual_energy_reconstructs_low_rank_tokens_better_than_random_and_uni
            ("residual_energy", "random", "uniform", "divprune")}
     assert res["residual_energy"] < 0.2 * min(res["random"], res["uniform"], res["divprune"])
     assert res["residual_energy"] >= optimal_rank_k_residual(v, 24) * (1 - 1e-9)
+
+
+@given(st.integers(2, 30), st.integers(2, 12), st.integers(0, 999), st.sampled_from(["incremental", "gram"]))
+def test_row_scale_selects_like_the_scaled_copy(n, d, seed, method):
+    tokens = make_tokens(n, d, seed=seed, batch=2)
+    s = torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) + 0.05
+    s[:, 0] = 0.0  # a zero scale makes a zero row
+    k = max(1, n // 2)
+    scaled = greedy_residual_select(tokens * s.unsqueeze(-1), k, method=method)
+    virtual = greedy_residual_select(tokens, k, method=method, row_scale=s)
+    for i in range(2):
+        assert_same_up_to_ties(tokens[i] * s[i, :, None], virtual[i].tolist(), scaled[i].tolist())
