@@ -9,6 +9,7 @@ Quick use::
 """
 
 from ._markers import hookimpl
+from .ablation import Ablation, AblationError, ResultTable
 from .budget import check_budget, resolve_budget
 from .config import PipelineConfig, load_config, shipped_configs
 from .context import PruneContext
@@ -35,6 +36,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "hookimpl",
+    "Ablation",
+    "AblationError",
+    "ResultTable",
     "select",
     "score",
     "Selection",

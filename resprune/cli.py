@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -19,7 +21,7 @@ def _plugins(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'kind':<9} {'name':<18} {'plugin':<38} {'distribution'}")
-    for kind in ("scorers", "selectors", "injectors"):
+    for kind in ("scorers", "selectors", "injectors", "metrics"):
         registry = getattr(host, kind)
         for entry in registry.entries():
             info = next((r for r in rows if r["plugin"] == entry.plugin), {})
@@ -82,6 +84,31 @@ def _visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import load_sweep, run_sweep
+
+    file, overrides = args.file, list(args.overrides)
+    if file is not None and "=" in file and not Path(file).exists():  # `resprune sweep key=value ...`
+        file, overrides = None, [file, *overrides]
+    spec = load_sweep(file, overrides)
+    table = run_sweep(spec, out_dir=args.out, progress=not args.quiet)
+    out = args.out or spec.out_dir
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    done = sum(r["status"] == "done" for r in table)
+    print(f"sweep: {done} of {len(table)} rows done; results in {out}/results.jsonl "
+          f"(resprune report {out} turns them into tables and plots)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.run_dir, plots=not args.no_plots)
+    print(f"report: {path}")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> None:
     p.add_argument("--model", default=default_model, required=default_model is None,
                    help="hub id, local checkpoint folder, or tiny:llava | tiny:llava_next | tiny:qwen2_5_vl "
@@ -130,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the overlay PNG here")
     p.set_defaults(func=_run)
 
+    p = sub.add_parser("sweep", help="run an ablation sweep (default: 4 selectors x 3 budgets, tiny model, "
+                                     "bundled samples)")
+    p.add_argument("file", nargs="?", default=None, help="sweep YAML (default: the bundled default sweep)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model=tiny:qwen2_5_vl grid.budget=[16,32]")
+    p.add_argument("--out", default=None, help="run folder (default: out_dir of the sweep file)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("report", help="markdown tables and plots from a sweep's run folder")
+    p.add_argument("run_dir", help="the folder a sweep wrote")
+    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("visualize", help="write the kept-token overlay for a config, image and prompt")
     p.add_argument("config", help="shipped config name or YAML path")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. budget=64")
@@ -145,7 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``resprune`` command."""
     from .errors import ResPruneError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides given after options (`sweep NAME --out d key=value`) land here
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ResPruneError as exc:

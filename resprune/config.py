@@ -157,12 +157,20 @@ def _overrides(overrides: Iterable[str] | Mapping[str, Any], kwargs: Mapping[str
 
 def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
     if key == "selector" and isinstance(value, str):  # shorthand: selector=divprune
-        cfg.selector = StrategyConfig(name=value)
+        if _canonical(value) != _canonical(cfg.selector.name):  # a new selector starts from its defaults
+            cfg.selector = StrategyConfig(name=value)
         return
     try:
         OmegaConf.update(cfg, key, value, merge=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{label}: override {key}={value!r}: {_msg(exc)}") from None
+
+
+def _canonical(name: Any) -> Any:
+    try:
+        return get_host().selectors.get(str(name)).name
+    except KeyError:
+        return name
 
 
 def _msg(exc: OmegaConfBaseException) -> str:

@@ -74,3 +74,20 @@ def resprune_register_injectors(register: RegisterFn) -> None:
 
     Added in 0.1.
     """
+
+
+# --- evaluation -----------------------------------------------------------------------
+
+
+@hookspec
+def resprune_register_metrics(register: RegisterFn) -> None:
+    """Register :class:`~resprune.metrics.Metric` subclasses.
+
+    A metric turns one example's outcome under one ablation cell (the selection, the
+    pruned and unpruned outputs, costs) into named numbers, averaged over the examples.
+
+    Args:
+        register: ``register(cls, *, aliases=(), override=False)``.
+
+    Added in 0.1.
+    """

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import time
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -116,6 +117,9 @@ class PrunedBatch:
         columns: int64 ``[B, L']``: the original column of each new column (-1 for padding).
         selections: one :class:`ImageSelection` per image, in placeholder order.
         extra: backbone-specific model inputs (e.g. Qwen2.5-VL ``position_ids``).
+        features: every image's visual tokens ``[N, D]`` before pruning.
+        prune_ms: wall time of the pruning (vision tower + selection + rewrite), measured
+            with device synchronisation when the handle's ``profile`` is on.
     """
 
     input_ids: Tensor
@@ -124,6 +128,8 @@ class PrunedBatch:
     columns: Tensor
     selections: list[ImageSelection]
     extra: dict[str, Any] = field(default_factory=dict)
+    features: list[Tensor] = field(default_factory=list)
+    prune_ms: float | None = None
 
     @property
     def tokens_before(self) -> int:
@@ -157,6 +163,8 @@ class Attached:
         self.selections: list[ImageSelection] = []
         self.last: PrunedBatch | None = None
         self.calls = 0
+        self.profile = False
+        """Time each pruning with device synchronisation (``last.prune_ms``); off by default."""
         self._saved: dict[str, Any] = {}
         self._state: dict[str, Any] = {}
         self._active = False
@@ -205,8 +213,11 @@ class Attached:
 
     def prune(self, inputs: Mapping[str, Any], call: str = "forward") -> PrunedBatch:
         """Prune one call's inputs (what the wrappers do); also usable without calling the model."""
+        start = _now(self.model) if self.profile else 0.0
         batch = self.injector.prune_inputs(self.model, inputs, self.pipeline, processor=self.processor,
                                            text=self.text, call=call)
+        if self.profile:
+            batch.prune_ms = (_now(self.model) - start) * 1e3
         self.selections = batch.selections
         self.last = batch
         self.calls += 1
@@ -251,6 +262,13 @@ class Attached:
 
 
 _MISSING = object()
+
+
+def _now(model: Any) -> float:
+    device = getattr(model, "device", None)
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +462,8 @@ class PlaceholderInjector(Injector):
             feats = torch.cat(kept_feats).to(inputs_embeds.device, inputs_embeds.dtype)
             image_slots = (new_ids == token_id) & new_mask.bool()
             inputs_embeds = inputs_embeds.masked_scatter(image_slots.unsqueeze(-1), feats)
-        batch = PrunedBatch(new_ids, new_mask, inputs_embeds, columns, selections)
+        batch = PrunedBatch(new_ids, new_mask, inputs_embeds, columns, selections,
+                            features=[img.features for img in images])
         batch.extra = self.extra_inputs(model, inputs, batch, call)
         return batch
 

@@ -53,6 +53,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.cls_attention",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",
+    "resprune.metrics",
 )
 """Modules registered as plugins before any entry point, under their module names."""
 
@@ -60,6 +61,7 @@ _HOOKS = {
     "scorers": "resprune_register_scorers",
     "selectors": "resprune_register_selectors",
     "injectors": "resprune_register_injectors",
+    "metrics": "resprune_register_metrics",
 }
 
 
@@ -111,6 +113,9 @@ class PluginHost:
         self.scorers: Registry[type[Scorer]] = Registry("scorer", Scorer)
         self.selectors: Registry[type[Selector]] = Registry("selector", Selector)
         self.injectors: Registry[type[Injector]] = Registry("injector", Injector)
+        from .metrics import Metric  # noqa: PLC0415 - metrics import the plugin host lazily too
+
+        self.metrics: Registry[type[Metric]] = Registry("metric", Metric)
         self.failed: list[FailedPlugin] = []
         self._info: dict[str, _PluginInfo] = {}
         own_version = _version("resprune")

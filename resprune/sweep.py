@@ -1,0 +1,116 @@
+"""Sweeps from YAML: what ``resprune sweep [FILE] [overrides]`` runs.
+
+A sweep file names a base pipeline config, one model or a list of models, a dataset, the
+grid, the metrics and where results go; see ``resprune/configs/sweeps/default.yaml``
+(used when no file is given). Dotlist overrides apply to it
+(``model=tiny:qwen2_5_vl base=resprune-qwen2.5-vl grid.budget=[0.1,0.2]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .ablation import Ablation, AblationError, ResultTable
+from .errors import suggest
+
+__all__ = ["SweepConfig", "load_sweep", "run_sweep", "DEFAULT_SWEEP"]
+
+DEFAULT_SWEEP = "default"
+
+
+@dataclass
+class SweepConfig:
+    """The schema of a sweep file."""
+
+    base: str = "resprune-llava15"
+    model: Any = "tiny:llava"
+    """A hub id, local folder or tiny:<model_type>; or a list of them."""
+    dataset: Optional[str] = None
+    grid: dict[str, Any] = field(default_factory=dict)
+    metrics: list[str] = field(default_factory=lambda: ["fidelity", "reconstruction", "flops", "latency"])
+    max_new_tokens: int = 16
+    seed: int = 0
+    limit: Optional[int] = None
+    out_dir: str = "runs/sweep"
+    device: Optional[str] = None
+
+
+def _default_path() -> Path:
+    return Path(str(resources.files("resprune") / "configs" / "sweeps" / f"{DEFAULT_SWEEP}.yaml"))
+
+
+def load_sweep(source: str | Path | None = None, overrides: Iterable[str] = ()) -> SweepConfig:
+    """Read a sweep file or shipped sweep name (``None``: the default sweep); apply dotlist overrides."""
+    path = _default_path() if source is None else Path(source)
+    if source is not None and not path.exists() and (_default_path().parent / f"{source}.yaml").is_file():
+        path = _default_path().parent / f"{source}.yaml"  # a shipped sweep by name: `resprune sweep table-iv`
+    if not path.is_file():
+        raise AblationError(f"sweep file not found: {path}")
+    valid = [f.name for f in dataclasses.fields(SweepConfig)]
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors, duplicate keys
+        raise AblationError(f"{path}: cannot parse YAML: {exc}") from None
+    for key in raw:
+        if key not in valid:
+            raise AblationError(f"{path}: unknown key '{key}'.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw)
+        for item in overrides:
+            if "=" not in item:
+                raise AblationError(f"override {item!r} must look like key=value (e.g. grid.budget=[64,128])")
+            key = item.split("=", 1)[0]
+            if key.split(".")[0] not in valid:
+                raise AblationError(f"override {item!r}: unknown key '{key.split('.')[0]}'."
+                                    f"{suggest(key.split('.')[0], valid)}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise AblationError(f"{path}: {getattr(exc, 'full_key', '') or ''}: {str(exc).splitlines()[0]}") from None
+
+
+def run_sweep(spec: SweepConfig, *, out_dir: str | Path | None = None, progress: bool = True,
+              print_fn: Any = print) -> ResultTable:
+    """Run the sweep on every model of ``spec`` (one after another); write results and return them."""
+    from .models import load_model
+
+    import os
+
+    import torch
+
+    models = spec.model if isinstance(spec.model, list) else [spec.model]
+    root = Path(out_dir or spec.out_dir)
+    device = spec.device
+    if device is None and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per process
+    studies = []
+    for name in models:  # build and validate every study before running any
+        model, processor = load_model(str(name), device=device)
+        studies.append((name, Ablation(spec.base, spec.grid, model=model, processor=processor, dataset=spec.dataset,
+                                       metrics=spec.metrics, model_name=str(name), max_new_tokens=spec.max_new_tokens,
+                                       seed=spec.seed, limit=spec.limit, progress=progress)))
+    table = ResultTable()
+    for name, study in studies:
+        folder = root if len(studies) == 1 else root / _slug(str(name))
+        if study.rank == 0:
+            print_fn(f"sweep: {len(study.cells)} cells x {len(study.records)} examples on {name} -> {folder}")
+        table.extend(study.run(folder))
+    if len(studies) > 1 and studies[0][1].rank == 0:
+        import json
+
+        with (root / "results.jsonl").open("w") as fh:
+            for row in table:
+                fh.write(json.dumps(row) + "\n")
+    return table
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
