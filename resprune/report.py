@@ -1,0 +1,193 @@
+"""Reports of a sweep: the paper's table layout in markdown, and metric-vs-budget plots.
+
+``resprune report RUN_DIR`` reads ``RUN_DIR/results.jsonl`` and writes ``report.md`` and
+``plots/`` beside it. Tables: the unpruned model first, then one block per budget with a
+row per method, the metrics as columns (best of each block in bold) and the paper's
+``Rel.`` column.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError, MissingDependencyError
+
+__all__ = ["LOWER_IS_BETTER", "PERCENT", "load_results", "results_table", "plot_metric_vs_budget", "write_report"]
+
+LOWER_IS_BETTER = frozenset({
+    "fidelity.kl", "reconstruction.residual", "reconstruction.vs_svd", "flops.prefill_tflops", "flops.ratio",
+    "kv_cache.mib", "latency.selection_ms", "latency.prefill_ms", "latency.total_ms", "memory.peak_mib",
+})
+"""Metrics where smaller is better; every other one is higher-is-better."""
+
+PERCENT = frozenset({"fidelity.top1_agree", "fidelity.exact_match", "accuracy.exact_match", "accuracy.vqa_score",
+                     "relevance_mass.share", "reconstruction.residual"})
+"""Shares shown as percentages."""
+
+_ORDER = ("accuracy", "fidelity", "reconstruction", "relevance_mass", "flops", "kv_cache", "latency", "memory")
+
+
+def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``RUN_DIR/results.jsonl``."""
+    path = Path(run_dir) / "results.jsonl"
+    if not path.is_file():
+        raise InvalidInputError(f"{path} not found: is '{run_dir}' a folder written by `resprune sweep`?")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{n}: not valid JSON ({exc.msg}).") from None
+    return rows
+
+
+def _metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+    names = {k for r in rows if r["status"] == "done" for k in r["metrics"]}
+
+    def key(name: str) -> tuple[int, str]:
+        head = name.split(".", 1)[0]
+        return (_ORDER.index(head) if head in _ORDER else len(_ORDER), name)
+
+    return sorted(names, key=key)
+
+
+def _fmt(name: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if name in PERCENT:
+        return f"{100 * value:.3g}"
+    return f"{value:.3g}"
+
+
+def _budget_title(budget: Any) -> str:
+    if isinstance(budget, float) and budget <= 1.0:
+        return f"keep {100 * budget:.1f} %"
+    return f"budget {budget}"
+
+
+def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None = None, model: str | None = None) -> str:
+    """One model's results as a markdown table in the paper's layout (see the module docstring)."""
+    if model is not None:
+        rows = [r for r in rows if r["model"] == model]
+    model = model or (rows[0]["model"] if rows else "")
+    done = [r for r in rows if r["status"] == "done"]
+    names = metrics or _metric_names(done)
+    header = "| method | " + " | ".join(names) + " | Rel. |"
+    lines = [f"**{model}**: {len(done)} rows; shares in % ({', '.join(sorted(PERCENT & set(names))) or 'none'}); "
+             f"lower is better for {', '.join(sorted(LOWER_IS_BETTER & set(names))) or 'none'}; best per block in bold.",
+             "", header, "|---|" + "---:|" * (len(names) + 1)]
+
+    def line(row: dict[str, Any], best: dict[str, float]) -> str:
+        cells = []
+        for name in names:
+            value = row["metrics"].get(name)
+            text = _fmt(name, value)
+            cells.append(f"**{text}**" if value is not None and best.get(name) == value else text)
+        rel = "–" if row.get("rel") is None else f"{100 * row['rel']:.1f}"
+        return f"| {row['method']} | " + " | ".join(cells) + f" | {rel} |"
+
+    for row in (r for r in done if r["method"] == "full"):
+        lines.append(line(row, {}))
+    pruned = [r for r in done if r["method"] != "full"]
+    budgets: list[Any] = []
+    for r in pruned:
+        if r["budget"] not in budgets:
+            budgets.append(r["budget"])
+    for budget in sorted(budgets, key=lambda b: (isinstance(b, float), -b if isinstance(b, (int, float)) else 0)):
+        block = sorted((r for r in pruned if r["budget"] == budget), key=lambda r: r["method"])
+        best: dict[str, float] = {}
+        if len(block) > 1:
+            for name in names:
+                vals = [r["metrics"][name] for r in block if name in r["metrics"]]
+                if vals and len(set(vals)) > 1:  # no bold where every method ties
+                    best[name] = min(vals) if name in LOWER_IS_BETTER else max(vals)
+        lines.append(f"| **{_budget_title(budget)}** |" + " |" * (len(names) + 1))
+        lines.extend(line(r, best) for r in block)
+    other = [r for r in rows if r["status"] != "done"]
+    if other:
+        lines += ["", "Skipped and failed cells:", ""]
+        lines += [f"- {r['label']}: {r['status']} ({r['reason']})" for r in other]
+    return "\n".join(lines)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError('plots need matplotlib: pip install "resprune[report]" '
+                                     "(or `resprune report --no-plots`)") from None
+    return plt
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem: str | Path, *,
+                          model: str | None = None) -> list[Path]:
+    """Plot ``metric`` against the budget, one line per method; write PNG and SVG.
+
+    Int budgets and ratio budgets go to separate figures (``<stem>_k``, ``<stem>_ratio``)
+    when a model has both. Returns the files written.
+    """
+    plt = _pyplot()
+    rows = [r for r in rows if (model is None or r["model"] == model) and r["status"] == "done"]
+    full = next((r for r in rows if r["method"] == "full" and metric in r["metrics"]), None)
+    pruned = [r for r in rows if r["method"] != "full" and metric in r["metrics"]]
+    kinds = {"k": [r for r in pruned if isinstance(r["budget"], int)],
+             "ratio": [r for r in pruned if isinstance(r["budget"], float)]}
+    kinds = {k: v for k, v in kinds.items() if v}
+    written: list[Path] = []
+    for kind, group in kinds.items():
+        stem = Path(str(path_stem) + (f"_{kind}" if len(kinds) > 1 else ""))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in sorted({r["method"] for r in group}):
+            pts = sorted((r["budget"], r["metrics"][metric]) for r in group if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        if full is not None:
+            ax.axhline(full["metrics"][metric], linestyle="--", color="gray", label="full (unpruned)")
+        budgets = [r["budget"] for r in group]
+        if min(budgets) > 0 and max(budgets) / min(budgets) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel("tokens kept per image" if kind == "k" else "share of tokens kept")
+        ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+        ax.set_title(f"{model or group[0]['model']}: {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "svg"):
+            fig.savefig(stem.with_name(stem.name + f".{ext}"))
+            written.append(stem.with_name(stem.name + f".{ext}"))
+        plt.close(fig)
+    return written
+
+
+def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots: bool = True) -> Path:
+    """Write ``RUN_DIR/report.md`` (and ``RUN_DIR/plots/``); return the report's path."""
+    run = Path(run_dir)
+    rows = load_results(run)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+    lines = ["# Ablation report", "",
+             f"From `{run / 'results.jsonl'}`: {counts['done']} rows done, {counts['skipped']} skipped, "
+             f"{counts['failed']} failed.", ""]
+    for model in sorted({r["model"] for r in rows}):
+        lines += [f"## {model}", "", results_table(rows, metrics=metrics, model=model), ""]
+        if plots:
+            names = metrics or _metric_names([r for r in rows if r["model"] == model])
+            for name in names:
+                for path in plot_metric_vs_budget(rows, name, run / "plots" / _safe(f"{model}_{name}"), model=model):
+                    if path.suffix == ".png":
+                        lines.append(f"![{name}](plots/{path.name})")
+            lines.append("")
+    out = run / "report.md"
+    out.write_text("\n".join(lines))
+    return out
