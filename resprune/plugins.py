@@ -53,7 +53,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.cls_attention",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",
-    "resprune.metrics",
+    "resprune.strategies.metrics",
 )
 """Modules registered as plugins before any entry point, under their module names."""
 

@@ -170,7 +170,7 @@ class Exploding(Selector):
 
 def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, plugin_host):
     import resprune.backbones.llava as llava
-    import resprune.metrics as metrics
+    import resprune.strategies.metrics as metrics
     import resprune.strategies.cls_attention as cls_attention
     import resprune.strategies.residual_energy as residual_energy
     import resprune.strategies.text_relevance as text_relevance

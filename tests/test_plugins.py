@@ -232,7 +232,7 @@ def test_entry_point_plugin_is_loaded_with_its_distribution(plugin_host, entry_p
     assert ep.loads == 1
     row = next(r for r in host.list_plugins() if r["plugin"] == "acme")
     assert row == {"plugin": "acme", "distribution": "acme-resprune", "version": "2.0.1",
-                   "scorers": [], "selectors": ["rotate"], "injectors": []}
+                   "scorers": [], "selectors": ["rotate"], "injectors": [], "metrics": []}
     assert host.selectors.entry("rotate").plugin == "acme"
     assert host.failed == []
     assert resprune.select(torch.randn(6, 3), 2, selector="rotate", offset=1).tolist() == [1, 2]
@@ -544,5 +544,6 @@ def test_builtin_plugins_are_modules_of_the_resprune_package():
     for module in BUILTIN_PLUGINS:
         assert module.startswith(("resprune.strategies.", "resprune.backbones."))
         mod = importlib.import_module(module)
-        hooks = ("resprune_register_selectors", "resprune_register_scorers", "resprune_register_injectors")
+        hooks = ("resprune_register_selectors", "resprune_register_scorers", "resprune_register_injectors",
+                 "resprune_register_metrics")
         assert any(hasattr(mod, h) for h in hooks)
