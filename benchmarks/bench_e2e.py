@@ -39,7 +39,7 @@ from resprune.demo import DEFAULT_CONFIGS, photo_path, sample_questions
 from resprune.models import chat_inputs
 from resprune.testing.tiny import tiny_lvlm
 
-from common import device_name, sync, timed
+from common import device_name, emit, sync, timed
 
 FULL_SIZE: dict[str, dict[str, dict[str, Any]]] = {
     # LLaVA-1.5-7B: CLIP ViT-L/14-336 + 2-layer MLP + Vicuna-7B
@@ -252,10 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size == "7b" and args.device == "cpu":
         print("note: 7B models on CPU take minutes per prefill; use --device cuda", file=sys.stderr)
     table = markdown(run(args), args)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(table + "\n")
+    emit(table, args.markdown)
     return 0
 
 

@@ -23,7 +23,7 @@ import torch
 import resprune
 from resprune.linalg import choose_method
 
-from common import device_name, timed
+from common import device_name, emit, timed
 
 
 @dataclass(frozen=True)
@@ -166,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.growth:
         table += "\n\n" + (growth(device, repeats, ns=(64, 128, 256), d=32, ks=(8, 16)) if args.smoke
                              else growth(device, min(repeats, 3)))
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(table + "\n")
+    emit(table, args.markdown)
     return 0
 
 

@@ -33,3 +33,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def emit(table: str, path: str | None) -> None:
+    """Print a markdown table, and also write it to ``path`` when given."""
+    print(table)
+    if path:
+        with open(path, "w") as fh:
+            fh.write(table + "\n")

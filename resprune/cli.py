@@ -109,6 +109,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_image_args(p: argparse.ArgumentParser, *, prompt: str | None) -> None:
+    """CONFIG [overrides] --model M --image IMG --prompt TEXT (``run`` and ``visualize``)."""
+    p.add_argument("config", help="shipped config name or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. budget=64")
+    _model_args(p, default_model=None)
+    p.add_argument("--image", required=True, help="image path")
+    p.add_argument("--prompt", default=prompt, required=prompt is None, help="the instruction")
+
+
 def _model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> None:
     p.add_argument("--model", default=default_model, required=default_model is None,
                    help="hub id, local checkpoint folder, or tiny:llava | tiny:llava_next | tiny:qwen2_5_vl "
@@ -147,11 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("run", help="prune and generate with a config on any supported checkpoint")
-    p.add_argument("config", help="shipped config name or YAML path")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. budget=64")
-    _model_args(p, default_model=None)
-    p.add_argument("--image", required=True, help="image path")
-    p.add_argument("--prompt", required=True, help="the instruction")
+    _config_image_args(p, prompt=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--compare", action="store_true", help="also generate without pruning")
     p.add_argument("--out", default=None, help="also write the overlay PNG here")
@@ -171,11 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report)
 
     p = sub.add_parser("visualize", help="write the kept-token overlay for a config, image and prompt")
-    p.add_argument("config", help="shipped config name or YAML path")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. budget=64")
-    _model_args(p, default_model=None)
-    p.add_argument("--image", required=True, help="image path")
-    p.add_argument("--prompt", default="Describe the picture.", help="the instruction")
+    _config_image_args(p, prompt="Describe the picture.")
     p.add_argument("--out", default="resprune-overlay.png", help="where the PNG goes")
     p.set_defaults(func=_visualize)
     return parser
