@@ -1,0 +1,142 @@
+"""Conformance suites: the tests every built-in strategy passes, for your own.
+
+Subclass and name your strategy; pytest collects the tests::
+
+    from resprune.testing.conformance import SelectorConformance
+
+    class TestFarthestPoint(SelectorConformance):
+        selector = "farthest_point"          # registered name (or the class)
+
+The suites check the interface contract (shapes, dtypes, every budget, determinism,
+batch independence, bf16 input), that the strategy is reachable by name through the
+plugin registry, and that a pipeline using it runs on each tiny backbone
+(``resprune.testing.tiny_lvlm``): the right number of tokens kept per image, and with a
+budget at or above ``N`` outputs bit-identical to the unpruned model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from ..interfaces import Scorer, Selector
+from ..plugins import get_host
+from .contracts import check_scorer_contract, check_selector_contract, random_context
+
+__all__ = ["SelectorConformance", "ScorerConformance", "BACKBONES"]
+
+BACKBONES = ("llava", "llava_next", "qwen2_5_vl")
+
+
+def _photo(which: int = 0) -> Any:
+    from PIL import Image
+
+    from ..demo import PHOTOS, photo_path
+
+    return Image.open(photo_path(PHOTOS[which])).convert("RGB").resize((112, 84))
+
+
+def _run_on_backbone(model_type: str, pipeline: Any, budget_all: Any) -> None:
+    from .tiny import tiny_inputs, tiny_lvlm
+
+    model, processor = tiny_lvlm(model_type)
+    inputs = tiny_inputs(model_type, processor, [_photo(0), _photo(1)],
+                         ["What is in the picture?", "Describe the colours."])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with pipeline.attach(model, processor) as attached:
+            model(**inputs)
+        for sel in attached.selections:
+            assert sel.k == pipeline.budget_for(sel.n), f"{model_type}: kept {sel.k} of {sel.n}"
+            assert len(set(sel.kept.tolist())) == sel.k
+        with budget_all.attach(model, processor):
+            assert torch.equal(model(**inputs).logits, reference), f"{model_type}: keep-all is not the unpruned model"
+
+
+def _pipeline(selector: Selector, scorers: list[Any], budget: Any) -> Any:
+    from ..pipeline import Pipeline
+
+    return Pipeline(selector, budget=budget, scorers=scorers)
+
+
+def _scorers_for(selector: Selector, model_type: str) -> list[Any]:
+    """Scorers writing what the selector needs, from what the backbone can supply."""
+    writers = {e.cls.output: e.name for e in get_host().scorers.entries()}
+    out = []
+    for name in sorted(selector.required_scores() | selector.optional_scores()):
+        if name in writers and not (name == "cls_attention" and model_type == "qwen2_5_vl"):
+            out.append((name, writers[name]))
+    return out
+
+
+class SelectorConformance:
+    """Base class of a selector's conformance tests; set ``selector`` (and ``params``)."""
+
+    selector: ClassVar[Any] = None
+    params: ClassVar[dict[str, Any]] = {}
+
+    def make(self) -> Selector:
+        if self.selector is None:
+            pytest.skip("set `selector` on the subclass")
+        if isinstance(self.selector, str):
+            return get_host().selectors.get(self.selector)(dict(self.params))
+        return self.selector(dict(self.params))
+
+    def test_contract(self) -> None:
+        check_selector_contract(self.make())
+
+    @pytest.mark.parametrize("case", ["bf16", "one-token", "wide"])
+    def test_contract_on_other_inputs(self, case: str) -> None:
+        ctx = {"bf16": lambda: random_context(dtype=torch.bfloat16),
+               "one-token": lambda: random_context(b=1, rows=1, cols=1),
+               "wide": lambda: random_context(b=3, rows=4, cols=6, d=32, seed=5)}[case]()
+        check_selector_contract(self.make(), context=ctx)
+
+    def test_reachable_by_name(self) -> None:
+        sel = self.make()
+        assert get_host().selectors.get(sel.name) is type(sel)
+
+    @pytest.mark.parametrize("model_type", BACKBONES)
+    def test_runs_on_backbone(self, model_type: str) -> None:
+        sel = self.make()
+        scorers = _scorers_for(sel, model_type)
+        missing = sel.required_scores() - {name for name, _ in scorers}
+        if missing:
+            pytest.skip(f"{model_type} cannot supply score(s) {sorted(missing)}")
+        _run_on_backbone(model_type, _pipeline(sel, scorers, 0.25), _pipeline(sel, scorers, 1.0))
+
+
+class ScorerConformance:
+    """Base class of a scorer's conformance tests; set ``scorer`` (and ``params``)."""
+
+    scorer: ClassVar[Any] = None
+    params: ClassVar[dict[str, Any]] = {}
+
+    def make(self) -> Scorer:
+        if self.scorer is None:
+            pytest.skip("set `scorer` on the subclass")
+        if isinstance(self.scorer, str):
+            return get_host().scorers.get(self.scorer)(dict(self.params))
+        return self.scorer(dict(self.params))
+
+    def test_contract(self) -> None:
+        check_scorer_contract(self.make())
+        check_scorer_contract(self.make(), context=random_context(b=3, rows=2, cols=5, d=16, seed=2))
+
+    def test_reachable_by_name(self) -> None:
+        sc = self.make()
+        assert get_host().scorers.get(sc.name) is type(sc)
+
+    @pytest.mark.parametrize("model_type", BACKBONES)
+    def test_runs_on_backbone(self, model_type: str) -> None:
+        from ..injection import find_injector
+        from .tiny import tiny_lvlm
+
+        sc = self.make()
+        model, _ = tiny_lvlm(model_type)
+        if not set(sc.requires) <= set(find_injector(model).provides):
+            pytest.skip(f"{model_type} cannot supply {sorted(set(sc.requires) - set(find_injector(model).provides))}")
+        topk = get_host().selectors.get("topk")({"score": sc.output})
+        _run_on_backbone(model_type, _pipeline(topk, [sc], 0.25), _pipeline(topk, [sc], 1.0))
