@@ -29,21 +29,48 @@ PERCENT = frozenset({"fidelity.top1_agree", "fidelity.exact_match", "accuracy.ex
 """Shares shown as percentages."""
 
 _ORDER = ("accuracy", "fidelity", "reconstruction", "relevance_mass", "flops", "kv_cache", "latency", "memory")
+_REQUIRED = ("model", "status", "method", "budget", "metrics")
 
 
 def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``RUN_DIR/results.jsonl``."""
-    path = Path(run_dir) / "results.jsonl"
+    """The rows of ``RUN_DIR/results.jsonl``; :class:`InvalidInputError` naming ``file:line`` if one is bad."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise InvalidInputError(f"run folder '{run}' not found: pass a folder written by `resprune sweep`.")
+    path = run / "results.jsonl"
     if not path.is_file():
         raise InvalidInputError(f"{path} not found: is '{run_dir}' a folder written by `resprune sweep`?")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidInputError(f"{path}:{n}: not valid JSON ({exc.msg}).") from None
+            if not isinstance(row, dict):
+                raise InvalidInputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}.")
+            missing = [key for key in _REQUIRED if key not in row]
+            if missing:
+                raise InvalidInputError(f"{path}:{n}: row lacks {', '.join(repr(k) for k in missing)}.")
+            rows.append(row)
     return rows
+
+
+def _number(value: Any) -> bool:
+    """A finite number (not ``None``, NaN or infinite): one that can be compared and plotted."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _one_model(rows: Sequence[dict[str, Any]], model: str | None) -> tuple[list[dict[str, Any]], str]:
+    """The rows of ``model`` (or of the only model present) and that model's name."""
+    models = sorted({str(r["model"]) for r in rows})
+    if model is None:
+        if len(models) > 1:
+            raise InvalidInputError(f"the rows hold {len(models)} models ({', '.join(models)}): pass model=.")
+        return list(rows), models[0] if models else ""
+    if model not in models:
+        raise InvalidInputError(f"no rows for model '{model}'; models present: {', '.join(models) or 'none'}.")
+    return [r for r in rows if r["model"] == model], model
 
 
 def _metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -57,7 +84,7 @@ def _metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _fmt(name: str, value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not _number(value):  # missing, NaN or infinite
         return "–"
     if name in PERCENT:
         return f"{100 * value:.3g}"
@@ -72,9 +99,7 @@ def _budget_title(budget: Any) -> str:
 
 def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None = None, model: str | None = None) -> str:
     """One model's results as a markdown table in the paper's layout (see the module docstring)."""
-    if model is not None:
-        rows = [r for r in rows if r["model"] == model]
-    model = model or (rows[0]["model"] if rows else "")
+    rows, model = _one_model(rows, model)
     done = [r for r in rows if r["status"] == "done"]
     names = metrics or _metric_names(done)
     header = "| method | " + " | ".join(names) + " | Rel. |"
@@ -87,8 +112,8 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
         for name in names:
             value = row["metrics"].get(name)
             text = _fmt(name, value)
-            cells.append(f"**{text}**" if value is not None and best.get(name) == value else text)
-        rel = "–" if row.get("rel") is None else f"{100 * row['rel']:.1f}"
+            cells.append(f"**{text}**" if _number(value) and best.get(name) == value else text)
+        rel = f"{100 * row['rel']:.1f}" if _number(row.get("rel")) else "–"
         return f"| {row['method']} | " + " | ".join(cells) + f" | {rel} |"
 
     for row in (r for r in done if r["method"] == "full"):
@@ -103,7 +128,7 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
         best: dict[str, float] = {}
         if len(block) > 1:
             for name in names:
-                vals = [r["metrics"][name] for r in block if name in r["metrics"]]
+                vals = [r["metrics"][name] for r in block if _number(r["metrics"].get(name))]
                 if vals and len(set(vals)) > 1:  # no bold where every method ties
                     best[name] = min(vals) if name in LOWER_IS_BETTER else max(vals)
         lines.append(f"| **{_budget_title(budget)}** |" + " |" * (len(names) + 1))
@@ -111,7 +136,8 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
     other = [r for r in rows if r["status"] != "done"]
     if other:
         lines += ["", "Skipped and failed cells:", ""]
-        lines += [f"- {r['label']}: {r['status']} ({r['reason']})" for r in other]
+        lines += [f"- {r.get('label') or r['method']}: {r['status']} ({r.get('reason') or 'no reason recorded'})"
+                  for r in other]
     return "\n".join(lines)
 
 
@@ -139,9 +165,11 @@ def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem
     when a model has both. Returns the files written.
     """
     plt = _pyplot()
-    rows = [r for r in rows if (model is None or r["model"] == model) and r["status"] == "done"]
-    full = next((r for r in rows if r["method"] == "full" and metric in r["metrics"]), None)
-    pruned = [r for r in rows if r["method"] != "full" and metric in r["metrics"]]
+    rows, model = _one_model(rows, model)
+    rows = [r for r in rows if r["status"] == "done"]
+    full = next((r for r in rows if r["method"] == "full" and _number(r["metrics"].get(metric))), None)
+    pruned = [r for r in rows if r["method"] != "full" and _number(r["metrics"].get(metric))
+              and _number(r["budget"])]
     kinds = {"k": [r for r in pruned if isinstance(r["budget"], int)],
              "ratio": [r for r in pruned if isinstance(r["budget"], float)]}
     kinds = {k: v for k, v in kinds.items() if v}
@@ -159,7 +187,7 @@ def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem
             ax.set_xscale("log")
         ax.set_xlabel("tokens kept per image" if kind == "k" else "share of tokens kept")
         ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
-        ax.set_title(f"{model or group[0]['model']}: {metric}")
+        ax.set_title(f"{model}: {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

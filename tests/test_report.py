@@ -65,3 +65,96 @@ def test_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingDependencyError, match=r"resprune\[report\]"):
         plot_metric_vs_budget(ROWS, "fidelity.kl", tmp_path / "x")
+
+
+def test_header_line_documents_percent_and_lower_is_better():
+    header = results_table(ROWS).splitlines()[0]
+    assert header == ("**m**: 4 rows; shares in % (accuracy.vqa_score); lower is better for fidelity.kl, "
+                      "flops.ratio; best per block in bold.")
+
+
+def test_ties_nan_and_ratio_blocks():
+    rows = [row("full", None, {"accuracy.vqa_score": 0.5}, rel=1.0),
+            row("a", 0.25, {"accuracy.vqa_score": 0.4, "fidelity.kl": float("nan")}, rel=0.8),
+            row("b", 0.25, {"accuracy.vqa_score": 0.4, "fidelity.kl": 0.3}, rel=float("nan")),
+            row("c", 0.25, {"accuracy.vqa_score": 0.3, "fidelity.kl": 0.5}, rel=None),
+            row("a", 32, {"accuracy.vqa_score": 0.2}, rel=0.4)]
+    body = results_table(rows).splitlines()[4:]
+    assert body == [
+        "| full | 50 | – | 100.0 |",
+        "| **budget 32** | | | |",
+        "| a | 20 | – | 40.0 |",
+        "| **keep 25.0 %** | | | |",
+        "| a | **40** | – | 80.0 |",  # NaN: shown as –, never best
+        "| b | **40** | **0.3** | – |",  # a shared best is bold in both rows
+        "| c | 30 | 0.5 | – |",
+    ]
+
+
+def test_separate_tables_per_model():
+    rows = ROWS + [row("full", None, {"flops.ratio": 1.0}, model="q", rel=1.0),
+                   row("dpp", 16, {"flops.ratio": 0.1}, model="q", rel=None)]
+    with pytest.raises(InvalidInputError, match=r"2 models \(m, q\): pass model="):
+        results_table(rows)
+    with pytest.raises(InvalidInputError, match="no rows for model 'x'"):
+        results_table(rows, model="x")
+    q = results_table(rows, model="q").splitlines()
+    assert q[0].startswith("**q**: 2 rows;")
+    assert q[2:] == ["| method | flops.ratio | Rel. |", "|---|---:|---:|", "| full | 1 | 100.0 |",
+                     "| **budget 16** | | |", "| dpp | 0.1 | – |"]
+    assert "residual_energy" not in results_table(rows, model="q")
+    assert "dpp | 0.1" not in results_table(rows, model="m")
+
+
+def test_plot_axes_and_svg_root(tmp_path, monkeypatch):
+    import xml.etree.ElementTree as ET
+
+    import matplotlib.pyplot as plt
+
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))
+    rows = [row("full", None, {"accuracy.vqa_score": 0.5}, model="tiny:llava"),
+            row("dpp", 8, {"accuracy.vqa_score": 0.2}, model="tiny:llava"),
+            row("dpp", 192, {"accuracy.vqa_score": 0.45}, model="tiny:llava"),
+            row("random", 8, {"accuracy.vqa_score": 0.1}, model="tiny:llava")]
+    paths = plot_metric_vs_budget(rows, "accuracy.vqa_score", tmp_path / "p")
+    assert [p.name for p in paths] == ["p.png", "p.svg"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ET.parse(paths[1]).getroot().tag == "{http://www.w3.org/2000/svg}svg"
+    (ax,) = figs[0].axes
+    assert ax.get_xscale() == "log"  # 8..192 spans more than 10x
+    assert ax.get_title() == "tiny:llava: accuracy.vqa_score"
+    assert ax.get_xlabel() == "tokens kept per image" and ax.get_ylabel() == "accuracy.vqa_score"
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["dpp"].get_xdata()) == [8, 192] and lines["dpp"].get_marker() == "o"
+    assert lines["full (unpruned)"].get_linestyle() == "--"
+    assert list(lines["full (unpruned)"].get_ydata()) == [0.5, 0.5]
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch):
+    rows = [row("full", None, {"fidelity.kl": 0.0}, model="tiny:llava"), row("dpp", 8, {"fidelity.kl": 0.2},
+                                                                               model="tiny:llava")]
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report = write_report(tmp_path, plots=False).read_text()
+    assert "## tiny:llava" in report and "1 skipped" not in report and "2 rows done, 0 skipped, 0 failed" in report
+    assert "![" not in report and not (tmp_path / "plots").exists()
+    with pytest.raises(MissingDependencyError, match=r'pip install "resprune\[report\]"'):
+        write_report(tmp_path)
+    monkeypatch.undo()
+    report = write_report(tmp_path).read_text()
+    assert "![fidelity.kl](plots/tiny_llava_fidelity.kl.png)" in report
+    assert (tmp_path / "plots" / "tiny_llava_fidelity.kl.svg").is_file()
+
+
+def test_bad_inputs_name_file_and_line(tmp_path):
+    with pytest.raises(InvalidInputError, match="run folder .*nope.* not found"):
+        load_results(tmp_path / "nope")
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n[1, 2]\n")
+    with pytest.raises(InvalidInputError, match=r"results.jsonl:3: expected a JSON object, got list"):
+        load_results(tmp_path)
+    path.write_text(json.dumps({"model": "m", "status": "done"}) + "\n")
+    with pytest.raises(InvalidInputError, match=r"results.jsonl:1: row lacks 'method', 'budget', 'metrics'"):
+        load_results(tmp_path)
