@@ -1,0 +1,1 @@
+"""An example resprune plugin (see plugin.py)."""
