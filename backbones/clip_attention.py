@@ -35,7 +35,7 @@ def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) 
 class ClsAttentionProbe:
     """Context manager that records CLS->token attention at one CLIP encoder layer.
 
-    After the tower ran inside the block, :attr:`attention` is ``[images, S]`` (``S`` =
+    After the tower ran inside the block, ``attention`` is ``[images, S]`` (``S`` =
     sequence length including the CLS token itself at column 0).
     """
 

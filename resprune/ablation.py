@@ -100,7 +100,7 @@ def _selector_params(name: str) -> set[str]:
 
 
 def expand_grid(base: Any, grid: Mapping[str, Any]) -> list[Cell]:
-    """Every cell of ``grid`` over ``base``, validated (raises :class:`AblationError`).
+    """Every cell of ``grid`` over ``base``, validated (raises ``AblationError``).
 
     The grid key ``base`` varies the config itself (e.g. the settings of the paper's
     Table IV are separate shipped configs); its values then label the rows.
@@ -199,7 +199,7 @@ class Ablation:
             ``selector.params.alpha``, ``scorers.1.params.reduce``, ``backbone.params.scope``).
         model: a supported Hugging Face LVLM.
         processor: its processor (for prompts, and for text-conditioned scorers).
-        dataset: see :func:`resprune.data.load_records` (``None``: the bundled sample set).
+        dataset: see ``resprune.data.load_records`` (``None``: the bundled sample set).
         metrics: registered metric names.
         model_name: how the model is named in results (default: its class and config).
         max_new_tokens: length of the greedy answers.
@@ -433,7 +433,7 @@ class Ablation:
                 "metrics": _mean(values), "rel": 1.0}
 
     def collect(self, out_dir: str | Path) -> ResultTable:
-        """The results in ``out_dir`` (finished or not) as a :class:`ResultTable`."""
+        """The results in ``out_dir`` (finished or not) as a ``ResultTable``."""
         out = Path(out_dir)
         full = self._full_row(out)
         rows = [full] + [self._row(out, cell) for cell in self.cells]

@@ -96,7 +96,7 @@ class PruneContext:
         return self.get(name) if name in self else default
 
     def check(self, names: Sequence[str] | frozenset[str], *, requester: str) -> None:
-        """Raise :class:`MissingContextError` up front if any of ``names`` is missing."""
+        """Raise ``MissingContextError`` up front if any of ``names`` is missing."""
         missing = sorted(n for n in names if n not in self)
         if missing:
             self.get(missing[0], requester=requester)

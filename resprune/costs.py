@@ -37,7 +37,7 @@ def prefill_flops(dims: LLMDims | Any, tokens: int) -> float:
     """Eq. 18 summed over layers: ``L * (8 T d^2 + 4 T^2 d + 6 T d m)`` for ``T`` tokens.
 
     ``T`` counts every token of the prompt (visual and text); pass a model config or
-    :class:`LLMDims`.
+    ``LLMDims``.
     """
     dims = dims if isinstance(dims, LLMDims) else llm_dims(dims)
     t, d, m = float(tokens), float(dims.hidden), float(dims.intermediate)

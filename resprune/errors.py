@@ -1,8 +1,8 @@
 """The exceptions resprune raises.
 
 Every error names what was wrong, where (plugin, config key, tensor shape) and, where
-there is one, how to fix it. All derive from :class:`ResPruneError`; the ones about
-values also derive from :class:`ValueError`, the lookup ones from :class:`KeyError`, so
+there is one, how to fix it. All derive from ``ResPruneError``; the ones about
+values also derive from ``ValueError``, the lookup ones from ``KeyError``, so
 callers can catch them either way.
 """
 

@@ -34,9 +34,9 @@ RegisterFn = Callable[..., Any]
 
 @hookspec
 def resprune_register_scorers(register: RegisterFn) -> None:
-    """Register :class:`~resprune.interfaces.Scorer` subclasses.
+    """Register ``Scorer`` subclasses.
 
-    A scorer turns a :class:`~resprune.context.PruneContext` into one named score per
+    A scorer turns a ``PruneContext`` into one named score per
     visual token (``[B, N]``), e.g. text relevance or CLS attention.
 
     Args:
@@ -48,7 +48,7 @@ def resprune_register_scorers(register: RegisterFn) -> None:
 
 @hookspec
 def resprune_register_selectors(register: RegisterFn) -> None:
-    """Register :class:`~resprune.interfaces.Selector` subclasses.
+    """Register ``Selector`` subclasses.
 
     A selector picks ``k`` distinct token indices from the tokens and the named scores.
 
@@ -64,7 +64,7 @@ def resprune_register_selectors(register: RegisterFn) -> None:
 
 @hookspec
 def resprune_register_injectors(register: RegisterFn) -> None:
-    """Register :class:`~resprune.interfaces.Injector` subclasses.
+    """Register ``Injector`` subclasses.
 
     An injector attaches a pipeline to a model of the ``config.model_type`` values it
     declares in ``model_types``.
@@ -81,7 +81,7 @@ def resprune_register_injectors(register: RegisterFn) -> None:
 
 @hookspec
 def resprune_register_metrics(register: RegisterFn) -> None:
-    """Register :class:`~resprune.metrics.Metric` subclasses.
+    """Register ``Metric`` subclasses.
 
     A metric turns one example's outcome under one ablation cell (the selection, the
     pruned and unpruned outputs, costs) into named numbers, averaged over the examples.

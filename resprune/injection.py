@@ -5,7 +5,7 @@ Qwen2.5-VL, and third-party ones). While attached, the model's own ``forward`` a
 ``generate`` are wrapped (instance attributes, with their signatures kept); when a call
 carries pixel inputs the wrapper
 
-1. runs the vision tower and projector once (:meth:`PlaceholderInjector.encode`);
+1. runs the vision tower and projector once (``PlaceholderInjector.encode``);
 2. picks the kept tokens of every image with the pipeline (images of equal geometry are
    pruned together as one batch);
 3. rewrites the text side: drops the placeholder columns of the dropped tokens from
@@ -15,7 +15,7 @@ carries pixel inputs the wrapper
 
 ``generate`` returns the caller's original ``input_ids`` followed by the new tokens, so
 code that slices off the prompt keeps working. ``forward`` returns logits for the pruned
-sequence; :attr:`Attached.last` maps its columns back to the original ones.
+sequence; ``Attached.last`` maps its columns back to the original ones.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class ImageSelection:
         n: tokens before pruning.
         text: the instruction the text-conditioned scorers saw ("" when none was needed).
         scores: the named scores ``[N]`` that were computed.
-        geometry: the image's :class:`EncodedImage` without features (grid, positions, layout).
+        geometry: the image's ``EncodedImage`` without features (grid, positions, layout).
     """
 
     row: int
@@ -115,7 +115,7 @@ class PrunedBatch:
         attention_mask: ``[B, L']``.
         inputs_embeds: ``[B, L', D]`` with the kept features scattered in.
         columns: int64 ``[B, L']``: the original column of each new column (-1 for padding).
-        selections: one :class:`ImageSelection` per image, in placeholder order.
+        selections: one ``ImageSelection`` per image, in placeholder order.
         extra: backbone-specific model inputs (e.g. Qwen2.5-VL ``position_ids``).
         features: every image's visual tokens ``[N, D]`` before pruning.
         prune_ms: wall time of the pruning (vision tower + selection + rewrite), measured
@@ -149,7 +149,7 @@ class Attached:
     Attributes:
         selections: per image of the most recent pruning call: kept indices (original
             order), selection order, budget ``k`` and ``N``.
-        last: the most recent :class:`PrunedBatch` (columns map, rewritten inputs).
+        last: the most recent ``PrunedBatch`` (columns map, rewritten inputs).
         calls: how many calls were pruned while attached.
     """
 
@@ -187,7 +187,7 @@ class Attached:
         self._active = True
 
     def remove(self) -> None:
-        """Restore the model exactly as it was before :meth:`attach`."""
+        """Restore the model exactly as it was before ``attach``."""
         if not self._active:
             return
         for name, value in self._saved.items():
@@ -308,15 +308,15 @@ def _restore_prompt(out: Any, original_ids: Tensor, pruned_len: int) -> Any:
 class PlaceholderInjector(Injector):
     """Base for backbones whose image features replace placeholder tokens in ``input_ids``.
 
-    Subclasses implement :meth:`encode` (vision tower + projector, per image, once) and
-    may override :meth:`instruction_patterns`, :meth:`extra_inputs` and the state hooks.
+    Subclasses implement ``encode`` (vision tower + projector, per image, once) and
+    may override ``instruction_patterns``, ``extra_inputs`` and the state hooks.
     """
 
     pixel_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
     """Model inputs whose presence means there are images to prune."""
     vision_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "vision_feature_layer",
                                                 "vision_feature_select_strategy")
-    """Model inputs consumed by :meth:`encode` and dropped from the LLM call."""
+    """Model inputs consumed by ``encode`` and dropped from the LLM call."""
     provides = frozenset({"tokens", "text", "text_embedder", "grid", "positions"})
     instruction_patterns: ClassVar[tuple[str, ...]] = (
         r"USER:(.*?)ASSISTANT:",
@@ -330,7 +330,7 @@ class PlaceholderInjector(Injector):
 
     @abstractmethod
     def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
-        """Run the vision tower and projector once; one :class:`EncodedImage` per image.
+        """Run the vision tower and projector once; one ``EncodedImage`` per image.
 
         ``need`` holds the context fields the pipeline asks for (e.g. ``cls_attention``),
         so optional extras are only computed on request.
@@ -345,11 +345,11 @@ class PlaceholderInjector(Injector):
         return {}
 
     def save_state(self, model: Any) -> dict[str, Any]:
-        """Model state the injector may change while attached (restored by :meth:`restore_state`)."""
+        """Model state the injector may change while attached (restored by ``restore_state``)."""
         return {}
 
     def restore_state(self, model: Any, state: dict[str, Any]) -> None:
-        """Undo what :meth:`save_state` recorded."""
+        """Undo what ``save_state`` recorded."""
 
     # --- attaching -----------------------------------------------------------------------
 

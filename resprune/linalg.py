@@ -73,7 +73,7 @@ def greedy_residual_select(
         first: ``[B]`` int64 forced first pick per row (``None``: the first pick is the
             argmax of weighted energy like every other).
         tol: relative residual-energy tolerance (see the module docstring).
-        method: ``"incremental"``, ``"gram"`` or ``"auto"`` (:func:`choose_method`).
+        method: ``"incremental"``, ``"gram"`` or ``"auto"`` (``choose_method``).
         trace: if a list is given, the residual energies ``[B, N]`` after each pick are
             appended to it (for tests and analysis).
         row_scale: ``[B, N]``: select as if token ``i`` were ``row_scale_i * v_i``, without

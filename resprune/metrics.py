@@ -2,7 +2,7 @@
 
 A metric is a plugin like any strategy (hook ``resprune_register_metrics``; the built-in
 ones live in ``resprune.strategies.metrics``): it reads an
-:class:`Example` (the selection, the pruned model's outputs and costs, and the unpruned
+``Example`` (the selection, the pruned model's outputs and costs, and the unpruned
 model's outputs on the same input) and returns named numbers, averaged over examples.
 Its keys are reported as ``<metric>.<key>`` (``fidelity.kl``, ``accuracy.vqa_score``).
 """
@@ -49,7 +49,7 @@ class Example:
         record: the dataset record (``image``, ``question``, optional ``answers``).
         answer: the pruned model's greedy answer.
         first_logits: ``[V]`` float32 logits of its first answer token.
-        selections: one :class:`~resprune.injection.ImageSelection` per image.
+        selections: one ``ImageSelection`` per image.
         features: every image's visual tokens ``[N, d]`` before pruning (when requested).
         tokens_before / tokens_after: prompt tokens (visual + text) without / with pruning.
         dims: the LLM's sizes (for FLOPs and KV cache).
@@ -76,7 +76,7 @@ class Metric(Strategy):
     """Base class of metrics.
 
     Subclasses set ``name``, declare what the runner must compute in ``needs`` (keys of
-    :data:`NEEDS`) and implement :meth:`compute`. :meth:`baseline` gives the unpruned
+    ``NEEDS``) and implement ``compute``. ``baseline`` gives the unpruned
     model's value of the same keys, if the metric has one (for the ``full`` row and the
     relative performance); ``relative`` names the keys that enter the paper's ``Rel.``.
     """

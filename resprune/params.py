@@ -22,7 +22,7 @@ def param_names(params_cls: type) -> list[str]:
 def build_params(owner: type, values: Mapping[str, Any] | DictConfig | None, *, where: str = "params") -> Any:
     """Merge ``values`` into ``owner.Params`` and return the validated dataclass instance.
 
-    Unknown keys, wrong types and values the dataclass rejects raise :class:`ConfigError`
+    Unknown keys, wrong types and values the dataclass rejects raise ``ConfigError``
     naming ``where`` (e.g. ``"selector.params"`` in ``llava.yaml``), the strategy and the
     valid keys.
     """

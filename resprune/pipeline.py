@@ -23,10 +23,10 @@ __all__ = ["Pipeline", "load_pipeline"]
 
 
 class Pipeline:
-    """Scores tokens, picks ``k`` of them per image, returns a :class:`~resprune.selection.Selection`.
+    """Scores tokens, picks ``k`` of them per image, returns a ``Selection``.
 
     Args:
-        selector: a registry name or a :class:`~resprune.interfaces.Selector` instance.
+        selector: a registry name or a ``Selector`` instance.
         budget: tokens kept per image (int) or the share kept (float in (0, 1]).
         scorers: scorer names or instances, or ``(score_name, scorer)`` pairs to rename the
             score a scorer writes.
@@ -149,7 +149,7 @@ class Pipeline:
         return OmegaConf.to_yaml(OmegaConf.create(self.describe()))
 
     def save_config(self, path: str | Path) -> Path:
-        """Write :meth:`to_yaml` to ``path``."""
+        """Write ``to_yaml`` to ``path``."""
         path = Path(path)
         path.write_text(self.to_yaml())
         return path
@@ -169,7 +169,7 @@ class Pipeline:
 
 
 def load_pipeline(source: Any, overrides: Iterable[str] | Mapping[str, Any] = (), **kwargs: Any) -> Pipeline:
-    """A :class:`Pipeline` from a shipped config name, YAML path or mapping, with overrides.
+    """A ``Pipeline`` from a shipped config name, YAML path or mapping, with overrides.
 
     Example: ``resprune.load_pipeline("resprune-llava15", budget=64)``.
     """

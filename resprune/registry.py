@@ -77,11 +77,11 @@ class Registry(Generic[T]):
             self._entries[key] = Entry(key, cls, plugin, None if key == name else name)
 
     def get(self, name: str) -> T:
-        """Return the class registered as ``name`` or raise :class:`UnknownStrategyError`."""
+        """Return the class registered as ``name`` or raise ``UnknownStrategyError``."""
         return self.entry(name).cls
 
     def entry(self, name: str) -> Entry[T]:
-        """Return the :class:`Entry` of ``name`` (class and providing plugin)."""
+        """Return the ``Entry`` of ``name`` (class and providing plugin)."""
         try:
             return self._entries[name]
         except (KeyError, TypeError):

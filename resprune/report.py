@@ -33,7 +33,7 @@ _REQUIRED = ("model", "status", "method", "budget", "metrics")
 
 
 def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``RUN_DIR/results.jsonl``; :class:`InvalidInputError` naming ``file:line`` if one is bad."""
+    """The rows of ``RUN_DIR/results.jsonl``; ``InvalidInputError`` naming ``file:line`` if one is bad."""
     run = Path(run_dir)
     if not run.is_dir():
         raise InvalidInputError(f"run folder '{run}' not found: pass a folder written by `resprune sweep`.")

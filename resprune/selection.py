@@ -178,7 +178,7 @@ def select(
         tokens: ``[N, d]`` or ``[B, N, d]`` (equal-size images), any float dtype, CPU or
             CUDA. The math runs in float32.
         budget: tokens kept per image (int) or the share kept (float in (0, 1]).
-        selector: registry name or a :class:`~resprune.interfaces.Selector` instance.
+        selector: registry name or a ``Selector`` instance.
         scores: score name -> ``[N]`` / ``[B, N]`` (e.g. ``{"relevance": r}``).
         order: ``"sorted"`` (original order, what the LLM gets) or ``"selection"``.
         context: extra context for selectors that use it (e.g. ``{"grid": (24, 24)}``).

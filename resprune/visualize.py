@@ -86,7 +86,7 @@ def overlay_selection(image: Image.Image, selection: Any, *, processor: Any = No
 
     Args:
         image: the original picture.
-        selection: an :class:`~resprune.injection.ImageSelection` (``attached.selections[i]``).
+        selection: an ``ImageSelection`` (``attached.selections[i]``).
         processor: the model's processor, to know whether it centre-crops.
         panel: height in pixels of each drawn view.
     """

@@ -1,5 +1,5 @@
 """Built-in metrics: reconstruction, relevance mass, fidelity, accuracy, FLOPs, KV cache,
-latency, memory (see :mod:`resprune.metrics` for the interface)."""
+latency, memory (see ``resprune.metrics`` for the interface)."""
 
 from __future__ import annotations
 

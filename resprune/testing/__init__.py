@@ -1,10 +1,10 @@
 """Helpers for testing resprune and resprune plugins.
 
-- :mod:`resprune.testing.reference`: slow, obviously correct reference implementations
+- ``resprune.testing.reference``: slow, obviously correct reference implementations
   that fast paths are compared against.
-- :mod:`resprune.testing.contracts`: the contract checks every scorer and selector must
+- ``resprune.testing.contracts``: the contract checks every scorer and selector must
   pass; plugin authors run them over their own strategies.
-- :mod:`resprune.testing.tiny`: tiny randomly initialised LLaVA / LLaVA-NeXT / Qwen2.5-VL
+- ``resprune.testing.tiny``: tiny randomly initialised LLaVA / LLaVA-NeXT / Qwen2.5-VL
   models with offline processors, for tests that need a real model without a download.
 """
 

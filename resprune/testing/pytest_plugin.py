@@ -5,12 +5,12 @@ Fixtures (nothing heavy is imported until a fixture is used):
 - ``tiny_llava``, ``tiny_llava_next``, ``tiny_qwen2_5_vl``: ``(model, processor)`` of a
   tiny randomly initialised backbone, built offline once per session;
 - ``tiny_lvlm_factory``: ``make(model_type, seed=0)`` for other seeds;
-- ``resprune_context``: a :class:`~resprune.context.PruneContext` with every standard field;
+- ``resprune_context``: a ``PruneContext`` with every standard field;
 - ``resprune_plugin_host``: ``install(*plugins)`` registers plugin modules or objects in a
   fresh plugin host for one test (entry points off), so a plugin can be tested without
   installing it.
 
-The conformance suites are base classes in :mod:`resprune.testing.conformance`.
+The conformance suites are base classes in ``resprune.testing.conformance``.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def greedy_residual_reference(
 
     Keeps the full residual matrix ``R = V - P_S V`` and updates all of it per step
     (``R <- R - (R q) q^T``), recomputing every energy from ``R``. Same pick rule,
-    tolerance and fallback as :func:`resprune.linalg.greedy_residual_select`.
+    tolerance and fallback as ``resprune.linalg.greedy_residual_select``.
     """
     v = tokens.to(dtype)
     n = v.shape[0]
