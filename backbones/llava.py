@@ -81,11 +81,11 @@ class LlavaNextInjector(PlaceholderInjector):
     @dataclass
     class Params:
         scope: str = "global"
-        """'global': one budget over all of an image's tokens; 'per_tile': the budget is split
+        """`global`: one budget over all of an image's tokens; `per_tile`: the budget is split
         over the base tile and each crop tile in proportion to their token counts."""
         image_newline: str = "candidate"
-        """Newline tokens: 'candidate' (compete like any token), 'keep' (always kept, they
-        use up budget first) or 'drop' (never kept)."""
+        """Newline tokens: `candidate` (compete like any token), `keep` (always kept, they
+        use up budget first) or `drop` (never kept)."""
 
         def __post_init__(self) -> None:
             check_choice("scope", self.scope, ("global", "per_tile"))

@@ -50,7 +50,9 @@ class StrategyConfig:
     """A selector chosen by registry name, with its params."""
 
     name: str = MISSING
+    """Registry name or alias of the selector (`resprune plugins` lists them)."""
     params: dict[str, Any] = field(default_factory=dict)
+    """The selector's params, validated against its `Params`; missing keys get their defaults."""
 
 
 @dataclass
@@ -58,8 +60,11 @@ class ScorerConfig:
     """A scorer chosen by registry name; ``output`` renames the score it writes."""
 
     name: str = MISSING
+    """Registry name or alias of the scorer."""
     params: dict[str, Any] = field(default_factory=dict)
+    """The scorer's params, validated against its `Params`."""
     output: Optional[str] = None
+    """Name of the score it writes; `null` keeps the scorer's own (`text_relevance` writes `relevance`)."""
 
 
 @dataclass
@@ -67,7 +72,9 @@ class BackboneConfig:
     """Backbone hints and injector params (used when attaching to a model)."""
 
     model_type: Optional[str] = None
+    """The `model.config.model_type` the config is meant for; on another model `attach` warns and ignores `backbone.params`."""
     params: dict[str, Any] = field(default_factory=dict)
+    """Injector params (e.g. `scope: per_tile` for `llava_next`), merged under keywords given to `attach`."""
 
 
 @dataclass
@@ -75,12 +82,17 @@ class PipelineConfig:
     """A whole pruning pipeline: scorers, one selector, a budget."""
 
     budget: Any = MISSING
+    """Tokens kept per image: an int k, or a float ratio in (0, 1] of each image's tokens."""
     selector: StrategyConfig = field(default_factory=StrategyConfig)
+    """The one selector (`name`, `params`)."""
     scorers: list[ScorerConfig] = field(default_factory=list)
+    """Scorers run before the selector, each writing one named score."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """Backbone hint and injector params."""
     description: str = ""
+    """One line, shown by `resprune configs`."""
     reproduces: Optional[str] = None
-    """Which paper table/setting this config reproduces, if any."""
+    """Which paper table or setting this config reproduces, if any."""
 
 
 

@@ -31,16 +31,25 @@ class SweepConfig:
     """The schema of a sweep file."""
 
     base: str = "resprune-llava15"
+    """The pipeline config every cell starts from: a shipped name or a YAML path."""
     model: Any = "tiny:llava"
-    """A hub id, local folder or tiny:<model_type>; or a list of them."""
+    """A hub id, a local folder or `tiny:<model_type>`; or a list of them (one study and one table each)."""
     dataset: Optional[str] = None
+    """A `.jsonl` / `.csv` file or a `datasets` folder; `null` uses the bundled samples."""
     grid: dict[str, Any] = field(default_factory=dict)
+    """Dotted config key -> list of values (`selector`, `budget`, `selector.params.alpha`, `base`, ...); cells are the product."""
     metrics: list[str] = field(default_factory=lambda: ["fidelity", "reconstruction", "flops", "latency"])
+    """Names of the metrics to compute (`resprune plugins` lists them; built-ins in the configuration reference)."""
     max_new_tokens: int = 16
+    """Tokens generated per example."""
     seed: int = 0
+    """Passed to `torch.manual_seed` before every example of every cell, so cells differ only in the grid's values."""
     limit: Optional[int] = None
+    """At most this many examples; `null` for all."""
     out_dir: str = "runs/sweep"
+    """Run folder: `results.jsonl` (appended as cells finish, so a rerun resumes), `sweep.json`, configs."""
     device: Optional[str] = None
+    """`cpu`, `cuda`, `cuda:1`, ...; `null` leaves the model where it loads (under torchrun: one GPU per process)."""
 
 
 def _default_path() -> Path:

@@ -31,11 +31,13 @@ class ConditionalDPP(Selector):
     @dataclass
     class Params:
         relevance: str = "relevance"
-        """Score used as the quality term r; missing -> uniform."""
+        """Score used as the quality term r; a missing score means r = 1."""
         normalize: str = "minmax"
-        """'minmax' (per image, as CDPruner) or 'none'."""
+        """`minmax` (per image, as CDPruner) or `none` (r as given, clamped at 0)."""
         tol: float = DEFAULT_TOL
+        """As for `residual_energy`. In [0, 0.5]."""
         method: str = "auto"
+        """As for `residual_energy`: `incremental`, `gram` or `auto`."""
 
         def __post_init__(self) -> None:
             check_choice("normalize", self.normalize, ("minmax", "none"))

@@ -26,6 +26,7 @@ class RandomSelector(Selector):
     @dataclass
     class Params:
         seed: int = 0
+        """Seed of the CPU generator used for the draw (the same tokens on every device)."""
 
     def select(self, tokens: Tensor, k: int, scores: Mapping[str, Tensor], context: PruneContext) -> Tensor:
         b, n, _ = tokens.shape

@@ -29,17 +29,20 @@ class ResidualEnergy(Selector):
     @dataclass
     class Params:
         alpha: float = 1.0
-        """Text guidance strength; 0 gives purely geometric selection."""
+        """Text guidance strength; `0` gives purely geometric selection. Must be >= 0."""
         eps: float = 1e-6
-        """Added to the relevance before the power, for stability."""
+        """Added to the relevance before the power, for stability. Must be >= 0."""
         seed: str = "none"
-        """Score whose argmax is the first pick (cls_attention, norm, relevance, ...), or 'none'."""
+        """Score whose argmax is the first pick (`cls_attention`, `norm`, `relevance`,
+        `mean_similarity`, `center`, ...), which must then be present; or `none`: the first pick
+        is the argmax of the weighted energy."""
         relevance: str = "relevance"
-        """Score used as r; a missing score means uniform weights."""
+        """Score used as the relevance r (clamped at 0); a missing score means uniform weights."""
         tol: float = DEFAULT_TOL
-        """Relative residual energy under which a token counts as inside the kept span."""
+        """Relative residual energy under which a token counts as inside the kept span. In [0, 0.5]."""
         method: str = "auto"
-        """How Gram columns are computed: 'incremental', 'gram' or 'auto'."""
+        """How Gram columns are computed: `incremental` (one matrix-vector product per
+        step), `gram` (the full Gram matrix once) or `auto` (chosen from N, d, k and the batch)."""
 
         def __post_init__(self) -> None:
             check_range("alpha", self.alpha, low=0.0)

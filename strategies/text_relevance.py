@@ -35,11 +35,15 @@ class TextRelevance(Scorer):
     @dataclass
     class Params:
         reduce: str = "max"
-        """'max' | 'mean' | 'pooled'."""
+        """`max` (Eq. 13), `mean` over keyword embeddings, or `pooled` (cosine to the mean
+        keyword embedding): the paper's Table VI variants."""
         keywords: str = "content"
-        """'content' (stop-word filter) | 'nouns' (spaCy) | 'all'."""
+        """`content` (built-in stop-word filter), `nouns` (spaCy `en_core_web_sm`: needs
+        `pip install "resprune[nouns]"` and the model) or `all` (every word)."""
         strip: list[str] = field(default_factory=lambda: list(ANSWER_FORMAT_PATTERNS))
-        """Regular expressions removed from the instruction first."""
+        """Regular expressions removed (case-insensitively) from the instruction first; the
+        defaults (`resprune.text.ANSWER_FORMAT_PATTERNS`) cover the answer-format instructions of
+        the common LVLM benchmarks and `<image>`. `[]` disables stripping."""
 
         def __post_init__(self) -> None:
             check_choice("reduce", self.reduce, REDUCTIONS)

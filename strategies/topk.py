@@ -22,7 +22,7 @@ class TopK(Selector):
     @dataclass
     class Params:
         score: str = "relevance"
-        """Name of the score to rank by."""
+        """Name of the score to rank by; it must be present."""
 
         def __post_init__(self) -> None:
             if not self.score:

@@ -3,6 +3,7 @@ hook and built-in strategy is documented."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import re
@@ -14,7 +15,11 @@ import pytest
 
 import resprune
 from resprune import hookspecs
+from resprune.config import BackboneConfig, PipelineConfig, ScorerConfig, StrategyConfig
 from resprune.plugins import get_host
+from resprune.reference import field_docs, render_reference, schema_table
+from resprune.reference import main as reference_main
+from resprune.sweep import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
@@ -71,15 +76,75 @@ def test_every_hook_is_documented_with_its_exact_signature():
         assert f"{name}{sig}" in text, f"docs/plugins.md does not show `{name}{sig}`"
 
 
-def test_every_builtin_strategy_is_in_the_strategy_reference():
-    text = (ROOT / "docs" / "strategies.md").read_text() + (ROOT / "docs" / "configuration.md").read_text()
+def test_configuration_reference_is_up_to_date():
+    page = ROOT / "docs" / "reference.md"
+    assert page.read_text() == render_reference(), (
+        "docs/reference.md is stale: run `python -m resprune.reference --write docs/reference.md`")
+    assert reference_main(["--check", str(page)]) == 0
+
+
+def test_reference_check_fails_on_a_stale_page(tmp_path, capsys):
+    stale = tmp_path / "reference.md"
+    stale.write_text(render_reference().replace("Text guidance strength", "Text strength"))
+    assert reference_main(["--check", str(stale)]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert reference_main(["--write", str(stale)]) == 0 and reference_main(["--check", str(stale)]) == 0
+
+
+def test_every_builtin_strategy_and_param_is_in_the_configuration_reference():
+    text = render_reference()
     host = get_host()
-    for registry in (host.selectors, host.scorers):
+    for registry in (host.selectors, host.scorers, host.injectors, host.metrics):
         for entry in registry.entries():
             if entry.plugin.startswith("resprune."):
-                assert f"`{entry.name}`" in text, f"built-in '{entry.name}' is missing from the strategy docs"
+                assert f"### `{entry.name}` {{#{registry.kind}-{entry.name}}}" in text
+                docs = field_docs(entry.cls.Params)
                 for field in entry.cls.Params.__dataclass_fields__:
-                    assert f"`{field}`" in text, f"param '{field}' of '{entry.name}' is undocumented"
+                    assert docs.get(field), f"param '{field}' of {registry.kind} '{entry.name}' has no docstring"
+                    assert f"| `{field}` |" in text
+    for schema in (PipelineConfig, StrategyConfig, ScorerConfig, BackboneConfig, SweepConfig):
+        docs = field_docs(schema)
+        for field in schema.__dataclass_fields__:
+            assert docs.get(field), f"{schema.__name__}.{field} has no docstring"
+
+
+def test_every_builtin_strategy_is_on_the_strategies_page():
+    text = (ROOT / "docs" / "strategies.md").read_text()
+    host = get_host()
+    for registry in (host.selectors, host.scorers, host.injectors):
+        for entry in registry.entries():
+            if entry.plugin.startswith("resprune."):
+                assert f"`{entry.name}`" in text, f"built-in '{entry.name}' is missing from docs/strategies.md"
+                if entry.cls.Params.__dataclass_fields__ and registry.kind != "injector":
+                    assert f'--8<-- "reference.md:{registry.kind}-{entry.name}"' in text, (
+                        f"docs/strategies.md does not include the params table of '{entry.name}'")
+
+
+def test_field_docs_reads_attribute_docstrings():
+    @dataclasses.dataclass
+    class Params:
+        alpha: float = 1.0
+        """First line
+        continues here."""
+        beta: int = 2
+        gamma: str = "x"
+        """Gamma."""
+
+    assert field_docs(Params) == {"alpha": "First line continues here.", "gamma": "Gamma."}
+    table = schema_table(Params, label="param")
+    assert "| `alpha` | `float` | `1` | First line continues here. |" in table
+    assert "| `beta` | `int` | `2` |  |" in table
+
+
+SPHINX_ROLE = re.compile(r":(class|func|meth|attr|mod|exc|data|obj):`")
+
+
+def test_docstrings_use_markdown_not_sphinx_roles():
+    """mkdocstrings renders Markdown; a Sphinx role would show up raw in the API reference."""
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for folder in ("resprune", "strategies", "backbones")
+                 for path in sorted((ROOT / folder).rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if SPHINX_ROLE.search(line)]
+    assert not offenders, f"Sphinx roles in docstrings: {offenders}"
 
 
 def test_every_shipped_config_is_listed():
