@@ -41,8 +41,28 @@ for i, code in enumerate(blocks):
 NEEDS_CHECKPOINT = ("from_pretrained(",)
 
 
+SNIPPET = re.compile(r'^--8<-- "(?P<path>[^":]+)(?::[^"]*)?"$', re.M)
+
+
+def is_include(body: str) -> bool:
+    """A block that only includes a file (pymdownx.snippets): that file is tested where it lives."""
+    lines = [line for line in body.splitlines() if line.strip()]
+    return bool(lines) and all(SNIPPET.match(line) for line in lines)
+
+
 def page_blocks(page: Path) -> list[tuple[str, str]]:
-    return [(m.group("attrs"), m.group("body")) for m in FENCE.finditer(page.read_text())]
+    return [(m.group("attrs"), m.group("body")) for m in FENCE.finditer(page.read_text())
+            if not is_include(m.group("body"))]
+
+
+def test_included_files_exist_and_example_files_are_tested():
+    included = {m.group("path") for page in PAGES for m in SNIPPET.finditer(page.read_text())}
+    assert "examples/resprune-farthest-point/tests/test_plugin.py" in included
+    for path in included:
+        assert (ROOT / "docs" / path).is_file() or (ROOT / path).is_file(), f"snippet '{path}' not found"
+    ci = (ROOT / ".ci" / "run").read_text()  # the example's code shown in the docs runs in CI
+    assert "pip install -e examples/resprune-farthest-point" in ci
+    assert "python -m pytest examples/resprune-farthest-point/tests" in ci
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if page_blocks(p)], ids=lambda p: p.name)
