@@ -195,6 +195,11 @@ class PluginHost:
                     _calls.append((_kind, cls, tuple(aliases), override))
 
                 try:
+                    if "register" not in impl.argnames:  # a default hides it from pluggy: no call would register
+                        raise PluginError(
+                            f"plugin '{name}': {hook_name} must take a parameter named `register` without a "
+                            f"default value (pluggy passes nothing to parameters that have defaults); "
+                            f"write `def {hook_name}(register):`.")
                     impl.function(**{a: register for a in impl.argnames})
                 except Exception as exc:  # noqa: BLE001 - one broken plugin must not stop the others
                     info = self._info.get(name)

@@ -406,6 +406,25 @@ def test_misspelled_hook_error_names_the_entry_point(plugin_host, entry_points):
         plugin_host(autoload=True)
 
 
+class DefaultedRegister:
+    @staticmethod
+    @hookimpl
+    def resprune_register_selectors(register=None):  # pluggy would pass nothing
+        register(Rotate)
+
+
+def test_register_with_a_default_is_named_not_a_none_call(plugin_host, entry_points):
+    entry_points(FakeEntryPoint("acme-default", DefaultedRegister))
+    with pytest.warns(RuntimeWarning) as record:
+        host = plugin_host(autoload=True)
+    message = str(record[0].message)
+    assert "plugin 'acme-default'" in message and "without a default value" in message
+    assert "def resprune_register_selectors(register):" in message
+    assert "rotate" not in host.selectors and host.failed[0].name == "acme-default"
+    with pytest.raises(resprune.PluginLoadError, match="without a default value"):
+        plugin_host(autoload=True, strict=True)
+
+
 def test_two_plugins_registering_one_name(plugin_host):
     class OtherRotate(Rotate):
         pass
