@@ -57,8 +57,7 @@ class Distinctiveness(Scorer):
     description = "one minus the largest cosine similarity to another token"
 
     def score(self, context: PruneContext) -> Tensor:
-        v = context.tokens
-        unit = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        unit = torch.nn.functional.normalize(context.tokens, dim=-1)  # [B, N, d]
         sim = torch.bmm(unit, unit.transpose(1, 2))
         sim.diagonal(dim1=1, dim2=2).fill_(-1.0)
         return 1.0 - sim.max(dim=-1).values
