@@ -199,3 +199,23 @@ def test_row_scale_selects_like_the_scaled_copy(n, d, seed, method):
     virtual = greedy_residual_select(tokens, k, method=method, row_scale=s)
     for i in range(2):
         assert_same_up_to_ties(tokens[i] * s[i, :, None], virtual[i].tolist(), scaled[i].tolist())
+
+
+@pytest.mark.parametrize("method", ["incremental", "gram"])
+def test_greedy_loop_never_reads_tensor_values_on_the_host(method):
+    """No host synchronisation inside the loop: it runs on the meta device, which has no values
+    (any `.item()`, `int(tensor)` or data-dependent Python branch would raise)."""
+    tokens = torch.randn(3, 96, 32, device="meta")
+    weights = torch.rand(3, 96, device="meta")
+    first = torch.zeros(3, dtype=torch.long, device="meta")
+    out = greedy_residual_select(tokens, 40, weights=weights, first=first, method=method)
+    assert out.device.type == "meta" and out.shape == (3, 40) and out.dtype == torch.long
+
+
+@pytest.mark.parametrize("name, params", [("residual_energy", {"seed": "norm", "alpha": 0.75}), ("dpp", {}),
+                                          ("divprune", {}), ("topk", {"score": "norm"}), ("random", {})])
+def test_builtin_selectors_never_read_tensor_values_on_the_host(name, params):
+    tokens = torch.randn(2, 64, 16, device="meta")
+    scores = {"norm": torch.rand(2, 64, device="meta"), "relevance": torch.rand(2, 64, device="meta")}
+    out = resprune.get_host().selectors.get(name)(params).select(tokens, 20, scores, None)
+    assert out.device.type == "meta" and out.shape == (2, 20)
