@@ -37,11 +37,11 @@ class ConditionalDPP(Selector):
         tol: float = DEFAULT_TOL
         """As for `residual_energy`. In [0, 0.5]."""
         method: str = "auto"
-        """As for `residual_energy`: `incremental`, `gram` or `auto`."""
+        """As for `residual_energy`: `incremental`, `gram`, `blocked` or `auto`."""
 
         def __post_init__(self) -> None:
             check_choice("normalize", self.normalize, ("minmax", "none"))
-            check_choice("method", self.method, ("auto", "incremental", "gram"))
+            check_choice("method", self.method, ("auto", "incremental", "gram", "blocked"))
             check_range("tol", self.tol, low=0.0, high=0.5)
 
     def optional_scores(self) -> frozenset[str]:

@@ -42,13 +42,14 @@ class ResidualEnergy(Selector):
         """Relative residual energy under which a token counts as inside the kept span. In [0, 0.5]."""
         method: str = "auto"
         """How Gram columns are computed: `incremental` (one matrix-vector product per
-        step), `gram` (the full Gram matrix once) or `auto` (chosen from N, d, k and the batch)."""
+        step), `gram` (the full Gram matrix once), `blocked` (a block of likely picks at once;
+        CPU) or `auto` (chosen from N, d, k, the batch and the device)."""
 
         def __post_init__(self) -> None:
             check_range("alpha", self.alpha, low=0.0)
             check_range("eps", self.eps, low=0.0)
             check_range("tol", self.tol, low=0.0, high=0.5)
-            check_choice("method", self.method, ("auto", "incremental", "gram"))
+            check_choice("method", self.method, ("auto", "incremental", "gram", "blocked"))
             if not self.seed or not self.relevance:
                 raise ValueError("seed and relevance must be score names ('none' for no seed)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import resprune
+from resprune import linalg
 from resprune.linalg import choose_method, greedy_residual_select, optimal_residual, span_residual
 from resprune.testing.reference import divprune_reference, optimal_rank_k_residual, total_residual
 
@@ -28,23 +30,50 @@ def cosine_distance(tokens: torch.Tensor) -> torch.Tensor:
 # --- residual energy: the two Gram-column methods ----------------------------------------------
 
 
-@given(st.integers(1, 40), st.integers(1, 24), st.integers(0, 999), st.booleans())
-def test_gram_and_incremental_methods_agree(n, d, seed, weighted):
+@given(st.integers(1, 40), st.integers(1, 24), st.integers(0, 999), st.booleans(), st.integers(1, 5))
+def test_gram_incremental_and_blocked_methods_agree(n, d, seed, weighted, block):
     tokens = make_tokens(n, d, seed=seed, dups=n // 5, rank=max(1, d - 2), batch=2)
     k = max(1, (n * 2) // 3)
     w = torch.rand(2, n, generator=torch.Generator().manual_seed(seed)) + 0.01 if weighted else None
     a = greedy_residual_select(tokens, k, weights=w, method="incremental")
     b = greedy_residual_select(tokens, k, weights=w, method="gram")
+    with mock.patch.object(linalg, "BLOCK", block):  # small blocks: many misses and refills
+        c = greedy_residual_select(tokens, k, weights=w, method="blocked")
     for i in range(2):
         assert_same_up_to_ties(tokens[i], a[i].tolist(), b[i].tolist(), None if w is None else w[i])
+        assert_same_up_to_ties(tokens[i], a[i].tolist(), c[i].tolist(), None if w is None else w[i])
 
 
-def test_choose_method_prefers_gram_for_large_budgets_and_incremental_for_small():
-    assert choose_method(576, 4096, 8) == "incremental"
-    assert choose_method(576, 4096, 400) == "gram"
+@pytest.mark.parametrize("block", [1, 2, 7, 32])
+def test_blocked_refills_on_every_kind_of_miss(block):
+    """Forced first pick, picks outside the block, the rank fallback and row scaling."""
+    tokens = make_tokens(60, 8, seed=4, rank=5, dups=6, batch=3)  # rank 5 < k: the fallback runs
+    w = torch.rand(3, 60, generator=torch.Generator().manual_seed(1)) + 0.1
+    rs = torch.rand(3, 60, generator=torch.Generator().manual_seed(2)) + 0.5
+    first = torch.tensor([7, 0, 59])
+    ref = greedy_residual_select(tokens, 20, weights=w, first=first, row_scale=rs, method="incremental")
+    with mock.patch.object(linalg, "BLOCK", block):
+        got = greedy_residual_select(tokens, 20, weights=w, first=first, row_scale=rs, method="blocked")
+    assert got[:, 0].tolist() == first.tolist()
+    for i in range(3):
+        assert len(set(got[i].tolist())) == 20
+        assert_same_up_to_ties(tokens[i] * rs[i, :, None], ref[i].tolist(), got[i].tolist(), w[i])
+
+
+def test_choose_method_by_device_budget_and_batch():
+    # CPU: Gram columns in blocks unless the budget is a large share of N
+    assert choose_method(576, 4096, 8) == "blocked"
+    assert choose_method(576, 4096, 64) == "blocked"
+    assert choose_method(2880, 4096, 320) == "blocked"
+    assert choose_method(576, 4096, 192) == "gram"
+    assert choose_method(576, 4096, 400, batch=16) == "gram"
+    # other devices (no host check in the loop): incremental for small budgets, Gram for large
+    assert choose_method(576, 4096, 8, device="cuda") == "incremental"
+    assert choose_method(576, 4096, 400, device="cuda") == "gram"
     # a batch multiplies the bytes every incremental step reads: V no longer sits in cache
-    assert choose_method(576, 4096, 64) == "incremental"
-    assert choose_method(576, 4096, 64, batch=16) == "gram"
+    assert choose_method(576, 4096, 64, device="cuda") == "incremental"
+    assert choose_method(576, 4096, 64, batch=16, device="cuda") == "gram"
+    assert choose_method(576, 4096, 64, device="meta") == "incremental"
 
 
 def test_span_and_optimal_residual_helpers_match_reference():

@@ -28,7 +28,7 @@ settings.register_profile("resprune", deadline=None, max_examples=40,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("resprune")
 
-METHODS = ("incremental", "gram")
+METHODS = ("incremental", "gram", "blocked")
 
 
 @st.composite
