@@ -53,14 +53,14 @@ def choose_method(n: int, d: int, k: int, *, batch: int = 1,
                   device: torch.device | str = "cpu") -> Literal["incremental", "gram", "blocked"]:
     """Pick the cheaper way to get Gram columns for a ``[B, N, d]`` input and budget ``k``.
 
-    On CPU: ``gram`` when ``4k >= N`` (a block of ``BLOCK`` columns is needed every ~8 picks,
-    so blocks cost about ``8 k N d`` FLOPs against ``2 N^2 d`` for the Gram matrix), else
-    ``blocked``. Elsewhere (no host checks in the loop): a rough cost model calibrated on a
+    On CPU: ``gram`` when ``3k > N``, else ``blocked`` (the measured crossover at N = 576,
+    d = 4096: a block of ``BLOCK`` columns is needed every 5-10 picks, so blocks cost about
+    ``6-12 k N d`` FLOPs against ``2 N^2 d`` for the Gram matrix). Elsewhere (no host checks in the loop): a rough cost model calibrated on a
     2-core CPU, the Gram GEMM at about 150 GFLOP/s against per-step matrix-vector products
     at memory speed (about 60 GB/s while ``V`` fits in cache, 20 GB/s beyond).
     """
     if torch.device(device).type == "cpu":
-        return "gram" if 4 * k >= n else "blocked"
+        return "gram" if 3 * k > n else "blocked"
     gram_s = 2.0 * batch * n * n * d / 150e9
     nbytes = 4.0 * batch * n * d  # every step reads all of V
     bandwidth = 60e9 if nbytes <= 24 * 2**20 else 20e9

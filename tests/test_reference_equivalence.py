@@ -65,7 +65,8 @@ def test_choose_method_by_device_budget_and_batch():
     assert choose_method(576, 4096, 8) == "blocked"
     assert choose_method(576, 4096, 64) == "blocked"
     assert choose_method(2880, 4096, 320) == "blocked"
-    assert choose_method(576, 4096, 192) == "gram"
+    assert choose_method(576, 4096, 192) == "blocked"
+    assert choose_method(576, 4096, 250) == "gram"
     assert choose_method(576, 4096, 400, batch=16) == "gram"
     # other devices (no host check in the loop): incremental for small budgets, Gram for large
     assert choose_method(576, 4096, 8, device="cuda") == "incremental"
