@@ -94,7 +94,7 @@ def naive_residual_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
         picked[t] = i
         taken[i] = True
         q = resid[i] / resid[i].norm().clamp_min(1e-30)
-        resid -= torch.outer(resid @ q, q)
+        resid.addr_(resid @ q, q, alpha=-1.0)  # in place: no N x d temporary (allocator noise) per step
     return picked
 
 

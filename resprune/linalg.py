@@ -164,29 +164,29 @@ def greedy_residual_select(
 
 
 class Block:
-    """The ``blocked`` method's cache: Gram columns ``V v_j`` for a block of tokens ``j``."""
+    """The ``blocked`` method's cache: per row, Gram columns ``V v_j`` for a block of tokens ``j``."""
 
     def __init__(self, v: Tensor, k: int) -> None:
         self.v, self.k = v, k
         b, n, _ = v.shape
         self.slot = torch.full((b, n), -1, dtype=torch.long, device=v.device)  # token -> column, -1: absent
-        self.cols: Tensor | None = None  # [B, N, m]
+        self.cols = torch.empty(b, n, min(BLOCK, k, n), dtype=v.dtype, device=v.device)
 
     def column(self, pick: Tensor, flat: Tensor, key: Tensor, t: int) -> Tensor:
-        """``V v_pick`` per row ``[B, N]``; on a miss, a new block: the pick and the next best by ``key``."""
-        b, n, d = self.v.shape
+        """``V v_pick`` per row ``[B, N]``. A row whose pick is not cached gets a new block: the
+        pick and the next best tokens by ``key``, in one GEMM that reads that row's ``V`` once."""
+        b, n, _ = self.v.shape
         slot = self.slot.take(flat)
-        if self.cols is None or bool((slot < 0).any()):  # the host check that keeps this method on CPU
-            m = min(BLOCK, self.k - t, n - t)
-            cand = torch.empty(b, m, dtype=torch.long, device=self.v.device)
-            cand[:, 0] = pick
-            if m > 1:
-                others = key.clone()
-                others.view(-1).index_fill_(0, flat, float("-inf"))
-                cand[:, 1:] = others.topk(m - 1, dim=-1).indices
-            rows = self.v.gather(1, cand.unsqueeze(-1).expand(b, m, d))  # [B, m, d]
-            self.cols = torch.bmm(self.v, rows.transpose(1, 2))  # [B, N, m]: one pass over V
-            self.slot.fill_(-1).scatter_(1, cand, torch.arange(m, device=self.v.device).expand(b, m).contiguous())
+        missing = (slot < 0).nonzero().flatten().tolist()  # the host check that keeps this method on CPU
+        if missing:
+            m = min(self.cols.shape[-1], self.k - t, n - t)
+            for row in missing:
+                others = key[row].clone()
+                others[pick[row]] = float("-inf")
+                cand = torch.cat([pick[row].view(1), others.topk(m - 1).indices])
+                vr = self.v[row]  # [N, d], a view
+                self.cols[row, :, :m] = vr @ vr.index_select(0, cand).T
+                self.slot[row].fill_(-1).scatter_(0, cand, torch.arange(m, device=self.v.device))
             slot = self.slot.take(flat)
         return self.cols.gather(2, slot.view(b, 1, 1).expand(b, n, 1)).squeeze(-1)
 
