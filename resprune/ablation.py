@@ -16,6 +16,14 @@ device, timestamps) and one line per finished example, so re-running skips what 
 and an interruption loses at most the example in progress. The unpruned model's outputs
 are computed once per example and shared by every cell. Under ``accelerate launch`` the
 examples are sharded across processes and the results merged.
+
+What is reused is keyed by everything that changes its numbers: a cell's folder by its
+pipeline config, the model (name, config, dtype, device type), the generation settings,
+the metric set and the resprune version; an example line and a reference output by the
+content of its record (image bytes included). Rerunning into the same folder with another
+spec recomputes exactly what the change affects. Files are written atomically or
+append-only (``resprune.runfiles``); a lock refuses a second run into the same folder;
+nothing in a run folder is ever unpickled.
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import runfiles
 from .config import load_config, to_yaml
 from .costs import llm_dims
-from .data import describe_source, load_records, open_image
+from .data import describe_source, load_records, open_image, record_digest
 from .errors import ConfigError, ResPruneError, UnknownStrategyError, suggest
 from .metrics import Example, Metric, Reference
 from .models import chat_inputs
@@ -56,7 +65,9 @@ class Cell:
     """One combination of the grid.
 
     Attributes:
-        id: stable short hash of the resolved config (folder name in the run).
+        id: stable short hash of the resolved config and of the run identity that
+            ``expand_grid`` was given (model, generation settings, metrics...): the cell's
+            folder name in the run.
         label: readable description (``dpp budget=64``).
         method: the selector plus the non-budget grid values that vary.
         budget: the cell's budget.
@@ -83,9 +94,6 @@ class ResultTable(list):
         models = sorted({r["model"] for r in self})
         return "\n\n".join(results_table(list(self), metrics=metrics, model=m) for m in models)
 
-    def done(self) -> list[dict[str, Any]]:
-        return [r for r in self if r["status"] == "done"]
-
 
 # --- the grid -------------------------------------------------------------------------
 
@@ -99,14 +107,20 @@ def _selector_params(name: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls.Params)}
 
 
-def expand_grid(base: Any, grid: Mapping[str, Any]) -> list[Cell]:
+def expand_grid(base: Any, grid: Mapping[str, Any], identity: Mapping[str, Any] | None = None) -> list[Cell]:
     """Every cell of ``grid`` over ``base``, validated (raises ``AblationError``).
 
     The grid key ``base`` varies the config itself (e.g. the settings of the paper's
-    Table IV are separate shipped configs); its values then label the rows.
+    Table IV are separate shipped configs); its values then label the rows. ``identity``
+    (what else changes a cell's numbers: model, generation settings...) enters the ids.
     """
     if not isinstance(grid, Mapping) or not grid:
-        raise AblationError("grid must be a non-empty mapping of config keys to lists of values.")
+        got = "an empty mapping" if isinstance(grid, Mapping) else f"a {type(grid).__name__}"
+        raise AblationError(f"grid must be a non-empty mapping of config keys to lists of values "
+                            f"(e.g. {{budget: [64, 128]}}), got {got}.")
+    for key in grid:
+        if not isinstance(key, str):
+            raise AblationError(f"grid keys must be dotted config keys (strings), got {key!r}.")
     values = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in grid.items()}
     for key, vals in values.items():
         if not vals:
@@ -114,8 +128,9 @@ def expand_grid(base: Any, grid: Mapping[str, Any]) -> list[Cell]:
     bases = values.pop("base", [base])
     cells: list[Cell] = []
     seen: dict[str, Cell] = {}
+    salt = json.dumps(dict(identity or {}), sort_keys=True, default=str)
     for b in bases:
-        cells += _expand_one(b, values, seen, name=_base_name(b) if len(bases) > 1 else None)
+        cells += _expand_one(b, values, seen, name=_base_name(b) if len(bases) > 1 else None, salt=salt)
     return cells
 
 
@@ -123,7 +138,8 @@ def _base_name(base: Any) -> str:
     return Path(base).stem if isinstance(base, (str, Path)) else "<dict>"
 
 
-def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], name: str | None) -> list[Cell]:
+def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], name: str | None,
+                salt: str) -> list[Cell]:
     try:
         base_cfg = load_config(base)
     except ConfigError as exc:
@@ -165,7 +181,7 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         except ConfigError as exc:
             raise AblationError(f"cell '{label}' ({_fmt(params)}): {exc}") from None
         key = to_yaml(cfg)
-        cell_id = hashlib.sha1(key.encode()).hexdigest()[:10]
+        cell_id = hashlib.sha1((key + salt).encode()).hexdigest()[:10]
         if key in seen:
             first = seen[key]
             why = (f"selector '{selector}' has no parameter {', '.join(repr(_short(k)) for k in dropped)}; "
@@ -202,20 +218,23 @@ class Ablation:
         dataset: see ``resprune.data.load_records`` (``None``: the bundled sample set).
         metrics: registered metric names.
         model_name: how the model is named in results (default: its class and config).
-        max_new_tokens: length of the greedy answers.
+        max_new_tokens: length of the greedy answers (>= 1).
         seed: set before every example of every cell.
-        limit: use at most this many examples.
-        progress: show progress bars.
+        limit: use at most this many examples (>= 1; ``None``: all).
+        progress: show progress bars and a line per finished cell.
     """
 
     def __init__(self, base: Any, grid: Mapping[str, Any], *, model: Any, processor: Any = None,
                  dataset: Any = None, metrics: Sequence[str] = ("fidelity", "reconstruction", "flops", "latency"),
                  model_name: str | None = None, max_new_tokens: int = 16, seed: int = 0, limit: int | None = None,
                  progress: bool = True) -> None:
-        self.base, self.grid = base, dict(grid)
+        self.base, self.grid = base, dict(grid) if isinstance(grid, Mapping) else grid
         self.model, self.processor = model, processor
         self.model_name = model_name or f"{type(model).__name__}:{getattr(model.config, '_name_or_path', '') or 'random'}"
-        self.max_new_tokens, self.seed, self.progress = int(max_new_tokens), int(seed), progress
+        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        self.seed, self.progress = _int("seed", seed), bool(progress)
+        if isinstance(metrics, str) or not isinstance(metrics, Sequence):
+            raise AblationError(f"metrics must be a list of metric names, got {metrics!r}.")
         self.metrics: dict[str, Metric] = {}
         for name in metrics:
             try:
@@ -223,7 +242,14 @@ class Ablation:
             except UnknownStrategyError as exc:
                 raise AblationError(f"metrics: {exc}") from None
         self.needs = frozenset().union(*(m.needs for m in self.metrics.values()))
-        self.cells = expand_grid(base, self.grid)
+        self.dataset_source = describe_source(dataset)
+        self.records = load_records(dataset, limit=limit)
+        if not self.records:
+            raise AblationError("the dataset has no records.")
+        self.record_keys = [record_digest(r) for r in self.records]
+        self.prompt_keys = [record_digest(r, fields=("image", "question")) for r in self.records]
+        self.identity = self._identity()
+        self.cells = expand_grid(base, self.grid, self.identity)
         self.pipelines: dict[str, Pipeline] = {}
         from .injection import find_injector
 
@@ -239,38 +265,75 @@ class Ablation:
             except ResPruneError as exc:
                 raise AblationError(f"cell '{cell.label}': {exc}") from None
             self.pipelines[cell.id] = pipe
-        self.dataset_source = describe_source(dataset)
-        self.records = load_records(dataset, limit=limit)
-        if not self.records:
-            raise AblationError("the dataset has no records.")
         self.dims = llm_dims(model.config)
         self.rank, self.world, self._state = _distributed()
+
+    def _identity(self) -> dict[str, Any]:
+        """Everything besides the pipeline config that changes a cell's numbers."""
+        from . import __version__
+
+        config = getattr(self.model.config, "to_dict", dict)()
+        return {"model": self.model_name,
+                "model_config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
+                "dtype": str(getattr(self.model, "dtype", "")), "device": self.model.device.type,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed, "metrics": sorted(self.metrics),
+                "resprune": __version__}
 
     # --- running -----------------------------------------------------------------------
 
     def run(self, out_dir: str | Path) -> ResultTable:
-        """Run every cell not finished yet in ``out_dir``; return the results of all."""
+        """Run every cell not finished yet in ``out_dir``; return the results of all.
+
+        Raises ``RunLockedError`` if another process is writing ``out_dir``.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        lock = runfiles.RunLock(out)
+        try:
+            self._lock(lock)
+            return self._run(out)
+        finally:
+            lock.release()
+
+    def _lock(self, lock: runfiles.RunLock) -> None:
+        """Rank 0 locks the folder (the other ranks own their files); every rank learns if it failed."""
+        error: runfiles.RunLockedError | None = None
+        if self.rank == 0:
+            try:
+                lock.acquire()
+            except runfiles.RunLockedError as exc:
+                error = exc
+        if self._state is not None:
+            flag = torch.tensor([0 if error else 1])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._state)
+            if not int(flag) and error is None:
+                error = runfiles.RunLockedError(f"run folder '{lock.folder}' is being written by another process.")
+        if error is not None:
+            raise error
+
+    def _run(self, out: Path) -> ResultTable:
+        if self.world == 1:  # the only writer (the lock is held): temporary files left by a killed run go
+            for tmp in out.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
         self._write_spec(out)
         mine = [i for i in range(len(self.records)) if i % self.world == self.rank]
         references = self._references(out, mine)  # also the full row (accuracy, FLOPs of the unpruned model)
-        bar = _bar(total=len(self.cells), desc="cells", disable=not self.progress or self.rank != 0)
+        quiet = not self.progress or self.rank != 0
+        bar = _bar(total=len(self.cells), desc="cells", disable=quiet)
         for n, cell in enumerate(self.cells, 1):
             if not cell.skip:
                 self._run_cell(out, cell, mine, references)
             self._barrier()
             if self.rank == 0:
                 row = self._summarise(out, cell)
-                bar.write(f"[{n}/{len(self.cells)}] {_one_line(row)}")
+                if not quiet:
+                    bar.write(f"[{n}/{len(self.cells)}] {_one_line(row)}")
             bar.update(1)
         bar.close()
         self._barrier()
         table = self.collect(out)
         if self.rank == 0:
-            with (out / "results.jsonl").open("w") as fh:
-                for row in table:
-                    fh.write(json.dumps(row) + "\n")
+            write_results(out / "results.jsonl", table)
         return table
 
     def _write_spec(self, out: Path) -> None:
@@ -278,9 +341,11 @@ class Ablation:
             return
         spec = {"base": self.base if isinstance(self.base, str) else OmegaConf.to_container(OmegaConf.create(
                     dict(self.base))), "grid": self.grid, "model": self.model_name, "dataset": self.dataset_source,
-                "examples": len(self.records), "metrics": list(self.metrics), "max_new_tokens": self.max_new_tokens,
-                "seed": self.seed, "cells": [{"id": c.id, "label": c.label, "skip": c.skip} for c in self.cells]}
-        (out / "sweep.json").write_text(json.dumps(spec, indent=2, default=str))
+                "examples": len(self.records), "identity": self.identity,
+                "dataset_digest": hashlib.sha256("".join(self.record_keys).encode()).hexdigest()[:16],
+                "metrics": list(self.metrics), "max_new_tokens": self.max_new_tokens, "seed": self.seed,
+                "cells": [{"id": c.id, "label": c.label, "skip": c.skip} for c in self.cells]}
+        runfiles.write_atomic(out / "sweep.json", json.dumps(spec, indent=2, default=str))
 
     def _inputs(self, record: Mapping[str, Any]) -> Any:
         image = open_image(record["image"])
@@ -306,17 +371,28 @@ class Ablation:
         self.model(**inputs)
         return (_clock(device) - start) * 1e3
 
+    def _reference_key(self, i: int) -> dict[str, Any]:
+        """What the unpruned model's outputs on example ``i`` depend on."""
+        return {**{k: self.identity[k] for k in ("model", "model_config", "dtype", "device", "max_new_tokens",
+                                                  "seed")},
+                "latency": "latency" in self.needs, "prompt": self.prompt_keys[i]}
+
+    def _reference_path(self, out: Path, key: Mapping[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        return out / "reference" / f"{digest}.safetensors"
+
     def _references(self, out: Path, mine: list[int]) -> dict[int, Reference]:
         folder = out / "reference"
         folder.mkdir(exist_ok=True)
+        refuse_pickles(folder)
         refs: dict[int, Reference] = {}
         bar = _bar(total=len(mine), desc="unpruned model", disable=not self.progress or self.rank != 0, leave=False)
         for i in mine:
-            path = folder / f"ex{i:05d}.pt"
-            key = _record_key(self.records[i])
-            saved = torch.load(path, weights_only=False) if path.exists() else None
-            if saved is not None and saved.pop("key", None) == key:
-                refs[i] = Reference(**saved)
+            key = self._reference_key(i)
+            path = self._reference_path(out, key)
+            saved = load_reference(path, key)
+            if saved is not None:
+                refs[i] = saved
             else:
                 torch.manual_seed(self.seed)
                 inputs = self._inputs(self.records[i])
@@ -324,7 +400,7 @@ class Ablation:
                     answer, logits, _, peak = self._generate(inputs)
                     prefill = self._prefill_ms(inputs) if "latency" in self.needs else None
                 refs[i] = Reference(answer, logits, int(inputs["attention_mask"].sum()), prefill, peak)
-                torch.save({**dataclasses.asdict(refs[i]), "key": key}, path)
+                save_reference(path, key, refs[i])
             bar.update(1)
         bar.close()
         return refs
@@ -332,28 +408,26 @@ class Ablation:
     def _run_cell(self, out: Path, cell: Cell, mine: list[int], references: dict[int, Reference]) -> None:
         folder = out / "cells" / cell.id
         folder.mkdir(parents=True, exist_ok=True)
-        summary = folder / "summary.json"
-        if summary.exists() and json.loads(summary.read_text()).get("status") == "done":
+        meta_file = folder / f"meta.rank{self.rank}.json"
+        done_file = folder / f"examples.rank{self.rank}.jsonl"
+        done = set(self._example_lines(done_file, repair=True))  # of this run's records only
+        todo = [i for i in mine if i not in done]
+        if not todo and (runfiles.read_json(meta_file) or {}).get("status") == "done":
             return
         if self.rank == 0:
-            (folder / "config.yaml").write_text(to_yaml(cell.config))
-        done_file = folder / f"examples.rank{self.rank}.jsonl"
-        done = {json.loads(line)["index"] for line in done_file.read_text().splitlines() if line.strip()} \
-            if done_file.exists() else set()
+            runfiles.write_atomic(folder / "config.yaml", to_yaml(cell.config))
         meta = {"cell": cell.id, "label": cell.label, "params": cell.params, "model": self.model_name,
-                "seed": self.seed, "device": str(self.model.device), "host": platform.node(),
-                "torch": torch.__version__, "plugins": _plugin_versions(), "rank": self.rank, "world": self.world,
-                "started": _stamp()}
+                "identity": self.identity, "seed": self.seed, "device": str(self.model.device),
+                "host": platform.node(), "torch": torch.__version__, "plugins": _plugin_versions(),
+                "rank": self.rank, "world": self.world, "started": _stamp()}
         pipe = self.pipelines[cell.id]
-        todo = [i for i in mine if i not in done]
         bar = _bar(total=len(todo), desc=cell.label[:40], disable=not self.progress or self.rank != 0, leave=False)
         try:
             with pipe.attach(self.model, self.processor) as attached, torch.no_grad():
                 attached.profile = "latency" in self.needs
                 for i in todo:
                     values = self._example(attached, self.records[i], references.get(i))
-                    with done_file.open("a") as fh:
-                        fh.write(json.dumps({"index": i, "metrics": values}) + "\n")
+                    runfiles.append_jsonl(done_file, {"index": i, "record": self.record_keys[i], "metrics": values})
                     bar.update(1)
             meta["status"] = "done"
         except Exception as exc:  # noqa: BLE001 - a failing cell is recorded; the sweep goes on
@@ -362,7 +436,22 @@ class Ablation:
         finally:
             bar.close()
         meta["finished"] = _stamp()
-        (folder / f"meta.rank{self.rank}.json").write_text(json.dumps(meta, indent=2, default=str))
+        runfiles.write_atomic(meta_file, json.dumps(meta, indent=2, default=str))
+
+    def _example_lines(self, path: Path, *, repair: bool = False) -> dict[int, dict[str, float]]:
+        """index -> metrics of the lines of ``path`` that belong to this run's records."""
+        out: dict[int, dict[str, float]] = {}
+        for n, line in runfiles.read_jsonl(path, repair=repair):
+            if not (isinstance(line, dict) and isinstance(line.get("index"), int) and isinstance(line.get("record"), str)
+                    and isinstance(line.get("metrics"), dict)
+                    and all(isinstance(v, (int, float)) for v in line["metrics"].values())):
+                raise runfiles.RunFileError(
+                    f"{path}:{n}: not an example line (expected {{\"index\": int, \"record\": str, \"metrics\": "
+                    f"{{name: number}}}}); delete the line (its example is recomputed) or the file.")
+            i = line["index"]
+            if 0 <= i < len(self.records) and line["record"] == self.record_keys[i]:
+                out[i] = line["metrics"]  # a later line of the same example replaces an earlier one
+        return out
 
     def _example(self, attached: Any, record: Mapping[str, Any], reference: Reference | None) -> dict[str, float]:
         torch.manual_seed(self.seed)
@@ -389,7 +478,7 @@ class Ablation:
     def _summarise(self, out: Path, cell: Cell) -> dict[str, Any]:
         row = self._row(out, cell)
         if not cell.skip:
-            (out / "cells" / cell.id / "summary.json").write_text(json.dumps(row, indent=2, default=str))
+            runfiles.write_atomic(out / "cells" / cell.id / "summary.json", json.dumps(row, indent=2, default=str))
         return row
 
     def _row(self, out: Path, cell: Cell) -> dict[str, Any]:
@@ -399,14 +488,15 @@ class Ablation:
         if cell.skip:
             return row
         folder = out / "cells" / cell.id
-        metas = [json.loads(p.read_text()) for p in sorted(folder.glob("meta.rank*.json"))]
+        metas = [m for p in sorted(folder.glob("meta.rank*.json")) if (m := runfiles.read_json(p)) is not None]
         failed = [m for m in metas if m.get("status") == "failed"]
-        lines = [json.loads(line) for p in sorted(folder.glob("examples.rank*.jsonl"))
-                 for line in p.read_text().splitlines() if line.strip()]
-        row["examples"] = len({line["index"] for line in lines})
-        row["metrics"] = _mean([line["metrics"] for line in lines])
+        lines: dict[int, dict[str, float]] = {}
+        for path in sorted(folder.glob("examples.rank*.jsonl")):
+            lines.update(self._example_lines(path))  # each example once, whichever rank or run wrote it
+        row["examples"] = len(lines)
+        row["metrics"] = _mean(lines[i] for i in sorted(lines))
         if failed:
-            row.update(status="failed", reason=failed[0]["error"])
+            row.update(status="failed", reason=failed[0].get("error", "no error recorded"))
         elif row["examples"] >= len(self.records):
             row["status"] = "done"
         else:
@@ -414,19 +504,17 @@ class Ablation:
         return row
 
     def _full_row(self, out: Path) -> dict[str, Any]:
-        folder = out / "reference"
+        refuse_pickles(out / "reference")
         values = []
         for i, record in enumerate(self.records):
-            path = folder / f"ex{i:05d}.pt"
-            if not path.exists():
+            key = self._reference_key(i)
+            ref = load_reference(self._reference_path(out, key), key)
+            if ref is None:
                 continue
-            saved = torch.load(path, weights_only=False)
-            saved.pop("key", None)
-            ref = Reference(**saved)
             per: dict[str, float] = {}
             for name, metric in self.metrics.items():
-                for key, value in metric.baseline(record, ref, self.dims).items():
-                    per[f"{name}.{key}"] = float(value)
+                for k, value in metric.baseline(record, ref, self.dims).items():
+                    per[f"{name}.{k}"] = float(value)
             values.append(per)
         return {"cell": "full", "label": "full (unpruned)", "model": self.model_name, "method": "full",
                 "budget": None, "params": {}, "status": "done", "reason": None, "examples": len(values),
@@ -469,9 +557,66 @@ def _distributed() -> tuple[int, int, Any]:
     return dist.get_rank(), dist.get_world_size(), dist.group.WORLD
 
 
-def _record_key(record: Mapping[str, Any]) -> str:
-    image = record["image"]
-    return f"{image if isinstance(image, str) else type(image).__name__}|{record['question']}"
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AblationError(f"{name} must be an int, got {value!r}.")
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if _int(name, value) < 1:
+        raise AblationError(f"{name} must be >= 1, got {value}.")
+    return value
+
+
+def write_results(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write result rows as ``results.jsonl``, atomically (readers see the old file or the new one)."""
+    runfiles.write_atomic(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+# --- the unpruned model's outputs: safetensors (tensors + a JSON header), never pickle ----------
+
+
+def refuse_pickles(folder: Path) -> None:
+    """Refuse a run folder holding pickled reference files: loading them could run code."""
+    pickles = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+    if pickles:
+        raise runfiles.RunFileError(
+            f"{pickles[0]}{f' (and {len(pickles) - 1} more)' if len(pickles) > 1 else ''}: pickle files in a run "
+            f"folder are never loaded (unpickling can run arbitrary code). It was written by an older resprune or "
+            f"placed there by someone else; delete {folder}/*.pt (the unpruned outputs are recomputed) or start a "
+            f"new folder.")
+
+
+def save_reference(path: Path, key: Mapping[str, Any], ref: Reference) -> None:
+    """Store one example's unpruned outputs: the logits as a tensor, the rest as JSON metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"key": json.dumps(dict(key), sort_keys=True),
+            "reference": json.dumps({"answer": ref.answer, "tokens": ref.tokens, "prefill_ms": ref.prefill_ms,
+                                     "peak_mib": ref.peak_mib})}
+    logits = ref.first_logits.detach().float().cpu().contiguous()
+    runfiles.replace_with(path, lambda tmp: save_file({"first_logits": logits}, str(tmp), metadata=meta))
+
+
+def load_reference(path: Path, key: Mapping[str, Any]) -> Reference | None:
+    """The stored outputs for ``key``; ``None`` if absent, for another key, or damaged (then recomputed)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("key") != json.dumps(dict(key), sort_keys=True):
+                return None
+            info = json.loads(meta["reference"])
+            logits = fh.get_tensor("first_logits")
+        return Reference(str(info["answer"]), logits.float(), int(info["tokens"]), info.get("prefill_ms"),
+                         info.get("peak_mib"))
+    except Exception as exc:  # noqa: BLE001 - a damaged file (truncated, empty, edited) is recomputed
+        runfiles.warn_once(path, f"ignored a damaged reference file ({type(exc).__name__}); it is recomputed")
+        return None
 
 
 def _mean(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from collections.abc import Sequence
 
@@ -182,10 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"resprune: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``resprune`` command."""
     from .errors import ResPruneError
 
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides given after options (`sweep NAME --out d key=value`) land here

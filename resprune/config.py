@@ -13,13 +13,20 @@ A config chooses components by registry name only (no import paths)::
       params: {alpha: 0.75, seed: cls_attention}
 
 ``base: NAME`` starts from another config (shipped name or path) and merges this file
-on top. Loading resolves everything and validates every strategy's params, so a typo
-fails before any model work starts.
+on top; provenance (``reproduces``) is not inherited. Loading resolves everything and
+validates every strategy's params, so a typo fails before any model work starts.
+
+Interpolations between keys (``${budget}``) work; resolvers (``${oc.env:NAME}`` and any
+other ``${name:...}``) are refused in config files and mappings: a config shared with a
+run folder must not pull values out of the environment of whoever loads it, and the
+resolved value would be saved beside every result, secrets included. Overrides that the
+caller writes (``budget=${oc.env:B}``) are resolved; their values are saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -111,13 +118,63 @@ def shipped_configs() -> dict[str, str]:
     return out
 
 
+YAML_SUFFIXES = (".yaml", ".yml")
+
+_RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.\-]*\s*:")
+"""A resolver interpolation (``${oc.env:HOME}``), as opposed to a key interpolation (``${budget}``)."""
+
+
+def excerpt(value: object, limit: int = 60) -> str:
+    """``value`` as text, cut to ``limit`` characters: errors never quote whole files."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_yaml_text(path: Path, what: str = "config") -> str:
+    """A YAML file's text; ``ConfigError`` for a missing, unreadable or non-UTF-8 file, or another suffix."""
+    if path.suffix not in YAML_SUFFIXES:
+        raise ConfigError(f"{what} file '{path}' is not a YAML file (expected a {' or '.join(YAML_SUFFIXES)} "
+                          f"suffix).")
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); save it as UTF-8.") \
+            from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file '{path}': {exc.strerror or exc}") from None
+
+
+def parse_yaml(text: str, label: str) -> Any:
+    """Parse YAML safely (OmegaConf: no Python tags); errors quote at most a short excerpt."""
+    try:
+        return OmegaConf.create(text)
+    except Exception as exc:  # yaml errors, duplicate keys
+        raise ConfigError(f"{label}: cannot parse YAML: {excerpt(exc, 300)}") from None
+
+
+def refuse_resolvers(cfg: Any, label: str, prefix: str = "") -> None:
+    """``ConfigError`` naming the key of the first ``${resolver:...}`` interpolation in ``cfg``."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    items = cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
+    for key, value in items:
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, str) and _RESOLVER.search(value):
+            raise ConfigError(
+                f"{label}: {where}: resolver interpolations such as {excerpt(value, 40)!r} are not allowed: their "
+                f"value would be saved beside every result (environment secrets included). Write the value, or "
+                f"give it as an override (key=value).")
+        refuse_resolvers(value, label, where)
+
+
 def _read(source: str | Path, *, seen: tuple[str, ...] = ()) -> tuple[DictConfig, str]:
     """Read a shipped name or a YAML path, following ``base:``; return (config, label)."""
     text_path = Path(source)
-    if text_path.suffix in (".yaml", ".yml") or text_path.exists():
-        if not text_path.is_file():
-            raise ConfigError(f"config file not found: {text_path}")
-        label, text = str(text_path), text_path.read_text()
+    if text_path.suffix in YAML_SUFFIXES or text_path.exists():
+        label, text = str(text_path), read_yaml_text(text_path)
     else:
         if not (_config_dir() / f"{source}.yaml").is_file():
             names = shipped_configs()
@@ -128,26 +185,65 @@ def _read(source: str | Path, *, seen: tuple[str, ...] = ()) -> tuple[DictConfig
         text = (_config_dir() / f"{source}.yaml").read_text()
     if label in seen:
         raise ConfigError(f"{label}: 'base' chain loops: {' -> '.join(seen + (label,))}")
-    try:
-        cfg = OmegaConf.create(text)
-    except Exception as exc:  # yaml errors, duplicate keys
-        raise ConfigError(f"{label}: cannot parse YAML: {exc}") from None
+    cfg = parse_yaml(text, label)
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{label}: a pipeline config must be a mapping at the top level")
     return _with_base(cfg, label, seen + (label,), Path(label).parent if label == str(text_path) else None)
 
 
 def _with_base(cfg: DictConfig, label: str, seen: tuple[str, ...], folder: Path | None) -> tuple[DictConfig, str]:
+    refuse_resolvers(cfg, label)
+    _check_shapes(cfg, label)
     base = cfg.pop("base", None)
     if base is None:
         return cfg, label
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{label}: base: expected a shipped config name or a YAML path, got {excerpt(base)!r}.")
     base_path = Path(str(base))
     if folder is not None and not base_path.is_absolute() and (folder / base_path).exists():
         base_path = folder / base_path
     parent, _ = _read(base_path if base_path.exists() else str(base), seen=seen)
     if "selector" in cfg and "name" in cfg.selector and cfg.selector.name != parent.get("selector", {}).get("name"):
         parent.selector = {"name": cfg.selector.name, "params": {}}  # params do not carry across selectors
+    for key in PROVENANCE:
+        parent.pop(key, None)  # what the base reproduces, this config does not claim by inheritance
     return OmegaConf.merge(parent, cfg), label
+
+
+PROVENANCE = ("reproduces",)
+"""Keys that describe where a config comes from; ``base:`` does not pass them on."""
+
+_SHAPES: dict[str, Any] = {
+    "selector": {"params": dict},
+    "scorers": [{"params": dict}],
+    "backbone": {"params": dict},
+}
+"""The nesting every config must have: a mapping where ``{}``, a list where ``[]``."""
+
+
+def _check_shapes(cfg: Any, label: str, shape: Any = None, where: str = "") -> None:
+    """Name the key whose value is a list where a mapping belongs (or the reverse), before merging."""
+    shape = _SHAPES if shape is None else shape
+    if isinstance(shape, dict):
+        if not isinstance(cfg, (DictConfig, dict)):
+            kind = "a list" if isinstance(cfg, (ListConfig, list)) else f"{excerpt(cfg, 30)!r}"
+            raise ConfigError(f"{label}: {where}: expected a mapping (key: value), got {kind}.")
+        for key, sub in shape.items():
+            if key in cfg and cfg[key] is not None:
+                _check_shapes(cfg[key], label, sub, f"{where}.{key}" if where else key)
+    elif isinstance(shape, list):
+        if not isinstance(cfg, (ListConfig, list)):
+            kind = "a mapping" if isinstance(cfg, (DictConfig, dict)) else f"{excerpt(cfg, 30)!r}"
+            raise ConfigError(f"{label}: {where}: expected a list, got {kind}"
+                              + (" (write one '- name: ...' entry per item)" if where == "scorers" else "") + ".")
+        for i, item in enumerate(cfg):
+            if not isinstance(item, (DictConfig, dict)):
+                raise ConfigError(f"{label}: {where}[{i}]: expected a mapping such as {{name: {excerpt(item, 30)}}}, "
+                                  f"got {excerpt(item, 30)!r}.")
+            _check_shapes(item, label, shape[0], f"{where}[{i}]")
+    elif shape is dict and not isinstance(cfg, (DictConfig, dict)):
+        kind = "a list" if isinstance(cfg, (ListConfig, list)) else f"{excerpt(cfg, 30)!r}"
+        raise ConfigError(f"{label}: {where}: expected a mapping of parameter names to values, got {kind}.")
 
 
 def _overrides(overrides: Iterable[str] | Mapping[str, Any], kwargs: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -156,7 +252,7 @@ def _overrides(overrides: Iterable[str] | Mapping[str, Any], kwargs: Mapping[str
         items += list(overrides.items())
     else:
         for item in overrides:
-            if "=" not in item:
+            if not isinstance(item, str) or "=" not in item:
                 raise ConfigError(f"override {item!r} must look like key=value (e.g. budget=64, selector.params.alpha=0.5)")
             key = item.split("=", 1)[0].strip()
             try:
@@ -164,23 +260,35 @@ def _overrides(overrides: Iterable[str] | Mapping[str, Any], kwargs: Mapping[str
             except OmegaConfBaseException as exc:
                 raise ConfigError(f"override {item!r}: {_msg(exc)}") from None
     items += list(kwargs.items())
-    return items
+    # switching a strategy comes first, so that params given beside it apply to the new one
+    return sorted(items, key=lambda kv: not _SWITCH.fullmatch(str(kv[0])))
+
+
+_SWITCH = re.compile(r"selector(\.name)?|scorers\.\d+\.name")
+"""Override keys that switch a strategy (its old params are dropped, as in YAML)."""
 
 
 def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
-    if key == "selector" and isinstance(value, str):  # shorthand: selector=divprune
-        if _canonical(value) != _canonical(cfg.selector.name):  # a new selector starts from its defaults
-            cfg.selector = StrategyConfig(name=value)
+    if key in ("selector", "selector.name") and isinstance(value, str):  # also the shorthand selector=divprune
+        if _canonical("selectors", value) != _canonical("selectors", cfg.selector.name):
+            cfg.selector = StrategyConfig(name=value)  # a new selector starts from its defaults
+        return
+    found = re.fullmatch(r"scorers\.(\d+)\.name", key)
+    if found and isinstance(value, str) and int(found.group(1)) < len(cfg.scorers):
+        entry = cfg.scorers[int(found.group(1))]
+        if _canonical("scorers", value) != _canonical("scorers", entry.name):
+            entry.name, entry.params = value, {}  # a new scorer starts from its defaults
         return
     try:
         OmegaConf.update(cfg, key, value, merge=True)
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{label}: override {key}={value!r}: {_msg(exc)}") from None
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        msg = _msg(exc) if isinstance(exc, OmegaConfBaseException) else str(exc)
+        raise ConfigError(f"{label}: override {key}={excerpt(repr(value))}: {msg}") from None
 
 
-def _canonical(name: Any) -> Any:
+def _canonical(kind: str, name: Any) -> Any:
     try:
-        return get_host().selectors.get(str(name)).name
+        return getattr(get_host(), kind).get(str(name)).name
     except KeyError:
         return name
 
@@ -214,8 +322,12 @@ def load_config(
         raw, label = _read(source)
     elif isinstance(source, PipelineConfig):
         raw, label = OmegaConf.structured(source), "<PipelineConfig>"
+        refuse_resolvers(raw, label)
     elif isinstance(source, (Mapping, DictConfig)):
-        raw = OmegaConf.create(OmegaConf.to_container(source) if isinstance(source, DictConfig) else dict(source))
+        try:
+            raw = OmegaConf.create(OmegaConf.to_container(source) if isinstance(source, DictConfig) else dict(source))
+        except (OmegaConfBaseException, ValueError, TypeError) as exc:
+            raise ConfigError(f"<dict>: not a config mapping: {excerpt(exc, 200)}") from None
         raw, label = _with_base(raw, "<dict>", ("<dict>",), None)
     else:
         raise ConfigError(f"cannot load a pipeline config from {type(source).__name__}")
@@ -224,7 +336,8 @@ def load_config(
     valid = [f.name for f in dataclasses.fields(PipelineConfig)]
     for key in raw:
         if key not in valid:
-            raise ConfigError(f"{label}: unknown key '{key}'.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
+            raise ConfigError(f"{label}: unknown key '{excerpt(key)}'.{suggest(str(key), valid)} "
+                              f"Valid keys: {', '.join(valid)}.")
     scorers = raw.get("scorers")
     for i, entry in enumerate(scorers if isinstance(scorers, ListConfig) else []):  # errors name scorers[i]
         try:

@@ -12,9 +12,11 @@ Sources (nothing is downloaded):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from PIL import Image
 
 from .errors import InvalidInputError, MissingDependencyError
 
-__all__ = ["load_records", "open_image", "describe_source"]
+__all__ = ["load_records", "open_image", "describe_source", "record_digest"]
 
 
 def describe_source(source: Any) -> str:
@@ -35,7 +37,9 @@ def describe_source(source: Any) -> str:
 
 
 def load_records(source: Any = None, *, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read and check the records of ``source`` (see the module docstring)."""
+    """Read and check the records of ``source`` (see the module docstring); at most ``limit`` (>= 1)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidInputError(f"limit must be an int >= 1 (or None for every record), got {limit!r}.")
     if source is None:
         from .demo import sample_questions
 
@@ -55,32 +59,106 @@ def load_records(source: Any = None, *, limit: int | None = None) -> list[dict[s
         else:
             raise InvalidInputError(f"dataset '{path}': use a .jsonl or .csv file, a datasets folder "
                                     f"(save_to_disk), or .parquet / .json files.")
-    elif isinstance(source, Iterable):
-        records, where = [dict(r) for r in source], f"<{type(source).__name__}>"
+    elif isinstance(source, Iterable) and not isinstance(source, (bytes, Mapping)):
+        where = f"<{type(source).__name__}>"
+        records = []
+        for i, rec in enumerate(source):
+            if not isinstance(rec, Mapping):
+                raise InvalidInputError(f"{where}: record {i} is a {type(rec).__name__}; each record is a mapping "
+                                        f"with 'image' and 'question'.")
+            records.append(dict(rec))
     else:
-        raise InvalidInputError(f"cannot read a dataset from {type(source).__name__}.")
+        raise InvalidInputError(f"cannot read a dataset from {type(source).__name__}: pass None, a file or folder "
+                                f"path, or an iterable of records.")
     for i, rec in enumerate(records):
-        missing = [key for key in ("image", "question") if rec.get(key) in (None, "")]
-        if missing:
-            raise InvalidInputError(f"{where}: record {i} has no '{missing[0]}' (keys: {sorted(rec)}).")
-        answers = rec.get("answers")
-        if isinstance(answers, str):
-            rec["answers"] = [answers]
+        _check_record(rec, f"{where}: record {i}")
     return records[:limit] if limit is not None else records
 
 
+def _check_record(rec: dict[str, Any], where: str) -> None:
+    missing = [key for key in ("image", "question") if rec.get(key) in (None, "")]
+    if missing:
+        raise InvalidInputError(f"{where} has no '{missing[0]}' (keys: {sorted(rec)}).")
+    image = rec["image"]
+    if not isinstance(image, (str, Path, Image.Image, bytes, Mapping)):
+        raise InvalidInputError(f"{where}: 'image' is a {type(image).__name__} ({_short(image)}); use a path, "
+                                f"a PIL image, bytes or a {{'bytes': ..., 'path': ...}} mapping.")
+    if not isinstance(rec["question"], str):
+        raise InvalidInputError(f"{where}: 'question' must be a string, got {type(rec['question']).__name__}.")
+    answers = rec.get("answers")
+    if isinstance(answers, str):
+        rec["answers"] = [answers]
+    elif answers is not None and not (isinstance(answers, Sequence) and all(isinstance(a, str) for a in answers)):
+        raise InvalidInputError(f"{where}: 'answers' must be a string or a list of strings, got {_short(answers)}.")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def record_digest(record: Mapping[str, Any], fields: Sequence[str] | None = None) -> str:
+    """A content hash of a record (of ``fields`` only, if given): image bytes included, so a
+    changed image at the same path is a different record."""
+    h = hashlib.sha256()
+    for key in sorted(record if fields is None else fields):
+        value = record.get(key)
+        h.update(json.dumps(key).encode())
+        if key == "image":
+            h.update(_image_digest(value).encode())
+        else:
+            h.update(json.dumps(value, sort_keys=True, default=repr).encode())
+    return h.hexdigest()[:24]
+
+
+def _image_digest(image: Any) -> str:
+    if isinstance(image, Image.Image):
+        return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+    if isinstance(image, Mapping):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, bytes):
+        return hashlib.sha256(image).hexdigest()
+    if isinstance(image, (str, Path)):
+        return hashlib.sha256(_regular_file(image).read_bytes()).hexdigest()
+    raise InvalidInputError(f"cannot read image {_short(image)}: use a path, a PIL image or bytes.")
+
+
+def _regular_file(path: str | Path) -> Path:
+    """``path`` if it is a regular file; a clear error for a missing file, a folder, a FIFO, a device."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise InvalidInputError(f"cannot open image '{path}': {exc.strerror or exc}.") from None
+    if not stat.S_ISREG(mode):
+        raise InvalidInputError(f"cannot open image '{path}': not a regular file (a folder, FIFO or device).")
+    return path
+
+
 def open_image(image: Any) -> Image.Image:
-    """A PIL RGB image from a path, a PIL image, or a ``{"bytes": ...}`` / ``{"path": ...}`` dict."""
+    """A PIL RGB image from a path, a PIL image, bytes, or a ``{"bytes": ...}`` / ``{"path": ...}`` dict.
+
+    Anything that is not a readable image (bad bytes, a folder or FIFO, a decompression
+    bomb: more than twice PIL's ``Image.MAX_IMAGE_PIXELS``) is an ``InvalidInputError``.
+    """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    if isinstance(image, dict):
-        if image.get("bytes"):
-            return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
-        image = image.get("path")
+    if isinstance(image, Mapping):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, bytes):
+        source: Any = io.BytesIO(image)
+        name = f"<{len(image)} bytes>"
+    elif isinstance(image, (str, Path)):
+        source = name = str(_regular_file(image))
+    else:
+        raise InvalidInputError(f"cannot open image {_short(image)}: use a path, a PIL image or bytes.")
     try:
-        return Image.open(image).convert("RGB")
-    except (OSError, ValueError, TypeError) as exc:
-        raise InvalidInputError(f"cannot open image {image!r}: {exc}") from None
+        with Image.open(source) as img:
+            return img.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise InvalidInputError(f"refused image {name}: {exc}") from None
+    except (OSError, ValueError, TypeError, SyntaxError) as exc:
+        raise InvalidInputError(f"cannot open image {name}: {exc}") from None
 
 
 def _resolve(image: Any, folder: Path) -> Any:
@@ -89,15 +167,29 @@ def _resolve(image: Any, folder: Path) -> Any:
     return image
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InvalidInputError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}); "
+                                f"save the file as UTF-8.") from None
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read dataset '{path}': {exc.strerror or exc}.") from None
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidInputError(f"{path}:{n}: not valid JSON ({exc.msg}).") from None
+        if not isinstance(rec, dict):
+            raise InvalidInputError(f"{path}:{n}: expected a JSON object with 'image' and 'question', "
+                                    f"got a {type(rec).__name__}.")
         rec["image"] = _resolve(rec.get("image"), path.parent)
         records.append(rec)
     return records
@@ -105,14 +197,16 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _csv(path: Path) -> list[dict[str, Any]]:
     records = []
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            rec: dict[str, Any] = dict(row)
-            rec["image"] = _resolve(rec.get("image"), path.parent)
-            answers = rec.get("answers")
-            if answers:
+    for n, row in enumerate(csv.DictReader(io.StringIO(_text(path), newline="")), 2):
+        rec: dict[str, Any] = {k: v for k, v in row.items() if k is not None}
+        rec["image"] = _resolve(rec.get("image"), path.parent)
+        answers = rec.get("answers")
+        if answers:
+            try:
                 rec["answers"] = json.loads(answers) if answers.lstrip().startswith("[") else answers.split("|")
-            records.append(rec)
+            except json.JSONDecodeError as exc:
+                raise InvalidInputError(f"{path}:{n}: 'answers' is not a JSON list ({exc.msg}).") from None
+        records.append(rec)
     return records
 
 

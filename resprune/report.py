@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, MissingDependencyError
+from .runfiles import replace_with, write_atomic
 
 __all__ = ["LOWER_IS_BETTER", "PERCENT", "load_results", "results_table", "plot_metric_vs_budget", "write_report"]
 
@@ -193,8 +194,9 @@ def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem
         fig.tight_layout()
         stem.parent.mkdir(parents=True, exist_ok=True)
         for ext in ("png", "svg"):
-            fig.savefig(stem.with_name(stem.name + f".{ext}"))
-            written.append(stem.with_name(stem.name + f".{ext}"))
+            path = stem.with_name(stem.name + f".{ext}")
+            replace_with(path, lambda tmp, ext=ext: fig.savefig(tmp, format=ext))
+            written.append(path)
         plt.close(fig)
     return written
 
@@ -217,5 +219,5 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
                         lines.append(f"![{name}](plots/{path.name})")
             lines.append("")
     out = run / "report.md"
-    out.write_text("\n".join(lines))
+    write_atomic(out, "\n".join(lines))
     return out

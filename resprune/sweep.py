@@ -15,11 +15,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .ablation import Ablation, AblationError, ResultTable
-from .errors import suggest
+from .ablation import Ablation, AblationError, ResultTable, write_results
+from .config import YAML_SUFFIXES, excerpt, parse_yaml, read_yaml_text, refuse_resolvers
+from .errors import ConfigError, suggest
 
 __all__ = ["SweepConfig", "load_sweep", "run_sweep", "DEFAULT_SWEEP"]
 
@@ -57,22 +58,28 @@ def _default_path() -> Path:
 
 
 def load_sweep(source: str | Path | None = None, overrides: Iterable[str] = ()) -> SweepConfig:
-    """Read a sweep file or shipped sweep name (``None``: the default sweep); apply dotlist overrides."""
+    """Read a sweep file or shipped sweep name (``None``: the default sweep); apply dotlist overrides.
+
+    Like pipeline files, sweep files may not use resolvers (``${oc.env:NAME}``); overrides
+    may (see ``resprune.config``).
+    """
+    overrides = list(overrides)
     path = _default_path() if source is None else Path(source)
     if source is not None and not path.exists() and (_default_path().parent / f"{source}.yaml").is_file():
         path = _default_path().parent / f"{source}.yaml"  # a shipped sweep by name: `resprune sweep table-iv`
-    if not path.is_file():
+    if not path.exists() and path.suffix not in YAML_SUFFIXES:
         raise AblationError(f"sweep file not found: {path}")
     valid = [f.name for f in dataclasses.fields(SweepConfig)]
     try:
-        raw = OmegaConf.load(path)
-    except Exception as exc:  # yaml errors, duplicate keys
-        raise AblationError(f"{path}: cannot parse YAML: {exc}") from None
-    for key in raw:
-        if key not in valid:
-            raise AblationError(f"{path}: unknown key '{key}'.{suggest(str(key), valid)} Valid keys: {', '.join(valid)}.")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw)
+        raw = parse_yaml(read_yaml_text(path, "sweep"), str(path))
+        if not isinstance(raw, DictConfig):
+            raise AblationError(f"{path}: a sweep file must be a mapping at the top level.")
+        for key in raw:
+            if key not in valid:
+                raise AblationError(f"{path}: unknown key '{excerpt(key)}'.{suggest(str(key), valid)} "
+                                    f"Valid keys: {', '.join(valid)}.")
+        refuse_resolvers(raw, str(path))
+        cfg = _merge(OmegaConf.structured(SweepConfig), raw, str(path))
         for item in overrides:
             if "=" not in item:
                 raise AblationError(f"override {item!r} must look like key=value (e.g. grid.budget=[64,128])")
@@ -80,10 +87,41 @@ def load_sweep(source: str | Path | None = None, overrides: Iterable[str] = ()) 
             if key.split(".")[0] not in valid:
                 raise AblationError(f"override {item!r}: unknown key '{key.split('.')[0]}'."
                                     f"{suggest(key.split('.')[0], valid)}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {excerpt(item)!r}")
+        spec: SweepConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise AblationError(f"{path}: {getattr(exc, 'full_key', '') or ''}: {str(exc).splitlines()[0]}") from None
+    except ConfigError as exc:
+        raise AblationError(str(exc)) from None
+    _check(spec, f"{path}{' with overrides' if overrides else ''}")
+    return spec
+
+
+def _merge(cfg: Any, other: Any, label: str) -> Any:
+    for key in ("grid", "metrics"):  # shapes OmegaConf reports only as 'incompatible container types'
+        value = other.get(key) if isinstance(other, DictConfig) else None
+        want = DictConfig if key == "grid" else ListConfig
+        if value is not None and not isinstance(value, want):
+            example = "{budget: [64, 128], selector: [residual_energy, divprune]}" if key == "grid" \
+                else "[fidelity, flops]"
+            raise AblationError(f"{label}: {key}: expected a {'mapping' if key == 'grid' else 'list'} such as "
+                                f"{example}, got {excerpt(repr(OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value))}.")
+    try:
+        return OmegaConf.merge(cfg, other)
+    except (TypeError, ValueError) as exc:
+        raise AblationError(f"{label}: {excerpt(exc, 200)}") from None
+
+
+def _check(spec: SweepConfig, label: str) -> None:
+    """Values the schema's types admit but a sweep cannot run with."""
+    if spec.max_new_tokens < 1:
+        raise AblationError(f"{label}: max_new_tokens must be >= 1, got {spec.max_new_tokens}.")
+    if spec.limit is not None and spec.limit < 1:
+        raise AblationError(f"{label}: limit must be >= 1 (or null for every record), got {spec.limit}.")
+    models = spec.model if isinstance(spec.model, list) else [spec.model]
+    if not models or not all(isinstance(m, str) and m for m in models):
+        raise AblationError(f"{label}: model must be a hub id, a folder or tiny:<model_type>, or a list of them; "
+                            f"got {excerpt(spec.model)!r}.")
 
 
 def run_sweep(spec: SweepConfig, *, out_dir: str | Path | None = None, progress: bool = True,
@@ -113,11 +151,7 @@ def run_sweep(spec: SweepConfig, *, out_dir: str | Path | None = None, progress:
             print_fn(f"sweep: {len(study.cells)} cells x {len(study.records)} examples on {name} -> {folder}")
         table.extend(study.run(folder))
     if len(studies) > 1 and studies[0][1].rank == 0:
-        import json
-
-        with (root / "results.jsonl").open("w") as fh:
-            for row in table:
-                fh.write(json.dumps(row) + "\n")
+        write_results(root / "results.jsonl", table)
     return table
 
 

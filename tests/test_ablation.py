@@ -156,7 +156,7 @@ def test_unpruned_outputs_are_computed_once_per_example(tmp_path):
         s.run(tmp_path)
     finally:
         calls.close()
-    assert len(list((tmp_path / "reference").glob("ex*.pt"))) == 2
+    assert len(list((tmp_path / "reference").glob("*.safetensors"))) == 2
     # generate(max_new_tokens=3) = 3 LLM calls per example: 2 examples x (1 reference + 3 cells)
     assert calls.n == 2 * 4 * 3
 

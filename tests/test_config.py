@@ -441,9 +441,21 @@ def test_bad_dotlist_overrides(override, hints):
         assert hint in str(info.value)
 
 
-def test_selector_name_override_keeps_params_and_says_which_are_invalid():
+def test_selector_name_override_drops_the_old_selectors_params_as_yaml_does():
+    cfg = load_config("resprune-llava15", ["selector.name=dpp"])
+    assert cfg.selector.name == "dpp" and plain(cfg.selector.params)["normalize"] == "minmax"
+    # params given beside the switch apply to the new selector, whatever their order
+    cfg = load_config("resprune-llava15", ["selector.params.normalize=none", "selector.name=dpp"])
+    assert cfg.selector.params.normalize == "none"
     with pytest.raises(ConfigError, match="selector.params.alpha: unknown parameter of selector 'dpp'"):
-        load_config("resprune-llava15", ["selector.name=dpp"])
+        load_config("resprune-llava15", ["selector.params.alpha=0.5", "selector.name=dpp"])  # written by the user
+    # the same selector under an alias keeps its params
+    assert load_config("resprune-llava15", ["selector.name=resprune"]).selector.params.alpha == 0.75
+
+
+def test_scorer_name_override_drops_the_old_scorers_params():
+    cfg = load_config("resprune-llava15", ["scorers.1.name=norm"])
+    assert cfg.scorers[1].name == "norm" and plain(cfg.scorers[1].params) == {}
 
 
 @pytest.mark.parametrize("how", ["dotlist", "mapping", "kwargs"])

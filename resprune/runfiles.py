@@ -1,0 +1,193 @@
+"""The files a run writes: whole files replaced atomically, append-only JSON lines, a lock.
+
+Every file a run writes is either complete or recognisably incomplete:
+
+- whole files (configs, summaries, ``results.jsonl``, reports, reference outputs) are
+  written to a temporary file in the same folder, flushed to disk and renamed over the
+  target (``write_atomic``, ``replace_with``), so a reader sees the old file or the new
+  one, never half of one;
+- append-only JSONL gets one ``write`` per record, ending in a newline, flushed and synced
+  (``append_jsonl``). A last line without its newline, or padded with NUL bytes, is a torn
+  write (a kill, a power loss, a full disk): ``read_jsonl`` drops it, says so once, and
+  cuts it off before the file is appended to again. A malformed line anywhere else is a
+  ``RunFileError`` naming the file and the line;
+- ``RunLock`` refuses a second process writing the same run folder (an ``flock`` on a file
+  in it, released by the kernel when the process dies, so a killed run never leaves a
+  stale lock behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import ResPruneError
+
+__all__ = ["RunFileError", "RunLockedError", "RunLock", "write_atomic", "replace_with", "append_jsonl", "warn_once",
+           "read_jsonl", "read_json"]
+
+
+class RunFileError(ResPruneError):
+    """A file in a run folder is damaged in a way resprune cannot repair (names file and line)."""
+
+
+class RunLockedError(ResPruneError):
+    """Another process is writing the same run folder."""
+
+
+_warned: set[str] = set()
+
+
+def warn_once(path: Path, message: str) -> None:
+    """Warn about ``path`` once per process (the same damage is not reported at every read)."""
+    key = f"{path.resolve()}|{message}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{path}: {message}", RuntimeWarning, stacklevel=3)
+
+
+def _temp_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def replace_with(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, sync it, rename it to ``path``."""
+    path = Path(path)
+    tmp = _temp_for(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Replace ``path`` with ``data`` (text is UTF-8) so that readers never see a partial file."""
+    raw = data.encode() if isinstance(data, str) else data
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(raw)
+
+    return replace_with(path, write)
+
+
+def append_jsonl(path: str | Path, record: Any) -> None:
+    """Append one JSON line in a single write, then flush and sync it to disk."""
+    line = (json.dumps(record, allow_nan=True) + "\n").encode()
+    with open(path, "ab") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | Path, *, repair: bool = False) -> list[tuple[int, Any]]:
+    """``(line number, value)`` of every complete line of ``path`` (``[]`` if it is missing).
+
+    A torn tail (text after the last newline, or a last line holding NUL bytes) is dropped
+    with one warning; with ``repair=True`` it is also cut off the file, so the next append
+    starts on a fresh line. Any other line that is not valid JSON raises ``RunFileError``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # everything before `end` ended with its newline
+    lines = data[:end].split(b"\n")[:-1]
+    if lines and b"\0" in lines[-1]:  # a NUL-padded last line: the write did not complete
+        end -= len(lines.pop()) + 1
+    while lines and not lines[-1].strip(b" \t\r\0"):
+        lines.pop()  # blank lines at the end carry nothing
+    torn = data[end:]
+    if torn.strip(b"\0 \t\r\n"):
+        warn_once(path, f"dropped a torn last line ({len(torn)} bytes, an interrupted write); "
+                         f"what it held is recomputed")
+    if repair and end < len(data):
+        with open(path, "rb+") as fh:
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
+    out = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            out.append((n, json.loads(raw.decode())))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise RunFileError(f"{path}:{n}: damaged line ({why}); only a torn last line is repaired "
+                               f"automatically. Delete the line (its example is recomputed) or the file.") from None
+    return out
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; ``None`` (with one warning) if it is missing, empty or damaged."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_bytes().decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        warn_once(path, f"ignored a damaged file ({type(exc).__name__}); it is recomputed")
+        return None
+    if not isinstance(value, dict):
+        warn_once(path, f"ignored: expected a JSON object, found {type(value).__name__}; it is recomputed")
+        return None
+    return value
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held while a process writes it.
+
+    ``with RunLock(folder):`` raises ``RunLockedError`` at once if another process holds it.
+    The kernel drops the lock when its process exits, however it exits.
+    """
+
+    FILENAME = ".resprune.lock"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / self.FILENAME
+        self._fh: Any = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no locking (documented)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunLockedError(
+                f"run folder '{self.folder}' is being written by {holder}; two runs into one folder would "
+                f"interleave their results. Wait for it, or use another --out / out_dir.") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock
+            self._fh = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
