@@ -22,6 +22,12 @@ Everything is vectorised over the batch. ``incremental`` and ``gram`` never read
 value on the host, so on a GPU the loop queues without synchronising; ``blocked`` checks
 for a miss on the host each step, so ``auto`` picks it on CPU only.
 
+Scale: the selection does not change when every token of an image is multiplied by the
+same factor, but float32 squares overflow above about ``1e19`` and underflow below about
+``1e-19``. ``safe_scale`` multiplies an image's tokens by a power of two (exact: every
+product and sum scales exactly, so the picks are bit-identical) whenever its squared norms
+leave ``[2^-60, 2^60]``; on CPU only then, elsewhere always (checking would synchronise).
+
 Degenerate inputs: a token whose residual energy is at or below ``tol * ||v_i||^2`` lies
 (numerically) in the span already kept and is never picked greedily. When no unselected
 token is left above that tolerance (budget above the rank, duplicated or zero tokens),
@@ -37,7 +43,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["greedy_residual_select", "choose_method", "span_residual", "optimal_residual", "DEFAULT_TOL", "BLOCK"]
+__all__ = ["greedy_residual_select", "choose_method", "safe_scale", "span_residual", "optimal_residual",
+           "DEFAULT_TOL", "BLOCK"]
 
 DEFAULT_TOL = 1e-4
 """Relative residual energy below which a token counts as inside the kept span."""
@@ -47,6 +54,34 @@ Method = Literal["auto", "incremental", "gram", "blocked"]
 BLOCK = 32
 """Gram columns computed per block by the ``blocked`` method (the best of 16/32/64 measured
 on a 2-core CPU over Gaussian, low-rank, clustered and spatially smooth tokens)."""
+
+
+SAFE_EXPONENT = 60
+"""``safe_scale`` leaves squared norms in ``[2^-60, 2^60]`` alone (on CPU)."""
+
+
+def safe_scale(v: Tensor, energy: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(v * 2^-e, squared row norms)`` per image, with ``e`` putting the image's largest
+    entry in ``[0.5, 1)``, where float32 squares of ``v`` could overflow or underflow.
+
+    ``v`` is float32 ``[B, N, d]``; ``energy`` its squared row norms ``[B, N]`` if already
+    computed. Power-of-two factors are exact, so selections on the result equal those on
+    ``v`` whenever ``v`` itself was in range. On CPU, images in range are returned as they
+    are; on other devices every image is rescaled (no host synchronisation).
+    """
+    if energy is None:
+        energy = v.pow(2).sum(-1)
+    if v.device.type == "cpu":
+        top = energy.amax(dim=-1)
+        low, high = 2.0 ** -SAFE_EXPONENT, 2.0 ** SAFE_EXPONENT
+        if bool(((top >= low) & (top <= high)).all()):  # 0 may be an underflow: rescale to tell
+            return v, energy
+    lo, hi = torch.aminmax(v.reshape(v.shape[0], -1), dim=-1)
+    peak = torch.maximum(hi, -lo)
+    exponent = torch.frexp(peak).exponent  # peak = m * 2^exponent, m in [0.5, 1); 0 for a zero image
+    scale = torch.ldexp(torch.ones_like(peak), -exponent).view(-1, 1, 1)
+    v = v * scale
+    return v, v.pow(2).sum(-1)
 
 
 def choose_method(n: int, d: int, k: int, *, batch: int = 1,
@@ -78,6 +113,7 @@ def greedy_residual_select(
     method: Method = "auto",
     trace: list[Tensor] | None = None,
     row_scale: Tensor | None = None,
+    energy0: Tensor | None = None,
 ) -> Tensor:
     """Greedily pick ``k`` tokens maximising weighted residual energy.
 
@@ -93,6 +129,10 @@ def greedy_residual_select(
             appended to it (for tests and analysis).
         row_scale: ``[B, N]``: select as if token ``i`` were ``row_scale_i * v_i``, without
             materialising the scaled copy (``dpp`` uses it for ``r_i v_i / ||v_i||``).
+        energy0: ``[B, N]`` the exact initial energies of the (scaled) tokens when they are
+            known in closed form (``dpp``: ``r_i^2``), so that exact ties stay exact ties and
+            go to the lower index whatever the memory layout. ``tokens`` must then already be
+            in a safe range (``safe_scale``).
 
     Returns:
         int64 ``[B, k]`` indices in the order picked.
@@ -103,15 +143,17 @@ def greedy_residual_select(
     v = tokens.float()
     if method == "auto":
         method = choose_method(n, d, k, batch=b, device=v.device)
-    v = v.contiguous()
+    v = v.contiguous()  # one layout, so equal values give equal sums whatever the caller's strides
+    if energy0 is None:
+        v, energy0 = safe_scale(v)  # [B, N]
+        if row_scale is not None:
+            energy0 = energy0 * row_scale.float().square()
+    else:
+        energy0 = energy0.float()
     rs = None if row_scale is None else row_scale.float()
     gram = torch.bmm(v, v.transpose(1, 2)) if method == "gram" else None
     if gram is not None and rs is not None:
         gram.mul_(rs.unsqueeze(-1)).mul_(rs.unsqueeze(1))
-
-    energy0 = v.pow(2).sum(-1)  # [B, N]
-    if rs is not None:
-        energy0 = energy0 * rs.square()
     w = torch.ones_like(energy0) if weights is None else weights.float()
     floor = energy0 * tol  # per-token degeneracy threshold
     # Fallback keys, below every live key (live keys are w * e >= 0): higher initial weighted

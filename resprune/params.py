@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -53,6 +54,10 @@ def build_params(owner: type, values: Mapping[str, Any] | DictConfig | None, *, 
         raise ConfigError(f"{where}.{key}: {msg} ({label}).".replace(". (", " (")) from None
     except (ValueError, TypeError) as exc:  # raised by Params.__post_init__
         raise ConfigError(f"{where}: {exc} ({label}).") from None
+    for f in dataclasses.fields(built):
+        bad = _non_finite(getattr(built, f.name))
+        if bad is not None:
+            raise ConfigError(f"{where}.{f.name}: must be a finite number, got {bad} ({label}).")
     if cache_key is not None and len(_validated) < _CACHE_SIZE:
         _validated[cache_key] = dataclasses.replace(built)
     return built
@@ -73,6 +78,20 @@ def _cache_key(params_cls: type, values: Mapping[str, Any] | DictConfig) -> tupl
     except TypeError:
         return None
     return (params_cls, items)
+
+
+def _non_finite(value: Any) -> float | None:
+    """The first NaN or infinite float in ``value`` (nested lists and mappings included), if any."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            bad = _non_finite(item)
+            if bad is not None:
+                return bad
+    return None
 
 
 def check_choice(field: str, value: Any, choices: Iterable[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from .budget import Budget, resolve_budget
 from .context import PruneContext
-from .errors import InvalidInputError, PluginContractError
+from .errors import InvalidInputError, PluginContractError, PluginError, ResPruneError
 from .interfaces import Scorer, Selector, Strategy
 from .plugins import get_host
 
@@ -96,19 +97,53 @@ def check_scores(scores: Mapping[str, Any] | None, b: int, n: int, *, where: str
     return out
 
 
+class _ReadOnly:
+    """Notices a plugin writing into the tensors it was handed (through their version counters,
+    which every in-place operation bumps): cheap enough to run on every call."""
+
+    def __init__(self, tensors: Mapping[str, Any]) -> None:
+        self._seen = [(name, t, t._version) for name, t in tensors.items()
+                      if isinstance(t, Tensor) and not t.is_inference()]  # inference tensors keep no version
+
+    def check(self, who: str) -> None:
+        changed = [name for name, t, version in self._seen if t._version != version]
+        if changed:
+            raise PluginContractError(
+                f"{who} wrote into {', '.join(changed)} in place; the tensors handed to plugins are read-only "
+                f"(other strategies and the model read them afterwards). Clone before modifying: x = x.clone().")
+
+
+def _inputs(context: PruneContext, **more: Any) -> dict[str, Any]:
+    fields = {f"context['{name}']": value for name, value in context._values.items()}
+    return {**fields, **more}
+
+
+def _call(who: str, fn: Any, *args: Any) -> Any:
+    """Call a plugin; its own exceptions become a ``PluginError`` naming it (resprune's pass through)."""
+    try:
+        return fn(*args)
+    except (ResPruneError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise PluginError(f"{who} raised {type(exc).__name__}: {exc}") from exc
+
+
 def run_scorer(scorer: Scorer, context: PruneContext) -> Tensor:
     """Run ``scorer`` and check its output is a finite float ``[B, N]``; name the plugin if not."""
     context.check(scorer.requires, requester=f"scorer '{scorer.name}'")
-    result = scorer.score(context)
+    who = f"scorer '{scorer.name}' (plugin '{provider(scorer)}')"
+    guard = _ReadOnly(_inputs(context))
+    result = _call(who, scorer.score, context)
+    guard.check(who)
     b, n = context.batch_size, context.num_tokens
     if not isinstance(result, Tensor) or tuple(result.shape) != (b, n) or not result.is_floating_point():
         got = f"shape {tuple(result.shape)} {result.dtype}" if isinstance(result, Tensor) else type(result).__name__
         raise PluginContractError(
-            f"scorer '{scorer.name}' (plugin '{provider(scorer)}') returned {got}; "
-            f"a scorer must return a float tensor of shape [B, N] = {(b, n)}.")
+            f"{who} returned {got}; a scorer must return a float tensor of shape [B, N] = {(b, n)}.")
+    result = result.float()  # checked after the cast: a float64 1e300 becomes inf here
     if not bool(torch.isfinite(result).all()):
-        raise PluginContractError(f"scorer '{scorer.name}' (plugin '{provider(scorer)}') returned NaN or Inf scores.")
-    return result.float()
+        raise PluginContractError(f"{who} returned NaN or Inf scores (in float32).")
+    return result
 
 
 def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str, Tensor],
@@ -122,8 +157,10 @@ def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str
             f"or add a scorer that writes it.")
     context.check(selector.requires, requester=f"selector '{selector.name}'")
     b, n = tokens.shape[:2]
-    out = selector.select(tokens, k, scores, context)
     who = f"selector '{selector.name}' (plugin '{provider(selector)}')"
+    guard = _ReadOnly(_inputs(context, tokens=tokens, **{f"scores['{k_}']": v for k_, v in scores.items()}))
+    out = _call(who, selector.select, tokens, k, MappingProxyType(dict(scores)), context)
+    guard.check(who)
     if not isinstance(out, Tensor) or tuple(out.shape) != (b, k):
         got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
         raise PluginContractError(f"{who} returned {got}; expected int64 indices of shape [B, k] = {(b, k)}.")
@@ -136,22 +173,31 @@ def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str
     return out
 
 
-def make_selector(selector: str | Selector, params: Mapping[str, Any] | None = None) -> Selector:
-    """A selector instance from a registry name (with params) or an instance."""
-    if isinstance(selector, Selector):
+def _make(kind: str, base: type, value: Any, params: Mapping[str, Any] | None) -> Any:
+    if isinstance(value, base):
         if params:
-            raise TypeError("pass params only with a selector name, not with a Selector instance")
-        return selector
-    return get_host().selectors.get(selector)(dict(params or {}))
+            raise InvalidInputError(f"pass params only with a {kind} name or class, not with a {base.__name__} "
+                                    f"instance ({value!r}): build it with them instead.")
+        return value
+    if isinstance(value, type):
+        if not issubclass(value, base):
+            raise InvalidInputError(f"{value.__qualname__} is not a {base.__name__} subclass; pass a registered "
+                                    f"{kind} name, a {base.__name__} subclass or an instance.")
+        return value(dict(params or {}))  # an unregistered class works too (e.g. in a notebook)
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{kind}={value!r}: pass a registered {kind} name, a {base.__name__} subclass or "
+                                f"an instance.")
+    return getattr(get_host(), f"{kind}s").get(value)(dict(params or {}))
 
 
-def make_scorer(scorer: str | Scorer, params: Mapping[str, Any] | None = None) -> Scorer:
-    """A scorer instance from a registry name (with params) or an instance."""
-    if isinstance(scorer, Scorer):
-        if params:
-            raise TypeError("pass params only with a scorer name, not with a Scorer instance")
-        return scorer
-    return get_host().scorers.get(scorer)(dict(params or {}))
+def make_selector(selector: str | Selector | type[Selector], params: Mapping[str, Any] | None = None) -> Selector:
+    """A selector instance from a registry name or a ``Selector`` subclass (with params), or an instance."""
+    return _make("selector", Selector, selector, params)
+
+
+def make_scorer(scorer: str | Scorer | type[Scorer], params: Mapping[str, Any] | None = None) -> Scorer:
+    """A scorer instance from a registry name or a ``Scorer`` subclass (with params), or an instance."""
+    return _make("scorer", Scorer, scorer, params)
 
 
 def _context(tokens: Tensor, context: PruneContext | Mapping[str, Any] | None) -> PruneContext:
@@ -166,7 +212,7 @@ def select(
     tokens: Tensor,
     budget: Budget,
     *,
-    selector: str | Selector = "residual_energy",
+    selector: str | Selector | type[Selector] = "residual_energy",
     scores: Mapping[str, Any] | None = None,
     order: Order = "sorted",
     context: PruneContext | Mapping[str, Any] | None = None,
@@ -178,7 +224,7 @@ def select(
         tokens: ``[N, d]`` or ``[B, N, d]`` (equal-size images), any float dtype, CPU or
             CUDA. The math runs in float32.
         budget: tokens kept per image (int) or the share kept (float in (0, 1]).
-        selector: registry name or a ``Selector`` instance.
+        selector: registry name, a ``Selector`` subclass (built with ``params``) or instance.
         scores: score name -> ``[N]`` / ``[B, N]`` (e.g. ``{"relevance": r}``).
         order: ``"sorted"`` (original order, what the LLM gets) or ``"selection"``.
         context: extra context for selectors that use it (e.g. ``{"grid": (24, 24)}``).
@@ -203,7 +249,7 @@ def select(
 
 def score(
     tokens: Tensor,
-    scorer: str | Scorer,
+    scorer: str | Scorer | type[Scorer],
     *,
     context: PruneContext | Mapping[str, Any] | None = None,
     **params: Any,

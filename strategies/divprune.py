@@ -10,6 +10,7 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.interfaces import Selector
+from resprune.linalg import safe_scale
 
 
 class DivPrune(Selector):
@@ -25,7 +26,8 @@ class DivPrune(Selector):
 
     def select(self, tokens: Tensor, k: int, scores: Mapping[str, Tensor], context: PruneContext) -> Tensor:
         b, n, _ = tokens.shape
-        unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)
+        v, energy = safe_scale(tokens.float().contiguous())  # no overflow in the norms, any layout alike
+        unit = v / energy.sqrt().unsqueeze(-1).clamp_min(torch.finfo(v.dtype).tiny)
         dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))  # [B, N, N]
         rows = torch.arange(b, device=tokens.device)
         eye = torch.eye(n, dtype=torch.bool, device=tokens.device)

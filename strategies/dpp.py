@@ -11,7 +11,7 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.interfaces import Selector
-from resprune.linalg import DEFAULT_TOL, greedy_residual_select
+from resprune.linalg import DEFAULT_TOL, greedy_residual_select, safe_scale
 from resprune.params import check_choice, check_range
 
 
@@ -48,15 +48,23 @@ class ConditionalDPP(Selector):
         return frozenset({self.params.relevance})
 
     def select(self, tokens: Tensor, k: int, scores: Mapping[str, Tensor], context: PruneContext) -> Tensor:
-        scale = 1.0 / tokens.norm(dim=-1).clamp_min(torch.finfo(tokens.dtype).tiny)  # rows u_i = scale_i v_i
+        v, energy = safe_scale(tokens.float().contiguous())
+        norm = energy.sqrt()
+        nonzero = norm > 0
+        scale = torch.where(nonzero, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)  # u_i = scale_i v_i
         r = scores.get(self.params.relevance)
-        if r is not None:
+        if r is None:
+            r = torch.ones_like(norm)
+        else:
             if self.params.normalize == "minmax":
                 lo = r.min(dim=-1, keepdim=True).values
                 span = r.max(dim=-1, keepdim=True).values - lo
                 r = torch.where(span > 0, (r - lo) / span.clamp_min(torch.finfo(r.dtype).tiny), torch.ones_like(r))
-            scale = scale * r.clamp_min(0)
-        return greedy_residual_select(tokens, k, tol=self.params.tol, method=self.params.method, row_scale=scale)
+            r = r.clamp_min(0)
+        # ||u_i||^2 = r_i^2 exactly: equal qualities tie exactly and go to the lower index
+        energy0 = torch.where(nonzero, r.square(), 0.0)
+        return greedy_residual_select(v, k, tol=self.params.tol, method=self.params.method, row_scale=scale * r,
+                                      energy0=energy0)
 
 
 @hookimpl

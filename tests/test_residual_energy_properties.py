@@ -249,3 +249,50 @@ def test_cuda_matches_cpu(method):
     assert gpu.device.type == "cuda"
     for i in range(3):
         assert_same_up_to_ties(tokens[i], gpu[i].cpu().tolist(), cpu[i].tolist(), (r[i] + 1e-6))
+
+
+# --- scale and memory layout -----------------------------------------------------------------------
+
+SCALED_SELECTORS = ("residual_energy", "dpp", "divprune")
+
+
+@given(token_sets(), st.sampled_from(SCALED_SELECTORS), st.integers(-100, 100), st.booleans(), st.integers(0, 99))
+def test_picks_are_the_same_at_every_scale_from_1e_30_to_1e30(case, selector, exponent, weighted, seed):
+    """Scaling all tokens by 2^e (|e| <= 100: 1e-30..1e30) changes nothing: float32 squares would
+    overflow or underflow there, so the selectors rescale by an exact power of two first."""
+    tokens, k = case
+    scores = {"relevance": relevance_for(tokens, seed)} if weighted and selector != "divprune" else None
+    base = resprune.select(tokens, k, selector=selector, scores=scores, order="selection")
+    scaled = tokens * 2.0 ** exponent
+    assert bool(torch.isfinite(scaled).all())
+    assert torch.equal(resprune.select(scaled, k, selector=selector, scores=scores, order="selection"), base)
+
+
+@pytest.mark.parametrize("selector", SCALED_SELECTORS)
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e19, 1e30])
+def test_extreme_decimal_scales_do_not_collapse_to_the_first_indices(selector, scale):
+    tokens = make_tokens(64, 16, seed=3)
+    base = resprune.select(tokens, 8, selector=selector, order="selection")
+    got = resprune.select(tokens * scale, 8, selector=selector, order="selection")
+    assert got.tolist() != list(range(8))
+    assert torch.equal(got, base)
+
+
+@given(token_sets(), st.sampled_from(SCALED_SELECTORS), st.booleans(), st.integers(0, 99))
+def test_picks_do_not_depend_on_memory_layout(case, selector, weighted, seed):
+    """A transposed copy or a strided view of the same values picks the same tokens (ties included)."""
+    tokens, k = case
+    scores = {"relevance": relevance_for(tokens, seed)} if weighted and selector != "divprune" else None
+    base = resprune.select(tokens, k, selector=selector, scores=scores, order="selection")
+    transposed = tokens.T.contiguous().T
+    strided = torch.zeros(tokens.shape[0], 2 * tokens.shape[1] + 1)[:, 1::2]
+    strided.copy_(tokens)
+    for layout in (transposed, strided):
+        assert torch.equal(resprune.select(layout, k, selector=selector, scores=scores, order="selection"), base)
+
+
+def test_dpp_without_relevance_breaks_its_exact_first_step_tie_by_index():
+    """Every unit-norm row has quality 1: the first pick is the lowest index, in any layout."""
+    tokens = make_tokens(50, 8, seed=1) * torch.linspace(0.5, 40.0, 50).unsqueeze(-1)
+    for layout in (tokens, tokens.T.contiguous().T):
+        assert int(resprune.select(layout, 5, selector="dpp", order="selection")[0]) == 0
