@@ -22,6 +22,7 @@ def _plugins(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'kind':<9} {'name':<18} {'plugin':<38} {'distribution'}")
+    aliases = []
     for kind in ("scorers", "selectors", "injectors", "metrics"):
         registry = getattr(host, kind)
         for entry in registry.entries():
@@ -30,6 +31,9 @@ def _plugins(args: argparse.Namespace) -> int:
             print(f"{kind[:-1]:<9} {entry.name:<18} {entry.plugin:<38} {dist}")
         if not len(registry):
             print(f"{kind[:-1]:<9} {'(none)':<18}")
+        aliases += [(alias, kind[:-1], name) for alias, name in registry.aliases().items()]
+    for alias, kind, name in sorted(aliases):
+        print(f"{'alias':<9} {alias:<18} -> {kind} {name}")
     for failed in host.failed:
         print(f"FAILED    {failed.name:<18} {type(failed.error).__name__}: {failed.error}", file=sys.stderr)
     return 0
@@ -200,10 +204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's flush at exit
+        return rc
     except ResPruneError as exc:
         print(f"resprune: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `resprune plugins | head -1`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would raise again
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import threading
 import time
 import weakref
 from abc import abstractmethod
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .context import PruneContext
-from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError
+from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError, PluginError
 from .interfaces import Injector
 
 if TYPE_CHECKING:
@@ -141,6 +142,7 @@ class PrunedBatch:
 
 
 _attached: weakref.WeakKeyDictionary[Any, Attached] = weakref.WeakKeyDictionary()
+_attach_lock = threading.RLock()
 
 
 class Attached:
@@ -172,32 +174,57 @@ class Attached:
     # --- patching -----------------------------------------------------------------------
 
     def _install(self) -> None:
-        if self.model in _attached:
-            raise InvalidInputError(
-                "this model already has a resprune pipeline attached; leave that `with` block "
-                "(or call .remove()) before attaching another.")
-        self._state = self.injector.save_state(self.model)
-        for name, make in (("forward", self._wrap_forward), ("generate", self._wrap_generate)):
-            self._saved[name] = self.model.__dict__.get(name, _MISSING)
-            original = getattr(self.model, name)
-            wrapper = make(original)
-            functools.update_wrapper(wrapper, original)  # keeps the signature generate inspects
-            setattr(self.model, name, wrapper)
-        _attached[self.model] = self
-        self._active = True
+        """Patch the model, all or nothing: the check, the state and the patch happen under one lock."""
+        missing = [name for name in ("forward", "generate", "get_input_embeddings")
+                   if not callable(getattr(self.model, name, None))]
+        if missing:
+            raise IncompatibleBackboneError(
+                f"injector '{self.injector.name}': {type(self.model).__name__} has no {missing[0]}(); attach() takes "
+                f"the whole model with its language-model head (e.g. LlavaForConditionalGeneration, as "
+                f"AutoModelForImageTextToText loads it), not an inner module such as model.model.")
+        with _attach_lock:
+            if self.model in _attached:
+                raise InvalidInputError(
+                    "this model already has a resprune pipeline attached; leave that `with` block "
+                    "(or call .remove()) before attaching another.")
+            self._state = self.injector.save_state(self.model)
+            try:
+                for name, make in (("forward", self._wrap_forward), ("generate", self._wrap_generate)):
+                    original = getattr(self.model, name)
+                    self._saved[name] = self.model.__dict__.get(name, _MISSING)
+                    wrapper = make(original)
+                    functools.update_wrapper(wrapper, original)  # keeps the signature generate inspects
+                    setattr(self.model, name, wrapper)
+            except BaseException:
+                self._restore_methods()
+                self.injector.restore_state(self.model, self._state)
+                raise
+            _attached[self.model] = self
+            self._active = True
 
-    def remove(self) -> None:
-        """Restore the model exactly as it was before ``attach``."""
-        if not self._active:
-            return
+    def _restore_methods(self) -> None:
         for name, value in self._saved.items():
             if value is _MISSING:
                 self.model.__dict__.pop(name, None)
             else:
                 self.model.__dict__[name] = value
-        self.injector.restore_state(self.model, self._state)
-        _attached.pop(self.model, None)
-        self._active = False
+        self._saved = {}
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was before ``attach`` (exception-safe: the model is
+        unpatched and free to attach again even if the injector's ``restore_state`` raises)."""
+        with _attach_lock:
+            if not self._active:
+                return
+            try:
+                self._restore_methods()
+                self.injector.restore_state(self.model, self._state)
+            except Exception as exc:
+                raise PluginError(f"injector '{self.injector.name}' failed to restore the model's state "
+                                  f"({type(exc).__name__}: {exc}); forward/generate are restored.") from exc
+            finally:
+                _attached.pop(self.model, None)
+                self._active = False
 
     def __enter__(self) -> Attached:
         return self

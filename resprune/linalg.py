@@ -234,14 +234,16 @@ class Block:
 
 
 def span_residual(tokens: Tensor, kept: Tensor | list[int]) -> float:
-    """``||V - P_S V||_F^2``: energy of all tokens outside the span of the kept ones (float64)."""
+    """``||V - P_S V||_F^2``: energy of all tokens outside the span of the kept ones (float64).
+
+    A squared norm: rounding below zero (keeping every token) is clamped to 0."""
     v = tokens.double()
     basis = v[torch.as_tensor(kept, dtype=torch.long, device=v.device)]
     if basis.numel() == 0:
         return float(v.pow(2).sum())
     u, s, vh = torch.linalg.svd(basis, full_matrices=False)
     q = vh[s > s.max() * 1e-10] if float(s.max()) > 0 else vh[:0]
-    return float(v.pow(2).sum() - (v @ q.T).pow(2).sum())
+    return max(float(v.pow(2).sum() - (v @ q.T).pow(2).sum()), 0.0)
 
 
 def optimal_residual(tokens: Tensor, k: int) -> float:

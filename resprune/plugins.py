@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as metadata
+import inspect
 import os
 import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -110,12 +112,14 @@ class PluginHost:
         self.strict = _flag("RESPRUNE_STRICT_PLUGINS") if strict is None else strict
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
-        self.scorers: Registry[type[Scorer]] = Registry("scorer", Scorer)
-        self.selectors: Registry[type[Selector]] = Registry("selector", Selector)
-        self.injectors: Registry[type[Injector]] = Registry("injector", Injector)
+        hint = reinstall_hint
+        self.scorers: Registry[type[Scorer]] = Registry(
+            "scorer", Scorer, required={"output": "the name of the score it writes"}, hint=hint)
+        self.selectors: Registry[type[Selector]] = Registry("selector", Selector, hint=hint)
+        self.injectors: Registry[type[Injector]] = Registry("injector", Injector, hint=hint)
         from .metrics import Metric  # noqa: PLC0415 - metrics import the plugin host lazily too
 
-        self.metrics: Registry[type[Metric]] = Registry("metric", Metric)
+        self.metrics: Registry[type[Metric]] = Registry("metric", Metric, hint=hint)
         self.failed: list[FailedPlugin] = []
         self._info: dict[str, _PluginInfo] = {}
         own_version = _version("resprune")
@@ -134,7 +138,10 @@ class PluginHost:
     def _register(self, plugin: Any, name: str, dist: str | None, version: str | None) -> None:
         if self.pm.is_registered(plugin) or self.pm.has_plugin(name):
             return
-        self.pm.register(plugin, name=name)
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(_explain_validation(name, plugin, exc)) from None
         self._info[name] = _PluginInfo(name, dist, version)
 
     def _load_entry_points(self) -> None:
@@ -224,13 +231,68 @@ class PluginHost:
         """Every loaded plugin with its distribution, version and the names it registered."""
         rows = []
         for info in self._info.values():
+            aliases = {alias: entry.alias_of for kind in _HOOKS for alias, entry in
+                       getattr(self, kind)._entries.items() if entry.alias_of is not None and entry.plugin == info.name}
             rows.append({
                 "plugin": info.name,
                 "distribution": info.distribution,
                 "version": info.version,
                 **{kind: sorted(names) for kind, names in info.provides.items()},
+                "aliases": dict(sorted(aliases.items())),
             })
         return rows
+
+
+def _explain_validation(name: str, plugin: Any, exc: pluggy.PluginValidationError) -> str:
+    """resprune's words for a hook implementation pluggy refused (usually a misspelt parameter)."""
+    for hook in _HOOKS.values():
+        impl = getattr(plugin, hook, None)
+        if impl is None:
+            continue
+        try:
+            params = list(inspect.signature(impl).parameters)
+        except (TypeError, ValueError):
+            continue
+        if params != ["register"]:
+            return (f"plugin '{name}': {hook}({', '.join(params)}) does not match the hook's signature "
+                    f"{hook}(register): hook implementations take exactly one parameter, named `register`.")
+    return f"plugin '{name}' does not match resprune's hook specifications: {exc}"
+
+
+def stale_entry_points() -> list[str]:
+    """``resprune`` entry points that an editable install's ``pyproject.toml`` declares but its
+    installed metadata lacks or spells differently (added or renamed without reinstalling)."""
+    import json
+    import tomllib
+    from urllib.parse import unquote, urlparse
+
+    found = []
+    for dist in metadata.distributions():
+        try:
+            info = json.loads(dist.read_text("direct_url.json") or "{}")
+            if not info.get("dir_info", {}).get("editable") or not info.get("url", "").startswith("file:"):
+                continue
+            root = Path(unquote(urlparse(info["url"]).path))
+            declared = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {}).get(
+                "entry-points", {}).get(ENTRY_POINT_GROUP, {})
+        except (OSError, ValueError, tomllib.TOMLDecodeError, AttributeError):
+            continue
+        installed = {ep.name: ep.value for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP}
+        for ep_name, value in declared.items():
+            if installed.get(ep_name) != value:
+                found.append(f"{dist.metadata['Name']} declares `{ep_name} = \"{value}\"` in {root / 'pyproject.toml'} "
+                             f"but its installed metadata {'has ' + repr(installed[ep_name]) if ep_name in installed else 'does not'}: "
+                             f"reinstall it (pip install -e {root})")
+    return found
+
+
+def reinstall_hint() -> str:
+    """What to say after 'unknown strategy' when nothing is close: stale entry points, or where names come from."""
+    stale = stale_entry_points()
+    if stale:
+        return "Entry points changed since install: " + "; ".join(stale) + "."
+    return ("Plugins' names appear once their package is installed (`resprune plugins` lists what is loaded); "
+            "did you reinstall the package after changing its entry points?")
 
 
 def _version(dist: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -32,9 +33,14 @@ class Registry(Generic[T]):
         base: every registered class must subclass it.
     """
 
-    def __init__(self, kind: str, base: T) -> None:
+    def __init__(self, kind: str, base: T, *, required: Mapping[str, str] | None = None,
+                 hint: Callable[[], str] | None = None) -> None:
         self.kind = kind
         self.base = base
+        self.required = dict(required or {})
+        """Class attributes (besides ``name``) every registered class must set, with what they mean."""
+        self.hint = hint
+        """Called when a name is unknown and nothing close exists; returns a sentence (or "")."""
         self._entries: dict[str, Entry[T]] = {}
 
     def register(
@@ -62,6 +68,12 @@ class Registry(Generic[T]):
                 f"plugin '{plugin}': {self.kind} class {cls.__qualname__} needs a non-empty "
                 f"class attribute `name` (its registry name)."
             )
+        for attr, meaning in self.required.items():
+            value = getattr(cls, attr, None)
+            if not isinstance(value, str) or not value:
+                raise PluginError(
+                    f"plugin '{plugin}': {self.kind} class {cls.__module__}.{cls.__qualname__} has no class attribute "
+                    f"`{attr}` ({meaning}); set it, e.g. {attr} = \"{name}\".")
         names = [name, *aliases, *getattr(cls, "aliases", ())]
         for key in dict.fromkeys(names):
             old = self._entries.get(key)
@@ -85,14 +97,20 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except (KeyError, TypeError):
+            close = suggest(name, self._entries)
+            hint = "" if close or self.hint is None else self.hint()
             raise UnknownStrategyError(
-                f"unknown {self.kind} '{name}'.{suggest(name, self._entries)} "
-                f"Available {self.kind}s: {', '.join(self.names()) or '(none)'}."
+                f"unknown {self.kind} '{name}'.{close} "
+                f"Available {self.kind}s: {', '.join(self.names()) or '(none)'}.{' ' + hint if hint else ''}"
             ) from None
 
     def names(self, *, aliases: bool = False) -> list[str]:
         """Sorted registered names (aliases included only if asked)."""
         return sorted(k for k, e in self._entries.items() if aliases or e.alias_of is None)
+
+    def aliases(self) -> dict[str, str]:
+        """Alias -> the primary name it stands for."""
+        return {k: e.alias_of for k, e in sorted(self._entries.items()) if e.alias_of is not None}
 
     def entries(self) -> list[Entry[T]]:
         """Entries of the primary names, sorted by name."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,11 @@ class TextRelevance(Scorer):
         def __post_init__(self) -> None:
             check_choice("reduce", self.reduce, REDUCTIONS)
             check_choice("keywords", self.keywords, KEYWORD_MODES)
+            for i, pattern in enumerate(self.strip):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"strip[{i}]={pattern!r} is not a regular expression: {exc}") from None
 
     def keywords(self, text: str) -> list[str]:
         """The keywords this scorer embeds for ``text``."""

@@ -52,7 +52,19 @@ def test_plugins_lists_every_builtin_with_its_provider(capsys):
     assert {name for kind, name in rows if kind == "scorer"} == set(host.scorers.names())
     assert ("selector", "residual_energy") in rows and ("scorer", "text_relevance") in rows
     assert rows[("selector", "residual_energy")][0] == "resprune.strategies.residual_energy"
-    assert "resprune" not in {name for _, name in rows}  # aliases are not listed as strategies
+    # aliases are listed as aliases of their strategy, not as strategies of their own
+    assert "resprune" not in {name for kind, name in rows if kind != "alias"}
+    assert rows[("alias", "resprune")] == ["->", "selector", "residual_energy"]
+    assert rows[("alias", "cdpruner")] == ["->", "selector", "dpp"]
+
+
+def test_plugins_piped_into_head_exits_quietly():
+    proc = subprocess.run(f"{sys.executable} -m resprune.cli plugins | head -1", shell=True, capture_output=True,
+                          text=True, executable="/bin/bash")
+    assert proc.stdout.startswith("kind") and proc.stderr == ""
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m resprune.cli plugins | head -c 10"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
 
 
 def test_plugins_json(capsys):
@@ -62,6 +74,7 @@ def test_plugins_json(capsys):
     assert data == resprune.list_plugins()
     by_plugin = {row["plugin"]: row for row in data}
     assert by_plugin["resprune.strategies.token_scores"]["scorers"] == ["center", "mean_similarity", "norm"]
+    assert by_plugin["resprune.strategies.residual_energy"]["aliases"] == {"resprune": "residual_energy"}
     builtin = [row for row in data if row["plugin"].startswith("resprune.")]
     assert builtin and all(row["distribution"] == "resprune" for row in builtin)
     assert all(row["distribution"] != "resprune" for row in data if row not in builtin)

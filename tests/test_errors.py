@@ -325,6 +325,20 @@ class Misbehaving(Selector):
             return good - 1
         if mode == "list":
             return good.tolist()
+        if mode == "raise":
+            raise ValueError("alpha too large for these tokens")
+        if mode == "write_tokens":
+            tokens.mul_(2.0)
+            return good
+        if mode == "write_scores":
+            scores["relevance"].zero_()
+            return good
+        if mode == "write_context":
+            context.tokens[0, 0] = 0.0
+            return good
+        if mode == "add_score":
+            scores["mine"] = good  # the mapping is read-only
+            return good
         raise AssertionError(mode)
 
 
@@ -353,6 +367,11 @@ class BadScorer(Scorer):
             return torch.ones(b, n, dtype=torch.long)
         if mode == "numpy":
             return good.numpy()
+        if mode == "huge64":
+            return good.double() * 1e300  # finite in float64, inf once cast to float32
+        if mode == "write_tokens":
+            context.tokens.add_(1.0)
+            return good
         raise AssertionError(mode)
 
 
@@ -382,12 +401,17 @@ def bad_plugins(plugin_host):
     ("duplicates", "returned duplicate indices; the 4 picks must be distinct"),
     ("too_big", "returned indices outside [0, 9)"),
     ("negative", "returned indices outside [0, 9)"),
+    ("write_tokens", "wrote into context['tokens'], tokens in place"),
+    ("write_scores", "wrote into scores['relevance'] in place"),
+    ("write_context", "wrote into context['tokens'], tokens in place"),
 ])
 def test_selector_breaking_its_contract(bad_plugins, mode, hint):
     v = torch.randn(2, 9, 3)
-    for call in (lambda: select(v, 4, selector="misbehaving", mode=mode),
+    rel = {"relevance": torch.rand(2, 9)}
+    for call in (lambda: select(v, 4, selector="misbehaving", mode=mode, scores=rel),
                  lambda: resprune.load_pipeline({"budget": 4, "selector": {"name": "misbehaving",
-                                                                           "params": {"mode": mode}}}).prune(v)):
+                                                                           "params": {"mode": mode}}}).prune(
+                     v, scores=rel)):
         with pytest.raises(resprune.PluginContractError) as info:
             call()
         message = str(info.value)
@@ -397,12 +421,39 @@ def test_selector_breaking_its_contract(bad_plugins, mode, hint):
     assert select(v, 4, selector="misbehaving").tolist() == [[0, 1, 2, 3]] * 2  # the control
 
 
+@pytest.mark.parametrize(("mode", "kind"), [("raise", "ValueError: alpha too large"),
+                                            ("add_score", "TypeError: 'mappingproxy' object")])
+def test_an_exception_inside_a_plugin_names_the_plugin(bad_plugins, mode, kind):
+    with pytest.raises(resprune.PluginError) as info:
+        select(torch.randn(9, 3), 4, selector="misbehaving", mode=mode)
+    assert str(info.value).startswith(f"selector 'misbehaving' (plugin 'bad_strategies_plugin') raised {kind}")
+    assert info.value.__cause__ is not None  # the original traceback is kept
+
+
+def test_an_exception_inside_a_plugin_is_one_line_from_the_cli(bad_plugins, capsys, tmp_path):
+    from resprune.cli import main
+
+    photo = tmp_path / "p.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(photo)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("budget: 8\nselector: {name: misbehaving, params: {mode: raise}}\n")
+    rc = main(["run", str(cfg), "--model", "tiny:llava", "--image", str(photo), "--prompt", "Hi?",
+               "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("resprune: error: selector 'misbehaving' (plugin 'bad_strategies_plugin') raised ValueError")
+
+
 @pytest.mark.parametrize(("mode", "hint"), [
     ("flat", "returned shape (18,) torch.float32; a scorer must return a float tensor of shape [B, N] = (2, 9)"),
     ("int", "returned shape (2, 9) torch.int64"),
     ("numpy", "returned ndarray"),
     ("nan", "returned NaN or Inf scores"),
     ("inf", "returned NaN or Inf scores"),
+    ("huge64", "returned NaN or Inf scores (in float32)"),
+    ("write_tokens", "wrote into context['tokens'] in place; the tensors handed to plugins are read-only"),
 ])
 def test_scorer_breaking_its_contract(bad_plugins, mode, hint):
     v = torch.randn(2, 9, 3)

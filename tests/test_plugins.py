@@ -232,7 +232,7 @@ def test_entry_point_plugin_is_loaded_with_its_distribution(plugin_host, entry_p
     assert ep.loads == 1
     row = next(r for r in host.list_plugins() if r["plugin"] == "acme")
     assert row == {"plugin": "acme", "distribution": "acme-resprune", "version": "2.0.1",
-                   "scorers": [], "selectors": ["rotate"], "injectors": [], "metrics": []}
+                   "scorers": [], "selectors": ["rotate"], "injectors": [], "metrics": [], "aliases": {}}
     assert host.selectors.entry("rotate").plugin == "acme"
     assert host.failed == []
     assert resprune.select(torch.randn(6, 3), 2, selector="rotate", offset=1).tolist() == [1, 2]

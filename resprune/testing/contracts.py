@@ -49,12 +49,28 @@ def _scores_for(selector: Selector, context: PruneContext, seed: int = 1) -> dic
     return {name: torch.rand(context.batch_size, context.num_tokens, generator=gen) for name in sorted(names)}
 
 
+def _snapshot(context: PruneContext, scores: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    tensors = {f"context['{f}']": context.get(f) for f in sorted(context.available)}
+    tensors.update({f"scores['{k}']": v for k, v in (scores or {}).items()})
+    return {k: v.clone() for k, v in tensors.items() if isinstance(v, Tensor)}
+
+
+def _assert_unchanged(before: dict[str, Tensor], context: PruneContext, scores: dict[str, Tensor] | None,
+                      who: str) -> None:
+    """The inputs still hold their values (a write through ``.data`` or NumPy escapes version counters)."""
+    after = _snapshot(context, scores)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{who} modified its input {key}; inputs are read-only"
+
+
 def check_selector_contract(selector: Selector, *, context: PruneContext | None = None) -> None:
     """Assert the selector interface: shapes, dtype, distinct in-range indices, every budget
-    from 1 to N, determinism, and that each image's picks do not depend on its batch."""
+    from 1 to N, determinism, that each image's picks do not depend on its batch, and that
+    the tokens, scores and context it is handed come back unchanged."""
     ctx = context or random_context()
     b, n = ctx.batch_size, ctx.num_tokens
     scores = _scores_for(selector, ctx)
+    before = _snapshot(ctx, scores)
     for k in sorted(k for k in {1, 2, n // 2, n - 1, n} if 1 <= k <= n):
         out = run_selector(selector, ctx.tokens, k, scores, ctx)  # checks shape, dtype, range, distinctness
         assert out.shape == (b, k) and out.dtype == torch.long
@@ -68,12 +84,16 @@ def check_selector_contract(selector: Selector, *, context: PruneContext | None 
                 f"selector '{selector.name}': image {i} picks differ alone and in a batch (k={k})")
     if n >= 2:
         assert set(run_selector(selector, ctx.tokens, n, scores, ctx)[0].tolist()) == set(range(n))
+    _assert_unchanged(before, ctx, scores, f"selector '{selector.name}'")
 
 
 def check_scorer_contract(scorer: Scorer, *, context: PruneContext | None = None) -> None:
-    """Assert the scorer interface: finite float ``[B, N]``, deterministic, batch-independent."""
+    """Assert the scorer interface: finite float ``[B, N]``, deterministic, batch-independent,
+    and the context it reads comes back unchanged."""
     ctx = context or random_context()
+    before = _snapshot(ctx)
     out = run_scorer(scorer, ctx)  # checks shape, dtype and finiteness
+    _assert_unchanged(before, ctx, None, f"scorer '{scorer.name}'")
     assert out.shape == (ctx.batch_size, ctx.num_tokens)
     assert torch.equal(out, run_scorer(scorer, ctx)), f"scorer '{scorer.name}' is not deterministic"
     for i in range(ctx.batch_size):
