@@ -6,6 +6,8 @@ import functools
 import re
 from collections.abc import Sequence
 
+import regex
+
 from .errors import InvalidInputError, MissingDependencyError
 
 __all__ = ["ANSWER_FORMAT_PATTERNS", "STOP_WORDS", "KEYWORD_MODES", "strip_format", "extract_keywords"]
@@ -48,10 +50,24 @@ KEYWORD_MODES = ("content", "nouns", "all")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
 
 
+STRIP_TIMEOUT_S = 1.0
+"""Longest a ``strip`` pattern may run on one instruction: a pattern that backtracks
+catastrophically (``(a|aa)+$``) is an error, not a selection that hangs."""
+
+
 def strip_format(text: str, patterns: Sequence[str] = ANSWER_FORMAT_PATTERNS) -> str:
-    """Remove every match of ``patterns`` (case-insensitive, multi-line) from ``text``."""
+    """Remove every match of ``patterns`` (case-insensitive, multi-line) from ``text``.
+
+    Patterns use Python's ``re`` syntax and run on the ``regex`` engine with a time limit
+    (``STRIP_TIMEOUT_S``); a pattern that exceeds it raises ``InvalidInputError``.
+    """
     for pattern in patterns:
-        text = re.sub(pattern, " ", text, flags=re.IGNORECASE | re.MULTILINE)
+        try:
+            text = regex.sub(pattern, " ", text, flags=regex.IGNORECASE | regex.MULTILINE, timeout=STRIP_TIMEOUT_S)
+        except TimeoutError:
+            raise InvalidInputError(
+                f"strip pattern {pattern!r} ran over {STRIP_TIMEOUT_S} s on a {len(text)}-character instruction "
+                f"(catastrophic backtracking, e.g. nested or overlapping repeats like (a|aa)+); simplify it.") from None
     return " ".join(text.split())
 
 

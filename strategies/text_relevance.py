@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+import regex
 import torch
 from torch import Tensor
 
@@ -51,8 +51,8 @@ class TextRelevance(Scorer):
             check_choice("keywords", self.keywords, KEYWORD_MODES)
             for i, pattern in enumerate(self.strip):
                 try:
-                    re.compile(pattern)
-                except re.error as exc:
+                    regex.compile(pattern)
+                except regex.error as exc:
                     raise ValueError(f"strip[{i}]={pattern!r} is not a regular expression: {exc}") from None
 
     def keywords(self, text: str) -> list[str]:

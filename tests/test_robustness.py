@@ -388,3 +388,13 @@ def test_concurrent_attaches_let_exactly_one_through():
     assert len(handles) == 1 and all("already has a resprune pipeline" in str(r) for r in results if r not in handles)
     handles[0].remove()
     assert "forward" not in model.__dict__
+
+
+def test_a_catastrophic_strip_pattern_is_an_error_not_a_hang():
+    from resprune.text import STRIP_TIMEOUT_S, strip_format
+
+    start = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=r"strip pattern '\(a\|aa\)\+\$' ran over .*catastrophic"):
+        strip_format("a" * 40 + "b", [r"(a|aa)+$"])
+    assert time.perf_counter() - start < STRIP_TIMEOUT_S + 2
+    assert strip_format("aaa (a+)+ b", [r"(a+)+$"]) == "aaa (a+)+ b"  # the (a+)+$ is no problem here
