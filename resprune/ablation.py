@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import operator
 import os
 import platform
 import time
@@ -242,12 +243,6 @@ class Ablation:
             except UnknownStrategyError as exc:
                 raise AblationError(f"metrics: {exc}") from None
         self.needs = frozenset().union(*(m.needs for m in self.metrics.values()))
-        self.dataset_source = describe_source(dataset)
-        self.records = load_records(dataset, limit=limit)
-        if not self.records:
-            raise AblationError("the dataset has no records.")
-        self.record_keys = [record_digest(r) for r in self.records]
-        self.prompt_keys = [record_digest(r, fields=("image", "question")) for r in self.records]
         self.identity = self._identity()
         self.cells = expand_grid(base, self.grid, self.identity)
         self.pipelines: dict[str, Pipeline] = {}
@@ -265,6 +260,12 @@ class Ablation:
             except ResPruneError as exc:
                 raise AblationError(f"cell '{cell.label}': {exc}") from None
             self.pipelines[cell.id] = pipe
+        self.dataset_source = describe_source(dataset)
+        self.records = load_records(dataset, limit=limit)
+        if not self.records:
+            raise AblationError("the dataset has no records.")
+        self.record_keys = [record_digest(r) for r in self.records]  # what example lines are keyed by
+        self.prompt_keys = [record_digest(r, fields=("image", "question")) for r in self.records]
         self.dims = llm_dims(model.config)
         self.rank, self.world, self._state = _distributed()
 
@@ -558,13 +559,17 @@ def _distributed() -> tuple[int, int, Any]:
 
 
 def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AblationError(f"{name} must be an int, got {value!r}.")
-    return value
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise AblationError(f"{name} must be an int, got {value!r}.") from None
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if _int(name, value) < 1:
+    value = _int(name, value)
+    if value < 1:
         raise AblationError(f"{name} must be >= 1, got {value}.")
     return value
 
