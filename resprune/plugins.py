@@ -231,8 +231,8 @@ class PluginHost:
         """Every loaded plugin with its distribution, version and the names it registered."""
         rows = []
         for info in self._info.values():
-            aliases = {alias: entry.alias_of for kind in _HOOKS for alias, entry in
-                       getattr(self, kind)._entries.items() if entry.alias_of is not None and entry.plugin == info.name}
+            aliases = {alias: name for kind in _HOOKS for alias, name in getattr(self, kind).aliases().items()
+                       if getattr(self, kind).entry(alias).plugin == info.name}
             rows.append({
                 "plugin": info.name,
                 "distribution": info.distribution,

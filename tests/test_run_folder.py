@@ -45,10 +45,12 @@ def numbers(table):
 
 @functools.cache
 def fresh(max_new_tokens=3, limit=2, dataset_key=None):
+    """The numbers of an uninterrupted run into an empty folder."""
     import tempfile
 
     dataset = DATASETS[dataset_key] if dataset_key else None
-    return numbers(study(max_new_tokens=max_new_tokens, limit=limit, dataset=dataset).run(tempfile.mkdtemp()))
+    with tempfile.TemporaryDirectory() as folder:
+        return numbers(study(max_new_tokens=max_new_tokens, limit=limit, dataset=dataset).run(folder))
 
 
 def sample_records():
