@@ -165,24 +165,25 @@ def greedy_residual_select(
     rows_n = torch.arange(b, device=v.device) * n
     energy = energy0.clone()
     factor = torch.zeros(b, k, n, device=v.device, dtype=v.dtype)  # row t: the new column c of step t
-    blocked = torch.zeros(b, n, device=v.device, dtype=v.dtype)  # -inf once taken
-    out = torch.empty(b, k, device=v.device, dtype=torch.long)
-    tiny = torch.finfo(v.dtype).tiny
+    picks: list[Tensor] = []
     cache = Block(v, k) if method == "blocked" else None
+    on_cpu = v.device.type == "cpu"
 
+    # One step: about 20 tensor ops, no Python scalar turned into a tensor and, off the CPU, no
+    # host synchronisation. A taken token's energy is set to exactly 0 (below every floor) and
+    # its fallback key to -inf, so no later argmax returns it again.
     for t in range(k):
-        key = None
-        if t == 0 and first is not None:
-            pick = first.to(device=v.device, dtype=torch.long)
-        else:
-            key = torch.where(energy > floor, energy * w, fallback).add_(blocked)
-            pick = key.argmax(dim=-1)  # first maximum: ties go to the lower index
-        out[:, t] = pick
+        live = energy > floor
+        if on_cpu and trace is None and t > 0 and not bool(live.any()):
+            # nothing left above the tolerance: energies only fall, so the remaining picks are the
+            # fallback order of the tokens not taken (what the next argmaxes would return one by one)
+            picks.extend(fallback.topk(k - t, dim=-1).indices.unbind(1))
+            break
+        key = torch.where(live, energy * w, fallback)
+        pick = key.argmax(dim=-1) if t > 0 or first is None else first.to(device=v.device, dtype=torch.long)
+        picks.append(pick)  # argmax takes the first maximum: ties go to the lower index
         flat = rows_n + pick  # flat index of each row's pick (cheaper than advanced indexing)
-        if cache is not None and key is None:
-            key = torch.where(energy > floor, energy * w, fallback).add_(blocked)
-        blocked.view(-1).index_fill_(0, flat, float("-inf"))
-
+        fallback.view(-1).index_fill_(0, flat, float("-inf"))
         e_pick = energy.take(flat)  # [B]
         if gram is not None:
             col = gram.view(b * n, n).index_select(0, flat)  # [B, N] (G is symmetric)
@@ -193,16 +194,18 @@ def greedy_residual_select(
                 col = torch.bmm(v, v.view(b * n, d).index_select(0, flat).unsqueeze(-1)).squeeze(-1)
             if rs is not None:
                 col.mul_(rs).mul_(rs.take(flat).unsqueeze(-1))
-        if t > 0:
+        if t > 0:  # minus the part along the columns so far: col -= L[pick, :t] @ L[:t, :]
             prev = factor[:, :t]  # [B, t, N]
-            col = col - torch.bmm(prev.gather(2, pick.view(b, 1, 1).expand(b, t, 1)).transpose(1, 2), prev).squeeze(1)
-        scale = torch.where(e_pick > floor.take(flat), e_pick.clamp_min(tiny).rsqrt(), 0.0)
-        c = col.mul_(scale.unsqueeze(-1))
-        factor[:, t] = c
+            at_pick = prev.gather(2, pick.view(b, 1, 1).expand(b, t, 1))  # [B, t, 1]
+            col = torch.baddbmm(col.unsqueeze(1), at_pick.transpose(1, 2), prev, alpha=-1.0).squeeze(1)
+        # 1 / sqrt(e_pick), or 0 for a degenerate pick (at or below its floor): rsqrt(inf) = 0
+        scale = e_pick.masked_fill_(e_pick <= floor.take(flat), float("inf")).rsqrt_()
+        c = torch.mul(col, scale.unsqueeze(-1), out=factor[:, t])
         energy.addcmul_(c, c, value=-1.0).clamp_min_(0.0)
+        energy.view(-1).index_fill_(0, flat, 0.0)
         if trace is not None:
             trace.append(energy.clone())
-    return out
+    return torch.stack(picks, dim=1)
 
 
 class Block:

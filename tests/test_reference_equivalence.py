@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+
 import math
 from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -249,3 +252,56 @@ def test_builtin_selectors_never_read_tensor_values_on_the_host(name, params):
     scores = {"norm": torch.rand(2, 64, device="meta"), "relevance": torch.rand(2, 64, device="meta")}
     out = resprune.get_host().selectors.get(name)(params).select(tokens, 20, scores, None)
     assert out.device.type == "meta" and out.shape == (2, 20)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the tensor operations dispatched (views cost no kernel and are left out)."""
+
+    VIEWS = {"view", "_unsafe_view", "select", "slice", "unsqueeze", "squeeze", "transpose", "expand", "permute",
+             "alias", "as_strided", "t", "detach"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(method: str, device: str, row_scale: bool = False) -> collections.Counter[str]:
+    tokens = torch.randn(2, 200, 64, device=device)
+    weights = torch.rand(2, 200, device=device)
+    rs = torch.rand(2, 200, device=device) + 0.5 if row_scale else None
+    counts = []
+    for k in (12, 24):
+        with _CountOps() as mode:
+            greedy_residual_select(tokens, k, weights=weights, method=method, row_scale=rs)
+        counts.append(mode.ops)
+    per = collections.Counter(counts[1])
+    per.subtract(counts[0])
+    return collections.Counter({op: n / 12 for op, n in per.items() if n})
+
+
+@pytest.mark.parametrize("method, limit", [("gram", 18), ("incremental", 19)])
+def test_one_greedy_step_dispatches_a_small_fixed_number_of_ops(method, limit):
+    """A regression in launch overhead shows here, on CPU: each op is a kernel launch on a GPU."""
+    per = _ops_per_step(method, "meta")
+    assert sum(per.values()) <= limit, dict(per)
+    # nothing is created from a Python scalar, copied between devices or read on the host inside the loop
+    assert not {"scalar_tensor", "lift_fresh", "_to_copy", "_local_scalar_dense", "item"} & set(per), dict(per)
+    assert sum(_ops_per_step(method, "meta", row_scale=True).values()) <= limit + (3 if method != "gram" else 0)
+
+
+def test_cpu_loop_reads_one_flag_per_step_to_stop_once_nothing_is_left_above_tol():
+    per = _ops_per_step("gram", "cpu")
+    assert per["_local_scalar_dense"] == 1 and per["any"] == 1
+    # and stops: 40 picks from tokens of rank 4 cost the steps up to the rank, then one topk
+    tokens = make_tokens(100, 16, rank=4, seed=2)[None]
+    with _CountOps() as mode:
+        out = greedy_residual_select(tokens, 40, method="gram")
+    assert mode.ops["argmax"] <= 5 and mode.ops["topk"] == 1
+    reference = greedy_residual_select(tokens, 40, method="gram", trace=[])  # the trace turns the shortcut off
+    assert torch.equal(out, reference)
