@@ -43,13 +43,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["greedy_residual_select", "choose_method", "safe_scale", "span_residual", "optimal_residual",
+__all__ = ["greedy_residual_select", "choose_method", "safe_scale", "METHODS", "span_residual", "optimal_residual",
            "DEFAULT_TOL", "BLOCK"]
 
 DEFAULT_TOL = 1e-4
 """Relative residual energy below which a token counts as inside the kept span."""
 
-Method = Literal["auto", "incremental", "gram", "blocked"]
+Method = Literal["auto", "incremental", "gram", "blocked", "triton"]
+METHODS: tuple[str, ...] = ("auto", "incremental", "gram", "blocked", "triton")
+"""The values of the ``method`` param of ``residual_energy`` and ``dpp``."""
 
 BLOCK = 32
 """Gram columns computed per block by the ``blocked`` method (the best of 16/32/64 measured
@@ -85,8 +87,11 @@ def safe_scale(v: Tensor, energy: Tensor | None = None) -> tuple[Tensor, Tensor]
 
 
 def choose_method(n: int, d: int, k: int, *, batch: int = 1,
-                  device: torch.device | str = "cpu") -> Literal["incremental", "gram", "blocked"]:
+                  device: torch.device | str = "cpu") -> Literal["incremental", "gram", "blocked", "triton"]:
     """Pick the cheaper way to get Gram columns for a ``[B, N, d]`` input and budget ``k``.
+
+    On a CUDA device with Triton installed: ``triton`` (``resprune.kernels``: the Gram
+    matrix from one GEMM, then the whole loop in fused kernels).
 
     On CPU: ``gram`` when ``3k > N``, else ``blocked`` (the measured crossover at N = 576,
     d = 4096: a block of ``BLOCK`` columns is needed every 5-10 picks, so blocks cost about
@@ -96,6 +101,10 @@ def choose_method(n: int, d: int, k: int, *, batch: int = 1,
     """
     if torch.device(device).type == "cpu":
         return "gram" if 3 * k > n else "blocked"
+    from . import kernels
+
+    if kernels.available(device):
+        return "triton"
     gram_s = 2.0 * batch * n * n * d / 150e9
     nbytes = 4.0 * batch * n * d  # every step reads all of V
     bandwidth = 60e9 if nbytes <= 24 * 2**20 else 20e9
@@ -124,7 +133,8 @@ def greedy_residual_select(
         first: ``[B]`` int64 forced first pick per row (``None``: the first pick is the
             argmax of weighted energy like every other).
         tol: relative residual-energy tolerance (see the module docstring).
-        method: ``"incremental"``, ``"gram"``, ``"blocked"`` or ``"auto"`` (``choose_method``).
+        method: ``"incremental"``, ``"gram"``, ``"blocked"``, ``"triton"`` (``resprune.kernels``;
+            CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"auto"`` (``choose_method``).
         trace: if a list is given, the residual energies ``[B, N]`` after each pick are
             appended to it (for tests and analysis).
         row_scale: ``[B, N]``: select as if token ``i`` were ``row_scale_i * v_i``, without
@@ -151,7 +161,7 @@ def greedy_residual_select(
     else:
         energy0 = energy0.float()
     rs = None if row_scale is None else row_scale.float()
-    gram = torch.bmm(v, v.transpose(1, 2)) if method == "gram" else None
+    gram = torch.bmm(v, v.transpose(1, 2)) if method in ("gram", "triton") else None
     if gram is not None and rs is not None:
         gram.mul_(rs.unsqueeze(-1)).mul_(rs.unsqueeze(1))
     w = torch.ones_like(energy0) if weights is None else weights.float()
@@ -161,6 +171,13 @@ def greedy_residual_select(
     order = torch.sort(w * energy0, dim=-1, descending=True, stable=True).indices
     fallback = torch.empty_like(energy0)
     fallback.scatter_(1, order, -1.0 - torch.arange(n, device=v.device, dtype=v.dtype).expand(b, n).contiguous())
+
+    if method == "triton":
+        if trace is not None:
+            raise ValueError("trace= needs a PyTorch method (incremental, gram or blocked), not triton")
+        from . import kernels
+
+        return kernels.residual_select(gram, energy0, w, floor, fallback, first, k)
 
     rows_n = torch.arange(b, device=v.device) * n
     energy = energy0.clone()

@@ -11,7 +11,7 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.interfaces import Selector
-from resprune.linalg import DEFAULT_TOL, greedy_residual_select, safe_scale
+from resprune.linalg import DEFAULT_TOL, METHODS, greedy_residual_select, safe_scale
 from resprune.params import check_choice, check_range
 
 
@@ -37,11 +37,11 @@ class ConditionalDPP(Selector):
         tol: float = DEFAULT_TOL
         """As for `residual_energy`. In [0, 0.5]."""
         method: str = "auto"
-        """As for `residual_energy`: `incremental`, `gram`, `blocked` or `auto`."""
+        """As for `residual_energy`: `incremental`, `gram`, `blocked`, `triton` or `auto`."""
 
         def __post_init__(self) -> None:
             check_choice("normalize", self.normalize, ("minmax", "none"))
-            check_choice("method", self.method, ("auto", "incremental", "gram", "blocked"))
+            check_choice("method", self.method, METHODS)
             check_range("tol", self.tol, low=0.0, high=0.5)
 
     def optional_scores(self) -> frozenset[str]:

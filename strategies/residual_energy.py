@@ -10,7 +10,7 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.interfaces import Selector
-from resprune.linalg import DEFAULT_TOL, greedy_residual_select
+from resprune.linalg import DEFAULT_TOL, METHODS, greedy_residual_select
 from resprune.params import check_choice, check_range
 
 
@@ -43,13 +43,14 @@ class ResidualEnergy(Selector):
         method: str = "auto"
         """How Gram columns are computed: `incremental` (one matrix-vector product per
         step), `gram` (the full Gram matrix once), `blocked` (a block of likely picks at once;
-        CPU) or `auto` (chosen from N, d, k, the batch and the device)."""
+        CPU), `triton` (the Gram matrix once, then the loop in fused GPU kernels; needs Triton)
+        or `auto` (chosen from N, d, k, the batch and the device: `triton` on CUDA when installed)."""
 
         def __post_init__(self) -> None:
             check_range("alpha", self.alpha, low=0.0)
             check_range("eps", self.eps, low=0.0)
             check_range("tol", self.tol, low=0.0, high=0.5)
-            check_choice("method", self.method, ("auto", "incremental", "gram", "blocked"))
+            check_choice("method", self.method, METHODS)
             if not self.seed or not self.relevance:
                 raise ValueError("seed and relevance must be score names ('none' for no seed)")
 
