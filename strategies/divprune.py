@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -12,7 +11,6 @@ from resprune import hookimpl, kernels
 from resprune.context import PruneContext
 from resprune.interfaces import Selector
 from resprune.linalg import safe_scale
-from resprune.params import check_choice
 
 
 class DivPrune(Selector):
@@ -26,40 +24,42 @@ class DivPrune(Selector):
     name = "divprune"
     description = "DivPrune: greedy max-min cosine diversity"
 
-    @dataclass
-    class Params:
-        method: str = "auto"
-        """`torch` (the PyTorch loop), `triton` (one fused GPU kernel per image; needs Triton)
-        or `auto` (`triton` on CUDA when installed, else `torch`). Same picks up to float ties."""
-
-        def __post_init__(self) -> None:
-            check_choice("method", self.method, ("auto", "torch", "triton"))
-
     def select(self, tokens: Tensor, k: int, scores: Mapping[str, Tensor], context: PruneContext) -> Tensor:
-        b, n, _ = tokens.shape
         v, energy = safe_scale(tokens.float().contiguous())  # no overflow in the norms, any layout alike
         unit = v / energy.sqrt().unsqueeze(-1).clamp_min(torch.finfo(v.dtype).tiny)
         dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))  # [B, N, N]
-        eye = torch.eye(n, dtype=torch.bool, device=tokens.device)
-        nearest = dist.masked_fill(eye, float("inf")).min(dim=-1).values
-        method = self.params.method
-        if method == "auto":
-            method = "triton" if tokens.device.type == "cuda" and kernels.available(tokens.device) else "torch"
-        if method == "triton":
-            return kernels.divprune_select(dist, nearest, k)
-        # key: distance to the nearest kept token (the nearest neighbour before the first pick),
-        # -inf once taken; 5 ops per step, no host synchronisation
-        rows_n = torch.arange(b, device=tokens.device) * n
-        flat_dist = dist.view(b * n, n)
-        key = nearest
-        picks = []
-        for t in range(k):
-            pick = key.argmax(dim=-1)  # the first maximum: ties go to the lower index
-            picks.append(pick)
-            row = flat_dist.index_select(0, rows_n + pick)
-            key = row if t == 0 else torch.minimum(key, row, out=key)
-            key.view(-1).index_fill_(0, rows_n + pick, float("-inf"))
-        return torch.stack(picks, dim=1)
+        return greedy_max_min(dist, k)
+
+
+def greedy_max_min(dist: Tensor, k: int, method: str = "auto") -> Tensor:
+    """``k`` greedy max-min picks ``[B, k]`` from distances ``[B, N, N]``: first the token
+    farthest from its nearest neighbour, then each time the one farthest from its nearest
+    kept token; the first maximum on ties.
+
+    ``method``: ``torch`` (5 ops per pick, no host synchronisation), ``triton`` (one fused
+    kernel per image, ``resprune.kernels``) or ``auto`` (``triton`` on CUDA when installed).
+    """
+    b, n, _ = dist.shape
+    eye = torch.eye(n, dtype=torch.bool, device=dist.device)
+    nearest = dist.masked_fill(eye, float("inf")).min(dim=-1).values
+    if method == "auto":
+        method = "triton" if dist.device.type == "cuda" and kernels.available(dist.device) else "torch"
+    if method == "triton":
+        return kernels.divprune_select(dist, nearest, k)
+    if method != "torch":
+        raise ValueError(f"method must be 'auto', 'torch' or 'triton', got {method!r}")
+    rows_n = torch.arange(b, device=dist.device) * n
+    flat_dist = dist.view(b * n, n)
+    key = nearest  # distance to the nearest kept token (to the nearest neighbour before the first pick)
+    picks = []
+    for t in range(k):
+        pick = key.argmax(dim=-1)
+        picks.append(pick)
+        flat = rows_n + pick
+        row = flat_dist.index_select(0, flat)
+        key = row if t == 0 else torch.minimum(key, row, out=key)
+        key.view(-1).index_fill_(0, flat, float("-inf"))  # taken
+    return torch.stack(picks, dim=1)
 
 
 @hookimpl

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import resprune
 from resprune import kernels
 from resprune.linalg import greedy_residual_select
+from resprune.strategies.divprune import greedy_max_min
 
 from helpers import assert_same_up_to_ties, make_tokens
 
@@ -99,9 +100,10 @@ def test_selectors_with_method_triton(selector, params):
 def test_divprune_kernel_picks_exactly_what_the_pytorch_loop_picks(case):
     """Max-min only compares distances, so the picks are identical, ties included."""
     tokens, k, *_ = case
-    ref = resprune.select(tokens, k, selector="divprune", order="selection", method="torch")
-    got = resprune.select(tokens, k, selector="divprune", order="selection", method="triton")
-    assert torch.equal(got, ref)
+    unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    dist = 1.0 - unit @ unit.transpose(1, 2)
+    ref = greedy_max_min(dist, k, "torch")
+    assert torch.equal(greedy_max_min(dist, k, "triton"), ref)
 
 
 def test_auto_uses_the_kernels_on_cuda_only():
