@@ -35,7 +35,6 @@ import json
 import operator
 import os
 import platform
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +52,7 @@ from .metrics import Example, Metric, Reference
 from .models import chat_inputs
 from .pipeline import Pipeline
 from .plugins import get_host
+from .timing import clock
 
 __all__ = ["Ablation", "AblationError", "Cell", "ResultTable", "expand_grid"]
 
@@ -356,10 +356,10 @@ class Ablation:
         device = self.model.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start = _clock(device)
+        start = clock(device)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                   output_logits=True, return_dict_in_generate=True)
-        total_ms = (_clock(device) - start) * 1e3
+        total_ms = (clock(device) - start) * 1e3
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         tok = getattr(self.processor, "tokenizer", self.processor)
         answer = tok.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
@@ -368,9 +368,9 @@ class Ablation:
     def _prefill_ms(self, inputs: Any) -> float:
         device = self.model.device
         self.model(**inputs)  # warm-up
-        start = _clock(device)
+        start = clock(device)
         self.model(**inputs)
-        return (_clock(device) - start) * 1e3
+        return (clock(device) - start) * 1e3
 
     def _reference_key(self, i: int) -> dict[str, Any]:
         """What the unpruned model's outputs on example ``i`` depend on."""
@@ -650,12 +650,6 @@ def _plugin_versions() -> dict[str, str | None]:
 
 def _stamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _bar(**kwargs: Any) -> Any:

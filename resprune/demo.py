@@ -9,8 +9,6 @@ a real checkpoint with ``--model PATH_OR_HUB_ID``.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
@@ -28,6 +26,7 @@ from .linalg import optimal_residual, span_residual
 from .models import chat_inputs, is_tiny, load_model
 from .pipeline import load_pipeline
 from .selection import select
+from .timing import median_ms
 from .visualize import overlay_selection
 
 __all__ = ["PHOTOS", "DEFAULT_CONFIGS", "photo_path", "sample_questions", "pixel_tokens", "compare_selectors",
@@ -93,24 +92,13 @@ def compare_selectors(tokens: Tensor, budget: int | float, grid: tuple[int, int]
     context = {"grid": grid} if grid else {}
     rows = []
     for name, params in selectors:
-        select(tokens, k, selector=name, scores=scores, context=context, **params)  # warm-up
-        start = time.perf_counter()
         kept = select(tokens, k, selector=name, scores=scores, context=context, order="selection", **params)
-        ms = (time.perf_counter() - start) * 1e3
+        ms = median_ms(lambda: select(tokens, k, selector=name, scores=scores, context=context, **params),
+                       tokens.device, repeats=1)  # after a warm-up call
         resid = span_residual(tokens, kept)
         rows.append({"selector": name, "k": k, "n": n, "ms": ms, "kept": kept,
                      "residual": resid / total, "vs_svd": resid / best if best > 0 else float("nan")})
     return rows
-
-
-def _median_ms(fn: Callable[[], Any], repeats: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _si(x: float) -> str:
@@ -154,15 +142,15 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
     print_fn(f"image: {path.name}   prompt: {prompt!r}\n")
 
     with torch.no_grad():
-        full_ms = _median_ms(lambda: lvlm(**inputs))
+        full_ms = median_ms(lambda: lvlm(**inputs), lvlm.device)
         full_answer = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         with pipe.attach(lvlm, processor) as attached:
-            pruned_ms = _median_ms(lambda: lvlm(**inputs))
-            select_ms = _median_ms(lambda: attached.prune(inputs))
+            pruned_ms = median_ms(lambda: lvlm(**inputs), lvlm.device)
+            select_ms = median_ms(lambda: attached.prune(inputs), lvlm.device)
             pruned_answer = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             batch = attached.last
             selections = attached.selections
-        vision_ms = _median_ms(lambda: attached.injector.encode(lvlm, inputs, pipe.requires))
+        vision_ms = median_ms(lambda: attached.injector.encode(lvlm, inputs, pipe.requires), lvlm.device)
 
     prompt_len = inputs["input_ids"].shape[1]
     t_full = int(inputs["attention_mask"].sum())

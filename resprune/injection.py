@@ -24,7 +24,6 @@ import functools
 import inspect
 import re
 import threading
-import time
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ from torch import Tensor
 from .context import PruneContext
 from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError, PluginError
 from .interfaces import Injector
+from .timing import clock
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -240,11 +240,11 @@ class Attached:
 
     def prune(self, inputs: Mapping[str, Any], call: str = "forward") -> PrunedBatch:
         """Prune one call's inputs (what the wrappers do); also usable without calling the model."""
-        start = _now(self.model) if self.profile else 0.0
+        start = clock(getattr(self.model, "device", None)) if self.profile else 0.0
         batch = self.injector.prune_inputs(self.model, inputs, self.pipeline, processor=self.processor,
                                            text=self.text, call=call)
         if self.profile:
-            batch.prune_ms = (_now(self.model) - start) * 1e3
+            batch.prune_ms = (clock(getattr(self.model, "device", None)) - start) * 1e3
         self.selections = batch.selections
         self.last = batch
         self.calls += 1
@@ -289,13 +289,6 @@ class Attached:
 
 
 _MISSING = object()
-
-
-def _now(model: Any) -> float:
-    device = getattr(model, "device", None)
-    if getattr(device, "type", "cpu") == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
