@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -60,3 +61,22 @@ def test_full_size_configs_have_the_real_parameter_counts(bench, model_type, bil
     with torch.device("meta"):
         big = type(model)(cfg)
     assert sum(p.numel() for p in big.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_gpu_check_runs_and_reports_every_target(tmp_path, capsys):
+    """The GPU check's own logic, at tiny sizes on CPU (CI has no GPU; the real run is
+    `bash benchmarks/gpu-check.sh` on one)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "gpu-check.md").read_text()
+    assert "| case | residual_energy (auto) | naive torch loop | one Gram GEMM |" in report
+    assert "| backbone | B | budget | run |" in report
+    for backbone in ("llava", "llava_next", "qwen2_5_vl"):
+        assert f"pruned / oracle prefill <= 1.05, {backbone}, B=1" in report
+    assert "picks equal the CPU float32 reference up to ties" in report and "DIFFERENT" not in report
+    passed, total = (int(x) for x in re.search(r"Targets: (\d+) of (\d+) pass", report).groups())
+    assert report.count("| PASS |") == passed and report.count("| PASS |") + report.count("| FAIL |") == total

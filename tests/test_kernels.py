@@ -22,8 +22,9 @@ from resprune.strategies.divprune import greedy_max_min
 from helpers import assert_same_up_to_ties, make_tokens
 
 pytest.importorskip("triton")
-if not kernels.available("cpu") and not torch.cuda.is_available():
-    pytest.skip("the kernels need a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it)", allow_module_level=True)
+pytestmark = pytest.mark.skipif(not kernels.available("cpu") and not torch.cuda.is_available(),
+                                reason="needs a GPU, or TRITON_INTERPRET=1 (tests/conftest.py sets it without one)")
+interpreted = pytest.mark.skipif(not kernels.available("cpu"), reason="CPU tensors need TRITON_INTERPRET=1")
 
 
 @st.composite
@@ -49,6 +50,7 @@ def _same(tokens, got, ref, weights=None, row_scale=None):
         assert_same_up_to_ties(v, got[i].tolist(), ref[i].tolist(), None if weights is None else weights[i])
 
 
+@interpreted
 @pytest.mark.parametrize("variant", ["persistent", "step"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases())
@@ -60,6 +62,7 @@ def test_residual_kernels_pick_what_the_pytorch_loop_picks(monkeypatch, variant,
     _same(tokens, got, ref, weights, row_scale)
 
 
+@interpreted
 @pytest.mark.parametrize("variant", ["persistent", "step"])
 def test_residual_kernels_across_blocks_and_exact_ties(monkeypatch, variant):
     """Several blocks of tokens per image (the cross-block argmax), duplicate rows whose
@@ -85,6 +88,7 @@ def _prepared(tokens, k):
     return torch.bmm(v, v.transpose(1, 2)), e0, w, e0 * 1e-4, fallback
 
 
+@interpreted
 @pytest.mark.parametrize("selector, params", [("residual_energy", {"seed": "norm", "alpha": 0.75}),
                                               ("dpp", {}), ("dpp", {"normalize": "none"})])
 def test_selectors_with_method_triton(selector, params):
@@ -95,6 +99,7 @@ def test_selectors_with_method_triton(selector, params):
     assert torch.equal(got, ref)
 
 
+@interpreted
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=cases(max_n=48))
 def test_divprune_kernel_picks_exactly_what_the_pytorch_loop_picks(case):
@@ -106,6 +111,7 @@ def test_divprune_kernel_picks_exactly_what_the_pytorch_loop_picks(case):
     assert torch.equal(greedy_max_min(dist, k, "triton"), ref)
 
 
+@interpreted
 def test_auto_uses_the_kernels_on_cuda_only():
     from resprune.linalg import choose_method
 
@@ -114,6 +120,7 @@ def test_auto_uses_the_kernels_on_cuda_only():
     assert kernels.available("meta") is False
 
 
+@interpreted
 def test_kernels_are_unavailable_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not kernels.available("cpu")
@@ -130,6 +137,7 @@ def test_cuda_kernels_match_the_cpu_reference(monkeypatch, variant):
     _same(tokens, got, ref)
 
 
+@interpreted
 @pytest.mark.parametrize("variant", ["persistent", "step"])
 @pytest.mark.parametrize("tokens", [torch.eye(40).expand(2, 40, 40) * 3.0, torch.zeros(2, 40, 5)],
                          ids=["orthogonal", "zero"])
@@ -144,6 +152,7 @@ def test_exact_ties_go_to_the_lower_index_across_blocks(monkeypatch, variant, to
         assert torch.equal(got, expected), block
 
 
+@interpreted
 def test_divprune_kernel_ties_across_blocks():
     tokens = torch.eye(40).expand(2, 40, 40)  # every distance is 1: each step ties across all blocks
     unit = tokens / tokens.norm(dim=-1, keepdim=True)

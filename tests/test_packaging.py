@@ -53,6 +53,8 @@ def test_built_wheel_installs_and_imports_subpackages(tmp_path):
     (wheel,) = wheels.glob("resprune-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "resprune/strategies/residual_energy.py" in names
+    for init in (ROOT / "resprune").rglob("__init__.py"):  # every subpackage (a new one must be listed in pyproject)
+        assert init.relative_to(ROOT).as_posix() in names, init
     assert "resprune/backbones/__init__.py" in names
     assert "resprune/configs/resprune-llava15.yaml" in names
     assert any(n.startswith("resprune/data/photos/") and n.endswith(".jpg") for n in names)

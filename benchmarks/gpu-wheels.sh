@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Fetch, on a machine with the package registry, the wheels that benchmarks/gpu-check.sh installs
+# on a GPU machine that has none (its python3 has torch, transformers, triton, pluggy, einops,
+# safetensors, regex and pillow, but not omegaconf). They land in .whl/ (ignored by git), which
+# travels with the working tree to the GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+rm -f .whl/*.whl
+# omegaconf is pure Python; its antlr4 runtime 4.9.3 exists only as a source archive: build it here.
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 -d .whl "omegaconf==2.3.0"
+python3 -m pip wheel -q --no-deps -w .whl "antlr4-python3-runtime==4.9.3"
+ls -l .whl
