@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 import resprune
+from resprune import kernels
 from resprune.linalg import choose_method
 from resprune.testing.reference import residual_energies
 
@@ -89,6 +90,15 @@ def selection(cases: list[Case], device: torch.device, repeats: int) -> list[dic
         row["divprune"] = (timed(lambda: resprune.select(tokens, case.k, selector="divprune"), device, repeats)
                            if case.n <= 4096 else None)
         row["gram_gemm"] = timed(lambda: torch.bmm(tokens, tokens.transpose(1, 2)), device, repeats)
+        for variant in ("persistent", "step"):  # both kernel shapes, to tune kernels.choose_variant
+            row[variant] = None
+            if kernels.available(device) and device.type == "cuda":
+                chosen = kernels.choose_variant
+                kernels.choose_variant = lambda b, n, v=variant: v
+                try:
+                    row[variant] = timed(lambda: resprune.select(tokens, case.k, method="triton"), device, repeats)
+                finally:
+                    kernels.choose_variant = chosen
         row["naive"] = (timed(lambda: naive_residual_select(tokens[0], case.k), device, max(1, repeats // 3))
                         if case.batch == 1 else None)
         if case.batch > 1:
@@ -109,11 +119,13 @@ def selection_table(rows: list[dict[str, Any]], device: torch.device) -> str:
     cell = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [f"Selection, median ms — {device_name(device)}, torch {torch.__version__}, float32 tokens "
              "(correlated, as image features)", "",
-             "| case | residual_energy (auto) | naive torch loop | one Gram GEMM | dpp | divprune | text_relevance "
-             "| picks vs CPU float32 reference |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| case | residual_energy (auto) | triton persistent | triton step | naive torch loop | one Gram GEMM "
+             "| dpp | divprune | text_relevance | picks vs CPU float32 reference |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         text = r.get("text_relevance B=16", r.get("text_relevance"))
-        lines.append(f"| {r['case']} | {cell(r['residual_energy'])} ({r['method']}) | {cell(r['naive'])} | "
+        lines.append(f"| {r['case']} | {cell(r['residual_energy'])} ({r['method']}) | {cell(r['persistent'])} | "
+                     f"{cell(r['step'])} | {cell(r['naive'])} | "
                      f"{cell(r['gram_gemm'])} | {cell(r['dpp'])} | {cell(r['divprune'])} | {cell(text)} | "
                      f"{r['agreement']} |")
     return "\n".join(lines)
@@ -164,8 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
-        from resprune import kernels
-
         print(f"device: {torch.cuda.get_device_name(device)}; Triton kernels: "
               f"{'yes' if kernels.available(device) else 'NO (pip install triton)'}", file=sys.stderr)
     repeats = args.repeats or (1 if args.smoke else 10)

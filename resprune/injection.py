@@ -621,21 +621,24 @@ def _select_all(injector: PlaceholderInjector, pipeline: Pipeline, images: list[
         for idx, k in subsets(pipeline):
             if k == 0:
                 continue
+            whole = idx.numel() == first.n  # every token: no gathered copies
             ctx = PruneContext(
-                feats[:, idx], source=f"backbone '{injector.name}'",
+                feats if whole else feats[:, idx], source=f"backbone '{injector.name}'",
                 text=lambda m=members: [row_text(rows[i]) for i in m],
                 text_embedder=embedder,
-                cls_attention=None if cls is None else cls[:, idx],
-                grid=first.grid if idx.numel() == first.n else None,
-                positions=None if first.positions is None else first.positions[idx],
+                cls_attention=None if cls is None else (cls if whole else cls[:, idx]),
+                grid=first.grid if whole else None,
+                positions=None if first.positions is None else (first.positions if whole else first.positions[idx]),
             )
             sel = pipeline.run(ctx, k=k)
+            kept, order = idx[sel.kept.cpu()], idx[sel.order.cpu()]  # one copy per subset, not per image
+            scores = {name: value.detach().float().cpu() for name, value in sel.scores.items()}
             for j in range(len(members)):
-                kept_all[j].append(idx[sel.kept[j].cpu()])
-                order_all[j].append(idx[sel.order[j].cpu()])
-                for name, value in sel.scores.items():
+                kept_all[j].append(kept[j])
+                order_all[j].append(order[j])
+                for name, value in scores.items():
                     full = torch.full((first.n,), float("nan"))
-                    full[idx] = value[j].detach().float().cpu()
+                    full[idx] = value[j]
                     prev = score_all[j].get(name)
                     score_all[j][name] = full if prev is None else torch.where(torch.isnan(full), prev, full)
         forced = None if first.always is None else first.always.nonzero().squeeze(1).cpu()

@@ -58,6 +58,9 @@ BLOCK = 32
 on a 2-core CPU over Gaussian, low-rank, clustered and spatially smooth tokens)."""
 
 
+NARROW = 512
+"""Below this token width (tiny test models) ``auto`` on CPU does not use ``blocked``."""
+
 SAFE_EXPONENT = 60
 """``safe_scale`` leaves squared norms in ``[2^-60, 2^60]`` alone (on CPU)."""
 
@@ -93,14 +96,20 @@ def choose_method(n: int, d: int, k: int, *, batch: int = 1,
     On a CUDA device with Triton installed: ``triton`` (``resprune.kernels``: the Gram
     matrix from one GEMM, then the whole loop in fused kernels).
 
-    On CPU: ``gram`` when ``3k > N``, else ``blocked`` (the measured crossover at N = 576,
+    On CPU: ``gram`` when ``3k > N``; for narrow tokens (``d < NARROW``, tiny models) the
+    cheaper of the Gram GEMM (``2 N^2 d``) and one product per step over the at most ``d``
+    steps before the rank runs out; else ``blocked`` (the measured crossover at N = 576,
     d = 4096: a block of ``BLOCK`` columns is needed every 5-10 picks, so blocks cost about
     ``6-12 k N d`` FLOPs against ``2 N^2 d`` for the Gram matrix). Elsewhere (no host checks in the loop): a rough cost model calibrated on a
     2-core CPU, the Gram GEMM at about 150 GFLOP/s against per-step matrix-vector products
     at memory speed (about 60 GB/s while ``V`` fits in cache, 20 GB/s beyond).
     """
     if torch.device(device).type == "cpu":
-        return "gram" if 3 * k > n else "blocked"
+        if 3 * k > n:
+            return "gram"
+        if d < NARROW:  # tiny models: blocks do not pay, and at most d steps run (the rank)
+            return "gram" if n < 20 * min(k, d) else "incremental"
+        return "blocked"
     from . import kernels
 
     if kernels.available(device):

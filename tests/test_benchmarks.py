@@ -73,7 +73,8 @@ def test_gpu_check_runs_and_reports_every_target(tmp_path, capsys):
         sys.path.remove(str(BENCH))
     assert gpu_check.main(["--smoke", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "gpu-check.md").read_text()
-    assert "| case | residual_energy (auto) | naive torch loop | one Gram GEMM |" in report
+    assert "| case | residual_energy (auto) | triton persistent | triton step | naive torch loop | one Gram GEMM |" \
+        in report
     assert "| backbone | B | budget | run |" in report
     for backbone in ("llava", "llava_next", "qwen2_5_vl"):
         assert f"pruned / oracle prefill <= 1.05, {backbone}, B=1" in report

@@ -63,7 +63,10 @@ def test_blocked_refills_on_every_kind_of_miss(block):
         assert_same_up_to_ties(tokens[i] * rs[i, :, None], ref[i].tolist(), got[i].tolist(), w[i])
 
 
-def test_choose_method_by_device_budget_and_batch():
+def test_choose_method_by_device_budget_and_batch(monkeypatch):
+    from resprune import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda device: False)  # the PyTorch methods (no Triton / no GPU)
     # CPU: Gram columns in blocks unless the budget is a large share of N
     assert choose_method(576, 4096, 8) == "blocked"
     assert choose_method(576, 4096, 64) == "blocked"
@@ -78,6 +81,14 @@ def test_choose_method_by_device_budget_and_batch():
     assert choose_method(576, 4096, 64, device="cuda") == "incremental"
     assert choose_method(576, 4096, 64, batch=16, device="cuda") == "gram"
     assert choose_method(576, 4096, 64, device="meta") == "incremental"
+    # narrow tokens (tiny models) on CPU: the Gram GEMM, or per-step products when N is large
+    # against the at most d steps before the rank runs out
+    assert choose_method(576, 64, 64, batch=16) == "gram"
+    assert choose_method(2928, 64, 320) == "incremental"
+    # with the Triton kernels on a CUDA device, they run the loop
+    monkeypatch.setattr(kernels, "available", lambda device: torch.device(device).type == "cuda")
+    assert choose_method(576, 4096, 64, device="cuda") == "triton"
+    assert choose_method(576, 4096, 64) == "blocked"
 
 
 def test_span_and_optimal_residual_helpers_match_reference():
