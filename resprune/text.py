@@ -63,12 +63,17 @@ def strip_format(text: str, patterns: Sequence[str] = ANSWER_FORMAT_PATTERNS) ->
     """
     for pattern in patterns:
         try:
-            text = regex.sub(pattern, " ", text, flags=regex.IGNORECASE | regex.MULTILINE, timeout=STRIP_TIMEOUT_S)
+            text = _compiled(pattern).sub(" ", text, timeout=STRIP_TIMEOUT_S)
         except TimeoutError:
             raise InvalidInputError(
                 f"strip pattern {pattern!r} ran over {STRIP_TIMEOUT_S} s on a {len(text)}-character instruction "
                 f"(catastrophic backtracking, e.g. nested or overlapping repeats like (a|aa)+); simplify it.") from None
     return " ".join(text.split())
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(pattern: str) -> regex.Pattern:
+    return regex.compile(pattern, flags=regex.IGNORECASE | regex.MULTILINE)
 
 
 def extract_keywords(text: str, mode: str = "content") -> list[str]:

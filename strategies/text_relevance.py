@@ -64,22 +64,25 @@ class TextRelevance(Scorer):
         embed = context.get("text_embedder", requester=f"scorer '{self.name}'")
         tokens = context.tokens
         b, n, d = tokens.shape
-        keys: list[Tensor] = []  # unit keyword embeddings per image, [L_b, d]
-        for text in texts:
-            words = self.keywords(text)
-            u = torch.cat([self._embed(embed, w, tokens) for w in words]).float() if words else tokens.new_zeros(0, d)
+        words: dict[str, Tensor] = {}  # each word embedded once per call, each text reduced once
+        per_text: dict[str, Tensor] = {}
+        for text in dict.fromkeys(texts):
+            kws = self.keywords(text)
+            for w in kws:
+                if w not in words:
+                    words[w] = self._embed(embed, w, tokens)
+            u = torch.cat([words[w] for w in kws]).float() if kws else tokens.new_zeros(0, d)
             if self.params.reduce == "pooled" and u.shape[0]:
                 u = u.mean(dim=0, keepdim=True)
-            keys.append(u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny))
+            per_text[text] = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+        keys = [per_text[text] for text in texts]  # unit keyword embeddings per image, [L_b, d]
         longest = max(u.shape[0] for u in keys)
         if longest == 0:
             return torch.ones(b, n, device=tokens.device)
         # one batched product for all images: cos = (v . u_hat) / ||v||, without a normalised copy of V
-        padded = tokens.new_zeros(b, longest, d)
-        valid = torch.zeros(b, longest, dtype=torch.bool, device=tokens.device)
-        for i, u in enumerate(keys):
-            padded[i, : u.shape[0]] = u
-            valid[i, : u.shape[0]] = True
+        padded = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True)  # [B, L, d], zero rows beyond L_b
+        lengths = torch.tensor([u.shape[0] for u in keys], device=tokens.device)
+        valid = torch.arange(longest, device=tokens.device) < lengths.unsqueeze(1)  # [B, L]
         norms = tokens.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(tokens.dtype).tiny)  # [B, N, 1]
         cos = (torch.bmm(tokens, padded.transpose(1, 2)) / norms).clamp_min_(0)  # [B, N, L]
         mask = valid.unsqueeze(1)
