@@ -61,8 +61,10 @@ def residual_select(gram: Tensor, energy0: Tensor, weights: Tensor, floor: Tenso
     Args:
         gram: float32 ``[B, N, N]`` Gram matrix of the (virtually scaled) tokens.
         energy0: float32 ``[B, N]`` initial energies (the Gram diagonal, or exact values).
-        weights, floor, fallback: float32 ``[B, N]``: ``w``, the degeneracy floors and the
-            fallback keys (negative, distinct), as the PyTorch loop builds them.
+        weights: float32 ``[B, N]`` weights ``w``.
+        floor: float32 ``[B, N]`` degeneracy floors (``tol`` times the initial energies).
+        fallback: float32 ``[B, N]`` fallback keys (negative, distinct), as the PyTorch loop
+            builds them.
         first: int64 ``[B]`` forced first picks, or ``None``.
         k: picks per image.
         variant: ``persistent`` (one program per image), ``step`` (one launch per pick),
