@@ -33,6 +33,9 @@ class Case:
     k: int
     batch: int = 1
 
+    def __str__(self) -> str:
+        return f"{'B=%d, ' % self.batch if self.batch > 1 else ''}N={self.n}, d={self.d}, k={self.k}"
+
 
 PAPER_CASES = [
     Case(576, 4096, 64),     # LLaVA-1.5, 88.9% pruned

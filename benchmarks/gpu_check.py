@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +32,8 @@ from resprune.testing.reference import residual_energies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402
-from bench_selection import make_tokens, naive_residual_select, word_embedder  # noqa: E402
+from bench_selection import Case, make_tokens, naive_residual_select, word_embedder  # noqa: E402
 from common import device_name, timed  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Case:
-    n: int
-    d: int
-    k: int
-    batch: int = 1
-
-    def __str__(self) -> str:
-        return f"{'B=%d, ' % self.batch if self.batch > 1 else ''}N={self.n}, d={self.d}, k={self.k}"
 
 
 CASES = [Case(576, 4096, 64), Case(576, 4096, 192), Case(2880, 4096, 320), Case(576, 4096, 64, 16),
