@@ -466,13 +466,15 @@ class PlaceholderInjector(Injector):
             keep[chosen[:, 0], chosen[:, 1]] = True
             kept_feats.append(img.features[sel.kept.to(img.features.device)])
             offset += img.n
-        new_len = int(keep.sum(dim=1).max())
+        counts = keep.sum(dim=1)  # [B] columns each row keeps
+        new_len = int(counts.max())
         left = _pads_left(mask, processor)
         columns = torch.full((b, new_len), -1, dtype=torch.long, device=input_ids.device)
-        for r in range(b):
-            idx = keep[r].nonzero().squeeze(1)
-            start = new_len - idx.numel() if left else 0
-            columns[r, start: start + idx.numel()] = idx
+        slot = keep.cumsum(dim=1) - 1  # a kept column's place in its row, in order
+        if left:
+            slot += (new_len - counts).unsqueeze(1)
+        rows_k, cols_k = keep.nonzero(as_tuple=True)  # every row at once (one host read)
+        columns[rows_k, slot[rows_k, cols_k]] = cols_k
         pad_id = _pad_id(model, processor)
         new_ids = _gather_columns(input_ids, columns, fill=pad_id)
         new_mask = (columns >= 0).to(mask.dtype)

@@ -159,6 +159,35 @@ def test_generate_returns_the_callers_prompt_then_new_tokens():
     assert torch.equal(out, positional)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rewritten_rows_keep_their_columns_in_order_on_the_callers_padding_side(side):
+    model, proc = model_and_processor("llava")
+    tok = proc.tokenizer
+    old = tok.padding_side
+    tok.padding_side = side
+    try:
+        text = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                 "text": q}]}], add_generation_prompt=True, tokenize=False)
+                for q in ("What is it?", "Which colours dominate the picture, and where are they?")]
+        inputs = proc(images=photos()[:2], text=text, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = old
+    with pipeline("llava", 16).attach(model, proc) as attached, torch.no_grad():
+        batch = attached.prune(inputs)
+    mask = inputs["attention_mask"].bool()
+    for r in range(2):
+        cols = batch.columns[r]
+        real = cols[cols >= 0]
+        assert torch.equal(real, real.sort().values)  # original order
+        pads = (cols < 0).nonzero().flatten()
+        if len(pads):  # padding sits on the caller's side, all together
+            assert (pads == torch.arange(len(pads)) if side == "left" else
+                    pads == torch.arange(len(cols) - len(pads), len(cols))).all()
+        placeholders = (inputs["input_ids"][r] == model.config.image_token_id) & mask[r]
+        assert int((~placeholders & mask[r]).sum()) + 16 == len(real)  # every text column and 16 image ones
+    assert torch.equal(batch.attention_mask.bool(), batch.columns >= 0)
+
+
 # --- several images in one prompt, text-only rows --------------------------------------------
 
 
