@@ -35,9 +35,10 @@ from PIL import Image
 
 import resprune
 from resprune.costs import kv_cache_bytes, llm_dims, prefill_flops
-from resprune.demo import DEFAULT_CONFIGS, photo_path, sample_questions
+from resprune.data import sample_questions
+from resprune.demo import DEFAULT_CONFIGS
 from resprune.models import chat_inputs
-from resprune.testing.tiny import tiny_lvlm
+from resprune.tiny import tiny_lvlm
 
 from common import device_name, emit, sync, timed
 

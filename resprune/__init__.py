@@ -32,7 +32,7 @@ from .pipeline import Pipeline, load_pipeline
 from .plugins import get_host, list_plugins, reset_plugins
 from .selection import Selection, score, select
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "hookimpl",

@@ -52,6 +52,7 @@ from .metrics import Example, Metric, Reference
 from .models import chat_inputs
 from .pipeline import Pipeline
 from .plugins import get_host
+from ._version import __version__
 from .timing import clock
 
 __all__ = ["Ablation", "AblationError", "Cell", "ResultTable", "expand_grid"]
@@ -271,8 +272,6 @@ class Ablation:
 
     def _identity(self) -> dict[str, Any]:
         """Everything besides the pipeline config that changes a cell's numbers."""
-        from . import __version__
-
         config = getattr(self.model.config, "to_dict", dict)()
         return {"model": self.model_name,
                 "model_config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],

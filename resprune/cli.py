@@ -131,7 +131,7 @@ def _model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import PHOTOS
+    from .data import PHOTOS
 
     parser = argparse.ArgumentParser(prog="resprune", description="Training-free visual token pruning for LVLMs.")
     sub = parser.add_subparsers(dest="command", required=True)

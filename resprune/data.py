@@ -17,6 +17,7 @@ import io
 import json
 import stat
 from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,30 @@ from PIL import Image
 
 from .errors import InvalidInputError, MissingDependencyError
 
-__all__ = ["load_records", "open_image", "describe_source", "record_digest"]
+__all__ = ["load_records", "open_image", "describe_source", "record_digest", "PHOTOS", "photo_path",
+           "sample_questions"]
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+"""Bundled public-domain / CC0 photographs (see resprune/data/photos/PROVENANCE.md)."""
+
+
+def photo_path(name: str) -> Path:
+    """Path of a bundled photo by name (``astronaut``, ``chelsea``, ``coffee``, ``rocket``)."""
+    if name not in PHOTOS:
+        raise ValueError(f"unknown photo {name!r}; bundled photos: {', '.join(PHOTOS)}")
+    return Path(str(resources.files("resprune") / "data" / "photos" / f"{name}.jpg"))
+
+
+def sample_questions() -> list[dict[str, Any]]:
+    """The bundled sample questions: ``image`` (a bundled photo path), ``question``, ``answers``."""
+    root = resources.files("resprune") / "data"
+    records = []
+    for line in (root / "sample_questions.jsonl").read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            rec["image"] = str(root / rec["image"])
+            records.append(rec)
+    return records
 
 
 def describe_source(source: Any) -> str:
@@ -41,8 +65,6 @@ def load_records(source: Any = None, *, limit: int | None = None) -> list[dict[s
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidInputError(f"limit must be an int >= 1 (or None for every record), got {limit!r}.")
     if source is None:
-        from .demo import sample_questions
-
         records: list[dict[str, Any]] = sample_questions()
         where = "bundled sample set"
     elif isinstance(source, (str, Path)):

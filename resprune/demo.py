@@ -8,9 +8,7 @@ a real checkpoint with ``--model PATH_OR_HUB_ID``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch import Tensor
 from .budget import resolve_budget
 from .errors import InvalidInputError
 from .costs import LLMDims, kv_cache_bytes, llm_dims, prefill_flops
+from .data import PHOTOS, photo_path, sample_questions
 from .linalg import optimal_residual, span_residual
 from .models import chat_inputs, is_tiny, load_model
 from .pipeline import load_pipeline
@@ -29,11 +28,7 @@ from .selection import select
 from .timing import median_ms
 from .visualize import overlay_selection
 
-__all__ = ["PHOTOS", "DEFAULT_CONFIGS", "photo_path", "sample_questions", "pixel_tokens", "compare_selectors",
-           "run_demo"]
-
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-"""Bundled public-domain / CC0 photographs (see resprune/data/photos/PROVENANCE.md)."""
+__all__ = ["DEFAULT_CONFIGS", "pixel_tokens", "compare_selectors", "run_demo"]
 
 DEFAULT_CONFIGS = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next",
                    "qwen2_5_vl": "resprune-qwen2.5-vl"}
@@ -50,25 +45,6 @@ DEMO_SELECTORS: tuple[tuple[str, dict], ...] = (
     ("uniform", {}),
     ("random", {"seed": 0}),
 )
-
-
-def photo_path(name: str) -> Path:
-    """Path of a bundled photo by name (``astronaut``, ``chelsea``, ``coffee``, ``rocket``)."""
-    if name not in PHOTOS:
-        raise ValueError(f"unknown photo {name!r}; bundled photos: {', '.join(PHOTOS)}")
-    return Path(str(resources.files("resprune") / "data" / "photos" / f"{name}.jpg"))
-
-
-def sample_questions() -> list[dict[str, Any]]:
-    """The bundled sample questions: ``image`` (a bundled photo path), ``question``, ``answers``."""
-    root = resources.files("resprune") / "data"
-    records = []
-    for line in (root / "sample_questions.jsonl").read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            rec["image"] = str(root / rec["image"])
-            records.append(rec)
-    return records
 
 
 def pixel_tokens(image: Image.Image, grid: int = 24, patch: int = 14) -> tuple[Tensor, Image.Image]:

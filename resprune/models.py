@@ -29,7 +29,7 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "auto", see
     import torch
 
     if is_tiny(spec):
-        from .testing.tiny import MODEL_TYPES, tiny_lvlm
+        from .tiny import MODEL_TYPES, tiny_lvlm
 
         model_type = spec[len(TINY_PREFIX):]
         if model_type not in MODEL_TYPES:

@@ -10,7 +10,7 @@ from PIL import Image
 import resprune
 from resprune.cli import main
 from resprune.costs import LLMDims, kv_cache_bytes, llm_dims, prefill_flops
-from resprune.demo import photo_path, sample_questions
+from resprune.data import photo_path, sample_questions
 from resprune.models import chat_inputs, load_model
 from resprune.visualize import overlay_selection
 

@@ -4,8 +4,9 @@
   that fast paths are compared against.
 - ``resprune.testing.contracts``: the contract checks every scorer and selector must
   pass; plugin authors run them over their own strategies.
-- ``resprune.testing.tiny``: tiny randomly initialised LLaVA / LLaVA-NeXT / Qwen2.5-VL
-  models with offline processors, for tests that need a real model without a download.
+- ``tiny_lvlm`` / ``tiny_inputs`` (from ``resprune.tiny``): tiny randomly initialised
+  LLaVA / LLaVA-NeXT / Qwen2.5-VL models with offline processors, for tests that need a
+  real model without a download.
 """
 
 from .contracts import check_scorer_contract, check_selector_contract, random_context

@@ -33,7 +33,7 @@ BACKBONES = ("llava", "llava_next", "qwen2_5_vl")
 def _photo(which: int = 0) -> Any:
     from PIL import Image
 
-    from ..demo import PHOTOS, photo_path
+    from ..data import PHOTOS, photo_path
 
     return Image.open(photo_path(PHOTOS[which])).convert("RGB").resize((112, 84))
 

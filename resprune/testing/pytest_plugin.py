@@ -23,7 +23,7 @@ import pytest
 
 @functools.cache
 def _tiny(model_type: str, seed: int = 0) -> tuple[Any, Any]:
-    from resprune.testing.tiny import tiny_lvlm
+    from resprune.tiny import tiny_lvlm
 
     return tiny_lvlm(model_type, seed=seed)
 

@@ -38,7 +38,7 @@ def test_a_yaml_pipeline_using_the_plugin_on_a_tiny_llava(tiny_llava):
     pipe = resprune.load_pipeline({"budget": 8, "scorers": [{"name": "distinctiveness"}],
                                    "selector": {"name": "farthest_point", "params": {"seed": "distinctiveness"}}})
     from resprune.testing import tiny_inputs
-    from resprune.demo import photo_path
+    from resprune.data import photo_path
     from PIL import Image
 
     inputs = tiny_inputs("llava", processor, [Image.open(photo_path("coffee"))], ["What color is the cup?"])

@@ -1,0 +1,352 @@
+"""Tiny randomly initialised LVLMs with offline processors, for demos, sweeps and tests
+(``tiny:llava`` and its siblings on the command line; ``resprune.testing`` re-exports them).
+
+Nothing is downloaded: the tokenizer is a byte-level BPE with no merges (256 byte tokens
+plus the model family's special tokens) and the image processors are built from code.
+Widths are tiny (vision 32, text 64, 2 layers each) but the image-token grids keep a
+realistic shape, so pruning code sees the same structure as on the real checkpoints.
+
+Default sizes and image-token counts ``N`` per image:
+
+- ``"llava"``: CLIP tower, 84 px input, patch 14 -> 6x6 grid, ``N = 36`` for every image.
+- ``"llava_next"``: 42 px base tile (3x3), pinpoints of 1-3 tiles of 42 px (like LLaVA-NeXT's
+  336 px set), one newline feature per grid row; ``N`` depends on the aspect ratio
+  (e.g. 51 for a square photo).
+- ``"qwen2_5_vl"``: patch 14, 2x2 merge, 56*56 <= pixels <= 224*224; a 112x84 image gives
+  12 tokens, a 448x448 photo 64.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+    from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
+
+__all__ = ["MODEL_TYPES", "tiny_inputs", "tiny_lvlm"]
+
+ModelType = Literal["llava", "llava_next", "qwen2_5_vl"]
+MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl")
+
+_PATCH = 14
+_DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224}
+
+_LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+_QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# "USER: <image>\n{text} ASSISTANT:" (the llava-1.5-hf template, without generation markers).
+_LLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] != 'system' -%}{{ message['role'].upper() + ': ' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] + ' ' }}"
+    "{%- else -%}"
+    "{%- for c in message['content'] | selectattr('type', 'equalto', 'image') -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for c in message['content'] | selectattr('type', 'equalto', 'text') -%}{{ c['text'] + ' ' }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+# "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
+_QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for c in message['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif c['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+
+def _check_type(model_type: str) -> None:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {MODEL_TYPES}")
+
+
+def _tokenizer(model_type: str) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with empty merges: 256 byte tokens, then the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if model_type == "qwen2_5_vl":
+        tok.add_special_tokens(_QWEN_SPECIALS)
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            pad_token="<|endoftext|>",
+            eos_token="<|im_end|>",
+            extra_special_tokens={
+                "image_token": "<|image_pad|>",
+                "video_token": "<|video_pad|>",
+                "vision_bos_token": "<|vision_start|>",
+                "vision_eos_token": "<|vision_end|>",
+            },
+        )
+    else:
+        tok.add_special_tokens(_LLAVA_SPECIALS)
+        # Llama tokenizers prepend <s>; do the same.
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            pad_token="<pad>",
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            extra_special_tokens={"image_token": "<image>"},
+        )
+    hf.padding_side = "left"
+    return hf
+
+
+def _pinpoints(base: int) -> list[list[int]]:
+    """LLaVA-NeXT's 336 px pinpoint set, scaled to a ``base`` px tile ([height, width])."""
+    return [[base, 2 * base], [2 * base, base], [2 * base, 2 * base], [3 * base, base], [base, 3 * base]]
+
+
+def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -> ProcessorMixin:
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    tv = is_torchvision_available()
+    crop = {"height": image_size, "width": image_size}
+    if model_type == "llava":
+        cls = transformers.CLIPImageProcessor if tv else transformers.CLIPImageProcessorPil
+        ip = cls(size={"shortest_edge": image_size}, crop_size=crop)
+        return transformers.LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=_PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=_LLAVA_CHAT_TEMPLATE,
+        )
+    if model_type == "llava_next":
+        cls = transformers.LlavaNextImageProcessor if tv else transformers.LlavaNextImageProcessorPil
+        ip = cls(size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=_pinpoints(image_size))
+        return transformers.LlavaNextProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=_PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=_LLAVA_CHAT_TEMPLATE,
+        )
+    cls = transformers.Qwen2VLImageProcessor if tv else transformers.Qwen2VLImageProcessorPil
+    ip = cls(min_pixels=4 * 28 * 28, max_pixels=image_size * image_size)
+    if tv:
+        vp = transformers.Qwen2VLVideoProcessor()
+        return transformers.Qwen2_5_VLProcessor(
+            image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=_QWEN_CHAT_TEMPLATE
+        )
+    # Without torchvision the processor refuses a video processor of any type it knows:
+    # accept a bare BaseVideoProcessor (images only; videos are unsupported here).
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    vp = BaseVideoProcessor()
+    vp.merge_size = 2
+    return _image_only_qwen_processor_cls()(
+        image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=_QWEN_CHAT_TEMPLATE
+    )
+
+
+@functools.cache
+def _image_only_qwen_processor_cls() -> type:
+    from transformers import Qwen2_5_VLProcessor
+
+    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+        """Qwen2_5_VLProcessor that builds without torchvision (images only)."""
+
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> type:
+            if argument_name == "video_processor":
+                return type(argument)
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyQwen2_5_VLProcessor
+
+
+def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn: str) -> Any:
+    import transformers
+
+    ids = tok.convert_tokens_to_ids
+    vocab = len(tok)
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    if model_type == "qwen2_5_vl":
+        text_config = transformers.Qwen2_5_VLTextConfig(
+            **text,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=None,
+            eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+        )
+        vision_config = transformers.Qwen2_5_VLVisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=_PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+        cfg = transformers.Qwen2_5_VLConfig(
+            text_config=text_config,
+            vision_config=vision_config,
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+        )
+    else:
+        text_config = transformers.LlamaConfig(
+            **text, bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>")
+        )
+        vision_config = transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=_PATCH,
+            projection_dim=32,
+        )
+        common = dict(
+            vision_config=vision_config,
+            text_config=text_config,
+            image_token_id=ids("<image>"),
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+        if model_type == "llava":
+            cfg = transformers.LlavaConfig(**common, image_seq_length=(image_size // _PATCH) ** 2)
+        else:
+            cfg = transformers.LlavaNextConfig(**common, image_grid_pinpoints=_pinpoints(image_size))
+    cfg._attn_implementation = attn
+    return cfg
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG and build in float32 without touching the caller's state."""
+    import torch
+
+    dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(dtype)
+
+
+def tiny_lvlm(
+    model_type: str,
+    seed: int = 0,
+    *,
+    attn_implementation: str = "sdpa",
+    image_size: int | None = None,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A tiny randomly initialised LVLM and an offline processor (no download).
+
+    model_type: ``"llava"`` (LlavaForConditionalGeneration, CLIP tower), ``"llava_next"``
+    (LlavaNextForConditionalGeneration), ``"qwen2_5_vl"`` (Qwen2_5_VLForConditionalGeneration).
+    Same ``seed`` -> bit-identical weights; the caller's RNG state is left untouched. The model
+    is float32, on CPU, in eval mode, with ``attn_implementation`` for all sub-models.
+    ``image_size``: LLaVA input side (multiple of 14, default 84), LLaVA-NeXT base tile side
+    (multiple of 14, default 42), Qwen2.5-VL side of the max-pixels square (default 224).
+    """
+    import torch
+    import transformers
+
+    _check_type(model_type)
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
+    size = _DEFAULT_IMAGE_SIZE[model_type] if image_size is None else int(image_size)
+    if model_type == "qwen2_5_vl":
+        if size < 56:
+            raise ValueError(f"image_size must be >= 56 for qwen2_5_vl, got {size}")
+    elif size < _PATCH or size % _PATCH:
+        raise ValueError(f"image_size must be a positive multiple of {_PATCH} for {model_type}, got {size}")
+
+    tok = _tokenizer(model_type)
+    tok.chat_template = _QWEN_CHAT_TEMPLATE if model_type == "qwen2_5_vl" else _LLAVA_CHAT_TEMPLATE
+    processor = _processor(model_type, tok, size)
+    config = _config(model_type, tok, size, attn_implementation)
+    cls = {
+        "llava": transformers.LlavaForConditionalGeneration,
+        "llava_next": transformers.LlavaNextForConditionalGeneration,
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    }[model_type]
+    with _seeded(seed):
+        model = cls(config)
+    model = model.to(device="cpu", dtype=torch.float32).eval()
+
+    text_cfg = config.get_text_config()
+    gen = model.generation_config
+    gen.pad_token_id = text_cfg.pad_token_id
+    gen.bos_token_id = text_cfg.bos_token_id
+    gen.eos_token_id = (
+        [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+        if model_type == "qwen2_5_vl"
+        else text_cfg.eos_token_id
+    )
+    gen.do_sample = False
+    return model, processor
+
+
+def tiny_inputs(
+    model_type: str,
+    processor: ProcessorMixin,
+    images: Sequence[Image | None],
+    prompts: Sequence[str],
+) -> BatchFeature:
+    """Chat-templated, left-padded batch: one image per prompt (``None``: text-only row, Qwen only)."""
+    _check_type(model_type)
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
+    texts: list[str] = []
+    for image, prompt in zip(images, prompts):
+        content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
+        if image is not None:
+            content.insert(0, {"type": "image"})
+        elif model_type != "qwen2_5_vl":
+            raise ValueError(f"text-only rows (image None) are only supported for qwen2_5_vl, not {model_type}")
+        messages = [{"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    present = [image for image in images if image is not None]
+    return processor(images=present or None, text=texts, padding=True, return_tensors="pt")
