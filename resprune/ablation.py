@@ -247,17 +247,13 @@ class Ablation:
         self.identity = self._identity()
         self.cells = expand_grid(base, self.grid, self.identity)
         self.pipelines: dict[str, Pipeline] = {}
-        from .injection import find_injector
-
-        injector_cls = find_injector(model)
+        injector_cls = get_host().injector_for(getattr(model.config, "model_type", None), model=model)
         for cell in self.cells:
             if cell.skip:
                 continue
             pipe = Pipeline.from_config(cell.config)
             try:
-                params = OmegaConf.to_container(cell.config.backbone.params) \
-                    if cell.config.backbone.model_type in injector_cls.model_types else {}
-                injector_cls(params).check_pipeline(pipe, processor, None)
+                injector_cls(pipe.backbone_params(injector_cls)).check_pipeline(pipe, processor, None)
             except ResPruneError as exc:
                 raise AblationError(f"cell '{cell.label}': {exc}") from None
             self.pipelines[cell.id] = pipe

@@ -397,11 +397,10 @@ def _validate_backbone(backbone: dict[str, Any], host: Any, label: str) -> None:
         if backbone.get("params"):
             raise ConfigError(f"{label}: backbone.params need backbone.model_type (which injector they are for).")
         return
-    owners = {mt: e.cls for e in host.injectors.entries() for mt in e.cls.model_types}
-    if model_type not in owners:
+    if model_type not in host.model_types:
         raise ConfigError(f"{label}: backbone.model_type: no injector handles '{model_type}'."
-                          f"{suggest(model_type, list(owners))} Supported: {', '.join(sorted(owners)) or 'none'}.")
-    backbone["params"] = dataclasses.asdict(build_params(owners[model_type], backbone.get("params") or {},
+                          f"{suggest(model_type, host.model_types)} Supported: {', '.join(host.model_types) or 'none'}.")
+    backbone["params"] = dataclasses.asdict(build_params(host.injector_for(model_type), backbone.get("params") or {},
                                                          where=f"{label}: backbone.params"))
 
 

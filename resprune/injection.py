@@ -41,8 +41,7 @@ from .timing import clock
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector",
-           "find_injector", "attach"]
+__all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector"]
 
 
 @dataclass
@@ -684,50 +683,3 @@ def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]
         return [((cand & (groups == g)).nonzero().squeeze(1), s) for g, s in zip(ids, share)]
 
     return plan
-
-
-# --- lookup -------------------------------------------------------------------------------
-
-
-def find_injector(model: Any) -> type[PlaceholderInjector]:
-    """The registered injector class for ``model.config.model_type``."""
-    from .plugins import get_host
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    registry = get_host().injectors
-    supported: dict[str, str] = {}
-    for name in registry.names():
-        cls = registry.get(name)
-        for mt in cls.model_types:
-            supported.setdefault(mt, name)
-    if model_type not in supported:
-        raise IncompatibleBackboneError(
-            f"no injector supports model_type '{model_type}' ({type(model).__name__}). Supported: "
-            f"{', '.join(f'{mt} ({inj})' for mt, inj in sorted(supported.items())) or 'none'}. "
-            f"Third-party backbones register one through the resprune_register_injectors hook.")
-    return registry.get(supported[model_type])
-
-
-def attach(pipeline: Pipeline, model: Any, processor: Any = None, *, text: str | Sequence[str] | None = None,
-           **params: Any) -> Attached:
-    """Attach ``pipeline`` to ``model`` with the injector registered for its model type.
-
-    ``params`` are the injector's parameters (e.g. ``scope="per_tile"`` for LLaVA-NeXT),
-    merged over the config's ``backbone.params``.
-    """
-    cls = find_injector(model)
-    cfg_params: dict[str, Any] = {}
-    if pipeline.config is not None:
-        from omegaconf import OmegaConf
-
-        backbone = pipeline.config.backbone
-        wanted = backbone.model_type
-        if wanted and wanted not in cls.model_types:
-            import warnings
-
-            warnings.warn(f"pipeline config is for '{wanted}' models but the model is "
-                          f"'{model.config.model_type}'; its backbone.params are ignored.", UserWarning, stacklevel=3)
-        else:
-            cfg_params = OmegaConf.to_container(backbone.params)  # type: ignore[assignment]
-    injector = cls({**cfg_params, **params})
-    return injector.attach(model, pipeline, processor, text=text)

@@ -8,7 +8,7 @@ validated params: ``MySelector(alpha=0.5)`` or ``MySelector({"alpha": 0.5})``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -99,9 +99,13 @@ class Injector(Strategy, ABC):
     """Context fields this backbone can supply to scorers and selectors."""
 
     @abstractmethod
-    def attach(self, model: Any, pipeline: Any, processor: Any = None) -> Any:
+    def attach(self, model: Any, pipeline: Any, processor: Any = None, *,
+               text: str | Sequence[str] | None = None) -> Any:
         """Patch ``model`` so it prunes with ``pipeline``; return a handle that restores it.
 
-        The handle is a context manager (``with injector.attach(...) as attached:``) with a
-        ``remove()`` method; after it the model is exactly as before.
+        ``processor`` (or a tokenizer) lets text-conditioned scorers read the prompt; ``text``
+        overrides the instruction per prompt. ``Pipeline.attach`` calls this with the
+        injector registered for the model's ``model_type``, built with its params. The handle
+        is a context manager (``with injector.attach(...) as attached:``) with a ``remove()``
+        method; after it the model is exactly as before.
         """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,8 @@ from .budget import Budget, check_budget, resolve_budget
 from .config import load_config, to_yaml
 from .context import PruneContext
 from .errors import ConfigError
-from .interfaces import Scorer, Selector
+from .interfaces import Injector, Scorer, Selector
+from .plugins import get_host
 from .selection import Selection, check_scores, check_tokens, make_scorer, make_selector, run_scorer, run_selector
 
 if TYPE_CHECKING:
@@ -128,9 +130,23 @@ class Pipeline:
         overrides the instruction per prompt; ``params`` are injector params (e.g.
         ``scope="per_tile"``). Use as ``with pipe.attach(model, processor) as attached:``.
         """
-        from .injection import attach
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        injector_cls = get_host().injector_for(model_type, model=model)
+        injector = injector_cls({**self.backbone_params(injector_cls), **params})
+        return injector.attach(model, self, processor, text=text)
 
-        return attach(self, model, processor, text=text, **params)
+    def backbone_params(self, injector_cls: type[Injector]) -> dict[str, Any]:
+        """The config's ``backbone.params`` if they are meant for ``injector_cls`` (its
+        ``backbone.model_type`` is one the injector handles), else ``{}`` with a warning."""
+        if self.config is None or self.config.backbone.model_type is None:
+            return {}
+        wanted = self.config.backbone.model_type
+        if wanted not in injector_cls.model_types:
+            warnings.warn(f"pipeline config is for '{wanted}' models but the injector '{injector_cls.name}' handles "
+                          f"{', '.join(injector_cls.model_types)}; its backbone.params are ignored.", UserWarning,
+                          stacklevel=3)
+            return {}
+        return OmegaConf.to_container(self.config.backbone.params)  # type: ignore[return-value]
 
     # --- reporting --------------------------------------------------------------------
 

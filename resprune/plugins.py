@@ -24,7 +24,7 @@ import pluggy
 
 from . import hookspecs
 from ._markers import PROJECT_NAME
-from .errors import PluginError, PluginLoadError
+from .errors import DuplicateStrategyError, IncompatibleBackboneError, PluginError, PluginLoadError
 from .interfaces import Injector, Scorer, Selector
 from .registry import Registry
 
@@ -224,6 +224,38 @@ class PluginHost:
                 registry.register(cls, plugin=name, aliases=aliases, override=override)
                 if info is not None and cls.name not in info.provides[kind]:
                     info.provides[kind].append(cls.name)
+        self._model_types = self._claim_model_types()
+
+    def _claim_model_types(self) -> dict[str, Any]:
+        """``model_type`` -> the injector entry that handles it; two claims are an error."""
+        owners: dict[str, Any] = {}
+        for entry in self.injectors.entries():
+            for model_type in entry.cls.model_types:
+                old = owners.get(model_type)
+                if old is not None:
+                    raise DuplicateStrategyError(
+                        f"model_type '{model_type}' is claimed by two injectors: '{old.name}' (plugin '{old.plugin}') "
+                        f"and '{entry.name}' (plugin '{entry.plugin}'). Disable one (RESPRUNE_DISABLE_PLUGINS), or "
+                        f"register the new injector under the old one's name with override=True.")
+                owners[model_type] = entry
+        return owners
+
+    def injector_for(self, model_type: Any, *, model: Any = None) -> type[Injector]:
+        """The injector class registered for ``model_type`` (``model``, if given, names the
+        model in the error); ``IncompatibleBackboneError`` lists the supported types."""
+        entry = self._model_types.get(model_type)
+        if entry is None:
+            what = f" ({type(model).__name__})" if model is not None else ""
+            supported = ", ".join(f"{mt} ({e.name})" for mt, e in sorted(self._model_types.items())) or "none"
+            raise IncompatibleBackboneError(
+                f"no injector supports model_type '{model_type}'{what}. Supported: {supported}. Third-party "
+                f"backbones register one through the resprune_register_injectors hook.")
+        return entry.cls
+
+    @property
+    def model_types(self) -> list[str]:
+        """Every ``model_type`` some registered injector handles."""
+        return sorted(self._model_types)
 
     # --- queries ----------------------------------------------------------------------
 

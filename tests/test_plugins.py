@@ -568,3 +568,33 @@ def test_builtin_plugins_are_modules_of_the_resprune_package():
         hooks = ("resprune_register_selectors", "resprune_register_scorers", "resprune_register_injectors",
                  "resprune_register_metrics")
         assert any(hasattr(mod, h) for h in hooks)
+
+
+def test_two_injectors_claiming_one_model_type_is_a_duplicate(plugin_host):
+    import resprune.backbones.llava as llava
+
+    class MyLlava(resprune.injection.PlaceholderInjector):
+        name = "my_llava"
+        model_types = ("llava",)
+
+        def encode(self, model, inputs, need):
+            raise NotImplementedError
+
+    class Plugin:
+        @staticmethod
+        @resprune.hookimpl
+        def resprune_register_injectors(register):
+            register(MyLlava)
+
+    with pytest.raises(resprune.DuplicateStrategyError) as info:
+        plugin_host(llava, Plugin)
+    message = str(info.value)
+    assert "model_type 'llava' is claimed by two injectors" in message and "'my_llava' (plugin 'Plugin')" in message
+
+
+def test_the_host_finds_the_injector_of_a_model_type():
+    host = resprune.get_host()
+    assert host.injector_for("llava_next").name == "llava_next" and host.injector_for("llava").name == "llava"
+    assert host.model_types == ["llava", "llava_next", "qwen2_5_vl"]
+    with pytest.raises(resprune.IncompatibleBackboneError, match=r"no injector supports model_type 'blip_2'.*llava"):
+        host.injector_for("blip_2")

@@ -19,7 +19,6 @@ from resprune import hookimpl
 from resprune.cli import main
 from resprune.config import load_config
 from resprune.data import load_records, open_image, record_digest
-from resprune.injection import find_injector
 from resprune.errors import (ConfigError, IncompatibleBackboneError, InvalidInputError, PluginError,
                              ResPruneError, UnknownStrategyError)
 from resprune.models import load_model
@@ -348,7 +347,7 @@ def test_attaching_to_an_inner_module_is_refused_and_changes_nothing():
 
 def test_remove_is_exception_safe():
     model, processor = tiny()
-    injector_cls = find_injector(model)
+    injector_cls = resprune.get_host().injector_for(model.config.model_type)
 
     class Broken(injector_cls):
         def restore_state(self, model, state):
@@ -364,7 +363,7 @@ def test_remove_is_exception_safe():
 
 def test_concurrent_attaches_let_exactly_one_through():
     model, processor = tiny()
-    injector_cls = find_injector(model)
+    injector_cls = resprune.get_host().injector_for(model.config.model_type)
 
     class Slow(injector_cls):
         def save_state(self, model):

@@ -39,7 +39,7 @@ def _photo(which: int = 0) -> Any:
 
 
 def _run_on_backbone(model_type: str, pipeline: Any, budget_all: Any) -> None:
-    from .tiny import tiny_inputs, tiny_lvlm
+    from ..tiny import tiny_inputs, tiny_lvlm
 
     model, processor = tiny_lvlm(model_type)
     inputs = tiny_inputs(model_type, processor, [_photo(0), _photo(1)],
@@ -131,12 +131,12 @@ class ScorerConformance:
 
     @pytest.mark.parametrize("model_type", BACKBONES)
     def test_runs_on_backbone(self, model_type: str) -> None:
-        from ..injection import find_injector
-        from .tiny import tiny_lvlm
+        from ..tiny import tiny_lvlm
 
         sc = self.make()
         model, _ = tiny_lvlm(model_type)
-        if not set(sc.requires) <= set(find_injector(model).provides):
-            pytest.skip(f"{model_type} cannot supply {sorted(set(sc.requires) - set(find_injector(model).provides))}")
+        provides = set(get_host().injector_for(model_type).provides)
+        if not set(sc.requires) <= provides:
+            pytest.skip(f"{model_type} cannot supply {sorted(set(sc.requires) - provides)}")
         topk = get_host().selectors.get("topk")({"score": sc.output})
         _run_on_backbone(model_type, _pipeline(topk, [sc], 0.25), _pipeline(topk, [sc], 1.0))
