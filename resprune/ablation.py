@@ -52,8 +52,9 @@ from .metrics import Example, Metric, Reference
 from .models import chat_inputs
 from .pipeline import Pipeline
 from .plugins import get_host
-from ._version import __version__
+from .prompts import tokenizer_of
 from .timing import clock
+from ._version import __version__
 
 __all__ = ["Ablation", "AblationError", "Cell", "ResultTable", "expand_grid"]
 
@@ -356,7 +357,7 @@ class Ablation:
                                   output_logits=True, return_dict_in_generate=True)
         total_ms = (clock(device) - start) * 1e3
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        tok = getattr(self.processor, "tokenizer", self.processor)
+        tok = tokenizer_of(self.processor)
         answer = tok.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         return answer, out.logits[0][0].float().cpu(), total_ms, peak
 

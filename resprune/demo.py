@@ -18,12 +18,13 @@ from PIL import Image
 from torch import Tensor
 
 from .budget import resolve_budget
-from .errors import InvalidInputError
 from .costs import LLMDims, kv_cache_bytes, llm_dims, prefill_flops
 from .data import PHOTOS, photo_path, sample_questions
+from .errors import InvalidInputError
 from .linalg import optimal_residual, span_residual
 from .models import chat_inputs, is_tiny, load_model
 from .pipeline import load_pipeline
+from .prompts import tokenizer_of
 from .selection import select
 from .timing import median_ms
 from .visualize import overlay_selection
@@ -106,7 +107,7 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
         prompt = next((q["question"] for q in sample_questions() if Path(q["image"]).name == path.name),
                       "Describe the picture.") + " Answer the question using a single word or phrase."
     inputs = chat_inputs(processor, [image], [prompt], device=lvlm.device)
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = tokenizer_of(processor)
 
     if is_tiny(model):
         print_fn(f"resprune demo: a tiny randomly initialised {model_type} model (built offline, random weights:")

@@ -6,8 +6,8 @@ Qwen2.5-VL, and third-party ones). While attached, the model's own ``forward`` a
 carries pixel inputs the wrapper
 
 1. runs the vision tower and projector once (``PlaceholderInjector.encode``);
-2. picks the kept tokens of every image with the pipeline (images of equal geometry are
-   pruned together as one batch);
+2. picks the kept tokens of every image with the pipeline (``resprune.image_selection``:
+   images of equal geometry are pruned together as one batch);
 3. rewrites the text side: drops the placeholder columns of the dropped tokens from
    ``input_ids`` / ``attention_mask``, re-pads, and scatters the kept features into the
    input embeddings;
@@ -16,13 +16,15 @@ carries pixel inputs the wrapper
 ``generate`` returns the caller's original ``input_ids`` followed by the new tokens, so
 code that slices off the prompt keeps working. ``forward`` returns logits for the pruned
 sequence; ``Attached.last`` maps its columns back to the original ones.
+
+``EncodedImage`` and ``ImageSelection`` (from ``resprune.image_selection``) are importable
+from here too: they are what an injector's ``encode`` returns and what a handle records.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import re
 import threading
 import weakref
 from abc import abstractmethod
@@ -33,77 +35,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from .context import PruneContext
 from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError, PluginError
+from .image_selection import EncodedImage, ImageSelection, select_images
 from .interfaces import Injector
+from .prompts import row_texts, tokenizer_of, word_embedder
 from .timing import clock
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 __all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector"]
-
-
-@dataclass
-class EncodedImage:
-    """One image's visual tokens as the LLM would receive them, plus what is known about them.
-
-    Attributes:
-        features: ``[N, D]`` projector output (LLM input-embedding space, model dtype).
-        grid: ``(rows, cols)`` when the ``N`` tokens form one raster-ordered grid.
-        positions: ``[N, 2]`` token centres (row, col) in grid units; NaN for non-spatial ones.
-        cls_attention: ``[N]`` vision-tower CLS->patch attention, if requested and available.
-        candidates: bool ``[N]``, the tokens the selector may pick (``None``: all).
-        always: bool ``[N]``, tokens kept whatever the selector does (``None``: none).
-        groups: int ``[N]``, a group id per token when the budget applies per group (tiles).
-        layout: backbone-specific geometry for pictures (tiles, image size, ...).
-    """
-
-    features: Tensor
-    grid: tuple[int, int] | None = None
-    positions: Tensor | None = None
-    cls_attention: Tensor | None = None
-    candidates: Tensor | None = None
-    always: Tensor | None = None
-    groups: Tensor | None = None
-    layout: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return self.features.shape[0]
-
-
-@dataclass
-class ImageSelection:
-    """What was kept of one image.
-
-    Attributes:
-        row: batch row of the prompt the image belongs to.
-        image: index of the image among all images of the call.
-        kept: int64 ``[k]`` kept token indices, ascending (what the LLM gets).
-        order: int64 ``[k]`` the same indices in the order they were picked.
-        k: tokens kept.
-        n: tokens before pruning.
-        text: the instruction the text-conditioned scorers saw ("" when none was needed).
-        scores: the named scores ``[N]`` that were computed.
-        geometry: the image's ``EncodedImage`` without features (grid, positions, layout).
-    """
-
-    row: int
-    image: int
-    kept: Tensor
-    order: Tensor
-    k: int
-    n: int
-    text: str = ""
-    scores: dict[str, Tensor] = field(default_factory=dict)
-    geometry: EncodedImage | None = None
-
-    @property
-    def mask(self) -> Tensor:
-        """Boolean ``[N]``: True where a token is kept."""
-        m = torch.zeros(self.n, dtype=torch.bool, device=self.kept.device)
-        return m.index_fill_(0, self.kept, True)
 
 
 @dataclass
@@ -383,11 +324,11 @@ class PlaceholderInjector(Injector):
     def check_pipeline(self, pipeline: Pipeline, processor: Any, text: Any) -> None:
         """Fail before patching if the pipeline needs context this backbone cannot supply."""
         offered = set(self.provides)
-        if _tokenizer(processor) is None:
+        if tokenizer_of(processor) is None:
             offered.discard("text_embedder")
             if text is None:
                 offered.discard("text")
-        for requester, needs in _requirements(pipeline):
+        for requester, needs in pipeline.requirements():
             missing = sorted(set(needs) - offered)
             if missing:
                 why = {
@@ -449,10 +390,10 @@ class PlaceholderInjector(Injector):
                 f"give {sum(img.n for img in images)} features ({[img.n for img in images]}); each image needs "
                 f"exactly its N placeholders. Use the processor that matches the model.")
         rows = _rows_of_images(placeholder, [img.n for img in images], self.name)
-        texts = _row_texts(self, input_ids, mask, token_id, processor, text, b)
-        embedder = _embedder(model, processor)
+        texts = row_texts(input_ids, mask, token_id, processor, text, self.instruction_patterns)
+        embedder = word_embedder(model, processor)
         with torch.no_grad():  # selection yields indices; the kept features keep their autograd graph
-            selections = _select_all(self, pipeline, images, rows, texts, embedder)
+            selections = select_images(pipeline, images, rows, texts, embedder, source=f"backbone '{self.name}'")
 
         # rewrite: keep every non-placeholder column and the kept placeholders
         keep = mask.bool() & ~placeholder
@@ -492,21 +433,8 @@ class PlaceholderInjector(Injector):
 # --- helpers of prune_inputs --------------------------------------------------------------
 
 
-def _requirements(pipeline: Pipeline) -> list[tuple[str, frozenset[str]]]:
-    out = [(f"scorer '{s.name}'", s.requires) for _, s in pipeline.scorers]
-    out.append((f"selector '{pipeline.selector.name}'", pipeline.selector.requires))
-    return out
-
-
-def _tokenizer(processor: Any) -> Any:
-    if processor is None:
-        return None
-    return getattr(processor, "tokenizer", None) or (processor if callable(getattr(processor, "encode", None))
-                                                     else None)
-
-
 def _pad_id(model: Any, processor: Any) -> int:
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     for value in (getattr(tok, "pad_token_id", None), getattr(model.generation_config, "pad_token_id", None),
                   getattr(model.config, "pad_token_id", None)):
         if isinstance(value, int):
@@ -520,7 +448,7 @@ def _pads_left(mask: Tensor, processor: Any) -> bool:
         return True
     if bool((mask[:, -1] == 0).any()):
         return False
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     return getattr(tok, "padding_side", "left") != "right"
 
 
@@ -536,150 +464,3 @@ def _rows_of_images(placeholder: Tensor, sizes: list[int], who: str) -> list[int
         rows.append(span.pop())
         offset += n
     return rows
-
-
-def _row_texts(injector: PlaceholderInjector, input_ids: Tensor, mask: Tensor, token_id: int, processor: Any,
-               text: str | Sequence[str] | None, b: int) -> Callable[[int], str]:
-    """A lazy ``row -> instruction`` function (decoding only happens if a scorer wants text)."""
-    if text is not None:
-        texts = [text] * b if isinstance(text, str) else list(text)
-        if len(texts) != b:
-            raise InvalidInputError(f"text= has {len(texts)} entries but the batch has {b} prompts.")
-        return lambda r: texts[r]
-    tok = _tokenizer(processor)
-    cache: dict[int, str] = {}
-
-    def row_text(r: int) -> str:
-        if r not in cache:
-            if tok is None:
-                raise MissingContextError("the instruction text is needed but no processor/tokenizer was given "
-                                          "to attach(); pass processor=... or text=...")
-            ids = input_ids[r][mask[r].bool() & (input_ids[r] != token_id)].tolist()
-            cache[r] = instruction_text(tok.decode(ids, skip_special_tokens=False), injector.instruction_patterns,
-                                        getattr(tok, "all_special_tokens", []))
-        return cache[r]
-
-    return row_text
-
-
-def instruction_text(prompt: str, patterns: Sequence[str], specials: Sequence[str] = ()) -> str:
-    """The last user turn of a decoded chat prompt, without template markers or special tokens."""
-    body = prompt
-    for pattern in patterns:
-        found = re.findall(pattern, prompt, flags=re.S)
-        if found:
-            body = found[-1]
-            break
-    for special in sorted(specials, key=len, reverse=True):
-        if special:
-            body = body.replace(special, " ")
-    body = re.sub(r"<\|[a-z_]+\|>", " ", body)
-    return " ".join(body.split())
-
-
-def _embedder(model: Any, processor: Any) -> Callable[[str], Tensor] | None:
-    tok = _tokenizer(processor)
-    if tok is None:
-        return None
-    table = model.get_input_embeddings()
-
-    def embed(word: str) -> Tensor:
-        ids = tok(word, add_special_tokens=False)["input_ids"]
-        if not ids:
-            return torch.zeros(0, table.embedding_dim)
-        with torch.no_grad():
-            return table(torch.as_tensor(ids, device=table.weight.device)).float()
-
-    return embed
-
-
-def _geometry_key(img: EncodedImage) -> tuple[Any, ...]:
-    def key(t: Tensor | None) -> Any:
-        return None if t is None else (tuple(t.shape), hash(t.cpu().numpy().tobytes()))
-
-    return (img.n, img.grid, key(img.positions), key(img.candidates), key(img.always), key(img.groups),
-            img.cls_attention is not None)
-
-
-def _select_all(injector: PlaceholderInjector, pipeline: Pipeline, images: list[EncodedImage], rows: list[int],
-                row_text: Callable[[int], str], embedder: Callable[[str], Tensor] | None) -> list[ImageSelection]:
-    """Run the pipeline over every image; images of equal geometry go through as one batch."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, img in enumerate(images):
-        groups.setdefault(_geometry_key(img), []).append(i)
-    out: list[ImageSelection | None] = [None] * len(images)
-    needs_text = bool({"text", "text_embedder"} & set(pipeline.requires))
-    for members in groups.values():
-        first = images[members[0]]
-        feats = torch.stack([images[i].features for i in members]).float()
-        cls = (torch.stack([images[i].cls_attention for i in members]).float()
-               if first.cls_attention is not None else None)
-        texts = [row_text(rows[i]) for i in members] if needs_text else None  # decoded once, reused
-        subsets = _subsets(first)
-        kept_all: list[list[Tensor]] = [[] for _ in members]
-        order_all: list[list[Tensor]] = [[] for _ in members]
-        score_all: list[dict[str, Tensor]] = [{} for _ in members]
-        for idx, k in subsets(pipeline):
-            if k == 0:
-                continue
-            whole = idx.numel() == first.n  # every token: no gathered copies
-            ctx = PruneContext(
-                feats if whole else feats[:, idx], source=f"backbone '{injector.name}'",
-                text=lambda m=members: [row_text(rows[i]) for i in m],
-                text_embedder=embedder,
-                cls_attention=None if cls is None else (cls if whole else cls[:, idx]),
-                grid=first.grid if whole else None,
-                positions=None if first.positions is None else (first.positions if whole else first.positions[idx]),
-            )
-            sel = pipeline.run(ctx, k=k)
-            kept, order = idx[sel.kept.cpu()], idx[sel.order.cpu()]  # one copy per subset, not per image
-            scores = {name: value.detach().float().cpu() for name, value in sel.scores.items()}
-            for j in range(len(members)):
-                kept_all[j].append(kept[j])
-                order_all[j].append(order[j])
-                for name, value in scores.items():
-                    full = torch.full((first.n,), float("nan"))
-                    full[idx] = value[j]
-                    prev = score_all[j].get(name)
-                    score_all[j][name] = full if prev is None else torch.where(torch.isnan(full), prev, full)
-        forced = None if first.always is None else first.always.nonzero().squeeze(1).cpu()
-        for j, i in enumerate(members):
-            parts = kept_all[j] + ([forced] if forced is not None else [])
-            kept = torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long)
-            order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
-            geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
-                                    candidates=first.candidates, always=first.always, groups=first.groups,
-                                    layout=images[i].layout)
-            out[i] = ImageSelection(row=rows[i], image=i, kept=kept, order=order, k=int(kept.numel()), n=first.n,
-                                    text=texts[j] if texts else "", scores=score_all[j], geometry=geometry)
-    return [s for s in out if s is not None]
-
-
-def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]]:
-    """The token subsets selection runs over, with the budget of each.
-
-    The budget counts every token the LLM receives from the image: tokens that are always
-    kept use up budget first; the rest is split over the groups (tiles) in proportion to
-    their sizes (largest remainder), or spent on all candidates at once.
-    """
-
-    def plan(pipeline: Pipeline) -> list[tuple[Tensor, int]]:
-        n = img.n
-        k_total = pipeline.budget_for(n)
-        cand = torch.ones(n, dtype=torch.bool) if img.candidates is None else img.candidates.cpu().clone()
-        always = torch.zeros(n, dtype=torch.bool) if img.always is None else img.always.cpu()
-        cand &= ~always
-        k = min(int(cand.sum()), max(k_total - int(always.sum()), 0))
-        if img.groups is None:
-            return [(cand.nonzero().squeeze(1), k)]
-        groups = img.groups.cpu()
-        ids = sorted(set(groups[cand].tolist()))
-        sizes = [int((cand & (groups == g)).sum()) for g in ids]
-        total = sum(sizes)
-        exact = [k * s / total for s in sizes] if total else [0.0] * len(sizes)
-        share = [int(e) for e in exact]
-        for i in sorted(range(len(ids)), key=lambda i: (-(exact[i] - share[i]), i))[: k - sum(share)]:
-            share[i] += 1
-        return [((cand & (groups == g)).nonzero().squeeze(1), s) for g, s in zip(ids, share)]
-
-    return plan

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResPruneError
+from .prompts import tokenizer_of
 
 __all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "is_tiny"]
 
@@ -54,7 +55,7 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "auto", see
 
 def chat_inputs(processor: Any, images: list[Any], prompts: list[str], device: Any = None) -> Any:
     """A left-padded batch of one-turn chats, one image (or ``None``) per prompt."""
-    tokenizer = getattr(processor, "tokenizer", None)
+    tokenizer = tokenizer_of(processor)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
     texts = []

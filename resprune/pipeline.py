@@ -55,6 +55,9 @@ class Pipeline:
         if dupes:
             raise ConfigError(f"two scorers write score '{dupes[0]}'; rename one (output=...).")
         self.config = config
+        self._requirements = tuple([(f"scorer '{s.name}'", frozenset(s.requires)) for _, s in self.scorers]
+                                   + [(f"selector '{self.selector.name}'", frozenset(self.selector.requires))])
+        self._requires = frozenset().union(*(needs for _, needs in self._requirements))
 
     # --- construction -----------------------------------------------------------------
 
@@ -75,13 +78,15 @@ class Pipeline:
         """Names of the scores this pipeline computes, in order."""
         return [n for n, _ in self.scorers]
 
+    def requirements(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        """``(who, context fields)`` for each scorer and the selector, in running order
+        (computed once: the strategies of a pipeline do not change)."""
+        return self._requirements
+
     @property
     def requires(self) -> frozenset[str]:
         """Every context field the scorers and the selector need."""
-        out = set(self.selector.requires)
-        for _, scorer in self.scorers:
-            out |= scorer.requires
-        return frozenset(out)
+        return self._requires
 
     def budget_for(self, n: int) -> int:
         """Tokens kept out of ``n``."""
@@ -95,9 +100,8 @@ class Pipeline:
 
         ``k`` overrides the budget (injectors use it to split one image's budget over tiles).
         """
-        for _, scorer in self.scorers:
-            context.check(scorer.requires, requester=f"scorer '{scorer.name}'")
-        context.check(self.selector.requires, requester=f"selector '{self.selector.name}'")
+        for requester, needs in self._requirements:  # all of it up front, before any scorer runs
+            context.check(needs, requester=requester)
         tokens = context.tokens
         b, n = tokens.shape[:2]
         computed = check_scores(scores, b, n)

@@ -14,6 +14,7 @@ from .costs import llm_dims, prefill_flops
 from .errors import InvalidInputError
 from .models import chat_inputs, load_model
 from .pipeline import Pipeline, load_pipeline
+from .prompts import tokenizer_of
 from .visualize import overlay_selection
 
 __all__ = ["run_one", "visualize_one"]
@@ -40,7 +41,7 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
             compare: bool = False, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prune with ``config`` and generate an answer; print it with the token counts and FLOPs."""
     pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = tokenizer_of(processor)
     prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
         start = time.perf_counter()

@@ -437,7 +437,8 @@ def test_config_backbone_params_reach_the_injector():
     ("no template at all <image>", "no template at all"),
 ])
 def test_instruction_is_the_last_user_turn_without_template(prompt, expected):
-    from resprune.injection import PlaceholderInjector, instruction_text
+    from resprune.injection import PlaceholderInjector
+    from resprune.prompts import instruction_text
 
     specials = ["<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
     assert instruction_text(prompt, PlaceholderInjector.instruction_patterns, specials) == expected

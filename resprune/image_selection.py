@@ -1,0 +1,174 @@
+"""Per-image selection: what a backbone knows about each image (``EncodedImage``), what was
+kept of it (``ImageSelection``), and running a pipeline over a call's images, grouped by
+geometry and split over tiles (``select_images``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .context import PruneContext
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["EncodedImage", "ImageSelection", "select_images"]
+
+
+@dataclass
+class EncodedImage:
+    """One image's visual tokens as the LLM would receive them, plus what is known about them.
+
+    Attributes:
+        features: ``[N, D]`` projector output (LLM input-embedding space, model dtype).
+        grid: ``(rows, cols)`` when the ``N`` tokens form one raster-ordered grid.
+        positions: ``[N, 2]`` token centres (row, col) in grid units; NaN for non-spatial ones.
+        cls_attention: ``[N]`` vision-tower CLS->patch attention, if requested and available.
+        candidates: bool ``[N]``, the tokens the selector may pick (``None``: all).
+        always: bool ``[N]``, tokens kept whatever the selector does (``None``: none).
+        groups: int ``[N]``, a group id per token when the budget applies per group (tiles).
+        layout: backbone-specific geometry for pictures (tiles, image size, ...).
+    """
+
+    features: Tensor
+    grid: tuple[int, int] | None = None
+    positions: Tensor | None = None
+    cls_attention: Tensor | None = None
+    candidates: Tensor | None = None
+    always: Tensor | None = None
+    groups: Tensor | None = None
+    layout: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class ImageSelection:
+    """What was kept of one image.
+
+    Attributes:
+        row: batch row of the prompt the image belongs to.
+        image: index of the image among all images of the call.
+        kept: int64 ``[k]`` kept token indices, ascending (what the LLM gets).
+        order: int64 ``[k]`` the same indices in the order they were picked.
+        k: tokens kept.
+        n: tokens before pruning.
+        text: the instruction the text-conditioned scorers saw ("" when none was needed).
+        scores: the named scores ``[N]`` that were computed.
+        geometry: the image's ``EncodedImage`` without features (grid, positions, layout).
+    """
+
+    row: int
+    image: int
+    kept: Tensor
+    order: Tensor
+    k: int
+    n: int
+    text: str = ""
+    scores: dict[str, Tensor] = field(default_factory=dict)
+    geometry: EncodedImage | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        """Boolean ``[N]``: True where a token is kept."""
+        m = torch.zeros(self.n, dtype=torch.bool, device=self.kept.device)
+        return m.index_fill_(0, self.kept, True)
+
+
+def _geometry_key(img: EncodedImage) -> tuple[Any, ...]:
+    def key(t: Tensor | None) -> Any:
+        return None if t is None else (tuple(t.shape), hash(t.cpu().numpy().tobytes()))
+
+    return (img.n, img.grid, key(img.positions), key(img.candidates), key(img.always), key(img.groups),
+            img.cls_attention is not None)
+
+
+def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int], row_text: Callable[[int], str],
+                  embedder: Callable[[str], Tensor] | None, *, source: str = "backbone") -> list[ImageSelection]:
+    """Run the pipeline over every image (``rows``: each image's prompt row); images of equal
+    geometry go through as one batch, each group of tiles with its share of the budget."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(_geometry_key(img), []).append(i)
+    out: list[ImageSelection | None] = [None] * len(images)
+    needs_text = bool({"text", "text_embedder"} & pipeline.requires)
+    for members in groups.values():
+        first = images[members[0]]
+        feats = torch.stack([images[i].features for i in members]).float()
+        cls = (torch.stack([images[i].cls_attention for i in members]).float()
+               if first.cls_attention is not None else None)
+        texts = [row_text(rows[i]) for i in members] if needs_text else None  # decoded once, reused
+        subsets = _subsets(first)
+        kept_all: list[list[Tensor]] = [[] for _ in members]
+        order_all: list[list[Tensor]] = [[] for _ in members]
+        score_all: list[dict[str, Tensor]] = [{} for _ in members]
+        for idx, k in subsets(pipeline):
+            if k == 0:
+                continue
+            whole = idx.numel() == first.n  # every token: no gathered copies
+            ctx = PruneContext(
+                feats if whole else feats[:, idx], source=source,
+                text=lambda m=members: [row_text(rows[i]) for i in m],
+                text_embedder=embedder,
+                cls_attention=None if cls is None else (cls if whole else cls[:, idx]),
+                grid=first.grid if whole else None,
+                positions=None if first.positions is None else (first.positions if whole else first.positions[idx]),
+            )
+            sel = pipeline.run(ctx, k=k)
+            kept, order = idx[sel.kept.cpu()], idx[sel.order.cpu()]  # one copy per subset, not per image
+            scores = {name: value.detach().float().cpu() for name, value in sel.scores.items()}
+            for j in range(len(members)):
+                kept_all[j].append(kept[j])
+                order_all[j].append(order[j])
+                for name, value in scores.items():
+                    full = torch.full((first.n,), float("nan"))
+                    full[idx] = value[j]
+                    prev = score_all[j].get(name)
+                    score_all[j][name] = full if prev is None else torch.where(torch.isnan(full), prev, full)
+        forced = None if first.always is None else first.always.nonzero().squeeze(1).cpu()
+        for j, i in enumerate(members):
+            parts = kept_all[j] + ([forced] if forced is not None else [])
+            kept = torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long)
+            order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
+            geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
+                                    candidates=first.candidates, always=first.always, groups=first.groups,
+                                    layout=images[i].layout)
+            out[i] = ImageSelection(row=rows[i], image=i, kept=kept, order=order, k=int(kept.numel()), n=first.n,
+                                    text=texts[j] if texts else "", scores=score_all[j], geometry=geometry)
+    return [s for s in out if s is not None]
+
+
+def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]]:
+    """The token subsets selection runs over, with the budget of each.
+
+    The budget counts every token the LLM receives from the image: tokens that are always
+    kept use up budget first; the rest is split over the groups (tiles) in proportion to
+    their sizes (largest remainder), or spent on all candidates at once.
+    """
+
+    def plan(pipeline: Pipeline) -> list[tuple[Tensor, int]]:
+        n = img.n
+        k_total = pipeline.budget_for(n)
+        cand = torch.ones(n, dtype=torch.bool) if img.candidates is None else img.candidates.cpu().clone()
+        always = torch.zeros(n, dtype=torch.bool) if img.always is None else img.always.cpu()
+        cand &= ~always
+        k = min(int(cand.sum()), max(k_total - int(always.sum()), 0))
+        if img.groups is None:
+            return [(cand.nonzero().squeeze(1), k)]
+        groups = img.groups.cpu()
+        ids = sorted(set(groups[cand].tolist()))
+        sizes = [int((cand & (groups == g)).sum()) for g in ids]
+        total = sum(sizes)
+        exact = [k * s / total for s in sizes] if total else [0.0] * len(sizes)
+        share = [int(e) for e in exact]
+        for i in sorted(range(len(ids)), key=lambda i: (-(exact[i] - share[i]), i))[: k - sum(share)]:
+            share[i] += 1
+        return [((cand & (groups == g)).nonzero().squeeze(1), s) for g, s in zip(ids, share)]
+
+    return plan
