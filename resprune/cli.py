@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from .plugins import get_host
+    from .plugins import KINDS, get_host
 
     host = get_host()
     rows = host.list_plugins()
@@ -23,15 +23,15 @@ def _plugins(args: argparse.Namespace) -> int:
         return 0
     print(f"{'kind':<9} {'name':<18} {'plugin':<38} {'distribution'}")
     aliases = []
-    for kind in ("scorers", "selectors", "injectors", "metrics"):
-        registry = getattr(host, kind)
+    for kind in KINDS:
+        registry = getattr(host, kind.registry)
         for entry in registry.entries():
             info = next((r for r in rows if r["plugin"] == entry.plugin), {})
             dist = f"{info.get('distribution') or '-'} {info.get('version') or ''}".strip()
-            print(f"{kind[:-1]:<9} {entry.name:<18} {entry.plugin:<38} {dist}")
+            print(f"{kind.name:<9} {entry.name:<18} {entry.plugin:<38} {dist}")
         if not len(registry):
-            print(f"{kind[:-1]:<9} {'(none)':<18}")
-        aliases += [(alias, kind[:-1], name) for alias, name in registry.aliases().items()]
+            print(f"{kind.name:<9} {'(none)':<18}")
+        aliases += [(alias, kind.name, name) for alias, name in registry.aliases().items()]
     for alias, kind, name in sorted(aliases):
         print(f"{'alias':<9} {alias:<18} -> {kind} {name}")
     for failed in host.failed:

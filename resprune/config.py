@@ -42,7 +42,7 @@ from .params import build_params
 from .plugins import get_host
 
 __all__ = [
-    "StrategyConfig",
+    "SelectorConfig",
     "ScorerConfig",
     "BackboneConfig",
     "PipelineConfig",
@@ -53,7 +53,7 @@ __all__ = [
 
 
 @dataclass
-class StrategyConfig:
+class SelectorConfig:
     """A selector chosen by registry name, with its params."""
 
     name: str = MISSING
@@ -90,7 +90,7 @@ class PipelineConfig:
 
     budget: Any = MISSING
     """Tokens kept per image: an int k, or a float ratio in (0, 1] of each image's tokens."""
-    selector: StrategyConfig = field(default_factory=StrategyConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
     """The one selector (`name`, `params`)."""
     scorers: list[ScorerConfig] = field(default_factory=list)
     """Scorers run before the selector, each writing one named score."""
@@ -271,7 +271,7 @@ _SWITCH = re.compile(r"selector(\.name)?|scorers\.\d+\.name")
 def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
     if key in ("selector", "selector.name") and isinstance(value, str):  # also the shorthand selector=divprune
         if _canonical("selectors", value) != _canonical("selectors", cfg.selector.name):
-            cfg.selector = StrategyConfig(name=value)  # a new selector starts from its defaults
+            cfg.selector = SelectorConfig(name=value)  # a new selector starts from its defaults
         return
     found = re.fullmatch(r"scorers\.(\d+)\.name", key)
     if found and isinstance(value, str) and int(found.group(1)) < len(cfg.scorers):

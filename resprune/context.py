@@ -45,7 +45,6 @@ class PruneContext:
         self.source = source
         self._values: dict[str, Any] = {"tokens": tokens}
         self._providers: dict[str, Callable[[], Any]] = {}
-        self._cache: dict[Any, Any] = {}
         for name, value in fields.items():
             if value is None:
                 continue
@@ -100,12 +99,6 @@ class PruneContext:
         missing = sorted(n for n in names if n not in self)
         if missing:
             self.get(missing[0], requester=requester)
-
-    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """Memoise derived values (e.g. keyword embeddings for one set of options)."""
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
 
     def texts(self, *, requester: str = "a strategy") -> list[str]:
         """The ``text`` field as a list of exactly ``B`` strings."""

@@ -151,9 +151,9 @@ def _regular_file(path: str | Path) -> Path:
     try:
         mode = path.stat().st_mode
     except OSError as exc:
-        raise InvalidInputError(f"cannot open image '{path}': {exc.strerror or exc}.") from None
+        raise InvalidInputError(f"cannot read image '{path}': {exc.strerror or exc}.") from None
     if not stat.S_ISREG(mode):
-        raise InvalidInputError(f"cannot open image '{path}': not a regular file (a folder, FIFO or device).")
+        raise InvalidInputError(f"cannot read image '{path}': not a regular file (a folder, FIFO or device).")
     return path
 
 
@@ -173,14 +173,14 @@ def open_image(image: Any) -> Image.Image:
     elif isinstance(image, (str, Path)):
         source = name = str(_regular_file(image))
     else:
-        raise InvalidInputError(f"cannot open image {_short(image)}: use a path, a PIL image or bytes.")
+        raise InvalidInputError(f"cannot read image {_short(image)}: use a path, a PIL image or bytes.")
     try:
         with Image.open(source) as img:
             return img.convert("RGB")
     except Image.DecompressionBombError as exc:
         raise InvalidInputError(f"refused image {name}: {exc}") from None
     except (OSError, ValueError, TypeError, SyntaxError) as exc:
-        raise InvalidInputError(f"cannot open image {name}: {exc}") from None
+        raise InvalidInputError(f"cannot read image {name}: {exc}") from None
 
 
 def _resolve(image: Any, folder: Path) -> Any:

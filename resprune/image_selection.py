@@ -74,7 +74,6 @@ class ImageSelection:
     scores: dict[str, Tensor] = field(default_factory=dict)
     geometry: EncodedImage | None = None
 
-    @property
     def mask(self) -> Tensor:
         """Boolean ``[N]``: True where a token is kept."""
         m = torch.zeros(self.n, dtype=torch.bool, device=self.kept.device)

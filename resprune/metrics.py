@@ -25,7 +25,6 @@ NEEDS = {
     "reference": "the unpruned model's outputs on the same input",
     "features": "every image's visual tokens before pruning",
     "latency": "timed prefill and selection (one extra forward per example)",
-    "memory": "peak GPU memory",
 }
 """What a metric may ask the runner to compute (beyond the pruned generation itself)."""
 

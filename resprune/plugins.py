@@ -26,19 +26,19 @@ from . import hookspecs
 from ._markers import PROJECT_NAME
 from .errors import DuplicateStrategyError, IncompatibleBackboneError, PluginError, PluginLoadError
 from .interfaces import Injector, Scorer, Selector
+from .metrics import NEEDS, Metric
 from .registry import Registry
 
 __all__ = [
     "BUILTIN_PLUGINS",
     "ENTRY_POINT_GROUP",
+    "KINDS",
+    "PluginKind",
     "PluginHost",
     "FailedPlugin",
     "get_host",
     "reset_plugins",
     "list_plugins",
-    "scorers",
-    "selectors",
-    "injectors",
 ]
 
 ENTRY_POINT_GROUP = "resprune"
@@ -59,12 +59,29 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 )
 """Modules registered as plugins before any entry point, under their module names."""
 
-_HOOKS = {
-    "scorers": "resprune_register_scorers",
-    "selectors": "resprune_register_selectors",
-    "injectors": "resprune_register_injectors",
-    "metrics": "resprune_register_metrics",
-}
+@dataclass(frozen=True)
+class PluginKind:
+    """One kind of plugin class: its name, the host attribute holding its registry, and its hook."""
+
+    name: str
+    """Singular, as in messages: ``selector``."""
+    registry: str
+    """The ``PluginHost`` attribute (and ``list_plugins`` key): ``selectors``."""
+    hook: str
+    """The registration hook: ``resprune_register_selectors``."""
+    base: type
+    """The class every registered one subclasses."""
+
+
+KINDS: tuple[PluginKind, ...] = (
+    PluginKind("scorer", "scorers", "resprune_register_scorers", Scorer),
+    PluginKind("selector", "selectors", "resprune_register_selectors", Selector),
+    PluginKind("injector", "injectors", "resprune_register_injectors", Injector),
+    PluginKind("metric", "metrics", "resprune_register_metrics", Metric),
+)
+"""Every kind of plugin class, in the order listings show them."""
+
+_HOOKS = {kind.registry: kind.hook for kind in KINDS}
 
 
 def _flag(name: str) -> bool:
@@ -112,14 +129,14 @@ class PluginHost:
         self.strict = _flag("RESPRUNE_STRICT_PLUGINS") if strict is None else strict
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
-        hint = reinstall_hint
-        self.scorers: Registry[type[Scorer]] = Registry(
-            "scorer", Scorer, required={"output": "the name of the score it writes"}, hint=hint)
-        self.selectors: Registry[type[Selector]] = Registry("selector", Selector, hint=hint)
-        self.injectors: Registry[type[Injector]] = Registry("injector", Injector, hint=hint)
-        from .metrics import Metric  # noqa: PLC0415 - metrics import the plugin host lazily too
-
-        self.metrics: Registry[type[Metric]] = Registry("metric", Metric, hint=hint)
+        required = {"scorer": {"output": "the name of the score it writes"}}
+        for kind in KINDS:
+            setattr(self, kind.registry, Registry(kind.name, kind.base, required=required.get(kind.name),
+                                                  hint=reinstall_hint))
+        self.scorers: Registry[type[Scorer]]
+        self.selectors: Registry[type[Selector]]
+        self.injectors: Registry[type[Injector]]
+        self.metrics: Registry[type[Metric]]
         self.failed: list[FailedPlugin] = []
         self._info: dict[str, _PluginInfo] = {}
         own_version = _version("resprune")
@@ -225,6 +242,11 @@ class PluginHost:
                 if info is not None and cls.name not in info.provides[kind]:
                     info.provides[kind].append(cls.name)
         self._model_types = self._claim_model_types()
+        for entry in self.metrics.entries():
+            unknown = sorted(set(entry.cls.needs) - set(NEEDS))
+            if unknown:
+                raise PluginError(f"plugin '{entry.plugin}': metric '{entry.name}' needs {unknown}, which the runner "
+                                  f"does not know; it computes: {', '.join(f'{k} ({v})' for k, v in NEEDS.items())}.")
 
     def _claim_model_types(self) -> dict[str, Any]:
         """``model_type`` -> the injector entry that handles it; two claims are an error."""
@@ -258,6 +280,13 @@ class PluginHost:
         return sorted(self._model_types)
 
     # --- queries ----------------------------------------------------------------------
+
+    def registry(self, kind: str) -> Registry[Any]:
+        """The registry of a kind by its singular name (``"selector"``)."""
+        for k in KINDS:
+            if k.name == kind:
+                return getattr(self, k.registry)
+        raise KeyError(f"no plugin kind '{kind}'; kinds: {', '.join(k.name for k in KINDS)}")
 
     def list_plugins(self) -> list[dict[str, Any]]:
         """Every loaded plugin with its distribution, version and the names it registered."""
@@ -357,20 +386,5 @@ def reset_plugins(host: PluginHost | None = None) -> PluginHost | None:
 
 
 def list_plugins() -> list[dict[str, Any]]:
-    """Every loaded plugin and the scorers, selectors and injectors it provides."""
+    """Every loaded plugin and the scorers, selectors, injectors and metrics it provides."""
     return get_host().list_plugins()
-
-
-def scorers() -> Registry[type[Scorer]]:
-    """The scorer registry of the process-wide host."""
-    return get_host().scorers
-
-
-def selectors() -> Registry[type[Selector]]:
-    """The selector registry of the process-wide host."""
-    return get_host().selectors
-
-
-def injectors() -> Registry[type[Injector]]:
-    """The injector registry of the process-wide host."""
-    return get_host().injectors

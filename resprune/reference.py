@@ -25,8 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .config import BackboneConfig, PipelineConfig, ScorerConfig, StrategyConfig
-from .plugins import PluginHost, get_host
+from .config import BackboneConfig, PipelineConfig, ScorerConfig, SelectorConfig
+from .plugins import KINDS, PluginHost, get_host
 from .sweep import SweepConfig
 
 __all__ = ["field_docs", "schema_table", "render_reference", "main"]
@@ -125,7 +125,7 @@ def _summary(cls: type) -> str:
 
 def _strategy_section(kind: str, entry: Any, host: PluginHost) -> list[str]:
     cls = entry.cls
-    registry = getattr(host, kind + "s")
+    registry = host.registry(kind)
     aliases = [name for name in registry.names(aliases=True) if registry.entry(name).alias_of == entry.name]
     facts = [f"plugin `{entry.plugin}`"]
     if aliases:
@@ -156,18 +156,19 @@ def _strategy_section(kind: str, entry: Any, host: PluginHost) -> list[str]:
 
 _SCHEMAS: list[tuple[str, type, str, str]] = [
     ("Top level", PipelineConfig, "", "The keys of a pipeline YAML file; `base:` (a shipped name or a path) is read before validation."),
-    ("`selector`", StrategyConfig, "selector.", "Exactly one selector, chosen by registry name or alias."),
+    ("`selector`", SelectorConfig, "selector.", "Exactly one selector, chosen by registry name or alias."),
     ("`scorers[i]`", ScorerConfig, "scorers[i].", "Each item of the `scorers:` list; two scorers may not write the same score."),
     ("`backbone`", BackboneConfig, "backbone.", "Injector hints, used when the pipeline is attached to a model."),
 ]
 
-_KINDS = [
-    ("Selectors", "selector", "`select(tokens, k, scores, context)` picks `k` tokens. Config key: `selector.params`."),
-    ("Scorers", "scorer", "Each writes one named score per token. Config key: `scorers[i].params`."),
-    ("Injectors", "injector", "Attach a pipeline to a model, chosen by `model.config.model_type`. "
-                              "Config key: `backbone.params` (or keywords to `attach`)."),
-    ("Metrics", "metric", "What an ablation measures per cell. Sweep key: `metrics`."),
-]
+_INTROS = {
+    "scorer": "Each writes one named score per token. Config key: `scorers[i].params`.",
+    "selector": "`select(tokens, k, scores, context)` picks `k` tokens. Config key: `selector.params`.",
+    "injector": "Attach a pipeline to a model, chosen by `model.config.model_type`. "
+                "Config key: `backbone.params` (or keywords to `attach`).",
+    "metric": "What an ablation measures per cell. Sweep key: `metrics`.",
+}
+"""What the page says about each of the plugin kinds (``resprune.plugins.KINDS``)."""
 
 
 def render_reference(host: PluginHost | None = None, *, builtin_only: bool = True) -> str:
@@ -181,12 +182,12 @@ def render_reference(host: PluginHost | None = None, *, builtin_only: bool = Tru
     out += ["## Sweep file", "",
             "The keys of a sweep YAML file (`resprune sweep FILE`); see [Ablation studies](ablations.md).", "",
             schema_table(SweepConfig), ""]
-    for title, kind, intro in _KINDS:
-        entries = [e for e in getattr(host, kind + "s").entries()
+    for kind in KINDS:
+        entries = [e for e in getattr(host, kind.registry).entries()
                    if not builtin_only or e.plugin.startswith("resprune.")]
-        out += [f"## {title}", "", intro, ""]
+        out += [f"## {kind.registry.capitalize()}", "", _INTROS[kind.name], ""]
         for entry in entries:
-            out += _strategy_section(kind, entry, host)
+            out += _strategy_section(kind.name, entry, host)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, MissingDependencyError
-from .runfiles import replace_with, write_atomic
+from .runfiles import replace_with, slug, write_atomic
 
 __all__ = ["LOWER_IS_BETTER", "PERCENT", "load_results", "results_table", "plot_metric_vs_budget", "write_report"]
 
@@ -154,10 +154,6 @@ def _pyplot() -> Any:
     return plt
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
 def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem: str | Path, *,
                           model: str | None = None) -> list[Path]:
     """Plot ``metric`` against the budget, one line per method; write PNG and SVG.
@@ -214,7 +210,7 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
         if plots:
             names = metrics or _metric_names([r for r in rows if r["model"] == model])
             for name in names:
-                for path in plot_metric_vs_budget(rows, name, run / "plots" / _safe(f"{model}_{name}"), model=model):
+                for path in plot_metric_vs_budget(rows, name, run / "plots" / slug(f"{model}_{name}"), model=model):
                     if path.suffix == ".png":
                         lines.append(f"![{name}](plots/{path.name})")
             lines.append("")

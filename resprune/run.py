@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .costs import llm_dims, prefill_flops
-from .errors import InvalidInputError
+from .data import open_image
 from .models import chat_inputs, load_model
 from .pipeline import Pipeline, load_pipeline
 from .prompts import tokenizer_of
@@ -20,18 +20,11 @@ from .visualize import overlay_selection
 __all__ = ["run_one", "visualize_one"]
 
 
-def _open(image: str | Path) -> Image.Image:
-    try:
-        return Image.open(image).convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"cannot read image '{image}': {exc}") from None
-
-
 def _setup(config: str, overrides: Iterable[str], model: str, image: str | Path, prompt: str,
            device: str | None) -> tuple[Pipeline, Any, Any, Image.Image, Any]:
     pipe = load_pipeline(config, list(overrides))
     lvlm, processor = load_model(model, device=device)
-    img = _open(image)
+    img = open_image(str(image))
     inputs = chat_inputs(processor, [img], [prompt], device=lvlm.device)
     return pipe, lvlm, processor, img, inputs
 

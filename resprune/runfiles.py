@@ -28,6 +28,7 @@ from typing import Any
 from .errors import ResPruneError
 
 __all__ = ["RunFileError", "RunLockedError", "RunLock", "write_atomic", "replace_with", "append_jsonl", "warn_once",
+           "slug",
            "read_jsonl", "read_json"]
 
 
@@ -52,6 +53,11 @@ def warn_once(path: Path, message: str) -> None:
 
 def _temp_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def slug(name: str) -> str:
+    """``name`` as a file or folder name: letters, digits, ``-``, ``_`` and ``.``; ``_`` elsewhere."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def replace_with(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -49,9 +49,11 @@ class Selection:
 def provider(strategy: Strategy | type[Strategy]) -> str:
     """Name of the plugin that registered ``strategy``'s class (for error messages)."""
     cls = strategy if isinstance(strategy, type) else type(strategy)
-    registry = {"scorer": get_host().scorers, "selector": get_host().selectors,
-                "injector": get_host().injectors}.get(cls.kind)
-    if registry is not None and cls.name in registry:
+    try:
+        registry = get_host().registry(cls.kind)
+    except KeyError:  # not a kind of plugin
+        return cls.__module__
+    if cls.name in registry:
         entry = registry.entry(cls.name)
         if entry.cls is cls:
             return entry.plugin

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .ablation import Ablation, AblationError, ResultTable, write_results
 from .config import YAML_SUFFIXES, excerpt, parse_yaml, read_yaml_text, refuse_resolvers
 from .errors import ConfigError, suggest
+from .runfiles import slug
 
 __all__ = ["SweepConfig", "load_sweep", "run_sweep", "DEFAULT_SWEEP"]
 
@@ -48,7 +49,7 @@ class SweepConfig:
     limit: Optional[int] = None
     """At most this many examples; `null` for all."""
     out_dir: str = "runs/sweep"
-    """Run folder: `results.jsonl` (appended as cells finish, so a rerun resumes), `sweep.json`, configs."""
+    """Run folder: `sweep.json`, one folder per cell (examples appended as they finish, so a rerun resumes) and `results.jsonl`."""
     device: Optional[str] = None
     """`cpu`, `cuda`, `cuda:1`, ...; `null` leaves the model where it loads (under torchrun: one GPU per process)."""
 
@@ -146,14 +147,10 @@ def run_sweep(spec: SweepConfig, *, out_dir: str | Path | None = None, progress:
                                        seed=spec.seed, limit=spec.limit, progress=progress)))
     table = ResultTable()
     for name, study in studies:
-        folder = root if len(studies) == 1 else root / _slug(str(name))
+        folder = root if len(studies) == 1 else root / slug(str(name))
         if study.rank == 0:
             print_fn(f"sweep: {len(study.cells)} cells x {len(study.records)} examples on {name} -> {folder}")
         table.extend(study.run(folder))
     if len(studies) > 1 and studies[0][1].rank == 0:
         write_results(root / "results.jsonl", table)
     return table
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

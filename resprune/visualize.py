@@ -92,7 +92,7 @@ def overlay_selection(image: Image.Image, selection: Any, *, processor: Any = No
     """
     geometry = selection.geometry
     layout = getattr(geometry, "layout", {}) or {}
-    keep = selection.mask.cpu().numpy()
+    keep = selection.mask().cpu().numpy()
     img = image.convert("RGB")
     if layout.get("kind") == "anyres":
         return _anyres(img, keep, layout, dim, outline, panel, path)

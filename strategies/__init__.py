@@ -1,4 +1,4 @@
-"""Built-in scorer and selector plugins (installed as ``resprune.strategies``).
+"""Built-in scorer, selector and metric plugins (installed as ``resprune.strategies``).
 
 Each module is one plugin, registered through the same hooks a third-party plugin uses.
 """

@@ -142,7 +142,6 @@ class Memory(Metric):
 
     name = "memory"
     description = "peak GPU memory in MiB (CUDA only)"
-    needs = frozenset({"memory"})
 
     def compute(self, example: Example) -> dict[str, float]:
         return {} if example.peak_mib is None else {"peak_mib": example.peak_mib}

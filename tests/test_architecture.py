@@ -91,3 +91,29 @@ def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
     assert "resprune.demo" in graph["resprune.cli"]  # cli imports its commands lazily
     assert "resprune.pipeline" not in graph["resprune.interfaces"]  # a TYPE_CHECKING import does not run
+
+
+def test_every_builtin_plugin_module_is_registered():
+    """A module of strategies/ or backbones/ with a registration hook is in BUILTIN_PLUGINS (and the
+    reverse), so a new built-in cannot be left out silently."""
+    from resprune.plugins import _HOOKS, BUILTIN_PLUGINS
+
+    with_hooks = set()
+    for name, path in modules().items():
+        if name.startswith(("resprune.strategies", "resprune.backbones")):
+            tree = ast.parse(path.read_text())
+            if any(isinstance(node, ast.FunctionDef) and node.name in _HOOKS.values() for node in tree.body):
+                with_hooks.add(name)
+    assert with_hooks == set(BUILTIN_PLUGINS)
+
+
+def test_one_table_of_plugin_kinds():
+    import resprune
+    from resprune.plugins import KINDS
+
+    host = resprune.get_host()
+    assert [k.name for k in KINDS] == ["scorer", "selector", "injector", "metric"]
+    for kind in KINDS:
+        registry = getattr(host, kind.registry)
+        assert registry.kind == kind.name and registry.base is kind.base and host.registry(kind.name) is registry
+    assert {row_key for row in host.list_plugins() for row_key in row} >= {k.registry for k in KINDS}

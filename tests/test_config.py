@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import resprune
 from resprune import ConfigError, load_config, shipped_configs
-from resprune.config import PipelineConfig, StrategyConfig, to_yaml
+from resprune.config import PipelineConfig, SelectorConfig, to_yaml
 from resprune.params import param_names
 from resprune.testing import random_context
 
@@ -498,7 +498,7 @@ def test_round_trip_through_yaml(tmp_path, name):
 def test_sources_mapping_dataclass_and_loaded_config_agree():
     mapping = {"budget": 16, "selector": {"name": "uniform"}}
     from_dict = load_config(mapping)
-    from_dataclass = load_config(PipelineConfig(budget=16, selector=StrategyConfig(name="uniform")))
+    from_dataclass = load_config(PipelineConfig(budget=16, selector=SelectorConfig(name="uniform")))
     from_loaded = load_config(from_dict)
     from_omegaconf = load_config(OmegaConf.create(mapping))
     assert plain(from_dict) == plain(from_dataclass) == plain(from_loaded) == plain(from_omegaconf)

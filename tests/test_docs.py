@@ -15,7 +15,7 @@ import pytest
 
 import resprune
 from resprune import hookspecs
-from resprune.config import BackboneConfig, PipelineConfig, ScorerConfig, StrategyConfig
+from resprune.config import BackboneConfig, PipelineConfig, ScorerConfig, SelectorConfig
 from resprune.plugins import get_host
 from resprune.reference import field_docs, render_reference, schema_table
 from resprune.reference import main as reference_main
@@ -122,7 +122,7 @@ def test_every_builtin_strategy_and_param_is_in_the_configuration_reference():
                 for field in entry.cls.Params.__dataclass_fields__:
                     assert docs.get(field), f"param '{field}' of {registry.kind} '{entry.name}' has no docstring"
                     assert f"| `{field}` |" in text
-    for schema in (PipelineConfig, StrategyConfig, ScorerConfig, BackboneConfig, SweepConfig):
+    for schema in (PipelineConfig, SelectorConfig, ScorerConfig, BackboneConfig, SweepConfig):
         docs = field_docs(schema)
         for field in schema.__dataclass_fields__:
             assert docs.get(field), f"{schema.__name__}.{field} has no docstring"

@@ -302,9 +302,9 @@ def test_a_json_list_line_is_named(tmp_path):
 def test_unreadable_images_are_named_and_never_block(tmp_path):
     from PIL import Image
 
-    with pytest.raises(InvalidInputError, match=r"cannot open image <9 bytes>"):
+    with pytest.raises(InvalidInputError, match=r"cannot read image <9 bytes>"):
         open_image(b"not a png")
-    with pytest.raises(InvalidInputError, match=r"cannot open image <9 bytes>"):
+    with pytest.raises(InvalidInputError, match=r"cannot read image <9 bytes>"):
         open_image({"bytes": b"not a png"})
     with pytest.raises(InvalidInputError, match=r"use a path, a PIL image or bytes"):
         open_image(5)

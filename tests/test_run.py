@@ -103,7 +103,7 @@ def test_overlay_dims_dropped_cells_and_keeps_kept_ones(model_type):
     a, b = brightness(plain), brightness(dimmed)
     h, w = a.shape
     ys, xs = np.linspace(0, h, rows + 1).round().astype(int), np.linspace(0, w, cols + 1).round().astype(int)
-    keep = sel.mask.numpy()
+    keep = sel.mask().numpy()
     for idx in range(rows * cols):
         r, c = divmod(idx, cols)
         cell_a, cell_b = a[ys[r]:ys[r + 1], xs[c]:xs[c + 1]], b[ys[r]:ys[r + 1], xs[c]:xs[c + 1]]
