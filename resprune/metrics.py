@@ -77,12 +77,17 @@ class Metric(Strategy):
     Subclasses set ``name``, declare what the runner must compute in ``needs`` (keys of
     ``NEEDS``) and implement ``compute``. ``baseline`` gives the unpruned
     model's value of the same keys, if the metric has one (for the ``full`` row and the
-    relative performance); ``relative`` names the keys that enter the paper's ``Rel.``.
+    relative performance); ``relative`` names the keys that enter the paper's ``Rel.``;
+    ``lower_is_better`` and ``percent`` say how reports read each key.
     """
 
     kind: ClassVar[str] = "metric"
     needs: ClassVar[frozenset[str]] = frozenset()
     relative: ClassVar[frozenset[str]] = frozenset()
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    """Keys where smaller is better (reports bold the smallest); every other key: higher is better."""
+    percent: ClassVar[frozenset[str]] = frozenset()
+    """Keys that are shares in [0, 1], shown as percentages."""
 
     def compute(self, example: Example) -> dict[str, float]:
         raise NotImplementedError

@@ -17,17 +17,27 @@ from typing import Any
 from .errors import InvalidInputError, MissingDependencyError
 from .runfiles import replace_with, slug, write_atomic
 
-__all__ = ["LOWER_IS_BETTER", "PERCENT", "load_results", "results_table", "plot_metric_vs_budget", "write_report"]
+__all__ = ["lower_is_better", "is_percent", "load_results", "results_table", "plot_metric_vs_budget", "write_report"]
 
-LOWER_IS_BETTER = frozenset({
-    "fidelity.kl", "reconstruction.residual", "reconstruction.vs_svd", "flops.prefill_tflops", "flops.ratio",
-    "kv_cache.mib", "latency.selection_ms", "latency.prefill_ms", "latency.total_ms", "memory.peak_mib",
-})
-"""Metrics where smaller is better; every other one is higher-is-better."""
+def _declared(name: str, attr: str) -> bool:
+    """Whether metric key ``name`` (``fidelity.kl``) is in its metric's ``attr`` set; metrics
+    not installed where the report is written read as higher-is-better plain numbers."""
+    from .plugins import get_host
 
-PERCENT = frozenset({"fidelity.top1_agree", "fidelity.exact_match", "accuracy.exact_match", "accuracy.vqa_score",
-                     "relevance_mass.share", "reconstruction.residual"})
-"""Shares shown as percentages."""
+    metric, _, key = name.partition(".")
+    registry = get_host().metrics
+    return metric in registry and key in getattr(registry.get(metric), attr)
+
+
+def lower_is_better(name: str) -> bool:
+    """Whether smaller values of metric key ``name`` are better (the metric declares it)."""
+    return _declared(name, "lower_is_better")
+
+
+def is_percent(name: str) -> bool:
+    """Whether metric key ``name`` is a share shown as a percentage (the metric declares it)."""
+    return _declared(name, "percent")
+
 
 _ORDER = ("accuracy", "fidelity", "reconstruction", "relevance_mass", "flops", "kv_cache", "latency", "memory")
 _REQUIRED = ("model", "status", "method", "budget", "metrics")
@@ -87,7 +97,7 @@ def _metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
 def _fmt(name: str, value: float | None) -> str:
     if not _number(value):  # missing, NaN or infinite
         return "–"
-    if name in PERCENT:
+    if is_percent(name):
         return f"{100 * value:.3g}"
     return f"{value:.3g}"
 
@@ -104,8 +114,8 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
     done = [r for r in rows if r["status"] == "done"]
     names = metrics or _metric_names(done)
     header = "| method | " + " | ".join(names) + " | Rel. |"
-    lines = [f"**{model}**: {len(done)} rows; shares in % ({', '.join(sorted(PERCENT & set(names))) or 'none'}); "
-             f"lower is better for {', '.join(sorted(LOWER_IS_BETTER & set(names))) or 'none'}; best per block in bold.",
+    lines = [f"**{model}**: {len(done)} rows; shares in % ({', '.join(sorted(filter(is_percent, names))) or 'none'}); "
+             f"lower is better for {', '.join(sorted(filter(lower_is_better, names))) or 'none'}; best per block in bold.",
              "", header, "|---|" + "---:|" * (len(names) + 1)]
 
     def line(row: dict[str, Any], best: dict[str, float]) -> str:
@@ -131,7 +141,7 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
             for name in names:
                 vals = [r["metrics"][name] for r in block if _number(r["metrics"].get(name))]
                 if vals and len(set(vals)) > 1:  # no bold where every method ties
-                    best[name] = min(vals) if name in LOWER_IS_BETTER else max(vals)
+                    best[name] = min(vals) if lower_is_better(name) else max(vals)
         lines.append(f"| **{_budget_title(budget)}** |" + " |" * (len(names) + 1))
         lines.extend(line(r, best) for r in block)
     other = [r for r in rows if r["status"] != "done"]
@@ -183,7 +193,7 @@ def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem
         if min(budgets) > 0 and max(budgets) / min(budgets) > 10:
             ax.set_xscale("log")
         ax.set_xlabel("tokens kept per image" if kind == "k" else "share of tokens kept")
-        ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
+        ax.set_ylabel(metric + (" (lower is better)" if lower_is_better(metric) else ""))
         ax.set_title(f"{model}: {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

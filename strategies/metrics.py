@@ -17,6 +17,8 @@ class Fidelity(Metric):
     """Agreement with the unpruned model: KL of the first answer token, top-1, exact answer."""
 
     name = "fidelity"
+    lower_is_better = frozenset({"kl"})
+    percent = frozenset({"top1_agree", "exact_match"})
     description = "KL divergence / top-1 agreement / exact match against the unpruned model"
     needs = frozenset({"reference"})
 
@@ -34,6 +36,7 @@ class Accuracy(Metric):
     """Against the reference answers: exact match after normalisation, and the VQA soft score."""
 
     name = "accuracy"
+    percent = frozenset({"exact_match", "vqa_score"})
     description = "exact match and VQA soft score against the record's answers"
     relative = frozenset({"exact_match", "vqa_score"})
 
@@ -57,6 +60,8 @@ class Reconstruction(Metric):
     the total and to the optimal rank-k (SVD) residual."""
 
     name = "reconstruction"
+    lower_is_better = frozenset({"residual", "vs_svd"})
+    percent = frozenset({"residual"})
     description = "residual energy outside the kept span: share of the total, and x the SVD optimum"
     needs = frozenset({"features"})
 
@@ -80,6 +85,7 @@ class RelevanceMass(Metric):
     """Share of the text-relevance mass (score ``relevance``) the kept tokens hold."""
 
     name = "relevance_mass"
+    percent = frozenset({"share"})
     description = "share of the relevance score mass kept"
 
     def compute(self, example: Example) -> dict[str, float]:
@@ -99,6 +105,7 @@ class Flops(Metric):
     """Theoretical prefill FLOPs of the LLM (Eq. 18) from the real token counts."""
 
     name = "flops"
+    lower_is_better = frozenset({"prefill_tflops", "ratio"})
     description = "prefill TFLOPs of the LLM (Eq. 18) and the ratio to the unpruned prompt"
 
     def compute(self, example: Example) -> dict[str, float]:
@@ -114,6 +121,7 @@ class KVCache(Metric):
     """KV-cache size of the prompt, in MiB (bf16)."""
 
     name = "kv_cache"
+    lower_is_better = frozenset({"mib"})
     description = "KV cache of the prompt in MiB (bf16)"
 
     def compute(self, example: Example) -> dict[str, float]:
@@ -127,6 +135,7 @@ class Latency(Metric):
     """Milliseconds: vision tower + selection + input rewrite, prefill, whole generation."""
 
     name = "latency"
+    lower_is_better = frozenset({"selection_ms", "prefill_ms", "total_ms"})
     description = "selection ms, prefill ms, total generation ms"
     needs = frozenset({"latency"})
 
@@ -141,6 +150,7 @@ class Memory(Metric):
     """Peak GPU memory of the generation, MiB (CUDA only; nothing on CPU)."""
 
     name = "memory"
+    lower_is_better = frozenset({"peak_mib"})
     description = "peak GPU memory in MiB (CUDA only)"
 
     def compute(self, example: Example) -> dict[str, float]:

@@ -158,3 +158,29 @@ def test_bad_inputs_name_file_and_line(tmp_path):
     path.write_text(json.dumps({"model": "m", "status": "done"}) + "\n")
     with pytest.raises(InvalidInputError, match=r"results.jsonl:1: row lacks 'method', 'budget', 'metrics'"):
         load_results(tmp_path)
+
+
+def test_a_third_party_metric_says_how_it_is_read(plugin_host):
+    import resprune.strategies.metrics as builtin_metrics
+    from resprune import hookimpl
+    from resprune.metrics import Metric
+
+    class Error(Metric):
+        name = "error_rate"
+        lower_is_better = frozenset({"err"})
+        percent = frozenset({"err"})
+
+        def compute(self, example):
+            return {}
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def resprune_register_metrics(register):
+            register(Error)
+
+    plugin_host(builtin_metrics, Plugin)
+    rows = [row("a", 64, {"error_rate.err": 0.25}), row("b", 64, {"error_rate.err": 0.5})]
+    lines = results_table(rows).splitlines()
+    assert "shares in % (error_rate.err)" in lines[0] and "lower is better for error_rate.err" in lines[0]
+    assert "| a | **25** |" in "\n".join(lines) and "| b | 50 |" in "\n".join(lines)  # the smaller one is best
