@@ -147,12 +147,24 @@ def read_yaml_text(path: Path, what: str = "config") -> str:
         raise ConfigError(f"cannot read {what} file '{path}': {exc.strerror or exc}") from None
 
 
-def parse_yaml(text: str, label: str) -> Any:
-    """Parse YAML safely (OmegaConf: no Python tags); errors quote at most a short excerpt."""
+def parse_yaml(text: str, label: str, what: str = "config") -> DictConfig:
+    """Parse a YAML mapping safely (OmegaConf: no Python tags); errors quote at most a short
+    excerpt. ``what`` names the kind of file in the error when it is not a mapping."""
     try:
-        return OmegaConf.create(text)
+        cfg = OmegaConf.create(text)
     except Exception as exc:  # yaml errors, duplicate keys
         raise ConfigError(f"{label}: cannot parse YAML: {excerpt(exc, 300)}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{label}: a {what} must be a mapping at the top level")
+    return cfg
+
+
+def check_keys(cfg: Any, valid: list[str], label: str) -> None:
+    """``ConfigError`` for the first top-level key of ``cfg`` not in ``valid`` (with a suggestion)."""
+    for key in cfg:
+        if key not in valid:
+            raise ConfigError(f"{label}: unknown key '{excerpt(key)}'.{suggest(str(key), valid)} "
+                              f"Valid keys: {', '.join(valid)}.")
 
 
 def refuse_resolvers(cfg: Any, label: str, prefix: str = "") -> None:
@@ -185,9 +197,7 @@ def _read(source: str | Path, *, seen: tuple[str, ...] = ()) -> tuple[DictConfig
         text = (_config_dir() / f"{source}.yaml").read_text()
     if label in seen:
         raise ConfigError(f"{label}: 'base' chain loops: {' -> '.join(seen + (label,))}")
-    cfg = parse_yaml(text, label)
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{label}: a pipeline config must be a mapping at the top level")
+    cfg = parse_yaml(text, label, "pipeline config")
     return _with_base(cfg, label, seen + (label,), Path(label).parent if label == str(text_path) else None)
 
 
@@ -334,10 +344,7 @@ def load_config(
 
     schema = OmegaConf.structured(PipelineConfig)
     valid = [f.name for f in dataclasses.fields(PipelineConfig)]
-    for key in raw:
-        if key not in valid:
-            raise ConfigError(f"{label}: unknown key '{excerpt(key)}'.{suggest(str(key), valid)} "
-                              f"Valid keys: {', '.join(valid)}.")
+    check_keys(raw, valid, label)
     scorers = raw.get("scorers")
     for i, entry in enumerate(scorers if isinstance(scorers, ListConfig) else []):  # errors name scorers[i]
         try:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .ablation import Ablation, AblationError, ResultTable, write_results
-from .config import YAML_SUFFIXES, excerpt, parse_yaml, read_yaml_text, refuse_resolvers
+from .config import YAML_SUFFIXES, check_keys, excerpt, parse_yaml, read_yaml_text, refuse_resolvers
 from .errors import ConfigError, suggest
 from .runfiles import slug
 
@@ -72,13 +72,8 @@ def load_sweep(source: str | Path | None = None, overrides: Iterable[str] = ()) 
         raise AblationError(f"sweep file not found: {path}")
     valid = [f.name for f in dataclasses.fields(SweepConfig)]
     try:
-        raw = parse_yaml(read_yaml_text(path, "sweep"), str(path))
-        if not isinstance(raw, DictConfig):
-            raise AblationError(f"{path}: a sweep file must be a mapping at the top level.")
-        for key in raw:
-            if key not in valid:
-                raise AblationError(f"{path}: unknown key '{excerpt(key)}'.{suggest(str(key), valid)} "
-                                    f"Valid keys: {', '.join(valid)}.")
+        raw = parse_yaml(read_yaml_text(path, "sweep"), str(path), "sweep file")
+        check_keys(raw, valid, str(path))
         refuse_resolvers(raw, str(path))
         cfg = _merge(OmegaConf.structured(SweepConfig), raw, str(path))
         for item in overrides:
