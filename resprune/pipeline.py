@@ -106,9 +106,9 @@ class Pipeline:
         b, n = tokens.shape[:2]
         computed = check_scores(scores, b, n)
         for name, scorer in self.scorers:
-            computed[name] = run_scorer(scorer, context)
+            computed[name] = run_scorer(scorer, context, checked=True)
         k = self.budget_for(n) if k is None else min(int(k), n)
-        order = run_selector(self.selector, tokens, k, computed, context)
+        order = run_selector(self.selector, tokens, k, computed, context, checked=True)
         return Selection(kept=order.sort(dim=-1).values, order=order, k=k, n=n, scores=computed)
 
     def prune(self, tokens: Tensor, *, scores: Mapping[str, Any] | None = None, source: str = "caller",

@@ -130,9 +130,12 @@ def _call(who: str, fn: Any, *args: Any) -> Any:
         raise PluginError(f"{who} raised {type(exc).__name__}: {exc}") from exc
 
 
-def run_scorer(scorer: Scorer, context: PruneContext) -> Tensor:
-    """Run ``scorer`` and check its output is a finite float ``[B, N]``; name the plugin if not."""
-    context.check(scorer.requires, requester=f"scorer '{scorer.name}'")
+def run_scorer(scorer: Scorer, context: PruneContext, *, checked: bool = False) -> Tensor:
+    """Run ``scorer`` and check its output is a finite float ``[B, N]``; name the plugin if not.
+
+    ``checked``: the caller already checked the context has what the scorer requires."""
+    if not checked:
+        context.check(scorer.requires, requester=f"scorer '{scorer.name}'")
     who = f"scorer '{scorer.name}' (plugin '{provider(scorer)}')"
     guard = _ReadOnly(_inputs(context))
     result = _call(who, scorer.score, context)
@@ -149,15 +152,18 @@ def run_scorer(scorer: Scorer, context: PruneContext) -> Tensor:
 
 
 def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str, Tensor],
-                 context: PruneContext) -> Tensor:
-    """Run ``selector`` and check it returned ``k`` distinct in-range int64 indices per row."""
+                 context: PruneContext, *, checked: bool = False) -> Tensor:
+    """Run ``selector`` and check it returned ``k`` distinct in-range int64 indices per row.
+
+    ``checked``: the caller already checked the context has what the selector requires."""
     missing = sorted(selector.required_scores() - set(scores))
     if missing:
         raise InvalidInputError(
             f"selector '{selector.name}' needs score '{missing[0]}' ({selector!r}), but "
             f"{'only ' + str(sorted(scores)) if scores else 'no scores'} were given. Pass scores={{'{missing[0]}': ...}} "
             f"or add a scorer that writes it.")
-    context.check(selector.requires, requester=f"selector '{selector.name}'")
+    if not checked:
+        context.check(selector.requires, requester=f"selector '{selector.name}'")
     b, n = tokens.shape[:2]
     who = f"selector '{selector.name}' (plugin '{provider(selector)}')"
     guard = _ReadOnly(_inputs(context, tokens=tokens, **{f"scores['{k_}']": v for k_, v in scores.items()}))
