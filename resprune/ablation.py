@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import runfiles
 from .config import load_config, to_yaml
 from .costs import llm_dims
-from .data import describe_source, load_records, open_image, record_digest
+from .data import describe_source, image_digest_of, load_records, open_image, record_digest
 from .errors import ConfigError, ResPruneError, UnknownStrategyError, suggest
 from .metrics import Example, Metric, Reference
 from .models import chat_inputs
@@ -262,8 +262,9 @@ class Ablation:
         self.records = load_records(dataset, limit=limit)
         if not self.records:
             raise AblationError("the dataset has no records.")
-        self.record_keys = [record_digest(r) for r in self.records]  # what example lines are keyed by
-        self.prompt_keys = [record_digest(r, fields=("image", "question")) for r in self.records]
+        images = [image_digest_of(r["image"]) for r in self.records]  # each image read once
+        self.record_keys = [record_digest(r, image_digest=h) for r, h in zip(self.records, images)]
+        self.prompt_keys = [record_digest(r, ("image", "question"), image_digest=h) for r, h in zip(self.records, images)]
         self.dims = llm_dims(model.config)
         self.rank, self.world, self._state = _distributed()
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .errors import InvalidInputError, MissingDependencyError
 
-__all__ = ["load_records", "open_image", "describe_source", "record_digest", "PHOTOS", "photo_path",
+__all__ = ["load_records", "open_image", "describe_source", "record_digest", "image_digest_of", "PHOTOS", "photo_path",
            "sample_questions"]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -119,21 +119,24 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def record_digest(record: Mapping[str, Any], fields: Sequence[str] | None = None) -> str:
+def record_digest(record: Mapping[str, Any], fields: Sequence[str] | None = None, *,
+                  image_digest: str | None = None) -> str:
     """A content hash of a record (of ``fields`` only, if given): image bytes included, so a
-    changed image at the same path is a different record."""
+    changed image at the same path is a different record. ``image_digest``: the image's hash
+    if already computed (``image_digest_of``), so the file is read once for several digests."""
     h = hashlib.sha256()
     for key in sorted(record if fields is None else fields):
         value = record.get(key)
         h.update(json.dumps(key).encode())
         if key == "image":
-            h.update(_image_digest(value).encode())
+            h.update((image_digest or image_digest_of(value)).encode())
         else:
             h.update(json.dumps(value, sort_keys=True, default=repr).encode())
     return h.hexdigest()[:24]
 
 
-def _image_digest(image: Any) -> str:
+def image_digest_of(image: Any) -> str:
+    """The sha256 of an image's content (file bytes, raw bytes, or a PIL image's pixels)."""
     if isinstance(image, Image.Image):
         return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
     if isinstance(image, Mapping):
