@@ -105,7 +105,9 @@ def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def _selector_params(name: str) -> set[str]:
+def _selector_params(name: str | None) -> set[str]:
+    if name is None:
+        return set()
     cls = get_host().selectors.get(name)
     return {f.name for f in dataclasses.fields(cls.Params)}
 
@@ -147,7 +149,8 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         base_cfg = load_config(base)
     except ConfigError as exc:
         raise AblationError(f"base config: {exc}") from None
-    selectors = [str(s) for s in values.get("selector", [base_cfg.selector.name])]
+    own = base_cfg.selector.name  # None: no input stage (the config prunes inside the LLM)
+    selectors = [str(s) for s in values["selector"]] if "selector" in values else [own] if own else []
     for sel in selectors:
         try:
             get_host().selectors.get(sel)
@@ -166,14 +169,14 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
     cells: list[Cell] = []
     for combo in itertools.product(*(values[k] for k in order)):
         params = dict(zip(order, combo))
-        selector = str(params.get("selector", base_cfg.selector.name))
+        selector = str(params["selector"]) if "selector" in params else own
         dropped = [k for k in params if k.startswith("selector.params.")
                    and k[len("selector.params."):] not in _selector_params(selector)]
         applied = {k: v for k, v in params.items() if k not in dropped}
         shown = {k: v for k, v in applied.items() if k in varying}
         head = [name] if name else []
         if not name or "selector" in values:
-            head.append(selector)
+            head.append(selector or _stage_methods(base_cfg))
         method = " ".join(head + [f"{_short(k)}={v}" for k, v in shown.items()])
         budget = applied.get("budget", base_cfg.budget)
         label = f"{method} budget={budget}"
@@ -196,6 +199,11 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         seen[key] = cell
         cells.append(cell)
     return cells
+
+
+def _stage_methods(cfg: Any) -> str:
+    """``topk@2+topk@8``: the selectors of a config's in-LLM stages and their layers."""
+    return "+".join(f"{st.selector.name}@{st.layer}" for st in cfg.stages)
 
 
 def _yaml_value(value: Any) -> str:
@@ -464,7 +472,8 @@ class Ablation:
                           tokens_before=int(inputs["attention_mask"].sum()),
                           tokens_after=int(batch.attention_mask.sum()), dims=self.dims,
                           features=[f.detach().float().cpu() for f in batch.features] if "features" in self.needs
-                          else [], timings=timings, peak_mib=peak, reference=reference)
+                          else [], timings=timings, peak_mib=peak, reference=reference,
+                          token_schedule=batch.token_schedule if batch.stages else None, stages=batch.stages)
         values: dict[str, float] = {}
         for name, metric in self.metrics.items():
             for key, value in metric.compute(example).items():

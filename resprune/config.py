@@ -44,6 +44,8 @@ from .plugins import get_host
 __all__ = [
     "SelectorConfig",
     "ScorerConfig",
+    "MergerConfig",
+    "StageConfig",
     "BackboneConfig",
     "PipelineConfig",
     "load_config",
@@ -56,8 +58,8 @@ __all__ = [
 class SelectorConfig:
     """A selector chosen by registry name, with its params."""
 
-    name: str = MISSING
-    """Registry name or alias of the selector (`resprune plugins` lists them)."""
+    name: Optional[str] = None
+    """Registry name or alias of the selector (`resprune plugins` lists them); at the top level, `null` means no input stage (then `stages` prunes inside the LLM)."""
     params: dict[str, Any] = field(default_factory=dict)
     """The selector's params, validated against its `Params`; missing keys get their defaults."""
 
@@ -75,6 +77,32 @@ class ScorerConfig:
 
 
 @dataclass
+class MergerConfig:
+    """A merger chosen by registry name: turns dropped tokens into tokens within the budget."""
+
+    name: str = MISSING
+    """Registry name or alias of the merger."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The merger's params, validated against its `Params`."""
+
+
+@dataclass
+class StageConfig:
+    """A stage inside the LLM: on the hidden states entering decoder layer `layer`."""
+
+    layer: int = MISSING
+    """Decoder layer K >= 1 the stage acts on (its scorers read layer K-1's attention)."""
+    budget: Any = None
+    """Tokens kept per image: an int k, or a float ratio of the tokens entering the stage; `null` takes the top-level `budget`."""
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    """The stage's selector (`name`, `params`)."""
+    scorers: list[ScorerConfig] = field(default_factory=list)
+    """The stage's scorers."""
+    merger: Optional[MergerConfig] = None
+    """Optional merger of the tokens the stage drops."""
+
+
+@dataclass
 class BackboneConfig:
     """Backbone hints and injector params (used when attaching to a model)."""
 
@@ -86,14 +114,19 @@ class BackboneConfig:
 
 @dataclass
 class PipelineConfig:
-    """A whole pruning pipeline: scorers, one selector, a budget."""
+    """A whole pruning pipeline: the input stage (scorers, selector, merger, budget) and the
+    stages inside the LLM."""
 
     budget: Any = MISSING
-    """Tokens kept per image: an int k, or a float ratio in (0, 1] of each image's tokens."""
+    """Tokens kept per image by the input stage: an int k, or a float ratio in (0, 1] of each image's tokens; also the budget of any stage that leaves its own `null`."""
     selector: SelectorConfig = field(default_factory=SelectorConfig)
-    """The one selector (`name`, `params`)."""
+    """The input stage's selector (`name`, `params`); `name: null` for no input stage."""
     scorers: list[ScorerConfig] = field(default_factory=list)
-    """Scorers run before the selector, each writing one named score."""
+    """Scorers run before the input stage's selector, each writing one named score."""
+    merger: Optional[MergerConfig] = None
+    """Optional merger of the input stage (`name`, `params`): makes tokens out of the dropped ones within the budget."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Stages inside the LLM, at increasing `layer`s, each with its own scorers, selector, budget and merger."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """Backbone hint and injector params."""
     description: str = ""
@@ -111,7 +144,7 @@ def _config_dir():
 def shipped_configs() -> dict[str, str]:
     """Names of the configs shipped with resprune -> their descriptions."""
     out = {}
-    for entry in sorted(_config_dir().iterdir(), key=lambda p: p.name):
+    for entry in sorted(_config_dir().iterdir(), key=lambda p: p.name.removesuffix(".yaml")):
         if entry.name.endswith(".yaml"):
             data = OmegaConf.create(entry.read_text())
             out[entry.name[: -len(".yaml")]] = str(data.get("description", ""))
@@ -226,6 +259,8 @@ PROVENANCE = ("reproduces",)
 _SHAPES: dict[str, Any] = {
     "selector": {"params": dict},
     "scorers": [{"params": dict}],
+    "merger": {"params": dict},
+    "stages": [{"selector": {"params": dict}, "scorers": [{"params": dict}], "merger": {"params": dict}}],
     "backbone": {"params": dict},
 }
 """The nesting every config must have: a mapping where ``{}``, a list where ``[]``."""
@@ -274,18 +309,23 @@ def _overrides(overrides: Iterable[str] | Mapping[str, Any], kwargs: Mapping[str
     return sorted(items, key=lambda kv: not _SWITCH.fullmatch(str(kv[0])))
 
 
-_SWITCH = re.compile(r"selector(\.name)?|scorers\.\d+\.name")
+_SWITCH = re.compile(r"(stages\.\d+\.)?(selector(\.name)?|scorers\.\d+\.name)")
 """Override keys that switch a strategy (its old params are dropped, as in YAML)."""
 
 
 def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
-    if key in ("selector", "selector.name") and isinstance(value, str):  # also the shorthand selector=divprune
-        if _canonical("selectors", value) != _canonical("selectors", cfg.selector.name):
-            cfg.selector = SelectorConfig(name=value)  # a new selector starts from its defaults
-        return
-    found = re.fullmatch(r"scorers\.(\d+)\.name", key)
-    if found and isinstance(value, str) and int(found.group(1)) < len(cfg.scorers):
-        entry = cfg.scorers[int(found.group(1))]
+    found = re.fullmatch(r"(stages\.(\d+)\.)?selector(\.name)?", key)
+    if found and isinstance(value, str):  # also the shorthand selector=divprune
+        owner = _owner(cfg, found.group(2))
+        if owner is not None and _canonical("selectors", value) != _canonical("selectors", owner.selector.name):
+            owner.selector = SelectorConfig(name=value)  # a new selector starts from its defaults
+            return
+        if owner is not None:
+            return
+    found = re.fullmatch(r"(stages\.(\d+)\.)?scorers\.(\d+)\.name", key)
+    owner = _owner(cfg, found.group(2)) if found else None
+    if found and isinstance(value, str) and owner is not None and int(found.group(3)) < len(owner.scorers):
+        entry = owner.scorers[int(found.group(3))]
         if _canonical("scorers", value) != _canonical("scorers", entry.name):
             entry.name, entry.params = value, {}  # a new scorer starts from its defaults
         return
@@ -294,6 +334,14 @@ def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
     except (OmegaConfBaseException, TypeError, ValueError) as exc:
         msg = _msg(exc) if isinstance(exc, OmegaConfBaseException) else str(exc)
         raise ConfigError(f"{label}: override {key}={excerpt(repr(value))}: {msg}") from None
+
+
+def _owner(cfg: DictConfig, stage: str | None) -> Any:
+    """The config node holding ``selector``/``scorers``: the top level, or ``stages[i]`` (``None`` if absent)."""
+    if stage is None:
+        return cfg
+    i = int(stage)
+    return cfg.stages[i] if i < len(cfg.stages) else None
 
 
 def _canonical(kind: str, name: Any) -> Any:
@@ -351,6 +399,12 @@ def load_config(
             OmegaConf.merge(OmegaConf.structured(ScorerConfig), entry)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{label}: scorers[{i}].{exc.full_key or ''}: {_msg(exc)}") from None
+    stages = raw.get("stages")
+    for i, entry in enumerate(stages if isinstance(stages, ListConfig) else []):  # errors name stages[i]
+        try:
+            OmegaConf.merge(OmegaConf.structured(StageConfig), entry)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{label}: stages[{i}].{exc.full_key or ''}: {_msg(exc)}") from None
     try:
         cfg = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as exc:
@@ -369,12 +423,47 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
     check_budget(container["budget"], where=f"{label}: budget")  # BudgetError is a ConfigError
 
     host = get_host()
-    sel = container["selector"]
-    selector_cls = _lookup(host.selectors, sel["name"], f"{label}: selector.name")
-    sel["params"] = dataclasses.asdict(build_params(selector_cls, sel["params"], where=f"{label}: selector.params"))
+    if container["selector"]["name"] is None:
+        if not container["stages"]:
+            raise ConfigError(f"{label}: selector.name: missing. Name the selector of the input stage (`resprune "
+                              f"plugins` lists them), or give `stages:` that prune inside the LLM.")
+        if container["scorers"] or container["merger"]:
+            raise ConfigError(f"{label}: scorers/merger need selector.name (the input stage's selector).")
+        if container["selector"]["params"]:
+            raise ConfigError(f"{label}: selector.params need selector.name.")
+    else:
+        _validate_stage(container, host, label, "")
+    last = 0
+    for i, stage in enumerate(container["stages"]):
+        where = f"stages[{i}]"
+        layer = stage["layer"]
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise ConfigError(f"{label}: {where}.layer={layer!r}: a stage inside the LLM acts on decoder layer "
+                              f"K >= 1 (its scorers read layer K-1).")
+        if layer <= last:
+            raise ConfigError(f"{label}: {where}.layer={layer}: stage layers must increase (the previous stage is at "
+                              f"layer {last}).")
+        last = layer
+        if stage["budget"] is not None:
+            check_budget(stage["budget"], where=f"{label}: {where}.budget")
+        if stage["selector"]["name"] is None:
+            raise ConfigError(f"{label}: {where}.selector.name: missing. Every stage needs a selector.")
+        _validate_stage(stage, host, label, f"{where}.")
+    _validate_backbone(container["backbone"], host, label)
+    result = OmegaConf.structured(PipelineConfig)
+    result = OmegaConf.merge(result, container)
+    OmegaConf.set_readonly(result, True)
+    return result
+
+
+def _validate_stage(stage: dict[str, Any], host: Any, label: str, prefix: str) -> None:
+    """Check one stage's strategies against the registries and fill their params' defaults."""
+    sel = stage["selector"]
+    selector_cls = _lookup(host.selectors, sel["name"], f"{label}: {prefix}selector.name")
+    sel["params"] = dataclasses.asdict(build_params(selector_cls, sel["params"], where=f"{label}: {prefix}selector.params"))
     outputs: dict[str, str] = {}
-    for i, sc in enumerate(container["scorers"]):
-        where = f"{label}: scorers[{i}]"
+    for i, sc in enumerate(stage["scorers"]):
+        where = f"{label}: {prefix}scorers[{i}]"
         scorer_cls = _lookup(host.scorers, sc["name"], f"{where}.name")
         sc["params"] = dataclasses.asdict(build_params(scorer_cls, sc["params"], where=f"{where}.params"))
         out = sc["output"] or scorer_cls.output
@@ -382,19 +471,18 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
             raise ConfigError(f"{where}: score '{out}' is already written by scorer '{outputs[out]}'; "
                               f"give one of them another name with `output:`.")
         outputs[out] = sc["name"]
-
+    if stage.get("merger"):
+        merger = stage["merger"]
+        merger_cls = _lookup(host.mergers, merger["name"], f"{label}: {prefix}merger.name")
+        merger["params"] = dataclasses.asdict(build_params(merger_cls, merger["params"],
+                                                           where=f"{label}: {prefix}merger.params"))
     selector = selector_cls(sel["params"])
     missing = sorted(selector.required_scores() - set(outputs))
     if missing:
         writers = [e.name for e in host.scorers.entries() if getattr(e.cls, "output", None) == missing[0]]
         raise ConfigError(
-            f"{label}: selector '{sel['name']}' ({selector!r}) needs score '{missing[0]}', which no scorer "
-            f"in `scorers` writes. Add one ({', '.join(writers) or 'a scorer with output: ' + missing[0]}).")
-    _validate_backbone(container["backbone"], host, label)
-    result = OmegaConf.structured(PipelineConfig)
-    result = OmegaConf.merge(result, container)
-    OmegaConf.set_readonly(result, True)
-    return result
+            f"{label}: {prefix}selector '{sel['name']}' ({selector!r}) needs score '{missing[0]}', which no scorer "
+            f"in `{prefix}scorers` writes. Add one ({', '.join(writers) or 'a scorer with output: ' + missing[0]}).")
 
 
 def _validate_backbone(backbone: dict[str, Any], host: Any, label: str) -> None:

@@ -26,7 +26,11 @@ CONTEXT_FIELDS: dict[str, str] = {
     "grid": "(rows, cols) when the N tokens form one raster-ordered grid",
     "positions": "token centres as (row, col) in grid units, [N, 2]; NaN for non-spatial tokens",
 }
-"""The standard context fields. Backbones may offer more under other names."""
+"""The standard context fields. Backbones may offer more under other names (in-LLM stages:
+``resprune.llm_pruning.LLM_FIELDS``)."""
+
+CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention"})
+"""Fields whose value is itself a callable (any other callable is a provider run on first use)."""
 
 
 class PruneContext:
@@ -48,7 +52,7 @@ class PruneContext:
         for name, value in fields.items():
             if value is None:
                 continue
-            if callable(value) and name != "text_embedder":
+            if callable(value) and name not in CALLABLE_FIELDS:
                 self._providers[name] = value
             else:
                 self._values[name] = value

@@ -1,11 +1,21 @@
-"""Theoretical costs of a prefill: FLOPs (the paper's Eq. 18) and KV-cache bytes."""
+"""Theoretical costs of a prefill: FLOPs (the paper's Eq. 18) and KV-cache bytes.
+
+Token counts are an int (every layer sees that many tokens) or a **schedule** of
+``(first layer, tokens)`` pairs for pipelines with stages inside the LLM, e.g.
+``[(0, 650), (2, 330)]``: layers 0-1 run on 650 tokens, layers 2.. on 330 (Eq. 18 summed
+layer by layer; the KV cache of each layer holds what that layer saw).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LLMDims", "llm_dims", "prefill_flops", "kv_cache_bytes"]
+__all__ = ["LLMDims", "Tokens", "llm_dims", "layer_tokens", "prefill_flops", "kv_cache_bytes"]
+
+Tokens = int | Sequence[tuple[int, int]]
+"""Prompt tokens: one count for every layer, or ``(first layer, tokens)`` pairs."""
 
 
 @dataclass(frozen=True)
@@ -33,18 +43,34 @@ def llm_dims(config: Any) -> LLMDims:
     )
 
 
-def prefill_flops(dims: LLMDims | Any, tokens: int) -> float:
-    """Eq. 18 summed over layers: ``L * (8 T d^2 + 4 T^2 d + 6 T d m)`` for ``T`` tokens.
+def layer_tokens(layers: int, tokens: Tokens) -> list[int]:
+    """The prompt tokens each of ``layers`` layers runs on."""
+    if isinstance(tokens, (int, float)):
+        return [int(tokens)] * layers
+    pairs = sorted((int(first), int(count)) for first, count in tokens)
+    if not pairs or pairs[0][0] != 0:
+        raise ValueError(f"a token schedule starts at layer 0, got {pairs}")
+    out = []
+    for layer in range(layers):
+        out.append([count for first, count in pairs if first <= layer][-1])
+    return out
 
-    ``T`` counts every token of the prompt (visual and text); pass a model config or
-    ``LLMDims``.
+
+def prefill_flops(dims: LLMDims | Any, tokens: Tokens) -> float:
+    """Eq. 18 summed over layers: ``sum_l (8 T_l d^2 + 4 T_l^2 d + 6 T_l d m)``.
+
+    ``T_l`` counts every token of the prompt (visual and text) that layer ``l`` runs on:
+    ``tokens`` is one count for all layers or a ``(first layer, tokens)`` schedule. Pass a
+    model config or ``LLMDims``.
     """
     dims = dims if isinstance(dims, LLMDims) else llm_dims(dims)
-    t, d, m = float(tokens), float(dims.hidden), float(dims.intermediate)
-    return dims.layers * (8 * t * d * d + 4 * t * t * d + 6 * t * d * m)
+    d, m = float(dims.hidden), float(dims.intermediate)
+    return sum(8 * t * d * d + 4 * t * t * d + 6 * t * d * m for t in map(float, layer_tokens(dims.layers, tokens)))
 
 
-def kv_cache_bytes(dims: LLMDims | Any, tokens: int, bytes_per_value: int = 2) -> int:
-    """Keys and values of ``tokens`` positions over all layers (``bytes_per_value`` 2 = bf16)."""
+def kv_cache_bytes(dims: LLMDims | Any, tokens: Tokens, bytes_per_value: int = 2) -> int:
+    """Keys and values of the prompt over all layers (``bytes_per_value`` 2 = bf16); with a
+    schedule each layer holds the tokens it ran on."""
     dims = dims if isinstance(dims, LLMDims) else llm_dims(dims)
-    return 2 * dims.layers * dims.kv_heads * dims.head_dim * int(tokens) * bytes_per_value
+    per_token = 2 * dims.kv_heads * dims.head_dim * bytes_per_value
+    return per_token * sum(layer_tokens(dims.layers, tokens))

@@ -1,4 +1,4 @@
-"""Hook specifications: the three ways a plugin adds strategies to resprune.
+"""Hook specifications: the ways a plugin adds strategies to resprune.
 
 Each hook hands the plugin a ``register`` callback. A plugin calls it once per class it
 provides::
@@ -56,6 +56,20 @@ def resprune_register_selectors(register: RegisterFn) -> None:
         register: ``register(cls, *, aliases=(), override=False)``.
 
     Added in 0.1.
+    """
+
+
+@hookspec
+def resprune_register_mergers(register: RegisterFn) -> None:
+    """Register ``Merger`` subclasses.
+
+    A merger turns the tokens a stage's selector dropped into tokens within the same
+    budget (VisionZip's contextual tokens, PruMerge-style averaging into kept tokens).
+
+    Args:
+        register: ``register(cls, *, aliases=(), override=False)``.
+
+    Added in 0.2.
     """
 
 

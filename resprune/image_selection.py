@@ -62,6 +62,8 @@ class ImageSelection:
         text: the instruction the text-conditioned scorers saw ("" when none was needed).
         scores: the named scores ``[N]`` that were computed.
         geometry: the image's ``EncodedImage`` without features (grid, positions, layout).
+        features: float32 ``[k, D]`` the features at the kept places when a merger ran
+            (``None``: the kept tokens' own features).
     """
 
     row: int
@@ -73,6 +75,7 @@ class ImageSelection:
     text: str = ""
     scores: dict[str, Tensor] = field(default_factory=dict)
     geometry: EncodedImage | None = None
+    features: Tensor | None = None
 
     def mask(self) -> Tensor:
         """Boolean ``[N]``: True where a token is kept."""
@@ -106,6 +109,8 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         subsets = _subsets(first)
         kept_all: list[list[Tensor]] = [[] for _ in members]
         order_all: list[list[Tensor]] = [[] for _ in members]
+        feats_all: list[list[Tensor]] = [[] for _ in members]
+        merged = False
         score_all: list[dict[str, Tensor]] = [{} for _ in members]
         for idx, k in subsets(pipeline):
             if k == 0:
@@ -121,10 +126,13 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
             )
             sel = pipeline.run(ctx, k=k)
             kept, order = idx[sel.kept.cpu()], idx[sel.order.cpu()]  # one copy per subset, not per image
+            merged = merged or sel.features is not None
+            part_feats = sel.features if sel.features is not None else feats[:, idx[sel.kept.cpu()]]
             scores = {name: value.detach().float().cpu() for name, value in sel.scores.items()}
             for j in range(len(members)):
                 kept_all[j].append(kept[j])
                 order_all[j].append(order[j])
+                feats_all[j].append(part_feats[j])
                 for name, value in scores.items():
                     full = torch.full((first.n,), float("nan"))
                     full[idx] = value[j]
@@ -133,13 +141,18 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         forced = None if first.always is None else first.always.nonzero().squeeze(1).cpu()
         for j, i in enumerate(members):
             parts = kept_all[j] + ([forced] if forced is not None else [])
-            kept = torch.cat(parts).sort().values if parts else torch.zeros(0, dtype=torch.long)
+            kept, place = torch.cat(parts).sort() if parts else (torch.zeros(0, dtype=torch.long),) * 2
+            features = None
+            if merged:  # the merged features, in the order of the kept places
+                extra = [feats[j, forced.to(feats.device)]] if forced is not None else []
+                features = torch.cat(feats_all[j] + extra)[place.to(feats.device)]
             order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
             geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
                                     candidates=first.candidates, always=first.always, groups=first.groups,
                                     layout=images[i].layout)
             out[i] = ImageSelection(row=rows[i], image=i, kept=kept, order=order, k=int(kept.numel()), n=first.n,
-                                    text=texts[j] if texts else "", scores=score_all[j], geometry=geometry)
+                                    text=texts[j] if texts else "", scores=score_all[j], geometry=geometry,
+                                    features=features)
     return [s for s in out if s is not None]
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError, PluginError
 from .image_selection import EncodedImage, ImageSelection, select_images
 from .interfaces import Injector
+from .llm_pruning import LLM_FIELDS, LLMPruner, StageRecord, Span
 from .prompts import row_texts, tokenizer_of, word_embedder
 from .timing import clock
 
@@ -61,6 +62,10 @@ class PrunedBatch:
         features: every image's visual tokens ``[N, D]`` before pruning.
         prune_ms: wall time of the pruning (vision tower + selection + rewrite), measured
             with device synchronisation when the handle's ``profile`` is on.
+        image_columns: per image, the columns of its kept tokens in the rewritten sequence.
+        stages: what each in-LLM stage kept (filled after the call).
+        output_columns: the original column of each column of the model's output sequence
+            (``columns`` unless an in-LLM stage shortened it; filled after the call).
     """
 
     input_ids: Tensor
@@ -71,6 +76,18 @@ class PrunedBatch:
     extra: dict[str, Any] = field(default_factory=dict)
     features: list[Tensor] = field(default_factory=list)
     prune_ms: float | None = None
+    image_columns: list[Tensor] = field(default_factory=list)
+    row_text: Callable[[int], str] | None = None
+    stages: list[StageRecord] = field(default_factory=list)
+    output_columns: Tensor | None = None
+
+    @property
+    def token_schedule(self) -> list[tuple[int, int]]:
+        """``(first layer, prompt tokens)`` pairs: every layer from the first of a pair on runs on
+        that many tokens (summed over rows), e.g. ``[(0, 650), (2, 400)]``."""
+        out = [(0, int(self.attention_mask.sum()))]
+        out += [(record.layer, record.tokens_after) for record in self.stages]
+        return out
 
     @property
     def tokens_before(self) -> int:
@@ -110,6 +127,7 @@ class Attached:
         self._saved: dict[str, Any] = {}
         self._state: dict[str, Any] = {}
         self._active = False
+        self._llm: LLMPruner | None = None
 
     # --- patching -----------------------------------------------------------------------
 
@@ -129,6 +147,9 @@ class Attached:
                     "(or call .remove()) before attaching another.")
             self._state = self.injector.save_state(self.model)
             try:
+                if self.pipeline.llm_stages:
+                    self._llm = LLMPruner(self.model, self.pipeline.llm_stages, source=f"injector '{self.injector.name}'")
+                    self._llm.install()
                 for name, make in (("forward", self._wrap_forward), ("generate", self._wrap_generate)):
                     original = getattr(self.model, name)
                     self._saved[name] = self.model.__dict__.get(name, _MISSING)
@@ -137,6 +158,7 @@ class Attached:
                     setattr(self.model, name, wrapper)
             except BaseException:
                 self._restore_methods()
+                self._remove_llm()
                 self.injector.restore_state(self.model, self._state)
                 raise
             _attached[self.model] = self
@@ -158,6 +180,7 @@ class Attached:
                 return
             try:
                 self._restore_methods()
+                self._remove_llm()
                 self.injector.restore_state(self.model, self._state)
             except Exception as exc:
                 raise PluginError(f"injector '{self.injector.name}' failed to restore the model's state "
@@ -165,6 +188,11 @@ class Attached:
             finally:
                 _attached.pop(self.model, None)
                 self._active = False
+
+    def _remove_llm(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            llm.remove()
 
     def __enter__(self) -> Attached:
         return self
@@ -199,8 +227,12 @@ class Attached:
             new = self.injector.model_kwargs(kwargs, batch)
             labels = kwargs.get("labels")
             if labels is not None:
+                if self._llm is not None:
+                    raise InvalidInputError("labels: a pipeline with stages inside the LLM shortens the sequence "
+                                            "the loss is computed on; compute the loss from the returned logits "
+                                            "and attached.last.output_columns instead.")
                 new["labels"] = _gather_columns(labels, batch.columns, fill=-100)
-            return original(**new)
+            return self._call(original, new, batch)
 
         return forward
 
@@ -215,13 +247,35 @@ class Attached:
             if kwargs.get("inputs_embeds") is not None:
                 raise InvalidInputError("resprune prunes from input_ids and pixel inputs; do not also pass "
                                         "inputs_embeds to an attached model's generate().")
+            if self._llm is not None and kwargs.get("use_cache") is False:
+                raise InvalidInputError("use_cache=False: stages inside the LLM keep a shorter KV cache in the layers "
+                                        "after them; generate with the cache (the default).")
             batch = self.prune(kwargs, "generate")
             new = self.injector.model_kwargs(kwargs, batch)
             new["input_ids"] = batch.input_ids
-            out = original(**new)
+            out = self._call(original, new, batch)
             return _restore_prompt(out, kwargs["input_ids"], batch.input_ids.shape[1])
 
         return generate
+
+    def _call(self, original: Callable[..., Any], kwargs: dict[str, Any], batch: PrunedBatch) -> Any:
+        """Call the model; with in-LLM stages, armed for this call's visual tokens."""
+        if self._llm is None:
+            batch.output_columns = batch.columns
+            return original(**kwargs)
+        spans = [Span(image=sel.image, row=sel.row, n=sel.n, alive=sel.kept.clone(),
+                      columns=batch.image_columns[i].clone(),
+                      positions=None if sel.geometry is None else sel.geometry.positions)
+                 for i, sel in enumerate(batch.selections)]
+        self._llm.arm(spans, batch.attention_mask, batch.row_text)
+        try:
+            out = original(**kwargs)
+            columns = self._llm.columns
+        finally:
+            batch.stages = self._llm.disarm()
+        base = batch.columns.repeat_interleave(columns.shape[0] // batch.columns.shape[0], 0)  # beams
+        batch.output_columns = torch.where(columns >= 0, torch.gather(base, 1, columns.clamp_min(0)), -1)
+        return out
 
     def __repr__(self) -> str:
         state = "attached" if self._active else "removed"
@@ -322,22 +376,32 @@ class PlaceholderInjector(Injector):
         return int(token)
 
     def check_pipeline(self, pipeline: Pipeline, processor: Any, text: Any) -> None:
-        """Fail before patching if the pipeline needs context this backbone cannot supply."""
-        offered = set(self.provides)
-        if tokenizer_of(processor) is None:
-            offered.discard("text_embedder")
-            if text is None:
+        """Fail before patching if a stage needs context this backbone (or the LLM) cannot supply."""
+        can_read_text = tokenizer_of(processor) is not None or text is not None
+        for stage in pipeline.stages:
+            if stage.layer is None:
+                offered = set(self.provides)
+                supplier = f"the '{self.name}' injector cannot supply for {', '.join(self.model_types)} models"
+            else:
+                offered = set(LLM_FIELDS) | {"text"}
+                supplier = f"a stage inside the LLM does not have"
+            if tokenizer_of(processor) is None:
+                offered.discard("text_embedder")
+            if not can_read_text:
                 offered.discard("text")
-        for requester, needs in pipeline.requirements():
-            missing = sorted(set(needs) - offered)
-            if missing:
-                why = {
-                    "text_embedder": "pass the processor (or tokenizer) to attach() so keywords can be embedded",
-                    "text": "pass the processor to attach(), or text=...",
-                }.get(missing[0], f"the {self.name} backbone does not provide it")
-                raise MissingContextError(
-                    f"{requester} needs context '{missing[0]}', which the '{self.name}' injector cannot supply "
-                    f"for {', '.join(self.model_types)} models: {why}. It supplies: {', '.join(sorted(offered))}.")
+            for requester, needs in stage.requirements():
+                missing = sorted(set(needs) - offered)
+                if missing:
+                    why = {
+                        "text_embedder": "pass the processor (or tokenizer) to attach() so keywords can be embedded"
+                        if stage.layer is None else "hidden states inside the LLM are not in the word-embedding "
+                                                    "space; run text-conditioned scorers in the input stage",
+                        "text": "pass the processor to attach(), or text=...",
+                    }.get(missing[0], "it is not available there" if stage.layer is not None
+                          else f"the {self.name} backbone does not provide it")
+                    raise MissingContextError(
+                        f"{requester} ({stage.where} stage) needs context '{missing[0]}', which {supplier}: {why}. "
+                        f"Available: {', '.join(sorted(offered))}.")
 
     def attach(self, model: Any, pipeline: Any, processor: Any = None, *,
                text: str | Sequence[str] | None = None) -> Attached:
@@ -393,7 +457,12 @@ class PlaceholderInjector(Injector):
         texts = row_texts(input_ids, mask, token_id, processor, text, self.instruction_patterns)
         embedder = word_embedder(model, processor)
         with torch.no_grad():  # selection yields indices; the kept features keep their autograd graph
-            selections = select_images(pipeline, images, rows, texts, embedder, source=f"backbone '{self.name}'")
+            if pipeline.input_stage is None:  # every token enters the LLM; stages inside it prune
+                selections = [ImageSelection(row=r, image=i, kept=torch.arange(img.n), order=torch.arange(img.n),
+                                             k=img.n, n=img.n, geometry=_geometry(img))
+                              for i, (img, r) in enumerate(zip(images, rows))]
+            else:
+                selections = select_images(pipeline, images, rows, texts, embedder, source=f"backbone '{self.name}'")
 
         # rewrite: keep every non-placeholder column and the kept placeholders
         keep = mask.bool() & ~placeholder
@@ -404,7 +473,9 @@ class PlaceholderInjector(Injector):
             cols = flat_cols[offset: offset + img.n]
             chosen = cols[sel.kept.to(cols.device)]
             keep[chosen[:, 0], chosen[:, 1]] = True
-            kept_feats.append(img.features[sel.kept.to(img.features.device)])
+            merged = sel.features
+            kept_feats.append(img.features[sel.kept.to(img.features.device)] if merged is None
+                              else merged.to(img.features.device, img.features.dtype))
             offset += img.n
         counts = keep.sum(dim=1)  # [B] columns each row keeps
         new_len = int(counts.max())
@@ -425,12 +496,21 @@ class PlaceholderInjector(Injector):
             image_slots = (new_ids == token_id) & new_mask.bool()
             inputs_embeds = inputs_embeds.masked_scatter(image_slots.unsqueeze(-1), feats)
         batch = PrunedBatch(new_ids, new_mask, inputs_embeds, columns, selections,
-                            features=[img.features for img in images])
+                            features=[img.features for img in images], row_text=texts)
+        if kept_feats:  # each image's kept tokens, in order, in the new sequence (row-major like the features)
+            slots = ((new_ids == token_id) & new_mask.bool()).nonzero()
+            sizes = [sel.k for sel in selections]
+            batch.image_columns = [part[:, 1] for part in slots.split(sizes)]
         batch.extra = self.extra_inputs(model, inputs, batch, call)
         return batch
 
 
 # --- helpers of prune_inputs --------------------------------------------------------------
+
+
+def _geometry(img: EncodedImage) -> EncodedImage:
+    return EncodedImage(features=img.features[:0], grid=img.grid, positions=img.positions, candidates=img.candidates,
+                        always=img.always, groups=img.groups, layout=img.layout)
 
 
 def _pad_id(model: Any, processor: Any) -> int:

@@ -1,4 +1,4 @@
-"""The three plugin interfaces: Scorer, Selector and Injector.
+"""The plugin interfaces: Scorer, Selector, Merger and Injector.
 
 A strategy is a class with a registry ``name``, a ``Params`` dataclass (the schema of
 its ``params:`` block in YAML) and the context fields it ``requires``. It is built with
@@ -19,7 +19,7 @@ from .params import build_params
 if TYPE_CHECKING:
     from .context import PruneContext
 
-__all__ = ["Strategy", "Scorer", "Selector", "Injector"]
+__all__ = ["Strategy", "Scorer", "Selector", "Merger", "Injector"]
 
 
 class Strategy:
@@ -87,6 +87,39 @@ class Selector(Strategy, ABC):
 
         Returns:
             int64 ``[B, k]``: distinct indices per row, in the order they were picked.
+        """
+
+
+class Merger(Strategy, ABC):
+    """Turns the tokens a selector dropped into tokens within the same budget.
+
+    A stage with a merger asks it how many of the ``k`` budget tokens it makes
+    (``slots``), lets the selector pick the other ``k - slots``, then calls ``merge``.
+    """
+
+    kind: ClassVar[str] = "merger"
+
+    def slots(self, k: int, n: int) -> int:
+        """How many of the ``k`` tokens kept out of ``n`` this merger makes from dropped ones
+        (``0 <= slots < k``; ``0`` when nothing is dropped)."""
+        return 0
+
+    @abstractmethod
+    def merge(self, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],
+              context: PruneContext) -> tuple[Tensor, Tensor]:
+        """Merge the dropped tokens.
+
+        Args:
+            tokens: float32 ``[B, N, d]``.
+            kept: int64 ``[B, k - slots]`` the selector's picks, ascending.
+            slots: how many merged tokens to make.
+            scores: the stage's named scores ``[B, N]``.
+            context: the stage's context.
+
+        Returns:
+            ``(indices, features)``: int64 ``[B, k]`` distinct ascending token indices whose
+            places the output takes (the kept ones plus ``slots`` dropped ones that carry the
+            merged tokens), and float32 ``[B, k, d]`` the features at those places.
         """
 
 

@@ -50,7 +50,11 @@ class Example:
         first_logits: ``[V]`` float32 logits of its first answer token.
         selections: one ``ImageSelection`` per image.
         features: every image's visual tokens ``[N, d]`` before pruning (when requested).
-        tokens_before / tokens_after: prompt tokens (visual + text) without / with pruning.
+        tokens_before / tokens_after: prompt tokens (visual + text) without / with pruning
+            (``tokens_after``: entering the LLM).
+        token_schedule: ``(first layer, tokens)`` pairs when stages inside the LLM shorten
+            the prompt further (``resprune.costs``); ``None`` otherwise.
+        stages: what each in-LLM stage kept (``resprune.llm_pruning.StageRecord``).
         dims: the LLM's sizes (for FLOPs and KV cache).
         timings: ``selection_ms`` (vision tower + selection + input rewrite), ``prefill_ms``,
             ``total_ms`` (generation), when requested.
@@ -69,6 +73,13 @@ class Example:
     timings: dict[str, float] = field(default_factory=dict)
     peak_mib: float | None = None
     reference: Reference | None = None
+    token_schedule: list[tuple[int, int]] | None = None
+    stages: list[Any] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> Any:
+        """What the prompt costs: the schedule if there is one, else ``tokens_after``."""
+        return self.token_schedule if self.token_schedule else self.tokens_after
 
 
 class Metric(Strategy):

@@ -11,7 +11,9 @@ from .prompts import tokenizer_of
 __all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "is_tiny"]
 
 TINY_PREFIX = "tiny:"
-"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``: random tiny models built offline."""
+"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``: random tiny models built offline
+(2 decoder layers; ``tiny:llava:32`` gives the LLM 32, deep enough for in-LLM stages at the
+shipped layers)."""
 
 _TINY_IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 448}
 """Tiny models see images at the real token counts (LLaVA-1.5: 576; LLaVA-NeXT: up to ~2900)."""
@@ -32,11 +34,13 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "auto", see
     if is_tiny(spec):
         from .tiny import MODEL_TYPES, tiny_lvlm
 
-        model_type = spec[len(TINY_PREFIX):]
-        if model_type not in MODEL_TYPES:
+        model_type, _, depth = spec[len(TINY_PREFIX):].partition(":")
+        if model_type not in MODEL_TYPES or (depth and not (depth.isdigit() and 1 <= int(depth) <= 64)):
             raise ResPruneError(f"unknown tiny model '{spec}'; use one of "
-                                f"{', '.join(TINY_PREFIX + t for t in MODEL_TYPES)}.")
-        model, processor = tiny_lvlm(model_type, seed=seed, image_size=_TINY_IMAGE_SIZE[model_type])
+                                f"{', '.join(TINY_PREFIX + t for t in MODEL_TYPES)}, optionally with the LLM's "
+                                f"depth (1-64 decoder layers), e.g. tiny:llava:32.")
+        model, processor = tiny_lvlm(model_type, seed=seed, image_size=_TINY_IMAGE_SIZE[model_type],
+                                     text_layers=int(depth) if depth else 2)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -1,4 +1,9 @@
-"""Pipeline: several scorers (each writes a named score) + one selector + a budget."""
+"""Pipeline: stages of scorers (each writes a named score) + a selector (+ a merger) + a budget.
+
+The input stage (before the LLM) is the common case and what ``run``/``prune``/``select``
+use; in-LLM stages (``resprune.stages.Stage`` with ``layer=K``) run when the pipeline is
+attached to a model.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ from .budget import Budget, check_budget, resolve_budget
 from .config import load_config, to_yaml
 from .context import PruneContext
 from .errors import ConfigError
-from .interfaces import Injector, Scorer, Selector
+from .interfaces import Injector, Merger, Scorer, Selector
 from .plugins import get_host
-from .selection import Selection, check_scores, check_tokens, make_scorer, make_selector, run_scorer, run_selector
+from .selection import Selection, check_tokens, make_merger, make_scorer, make_selector
+from .stages import Stage
 
 if TYPE_CHECKING:
     from .injection import Attached
@@ -25,39 +31,81 @@ __all__ = ["Pipeline", "load_pipeline"]
 
 
 class Pipeline:
-    """Scores tokens, picks ``k`` of them per image, returns a ``Selection``.
+    """A list of stages: optionally one before the LLM (the input stage), then stages at
+    increasing decoder layers. ``run``/``prune``/``select`` run the input stage; ``attach``
+    runs them all on a model.
 
     Args:
-        selector: a registry name or a ``Selector`` instance.
-        budget: tokens kept per image (int) or the share kept (float in (0, 1]).
-        scorers: scorer names or instances, or ``(score_name, scorer)`` pairs to rename the
-            score a scorer writes.
+        selector: the input stage's selector (a registry name or a ``Selector``), or ``None``
+            for no input stage (then ``stages`` must hold in-LLM stages).
+        budget: the input stage's budget: tokens kept per image (int) or the share kept
+            (float in (0, 1]).
+        scorers: the input stage's scorers: names or instances, or ``(score_name, scorer)``
+            pairs to rename the score a scorer writes.
+        merger: the input stage's merger, if any.
+        stages: in-LLM ``Stage`` objects (``layer=K``), at increasing layers.
         config: the resolved config this pipeline was built from, if any.
     """
 
     def __init__(
         self,
-        selector: str | Selector = "residual_energy",
+        selector: str | Selector | None = "residual_energy",
         *,
         budget: Budget,
         scorers: Iterable[str | Scorer | tuple[str, str | Scorer]] = (),
+        merger: str | Merger | None = None,
+        stages: Iterable[Stage] = (),
         config: DictConfig | None = None,
     ) -> None:
-        self.selector = make_selector(selector)
         self.budget = check_budget(budget)
-        self.scorers: list[tuple[str, Scorer]] = []
-        for item in scorers:
-            out, scorer = item if isinstance(item, tuple) else (None, item)
-            scorer = make_scorer(scorer)
-            self.scorers.append((out or scorer.output, scorer))
-        names = [n for n, _ in self.scorers]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(f"two scorers write score '{dupes[0]}'; rename one (output=...).")
+        scorers = list(scorers)
+        self.input_stage: Stage | None = None
+        if selector is not None:
+            self.input_stage = Stage(selector, budget=self.budget, scorers=scorers, merger=merger)
+        elif scorers or merger is not None:
+            raise ConfigError("scorers/merger were given without a selector: the input stage needs one "
+                              "(or put them in an in-LLM Stage).")
+        self.llm_stages: list[Stage] = []
+        for stage in stages:
+            if not isinstance(stage, Stage):
+                raise ConfigError(f"stages: expected Stage objects, got {type(stage).__name__}.")
+            if stage.layer is None:
+                raise ConfigError("stages: the input stage is given by selector/scorers/budget; every entry of "
+                                  "stages needs layer=K.")
+            if self.llm_stages and stage.layer <= self.llm_stages[-1].layer:
+                raise ConfigError(f"stages: layers must increase; layer {stage.layer} comes after layer "
+                                  f"{self.llm_stages[-1].layer}.")
+            self.llm_stages.append(stage)
+        if self.input_stage is None and not self.llm_stages:
+            raise ConfigError("a pipeline needs a selector (input stage) or at least one in-LLM stage.")
         self.config = config
-        self._requirements = tuple([(f"scorer '{s.name}'", frozenset(s.requires)) for _, s in self.scorers]
-                                   + [(f"selector '{self.selector.name}'", frozenset(self.selector.requires))])
-        self._requires = frozenset().union(*(needs for _, needs in self._requirements))
+
+    @property
+    def stages(self) -> list[Stage]:
+        """Every stage in running order: the input stage (if any), then the in-LLM ones."""
+        return ([self.input_stage] if self.input_stage is not None else []) + self.llm_stages
+
+    @property
+    def selector(self) -> Selector | None:
+        """The input stage's selector (``None`` without an input stage)."""
+        return None if self.input_stage is None else self.input_stage.selector
+
+    @selector.setter
+    def selector(self, value: str | Selector) -> None:
+        """Swap the input stage's selector (its scorers, merger and budget stay)."""
+        if self.input_stage is None:
+            raise ConfigError("this pipeline has no input stage to give a selector; build one with Pipeline(selector, ...).")
+        s = self.input_stage
+        self.input_stage = Stage(value, budget=s.budget, scorers=s.scorers, merger=s.merger)
+
+    @property
+    def scorers(self) -> list[tuple[str, Scorer]]:
+        """The input stage's ``(score name, scorer)`` pairs."""
+        return [] if self.input_stage is None else self.input_stage.scorers
+
+    @property
+    def merger(self) -> Merger | None:
+        return None if self.input_stage is None else self.input_stage.merger
 
     # --- construction -----------------------------------------------------------------
 
@@ -66,50 +114,44 @@ class Pipeline:
         """Build from a shipped config name, a YAML path, a mapping or a loaded config."""
         cfg = config if isinstance(config, DictConfig) and not overrides and not kwargs and OmegaConf.is_readonly(config) \
             else load_config(config, overrides, **kwargs)
-        scorers = [
-            (sc.output or None, make_scorer(sc.name, OmegaConf.to_container(sc.params)))
-            for sc in cfg.scorers
-        ]
-        selector = make_selector(cfg.selector.name, OmegaConf.to_container(cfg.selector.params))
-        return cls(selector, budget=cfg.budget, scorers=scorers, config=cfg)
+        stages = [Stage(_selector(st.selector), budget=cfg.budget if st.budget is None else st.budget,
+                        scorers=_scorers(st.scorers), merger=_merger(st.merger), layer=st.layer)
+                  for st in cfg.stages]
+        selector = None if cfg.selector.name is None else _selector(cfg.selector)
+        return cls(selector, budget=cfg.budget, scorers=_scorers(cfg.scorers), merger=_merger(cfg.merger),
+                   stages=stages, config=cfg)
 
     @property
     def score_names(self) -> list[str]:
-        """Names of the scores this pipeline computes, in order."""
-        return [n for n, _ in self.scorers]
+        """Names of the scores the input stage computes, in order."""
+        return [] if self.input_stage is None else self.input_stage.score_names
 
     def requirements(self) -> tuple[tuple[str, frozenset[str]], ...]:
-        """``(who, context fields)`` for each scorer and the selector, in running order
-        (computed once: the strategies of a pipeline do not change)."""
-        return self._requirements
+        """``(who, context fields)`` for each strategy of the input stage, in running order."""
+        return () if self.input_stage is None else self.input_stage.requirements()
 
     @property
     def requires(self) -> frozenset[str]:
-        """Every context field the scorers and the selector need."""
-        return self._requires
+        """Every context field the input stage needs (in-LLM stages: ``Stage.requires``)."""
+        return frozenset() if self.input_stage is None else self.input_stage.requires
 
     def budget_for(self, n: int) -> int:
-        """Tokens kept out of ``n``."""
-        return resolve_budget(self.budget, n)
+        """Tokens the input stage keeps out of ``n`` (all ``n`` without an input stage)."""
+        return n if self.input_stage is None else self.input_stage.budget_for(n)
 
     # --- running ----------------------------------------------------------------------
 
     def run(self, context: PruneContext, *, scores: Mapping[str, Tensor] | None = None,
             k: int | None = None) -> Selection:
-        """Prune the batch described by ``context`` (tokens ``[B, N, d]``).
+        """Prune the batch described by ``context`` (tokens ``[B, N, d]``) with the input stage.
 
         ``k`` overrides the budget (injectors use it to split one image's budget over tiles).
         """
-        for requester, needs in self._requirements:  # all of it up front, before any scorer runs
-            context.check(needs, requester=requester)
-        tokens = context.tokens
-        b, n = tokens.shape[:2]
-        computed = check_scores(scores, b, n)
-        for name, scorer in self.scorers:
-            computed[name] = run_scorer(scorer, context, checked=True)
-        k = self.budget_for(n) if k is None else min(int(k), n)
-        order = run_selector(self.selector, tokens, k, computed, context, checked=True)
-        return Selection(kept=order.sort(dim=-1).values, order=order, k=k, n=n, scores=computed)
+        if self.input_stage is None:
+            where = ", ".join(s.where for s in self.llm_stages)
+            raise ConfigError(f"this pipeline has no input stage (it prunes inside the LLM at {where}); attach it "
+                              f"to a model with pipeline.attach(model, processor).")
+        return self.input_stage.run(context, scores=scores, k=k)
 
     def prune(self, tokens: Tensor, *, scores: Mapping[str, Any] | None = None, source: str = "caller",
               **context: Any) -> Selection:
@@ -155,12 +197,14 @@ class Pipeline:
     # --- reporting --------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        """Budget, scorers and selector with their resolved params."""
-        return {
-            "budget": self.budget,
-            "scorers": [{**s.describe(), "output": n} for n, s in self.scorers],
-            "selector": self.selector.describe(),
-        }
+        """Budget, scorers, selector (and merger) of the input stage, and the in-LLM stages."""
+        out: dict[str, Any] = {"budget": self.budget}
+        if self.input_stage is not None:
+            first = self.input_stage.describe()
+            out.update({key: first[key] for key in ("scorers", "selector", "merger") if key in first})
+        if self.llm_stages:
+            out["stages"] = [stage.describe() for stage in self.llm_stages]
+        return out
 
     def to_yaml(self) -> str:
         """The resolved config (saved beside results)."""
@@ -175,17 +219,31 @@ class Pipeline:
         return path
 
     def summary(self) -> str:
-        """One line: budget, scorers and the selector's params that differ from their defaults."""
-        sel = self.selector
-        defaults = type(sel).Params()
-        changed = {k: v for k, v in vars(sel.params).items() if getattr(defaults, k) != v}
-        args = ", ".join(f"{k}={v}" for k, v in changed.items())
-        scorers = ", ".join(n if n == s.name else f"{s.name}->{n}" for n, s in self.scorers) or "none"
-        return f"budget {self.budget}; scorers: {scorers}; selector: {sel.name}({args})"
+        """One line per stage: where, budget, scorers, the selector's non-default params, the merger."""
+        parts = [s.summary() for s in self.stages]
+        if self.input_stage is not None and not self.llm_stages:
+            return parts[0].removeprefix("input: ")
+        return "; then ".join(parts)
 
     def __repr__(self) -> str:
-        scorers = ", ".join(f"{n}={s!r}" for n, s in self.scorers)
-        return f"Pipeline(budget={self.budget!r}, scorers=[{scorers}], selector={self.selector!r})"
+        if self.input_stage is not None and not self.llm_stages:
+            s = self.input_stage
+            scorers = ", ".join(f"{n}={sc!r}" for n, sc in s.scorers)
+            merger = f", merger={s.merger!r}" if s.merger is not None else ""
+            return f"Pipeline(budget={self.budget!r}, scorers=[{scorers}], selector={s.selector!r}{merger})"
+        return f"Pipeline({', '.join(repr(s) for s in self.stages)})"
+
+
+def _selector(cfg: Any) -> Selector:
+    return make_selector(cfg.name, OmegaConf.to_container(cfg.params))
+
+
+def _scorers(entries: Any) -> list[tuple[str | None, Scorer]]:
+    return [(sc.output or None, make_scorer(sc.name, OmegaConf.to_container(sc.params))) for sc in entries]
+
+
+def _merger(cfg: Any) -> Merger | None:
+    return None if cfg is None else make_merger(cfg.name, OmegaConf.to_container(cfg.params))
 
 
 def load_pipeline(source: Any, overrides: Iterable[str] | Mapping[str, Any] = (), **kwargs: Any) -> Pipeline:

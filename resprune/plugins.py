@@ -25,7 +25,7 @@ import pluggy
 from . import hookspecs
 from ._markers import PROJECT_NAME
 from .errors import DuplicateStrategyError, IncompatibleBackboneError, PluginError, PluginLoadError
-from .interfaces import Injector, Scorer, Selector
+from .interfaces import Injector, Merger, Scorer, Selector
 from .metrics import NEEDS, Metric
 from .registry import Registry
 
@@ -53,6 +53,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.text_relevance",
     "resprune.strategies.token_scores",
     "resprune.strategies.cls_attention",
+    "resprune.strategies.llm_scores",
+    "resprune.strategies.dart",
+    "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",
     "resprune.strategies.metrics",
@@ -76,6 +79,7 @@ class PluginKind:
 KINDS: tuple[PluginKind, ...] = (
     PluginKind("scorer", "scorers", "resprune_register_scorers", Scorer),
     PluginKind("selector", "selectors", "resprune_register_selectors", Selector),
+    PluginKind("merger", "mergers", "resprune_register_mergers", Merger),
     PluginKind("injector", "injectors", "resprune_register_injectors", Injector),
     PluginKind("metric", "metrics", "resprune_register_metrics", Metric),
 )
@@ -135,6 +139,7 @@ class PluginHost:
                                                   hint=reinstall_hint))
         self.scorers: Registry[type[Scorer]]
         self.selectors: Registry[type[Selector]]
+        self.mergers: Registry[type[Merger]]
         self.injectors: Registry[type[Injector]]
         self.metrics: Registry[type[Metric]]
         self.failed: list[FailedPlugin] = []
@@ -386,5 +391,5 @@ def reset_plugins(host: PluginHost | None = None) -> PluginHost | None:
 
 
 def list_plugins() -> list[dict[str, Any]]:
-    """Every loaded plugin and the scorers, selectors, injectors and metrics it provides."""
+    """Every loaded plugin and the scorers, selectors, mergers, injectors and metrics it provides."""
     return get_host().list_plugins()

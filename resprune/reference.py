@@ -25,7 +25,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .config import BackboneConfig, PipelineConfig, ScorerConfig, SelectorConfig
+from .config import BackboneConfig, MergerConfig, PipelineConfig, ScorerConfig, SelectorConfig, StageConfig
 from .plugins import KINDS, PluginHost, get_host
 from .sweep import SweepConfig
 
@@ -156,14 +156,18 @@ def _strategy_section(kind: str, entry: Any, host: PluginHost) -> list[str]:
 
 _SCHEMAS: list[tuple[str, type, str, str]] = [
     ("Top level", PipelineConfig, "", "The keys of a pipeline YAML file; `base:` (a shipped name or a path) is read before validation."),
-    ("`selector`", SelectorConfig, "selector.", "Exactly one selector, chosen by registry name or alias."),
+    ("`selector`", SelectorConfig, "selector.", "The input stage's selector, chosen by registry name or alias (`name: null`: no input stage)."),
     ("`scorers[i]`", ScorerConfig, "scorers[i].", "Each item of the `scorers:` list; two scorers may not write the same score."),
+    ("`merger`", MergerConfig, "merger.", "The input stage's merger (optional): turns dropped tokens into tokens within the budget."),
+    ("`stages[i]`", StageConfig, "stages[i].", "Each item of the `stages:` list: a stage inside the LLM, at increasing layers; see [Stages](stages.md)."),
     ("`backbone`", BackboneConfig, "backbone.", "Injector hints, used when the pipeline is attached to a model."),
 ]
 
 _INTROS = {
     "scorer": "Each writes one named score per token. Config key: `scorers[i].params`.",
     "selector": "`select(tokens, k, scores, context)` picks `k` tokens. Config key: `selector.params`.",
+    "merger": "Turn the tokens a selector dropped into tokens within the same budget. Config key: "
+              "`merger.params` (or `stages[i].merger.params`).",
     "injector": "Attach a pipeline to a model, chosen by `model.config.model_type`. "
                 "Config key: `backbone.params` (or keywords to `attach`).",
     "metric": "What an ablation measures per cell. Sweep key: `metrics`.",

@@ -13,11 +13,11 @@ from torch import Tensor
 from .budget import Budget, resolve_budget
 from .context import PruneContext
 from .errors import InvalidInputError, PluginContractError, PluginError, ResPruneError
-from .interfaces import Scorer, Selector, Strategy
+from .interfaces import Merger, Scorer, Selector, Strategy
 from .plugins import get_host
 
 __all__ = ["Selection", "select", "score", "check_tokens", "check_scores", "run_scorer", "run_selector",
-           "make_selector", "make_scorer"]
+           "run_merger", "make_selector", "make_scorer", "make_merger"]
 
 Order = Literal["sorted", "selection"]
 
@@ -32,6 +32,8 @@ class Selection:
         k: tokens kept per image.
         n: tokens per image before pruning.
         scores: the named scores that were computed, ``[B, N]`` each.
+        features: float32 ``[B, k, d]`` the features at the ``kept`` places when a merger ran
+            (``None``: the kept tokens unchanged).
     """
 
     kept: Tensor
@@ -39,6 +41,7 @@ class Selection:
     k: int
     n: int
     scores: dict[str, Tensor] = field(default_factory=dict)
+    features: Tensor | None = None
 
     def mask(self) -> Tensor:
         """Boolean ``[B, N]``, True where a token is kept."""
@@ -186,6 +189,41 @@ def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str
     return out
 
 
+def run_merger(merger: Merger, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],
+               context: PruneContext) -> tuple[Tensor, Tensor]:
+    """Run ``merger`` and check it returned ``k = kept + slots`` distinct ascending indices that
+    include every kept one, and finite float features ``[B, k, d]``."""
+    b, n, d = tokens.shape
+    k = kept.shape[1] + slots
+    who = f"merger '{merger.name}' (plugin '{provider(merger)}')"
+    guard = _ReadOnly(_inputs(context, tokens=tokens, kept=kept, **{f"scores['{k_}']": v for k_, v in scores.items()}))
+    out = _call(who, merger.merge, tokens, kept, slots, MappingProxyType(dict(scores)), context)
+    guard.check(who)
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
+        raise PluginContractError(f"{who} returned {type(out).__name__}; expected (indices [B, k], features [B, k, d]).")
+    indices, features = out
+    if tuple(indices.shape) != (b, k) or indices.dtype != torch.long:
+        raise PluginContractError(f"{who} returned indices of shape {tuple(indices.shape)} {indices.dtype}; expected "
+                                  f"int64 [B, k] = {(b, k)}.")
+    if tuple(features.shape) != (b, k, d) or not features.is_floating_point():
+        raise PluginContractError(f"{who} returned features of shape {tuple(features.shape)}; expected float "
+                                  f"[B, k, d] = {(b, k, d)}.")
+    if k:
+        ok = (indices.diff(dim=-1) > 0).all() if k > 1 else torch.ones((), dtype=torch.bool, device=indices.device)
+        inside = (indices[:, 0] >= 0).all() & (indices[:, -1] < n).all()
+        has_kept = torch.zeros(b, n, dtype=torch.bool, device=indices.device).scatter_(1, indices, True)
+        covers = has_kept.gather(1, kept.to(indices.device)).all()
+        ok, inside, covers = torch.stack([ok, inside, covers]).tolist()
+        if not inside or not ok:
+            raise PluginContractError(f"{who} returned indices that are not distinct, ascending and in [0, {n}).")
+        if not covers:
+            raise PluginContractError(f"{who} dropped a token the selector kept; the indices must include `kept`.")
+    features = features.float()
+    if not bool(torch.isfinite(features).all()):
+        raise PluginContractError(f"{who} returned NaN or Inf features.")
+    return indices, features
+
+
 def _make(kind: str, base: type, value: Any, params: Mapping[str, Any] | None) -> Any:
     if isinstance(value, base):
         if params:
@@ -211,6 +249,11 @@ def make_selector(selector: str | Selector | type[Selector], params: Mapping[str
 def make_scorer(scorer: str | Scorer | type[Scorer], params: Mapping[str, Any] | None = None) -> Scorer:
     """A scorer instance from a registry name or a ``Scorer`` subclass (with params), or an instance."""
     return _make("scorer", Scorer, scorer, params)
+
+
+def make_merger(merger: str | Merger | type[Merger], params: Mapping[str, Any] | None = None) -> Merger:
+    """A merger instance from a registry name or a ``Merger`` subclass (with params), or an instance."""
+    return _make("merger", Merger, merger, params)
 
 
 def _context(tokens: Tensor, context: PruneContext | Mapping[str, Any] | None) -> PruneContext:

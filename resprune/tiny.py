@@ -189,7 +189,7 @@ def _image_only_qwen_processor_cls() -> type:
     return ImageOnlyQwen2_5_VLProcessor
 
 
-def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn: str) -> Any:
+def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn: str, layers: int = 2) -> Any:
     import transformers
 
     ids = tok.convert_tokens_to_ids
@@ -198,7 +198,7 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -280,6 +280,7 @@ def tiny_lvlm(
     *,
     attn_implementation: str = "sdpa",
     image_size: int | None = None,
+    text_layers: int = 2,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A tiny randomly initialised LVLM and an offline processor (no download).
 
@@ -289,6 +290,8 @@ def tiny_lvlm(
     is float32, on CPU, in eval mode, with ``attn_implementation`` for all sub-models.
     ``image_size``: LLaVA input side (multiple of 14, default 84), LLaVA-NeXT base tile side
     (multiple of 14, default 42), Qwen2.5-VL side of the max-pixels square (default 224).
+    ``text_layers``: decoder layers of the language model (in-LLM stages act on layers
+    ``1..text_layers-1``; the shipped configs use layers up to 24).
     """
     import torch
     import transformers
@@ -306,7 +309,9 @@ def tiny_lvlm(
     tok = _tokenizer(model_type)
     tok.chat_template = _QWEN_CHAT_TEMPLATE if model_type == "qwen2_5_vl" else _LLAVA_CHAT_TEMPLATE
     processor = _processor(model_type, tok, size)
-    config = _config(model_type, tok, size, attn_implementation)
+    if isinstance(text_layers, bool) or not isinstance(text_layers, int) or text_layers < 1:
+        raise ValueError(f"text_layers must be an int >= 1, got {text_layers!r}")
+    config = _config(model_type, tok, size, attn_implementation, text_layers)
     cls = {
         "llava": transformers.LlavaForConditionalGeneration,
         "llava_next": transformers.LlavaNextForConditionalGeneration,

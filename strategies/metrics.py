@@ -109,7 +109,7 @@ class Flops(Metric):
     description = "prefill TFLOPs of the LLM (Eq. 18) and the ratio to the unpruned prompt"
 
     def compute(self, example: Example) -> dict[str, float]:
-        after = prefill_flops(example.dims, example.tokens_after)
+        after = prefill_flops(example.dims, example.tokens)
         before = prefill_flops(example.dims, example.tokens_before)
         return {"prefill_tflops": after / 1e12, "ratio": after / before}
 
@@ -125,7 +125,7 @@ class KVCache(Metric):
     description = "KV cache of the prompt in MiB (bf16)"
 
     def compute(self, example: Example) -> dict[str, float]:
-        return {"mib": kv_cache_bytes(example.dims, example.tokens_after) / 2**20}
+        return {"mib": kv_cache_bytes(example.dims, example.tokens) / 2**20}
 
     def baseline(self, record: dict[str, Any], reference: Reference, dims: LLMDims) -> dict[str, float]:
         return {"mib": kv_cache_bytes(dims, reference.tokens) / 2**20}

@@ -112,7 +112,7 @@ def test_one_table_of_plugin_kinds():
     from resprune.plugins import KINDS
 
     host = resprune.get_host()
-    assert [k.name for k in KINDS] == ["scorer", "selector", "injector", "metric"]
+    assert [k.name for k in KINDS] == ["scorer", "selector", "merger", "injector", "metric"]
     for kind in KINDS:
         registry = getattr(host, kind.registry)
         assert registry.kind == kind.name and registry.base is kind.base and host.registry(kind.name) is registry

@@ -51,11 +51,15 @@ def test_shipped_config_loads_and_is_complete(name):
     assert isinstance(cfg, DictConfig) and OmegaConf.is_readonly(cfg)
     assert resprune.check_budget(cfg.budget) == cfg.budget
     host = resprune.get_host()
-    selector_cls = host.selectors.get(cfg.selector.name)
-    # every param is filled with its value or default, and nothing else
-    assert list(cfg.selector.params) == param_names(selector_cls.Params)
-    for sc in cfg.scorers:
-        assert list(sc.params) == param_names(host.scorers.get(sc.name).Params)
+    # every param is filled with its value or default, and nothing else, in every stage
+    stages = ([cfg] if cfg.selector.name is not None else []) + list(cfg.stages)
+    assert stages, "a config prunes somewhere"
+    for stage in stages:
+        assert list(stage.selector.params) == param_names(host.selectors.get(stage.selector.name).Params)
+        for sc in stage.scorers:
+            assert list(sc.params) == param_names(host.scorers.get(sc.name).Params)
+        if stage.merger is not None:
+            assert list(stage.merger.params) == param_names(host.mergers.get(stage.merger.name).Params)
     assert cfg.description == shipped_configs()[name]
     with pytest.raises(OmegaConfBaseException):
         cfg.budget = 1  # read-only
@@ -66,6 +70,11 @@ def test_shipped_config_loads_and_is_complete(name):
 def test_shipped_config_runs_on_random_tokens(name, budget):
     pipe = resprune.load_pipeline(name) if budget is None else resprune.load_pipeline(name, budget=budget)
     context = ctx()
+    if pipe.input_stage is None:  # it prunes inside the LLM only: no tokens to prune before it
+        assert pipe.llm_stages and pipe.selector is None
+        with pytest.raises(resprune.ConfigError, match="no input stage"):
+            pipe.run(context)
+        return
     sel = pipe.run(context)
     n = context.num_tokens
     k = resprune.resolve_budget(pipe.budget, n)
@@ -81,8 +90,13 @@ def test_shipped_config_runs_on_random_tokens(name, budget):
         # the seed score (written by a configured scorer) decides the first pick
         assert torch.equal(sel.order[:, 0], sel.scores[params.seed].argmax(dim=-1))
     if k < n and cfg.selector.name == "topk":
-        expected = sel.scores[params.score].topk(k, dim=-1).indices.sort(dim=-1).values
-        assert torch.equal(sel.kept, expected)
+        slots = pipe.merger.slots(k, n) if pipe.merger is not None else 0
+        expected = sel.scores[params.score].topk(k - slots, dim=-1).indices.sort(dim=-1).values
+        if slots or pipe.merger is not None:  # the picks, plus the places of the merged tokens
+            assert sel.features is not None and sel.features.shape == (2, k, context.tokens.shape[-1])
+            assert all(set(e.tolist()) <= set(r.tolist()) for e, r in zip(expected, sel.kept))
+        else:
+            assert torch.equal(sel.kept, expected)
 
 
 def test_paper_defaults_of_the_llava15_config():
@@ -131,7 +145,7 @@ def test_unknown_top_level_key_names_the_file(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: unknown key 'bugdet'.")
     assert "Did you mean 'budget'?" in message
-    assert "Valid keys: budget, selector, scorers, backbone, description, reproduces." in message
+    assert "Valid keys: budget, selector, scorers, merger, stages, backbone, description, reproduces." in message
 
 
 def test_unknown_selector_param_lists_valid_ones_and_suggests(tmp_path):
@@ -245,7 +259,7 @@ def test_missing_required_values(tmp_path):
     assert str(info.value).startswith(str(path))
     with pytest.raises(ConfigError, match="budget.*Missing mandatory value"):
         load_config({"selector": {"name": "uniform"}})
-    with pytest.raises(ConfigError, match=r"selector\.name.*Missing mandatory value"):
+    with pytest.raises(ConfigError, match=r"selector\.name: missing.*or give `stages:`"):
         load_config({"budget": 3})
     # an override can fill the missing value
     assert load_config(path, ["budget=8"]).budget == 8

@@ -16,8 +16,10 @@ import resprune
 from resprune import Scorer, Selector, hookimpl
 from resprune.plugins import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginHost
 
-BUILTIN_SELECTORS = {"residual_energy", "dpp", "divprune", "topk", "random", "uniform"}
-BUILTIN_SCORERS = {"text_relevance", "cls_attention", "norm", "mean_similarity", "center"}
+BUILTIN_SELECTORS = {"residual_energy", "dpp", "divprune", "topk", "random", "uniform", "dart"}
+BUILTIN_SCORERS = {"text_relevance", "cls_attention", "norm", "mean_similarity", "center", "llm_attention",
+                   "key_norm", "hidden_similarity"}
+BUILTIN_MERGERS = {"contextual", "nearest"}
 
 
 # --- third-party strategies and fake installed distributions ----------------------------
@@ -134,9 +136,11 @@ def test_builtins_register_through_the_hooks(plugin_host):
     for module in BUILTIN_PLUGINS:
         assert rows[module]["distribution"] == "resprune"
         assert rows[module]["version"] == resprune.__version__
-    provided = {kind: {n for r in rows.values() for n in r[kind]} for kind in ("selectors", "scorers", "injectors")}
+    provided = {kind: {n for r in rows.values() for n in r[kind]}
+                for kind in ("selectors", "scorers", "mergers", "injectors")}
     assert provided["selectors"] == BUILTIN_SELECTORS == set(host.selectors.names())
     assert provided["scorers"] == BUILTIN_SCORERS == set(host.scorers.names())
+    assert provided["mergers"] == BUILTIN_MERGERS == set(host.mergers.names())
     assert provided["injectors"] == set(host.injectors.names())
     # every class is attributed to the module (plugin) that defines it, and that plugin
     # registered it through a pluggy hook implementation, not by a side channel
@@ -232,7 +236,8 @@ def test_entry_point_plugin_is_loaded_with_its_distribution(plugin_host, entry_p
     assert ep.loads == 1
     row = next(r for r in host.list_plugins() if r["plugin"] == "acme")
     assert row == {"plugin": "acme", "distribution": "acme-resprune", "version": "2.0.1",
-                   "scorers": [], "selectors": ["rotate"], "injectors": [], "metrics": [], "aliases": {}}
+                   "scorers": [], "selectors": ["rotate"], "mergers": [], "injectors": [], "metrics": [],
+                   "aliases": {}}
     assert host.selectors.entry("rotate").plugin == "acme"
     assert host.failed == []
     assert resprune.select(torch.randn(6, 3), 2, selector="rotate", offset=1).tolist() == [1, 2]
@@ -565,8 +570,8 @@ def test_builtin_plugins_are_modules_of_the_resprune_package():
     for module in BUILTIN_PLUGINS:
         assert module.startswith(("resprune.strategies.", "resprune.backbones."))
         mod = importlib.import_module(module)
-        hooks = ("resprune_register_selectors", "resprune_register_scorers", "resprune_register_injectors",
-                 "resprune_register_metrics")
+        hooks = ("resprune_register_selectors", "resprune_register_scorers", "resprune_register_mergers",
+                 "resprune_register_injectors", "resprune_register_metrics")
         assert any(hasattr(mod, h) for h in hooks)
 
 

@@ -1,0 +1,505 @@
+"""Pruning inside the LLM: drop visual tokens from the hidden states entering decoder layer K.
+
+How it works (transformers 5.x decoder-only LLMs: Llama, Qwen2, Mistral, ...):
+
+* the text model's attention implementation is swapped for a thin wrapper around the one
+  it used (``sdpa`` or ``eager``), registered with both ``AttentionInterface`` and
+  ``AttentionMaskInterface`` (without the mask registration transformers would silently
+  drop the padding mask). At layer ``K-1`` during prefill the wrapper keeps the queries
+  of the rows a scorer needs and the keys, so attention scores are one softmax row per
+  query, not an ``L x L`` matrix; every layer still runs on the original kernel;
+* forward pre-hooks (with kwargs) on decoder layers ``>= K``: at layer ``K`` the stage
+  selects per image, and the hook gathers ``hidden_states``, ``position_embeddings`` and
+  ``position_ids`` at the kept columns (original positions are kept) and gives layers
+  ``>= K`` an attention mask for the shorter sequence. Their KV cache is shorter;
+  ``cache.get_seq_length()`` reads layer 0, so ``generate``'s bookkeeping stays on the full
+  length, and while decoding the mask of the new tokens is appended to the kept columns'.
+
+Rows are re-padded on the left when their kept counts differ, so the last column of every
+row stays its last prompt token. A stage that keeps every token changes nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .context import PruneContext
+from .errors import IncompatibleBackboneError, InvalidInputError
+from .image_selection import ImageSelection
+
+if TYPE_CHECKING:
+    from .stages import Stage
+
+__all__ = ["LLMPruner", "LLM_FIELDS", "Span", "StageRecord", "text_model_of"]
+
+LLM_FIELDS: dict[str, str] = {
+    "tokens": "hidden states entering decoder layer K, float32 [B, N, D]",
+    "llm_attention": "callable query -> [B, N]: attention the 'last' prompt token or the mean 'instruction' token "
+                     "pays to each visual token at layer K-1, mean over heads",
+    "llm_keys": "keys of the visual tokens at layer K-1 (after RoPE), float32 [B, N, kv_heads * head_dim]",
+    "llm_last_hidden": "hidden state of each row's last prompt token entering layer K, float32 [B, D]",
+    "layer": "the decoder layer K the stage acts on (int)",
+    "positions": "token centres as (row, col) in grid units, [N, 2] (when the image has a grid)",
+}
+"""Context fields an in-LLM stage offers its scorers and selector."""
+
+_WRAPPED = ("sdpa", "eager")
+_PREFIX = "resprune_"
+_active: dict[int, LLMPruner] = {}  # id(attention module) -> pruner; read by the attention wrapper
+_lock = threading.Lock()
+
+
+def text_model_of(model: Any) -> Any:
+    """The decoder stack (``.layers``) of an LVLM's language model."""
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None)
+    if lm is None or not hasattr(lm, "layers"):
+        raise IncompatibleBackboneError(
+            f"{type(model).__name__}: no model.model.language_model.layers; in-LLM stages need a transformers "
+            f"LVLM whose language model is a decoder stack (LLaVA, LLaVA-NeXT, Qwen2.5-VL).")
+    return lm
+
+
+# --- the attention wrapper ---------------------------------------------------------------
+
+
+def _register(base: str) -> str:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = _PREFIX + base
+
+    def attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  *args: Any, **kwargs: Any) -> Any:
+        pruner = _active.get(id(module))
+        if pruner is not None:
+            pruner._capture(module, query, key, attention_mask, kwargs.get("scaling", args[1] if len(args) > 1
+                                                                           else None))
+        return _base_attention(module, base)(module, query, key, value, attention_mask, *args, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _base_attention(module: Any, base: str) -> Callable[..., Any]:
+    if base == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+    return eager
+
+
+# --- per-call state ------------------------------------------------------------------------
+
+
+@dataclass
+class Span:
+    """One image's alive visual tokens in the current sequence."""
+
+    image: int
+    row: int
+    n: int  # tokens of the image before any pruning
+    alive: Tensor  # int64 [m] original token indices still in the sequence
+    columns: Tensor  # int64 [m] their columns in the current sequence
+    positions: Tensor | None = None  # [n, 2] grid positions of all n tokens
+
+
+@dataclass
+class _Region:
+    """Layers ``>= start`` run on a shorter sequence: ``valid`` marks its real key columns."""
+
+    start: int
+    valid: Tensor  # bool [B, L_r]
+    uniform: bool  # every column valid: no mask needed in prefill
+    index: Tensor  # int64 [B, L_r] gather index into the previous sequence (pads point at 0)
+    prefill_mask: Tensor | None = None
+    gathered: dict[int, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageRecord:
+    """What one in-LLM stage kept in one call: ``selections`` per image (indices of the
+    image's original tokens), the layer, and the prompt tokens after the stage (summed over
+    the prompts; beams count once)."""
+
+    layer: int
+    selections: list[ImageSelection]
+    tokens_after: int
+
+
+class _CallState:
+    def __init__(self, spans: list[Span], valid: Tensor, stages: list[Stage],
+                 texts: Callable[[int], str] | None) -> None:
+        self.spans = spans
+        self.valid = valid.bool()  # [B, L] current key columns that are real tokens
+        self.full_len = valid.shape[1]
+        self.columns = torch.arange(valid.shape[1], device=valid.device).expand_as(valid).clone()
+        self.pending = {s.layer: s for s in stages}  # not run yet
+        self.captured: dict[str, Any] = {}
+        self.regions: list[_Region] = []
+        self.records: list[StageRecord] = []
+        self.texts = texts
+        self.factor = 1  # rows per prompt (beams)
+
+
+class LLMPruner:
+    """Runs a pipeline's in-LLM stages on one model while attached (see the module docstring)."""
+
+    def __init__(self, model: Any, stages: Sequence[Stage], *, source: str) -> None:
+        self.model = model
+        self.stages = sorted(stages, key=lambda s: s.layer)
+        self.source = source
+        self.lm = text_model_of(model)
+        self.layers = list(self.lm.layers)
+        for stage in self.stages:
+            if not 1 <= stage.layer < len(self.layers):
+                raise InvalidInputError(
+                    f"{source}: stage at layer {stage.layer}: the language model has {len(self.layers)} decoder "
+                    f"layers; an in-LLM stage acts on layer 1..{len(self.layers) - 1} (scores come from layer K-1).")
+        self.capture_at = {s.layer - 1: s for s in self.stages if s.requires & {"llm_attention", "llm_keys"}}
+        self.state: _CallState | None = None
+        self._hooks: list[Any] = []
+        self._saved_impl: Any = None
+
+    # --- install / remove ------------------------------------------------------------------
+
+    def install(self) -> None:
+        config = self.lm.config
+        base = config._attn_implementation
+        if base not in _WRAPPED:
+            raise IncompatibleBackboneError(
+                f"{self.source}: in-LLM stages run on the 'sdpa' or 'eager' attention of the language model, not "
+                f"{base!r}; load the model with attn_implementation='sdpa'.")
+        self._saved_impl = config._attn_implementation_internal
+        config._attn_implementation = _register(base)
+        self._base = base
+        first = self.stages[0].layer
+        with _lock:
+            for i in self.capture_at:
+                _active[id(self.layers[i].self_attn)] = self
+        for i in range(first, len(self.layers)):
+            self._hooks.append(self.layers[i].register_forward_pre_hook(self._make_hook(i), with_kwargs=True))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        with _lock:
+            for i in self.capture_at:
+                _active.pop(id(self.layers[i].self_attn), None)
+        if self._saved_impl is not None or hasattr(self.lm.config, "_attn_implementation_internal"):
+            self.lm.config._attn_implementation_internal = self._saved_impl
+        self.state = None
+
+    # --- per call --------------------------------------------------------------------------
+
+    def arm(self, spans: list[Span], attention_mask: Tensor, texts: Callable[[int], str] | None) -> None:
+        """Prepare for one forward/generate over a sequence whose visual tokens are ``spans``."""
+        self.state = _CallState(spans, attention_mask, self.stages, texts)
+
+    def disarm(self) -> list[StageRecord]:
+        records = self.state.records if self.state is not None else []
+        self.state = None
+        return records
+
+    @property
+    def columns(self) -> Tensor | None:
+        """The LLM-input column of each column of the last region (``-1``: padding)."""
+        if self.state is None:
+            return None
+        return torch.where(self.state.valid, self.state.columns, -1)
+
+    # --- the attention capture at layer K-1 -------------------------------------------------
+
+    def _capture(self, module: Any, query: Tensor, key: Tensor, mask: Tensor | None, scaling: float | None) -> None:
+        st = self.state
+        layer = getattr(module, "layer_idx", None)
+        if st is None or layer not in self.capture_at or self.capture_at[layer].layer not in st.pending:
+            return
+        if query.shape[2] != key.shape[2] or key.shape[2] != st.valid.shape[1]:
+            return  # decoding, or not this call's prefill
+        _fit_batch(st, query.shape[0])
+        st.captured = {"query": query, "key": key.detach(), "mask": mask,
+                       "scaling": module.scaling if scaling is None else scaling,
+                       "groups": query.shape[1] // key.shape[1]}
+
+    def _attention_paid(self, rows_cols: Tensor, query_mode: str) -> Tensor:
+        """Head-mean attention ``[B, L]`` that the ``query_mode`` rows pay to every key column."""
+        st = self.state
+        cap = st.captured
+        q, k, mask = cap["query"], cap["key"], cap["mask"]
+        b, heads, length, _ = q.shape
+        valid = st.valid
+        last = _last_valid(valid)
+        if query_mode == "last":
+            qrows = last.unsqueeze(1)  # [B, 1]
+            qvalid = torch.ones_like(qrows, dtype=torch.bool)
+        else:
+            instr = _instruction_columns(valid, st.spans, last)
+            width = max(1, int(instr.sum(1).max()))
+            qrows = torch.zeros(b, width, dtype=torch.long, device=valid.device)
+            qvalid = torch.arange(width, device=valid.device) < instr.sum(1, keepdim=True)
+            order = torch.sort(instr.int(), dim=1, descending=True, stable=True).indices[:, :width]
+            qrows = torch.where(qvalid, order, last.unsqueeze(1))
+        idx = qrows.to(q.device)
+        qsel = torch.gather(q, 2, idx[:, None, :, None].expand(b, heads, idx.shape[1], q.shape[-1]))
+        kk = k.repeat_interleave(cap["groups"], dim=1) if cap["groups"] > 1 else k
+        logits = torch.matmul(qsel.float(), kk.float().transpose(2, 3)) * cap["scaling"]  # [B, H, R, L]
+        cols = torch.arange(length, device=q.device)
+        allowed = (cols[None, None, :] <= idx[:, :, None]) & valid[:, None, :].to(q.device)  # causal + padding
+        if mask is not None:
+            m = torch.gather(mask, 2, idx[:, None, :, None].expand(b, mask.shape[1], idx.shape[1], mask.shape[-1]))
+            allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)[:, 0]
+        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+        probs = logits.softmax(-1).mean(1)  # [B, R, L]
+        weights = qvalid.to(probs.device, probs.dtype)
+        return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+
+    # --- the layer pre-hook -----------------------------------------------------------------
+
+    def _make_hook(self, index: int) -> Callable[..., Any]:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            st = self.state
+            if st is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prefill = _is_prefill(kwargs.get("past_key_values"), index)
+            if prefill and index in st.pending:
+                _fit_batch(st, hidden.shape[0])
+                hidden = self._run_stage(st, st.pending.pop(index), hidden, index)
+            region = next((r for r in reversed(st.regions) if r.start <= index), None)
+            if region is None:
+                return None
+            kwargs = dict(kwargs)
+            if prefill:
+                for name in ("position_embeddings", "position_ids"):
+                    if kwargs.get(name) is not None:
+                        kwargs[name] = self._gathered(st, region, name, kwargs[name])
+                kwargs["attention_mask"] = region.prefill_mask
+            else:
+                cache = kwargs.get("past_key_values")
+                seen = cache.layers[index].get_seq_length() if cache is not None else 0
+                kwargs["attention_mask"] = self._decode_mask(region, kwargs.get("attention_mask"), hidden, seen)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _gathered(self, st: _CallState, region: _Region, name: str, value: Any) -> Any:
+        """``value`` (full-length, per position) at the columns of ``region``, computed once per call."""
+        if name in region.gathered:
+            return region.gathered[name]
+        index = st.columns.clamp_min(0)  # position tensors are full length: index by input column
+        if isinstance(value, tuple):
+            out = tuple(_take(v, index) for v in value)
+        else:
+            out = _take(value, index)
+        region.gathered[name] = out
+        return out
+
+    def _decode_mask(self, region: _Region, mask: Tensor | None, hidden: Tensor, seen: int) -> Tensor | None:
+        """The mask of decoding queries over the region's kept columns plus the new tokens (``seen``:
+        keys this layer already caches)."""
+        q = hidden.shape[1]
+        if mask is None and region.uniform:
+            return None
+        b, kept = region.valid.shape
+        new = seen + q - kept  # generated tokens in this layer's cache, these queries included
+        if mask is not None:
+            tail = mask[..., mask.shape[-1] - new:]
+            tail_ok = tail if tail.dtype == torch.bool else tail > torch.finfo(tail.dtype).min / 2
+        else:
+            tail_ok = torch.ones(1, 1, q, new, dtype=torch.bool, device=hidden.device).tril(new - q)
+        head = region.valid[:, None, None, :].expand(b, 1, q, kept)
+        allowed = torch.cat([head.to(tail_ok.device), tail_ok.expand(b, 1, q, new)], dim=-1)
+        return self._as_mask(allowed, hidden.dtype)
+
+    def _as_mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
+        if self._base == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+
+    # --- running one stage ------------------------------------------------------------------
+
+    def _run_stage(self, st: _CallState, stage: Stage, hidden: Tensor, layer: int) -> Tensor:
+        b, length, _ = hidden.shape
+        if length != st.valid.shape[1]:
+            raise RuntimeError(f"{self.source}: layer {layer} got {length} columns, expected {st.valid.shape[1]}")
+        keep = st.valid.clone()
+        for span in st.spans:
+            keep[span.row, span.columns] = False
+        last_hidden = hidden[torch.arange(b, device=hidden.device), _last_valid(st.valid).to(hidden.device)].float()
+        cache: dict[str, Tensor] = {}
+
+        def attention(query: str = "last") -> Tensor:
+            if "query" not in st.captured:
+                raise RuntimeError(f"{self.source}: no attention was captured at layer {layer - 1}")
+            if query not in cache:
+                cache[query] = self._attention_paid(st.valid, query)
+            return cache[query]
+
+        instr = _instruction_columns(st.valid, st.spans, _last_valid(st.valid))
+
+        def text_fields(rows: Tensor) -> tuple[Tensor, Tensor]:
+            """Instruction tokens' hidden states ``[G, T, D]`` and key L1 norms ``[G, T]`` (-inf: padding)."""
+            sub = instr[rows.to(instr.device)]
+            width = max(1, int(sub.sum(1).max()))
+            order = torch.sort(sub.int(), dim=1, descending=True, stable=True).indices[:, :width]
+            ok = torch.arange(width, device=sub.device) < sub.sum(1, keepdim=True)
+            r = rows.to(hidden.device)[:, None]
+            text_hidden = hidden[r, order.to(hidden.device)].float()
+            if "key" in st.captured:
+                kc = st.captured["key"]
+                norms = kc[r.to(kc.device), :, order.to(kc.device)].flatten(2).float().norm(p=1, dim=-1)
+            else:
+                norms = torch.zeros(ok.shape, device=hidden.device)
+            return text_hidden, norms.masked_fill(~ok.to(norms.device), float("-inf"))
+
+        groups: dict[int, list[Span]] = {}
+        for span in st.spans:
+            groups.setdefault(int(span.alive.numel()), []).append(span)
+        records: list[ImageSelection] = []
+        replace: list[tuple[int, Tensor, Tensor]] = []  # (row, column, new hidden value)
+        for m, members in groups.items():
+            if m == 0:
+                continue
+            rows = torch.tensor([s.row for s in members], device=hidden.device)
+            cols = torch.stack([s.columns for s in members]).to(hidden.device)  # [G, m]
+            tokens = hidden[rows[:, None], cols].float()
+            keys = None
+            if "key" in st.captured:
+                kc = st.captured["key"]  # [B, Hkv, L, hd]
+                keys = kc[rows.to(kc.device)[:, None], :, cols.to(kc.device)].flatten(2).float()  # [G, m, Hkv*hd]
+            pos = members[0].positions
+            ctx = PruneContext(
+                tokens, source=f"{self.source} (layer {layer})",
+                llm_attention=(lambda query="last", r=rows, c=cols: attention(query)[r[:, None], c]),
+                llm_keys=keys, llm_last_hidden=last_hidden[rows], layer=layer,
+                positions=None if pos is None or not all(s.positions is not None for s in members)
+                else pos[members[0].alive],
+                text=None if st.texts is None else (lambda m=members: [st.texts(s.row) for s in m]),
+                llm_text_hidden=lambda r=rows: text_fields(r)[0],
+                llm_text_key_norm=lambda r=rows: text_fields(r)[1],
+            )
+            k = stage.budget_for(m)
+            sel = stage.run(ctx, k=k)
+            kept = sel.kept.to(cols.device)
+            for j, span in enumerate(members):
+                new_alive = span.alive[kept[j].to(span.alive.device)]
+                order = span.alive[sel.order[j].to(span.alive.device)]
+                records.append(ImageSelection(row=span.row, image=span.image, kept=new_alive.sort().values.cpu(),
+                                              order=order.cpu(), k=int(kept.shape[1]), n=span.n,
+                                              scores={n: v[j].detach().float().cpu() for n, v in sel.scores.items()}))
+                keep[span.row, cols[j, kept[j]]] = True
+                if sel.features is not None:
+                    replace.append((span.row, cols[j, kept[j]], sel.features[j]))
+                span.alive = new_alive.sort().values
+        if replace:
+            hidden = hidden.clone()
+            for row, c, value in replace:
+                hidden[row, c] = value.to(hidden.dtype)
+        counts = keep.sum(1)
+        records.sort(key=lambda s: (s.image, s.row))
+        records = [r for i, r in enumerate(records) if i == 0 or r.image != records[i - 1].image]  # beam copies
+        st.records.append(StageRecord(layer, records, int(counts.sum()) // st.factor))
+        if bool(keep.eq(st.valid).all()):
+            return hidden  # keep-all: nothing changes
+        new_len = int(counts.max())
+        slot = keep.cumsum(1) - 1 + (new_len - counts).unsqueeze(1)  # left re-pad
+        index = torch.zeros(b, new_len, dtype=torch.long, device=keep.device)
+        valid = torch.zeros(b, new_len, dtype=torch.bool, device=keep.device)
+        r, c = keep.nonzero(as_tuple=True)
+        index[r, slot[r, c]] = c
+        valid[r, slot[r, c]] = True
+        # spans: their new columns
+        where = torch.full_like(keep, -1, dtype=torch.long)
+        where[r, c] = slot[r, c]
+        for span in st.spans:
+            old = span.columns
+            keep_cols = old[keep[span.row, old]]
+            span.columns = where[span.row, keep_cols]
+        st.columns = torch.gather(st.columns, 1, index)
+        st.valid = valid
+        uniform = bool(valid.all())
+        region = _Region(layer, valid, uniform, index)
+        if not uniform:
+            causal = torch.ones(new_len, new_len, dtype=torch.bool, device=valid.device).tril()
+            allowed = (causal[None] & valid[:, None, :]) | torch.eye(new_len, dtype=torch.bool,
+                                                                      device=valid.device)[None]
+            region.prefill_mask = self._as_mask(allowed[:, None], hidden.dtype)
+        st.regions.append(region)
+        st.captured = {}
+        return torch.gather(hidden, 1, index.to(hidden.device)[..., None].expand(b, new_len, hidden.shape[-1]))
+
+
+def _take(value: Tensor, index: Tensor) -> Tensor:
+    """A per-position tensor ``[B or 1, L]`` or ``[B or 1, L, D]`` (ids, cos/sin) at ``index [B, L']``."""
+    b, new_len = index.shape
+    if value.dim() not in (2, 3):
+        raise InvalidInputError(f"cannot gather a per-position tensor of shape {tuple(value.shape)}")
+    v = value.expand(b, *value.shape[1:]) if value.shape[0] == 1 and b > 1 else value
+    index = index.to(v.device)
+    if v.dim() == 3:
+        index = index[..., None].expand(b, new_len, v.shape[-1])
+    return torch.gather(v, 1, index)
+
+
+def _fit_batch(st: _CallState, b: int) -> None:
+    """``generate`` expands each row into beams / return sequences (``repeat_interleave``) before the
+    prefill: follow it, once."""
+    have = st.valid.shape[0]
+    if b == have:
+        return
+    if b % have:
+        raise InvalidInputError(f"in-LLM stage: the LLM got {b} rows for {have} prompts.")
+    factor = b // have
+    st.factor *= factor
+    st.valid = st.valid.repeat_interleave(factor, 0)
+    st.columns = st.columns.repeat_interleave(factor, 0)
+    st.spans = [Span(image=s.image, row=s.row * factor + j, n=s.n, alive=s.alive.clone(), columns=s.columns.clone(),
+                     positions=s.positions) for s in st.spans for j in range(factor)]
+    if st.texts is not None:
+        texts = st.texts
+        st.texts = lambda row: texts(row // factor)
+
+
+def _is_prefill(cache: Any, layer: int) -> bool:
+    if cache is None:
+        return True
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer < len(layers):
+        return layers[layer].get_seq_length() == 0
+    return cache.get_seq_length(layer) == 0
+
+
+def _last_valid(valid: Tensor) -> Tensor:
+    """Column of each row's last real token ``[B]``."""
+    length = valid.shape[1]
+    cols = torch.arange(length, device=valid.device).expand_as(valid)
+    return torch.where(valid, cols, -1).amax(1).clamp_min(0)
+
+
+def _instruction_columns(valid: Tensor, spans: list[Span], last: Tensor) -> Tensor:
+    """bool ``[B, L]``: the real tokens after each row's last visual token (the instruction)."""
+    b, length = valid.shape
+    after = torch.full((b,), -1, dtype=torch.long, device=valid.device)
+    for span in spans:
+        if span.columns.numel():
+            after[span.row] = torch.maximum(after[span.row], span.columns.max().to(valid.device))
+    cols = torch.arange(length, device=valid.device)
+    instr = valid & (cols[None] > after[:, None])
+    return instr | (~instr.any(1, keepdim=True) & (cols[None] == last[:, None]))

@@ -1,0 +1,153 @@
+"""Stage: one pruning step of a pipeline, where it acts and what it runs.
+
+A stage acts either on the visual tokens **before** the LLM (``layer=None``: the ``input``
+stage, projector outputs) or on the hidden states **entering decoder layer K**
+(``layer=K``). Each has its own scorers, selector, budget and optional merger::
+
+    Stage("topk", budget=0.5, layer=2, scorers=["llm_attention"])   # FastV
+
+Scorers write named scores, the selector picks ``k - slots`` tokens, and a merger (if any)
+turns the dropped tokens into ``slots`` more, so ``k`` tokens leave the stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .budget import Budget, check_budget, resolve_budget
+from .context import PruneContext
+from .errors import ConfigError
+from .interfaces import Merger, Scorer, Selector
+from .selection import Selection, check_scores, make_merger, make_scorer, make_selector, run_merger, run_scorer, \
+    run_selector
+
+__all__ = ["Stage"]
+
+ScorerSpec = str | Scorer | tuple[str, str | Scorer]
+
+
+class Stage:
+    """Scorers -> selector (-> merger) under a budget, at the input or at decoder layer ``layer``.
+
+    Args:
+        selector: a registry name or a ``Selector`` instance.
+        budget: tokens kept per image (int), or the share kept (float in (0, 1]) of the tokens
+            entering the stage.
+        scorers: scorer names or instances, or ``(score_name, scorer)`` pairs.
+        merger: a merger name or instance, or ``None``.
+        layer: ``None`` for the input stage, else the decoder layer ``K >= 1``.
+    """
+
+    def __init__(self, selector: str | Selector, *, budget: Budget, scorers: Iterable[ScorerSpec] = (),
+                 merger: str | Merger | None = None, layer: int | None = None) -> None:
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
+            raise ConfigError(f"stage layer={layer!r}: an in-LLM stage acts on decoder layer K >= 1 (scores come "
+                              f"from layer K-1); use layer=None for the input stage.")
+        self.layer = layer
+        self.selector = make_selector(selector)
+        self.budget = check_budget(budget, where=f"{self.where} stage budget")
+        self.merger = None if merger is None else make_merger(merger)
+        self.scorers: list[tuple[str, Scorer]] = []
+        for item in scorers:
+            out, scorer = item if isinstance(item, tuple) else (None, item)
+            scorer = make_scorer(scorer)
+            self.scorers.append((out or scorer.output, scorer))
+        names = [n for n, _ in self.scorers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{self.where} stage: two scorers write score '{dupes[0]}'; rename one (output=...).")
+        parts = [(f"scorer '{s.name}'", frozenset(s.requires)) for _, s in self.scorers]
+        parts.append((f"selector '{self.selector.name}'", frozenset(self.selector.requires)))
+        if self.merger is not None:
+            parts.append((f"merger '{self.merger.name}'", frozenset(self.merger.requires)))
+        self._requirements = tuple(parts)
+        self._requires = frozenset().union(*(needs for _, needs in parts))
+
+    @property
+    def where(self) -> str:
+        """``"input"`` or ``"layer K"``."""
+        return "input" if self.layer is None else f"layer {self.layer}"
+
+    @property
+    def score_names(self) -> list[str]:
+        return [n for n, _ in self.scorers]
+
+    def requirements(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        """``(who, context fields)`` for each scorer, the selector and the merger, in running order."""
+        return self._requirements
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """Every context field the stage's strategies need."""
+        return self._requires
+
+    def budget_for(self, n: int) -> int:
+        """Tokens kept out of the ``n`` entering the stage."""
+        return resolve_budget(self.budget, n)
+
+    def run(self, context: PruneContext, *, scores: Mapping[str, Tensor] | None = None,
+            k: int | None = None) -> Selection:
+        """Score, select (and merge) the batch of ``context`` (tokens ``[B, N, d]``)."""
+        for requester, needs in self._requirements:  # all of it up front, before any scorer runs
+            context.check(needs, requester=f"{requester} ({self.where} stage)")
+        tokens = context.tokens
+        b, n = tokens.shape[:2]
+        computed = check_scores(scores, b, n)
+        for name, scorer in self.scorers:
+            computed[name] = run_scorer(scorer, context, checked=True)
+        k = self.budget_for(n) if k is None else min(int(k), n)
+        slots = 0
+        if self.merger is not None and k < n:
+            slots = int(self.merger.slots(k, n))
+            if not 0 <= slots < k:
+                raise ConfigError(f"merger '{self.merger.name}' asked for {slots} of {k} tokens; a merger makes "
+                                  f"0 to k-1 of them (the selector needs at least one).")
+        order = run_selector(self.selector, tokens, k - slots, computed, context, checked=True)
+        kept = order.sort(dim=-1).values
+        if self.merger is None or k >= n:
+            return Selection(kept=kept, order=order, k=k, n=n, scores=computed)
+        indices, features = run_merger(self.merger, tokens, kept, slots, computed, context)
+        merged = _added(indices, kept)  # the carriers of merged tokens come after the picks, in order
+        return Selection(kept=indices, order=torch.cat([order, merged], dim=1), k=k, n=n, scores=computed,
+                         features=features)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "at": self.where,
+            "budget": self.budget,
+            "scorers": [{**s.describe(), "output": n} for n, s in self.scorers],
+            "selector": self.selector.describe(),
+        }
+        if self.merger is not None:
+            out["merger"] = self.merger.describe()
+        return out
+
+    def summary(self) -> str:
+        """One line: where, budget, scorers, the selector's changed params, the merger."""
+        sel = self.selector
+        defaults = type(sel).Params()
+        changed = {k: v for k, v in vars(sel.params).items() if getattr(defaults, k) != v}
+        args = ", ".join(f"{k}={v}" for k, v in changed.items())
+        scorers = ", ".join(n if n == s.name else f"{s.name}->{n}" for n, s in self.scorers) or "none"
+        merger = f"; merger: {self.merger.name}" if self.merger is not None else ""
+        return f"{self.where}: budget {self.budget}; scorers: {scorers}; selector: {sel.name}({args}){merger}"
+
+    def __repr__(self) -> str:
+        scorers = ", ".join(f"{n}={s!r}" for n, s in self.scorers)
+        merger = f", merger={self.merger!r}" if self.merger is not None else ""
+        return f"Stage({self.where}, budget={self.budget!r}, scorers=[{scorers}], selector={self.selector!r}{merger})"
+
+
+def _added(indices: Tensor, kept: Tensor) -> Tensor:
+    """The entries of each row of ``indices`` that are not in ``kept`` (ascending), ``[B, slots]``."""
+    b = indices.shape[0]
+    is_kept = torch.zeros(b, int(indices.max()) + 1 if indices.numel() else 1, dtype=torch.bool,
+                          device=indices.device)
+    is_kept.scatter_(1, kept.to(indices.device), True)
+    extra = ~is_kept.gather(1, indices)
+    slots = indices.shape[1] - kept.shape[1]
+    return indices[extra].view(b, slots)

@@ -1,0 +1,83 @@
+"""Scores read from the LLM itself, for stages inside it (``layer: K``).
+
+They need the fields an in-LLM stage offers (``resprune.llm_pruning.LLM_FIELDS``): the
+attention the prompt pays to each visual token at layer ``K-1`` (FastV, PyramidDrop), the
+keys' norms (DART's pivots), and the similarity of each hidden state to the last prompt
+token's. None of them turns off SDPA: attention rows are recomputed for the queries that
+are needed only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from resprune import hookimpl
+from resprune.context import PruneContext
+from resprune.interfaces import Scorer
+from resprune.params import check_choice
+
+
+class LLMAttention(Scorer):
+    """Attention paid to each visual token at layer K-1, mean over heads (FastV, PyramidDrop)."""
+
+    name = "llm_attention"
+    output = "llm_attention"
+    description = "LLM attention from the last (FastV) or the instruction (PDrop) tokens at layer K-1"
+    requires = frozenset({"llm_attention"})
+
+    @dataclass
+    class Params:
+        query: str = "last"
+        """`last`: the last prompt token's attention row (FastV, PyramidDrop); `instruction`: the
+        mean row of the instruction tokens (those after the row's last visual token)."""
+
+        def __post_init__(self) -> None:
+            check_choice("query", self.query, ("last", "instruction"))
+
+    def score(self, context: PruneContext) -> Tensor:
+        return context.get("llm_attention", requester=f"scorer '{self.name}'")(self.params.query)
+
+
+class KeyNorm(Scorer):
+    """Norm of each visual token's key at layer K-1 (heads concatenated; RoPE keeps the norm)."""
+
+    name = "key_norm"
+    output = "key_norm"
+    description = "norm of the LLM keys at layer K-1 (DART's pivot criterion)"
+    requires = frozenset({"llm_keys"})
+
+    @dataclass
+    class Params:
+        p: int = 1
+        """1 (DART's L1 norm) or 2."""
+
+        def __post_init__(self) -> None:
+            if self.p not in (1, 2) or isinstance(self.p, bool):
+                raise ValueError(f"p={self.p!r} must be 1 (L1, DART) or 2 (L2).")
+
+    def score(self, context: PruneContext) -> Tensor:
+        keys = context.get("llm_keys", requester=f"scorer '{self.name}'")
+        return keys.norm(p=self.params.p, dim=-1)
+
+
+class HiddenSimilarity(Scorer):
+    """Cosine similarity of each visual hidden state to the last prompt token's (entering layer K)."""
+
+    name = "hidden_similarity"
+    output = "hidden_similarity"
+    description = "cosine similarity of visual hidden states to the last prompt token's"
+    requires = frozenset({"llm_last_hidden"})
+
+    def score(self, context: PruneContext) -> Tensor:
+        last = context.get("llm_last_hidden", requester=f"scorer '{self.name}'")
+        return torch.nn.functional.cosine_similarity(context.tokens, last[:, None, :], dim=-1)
+
+
+@hookimpl
+def resprune_register_scorers(register):
+    register(LLMAttention)
+    register(KeyNorm)
+    register(HiddenSimilarity)
