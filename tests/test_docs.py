@@ -90,7 +90,7 @@ def test_python_blocks_run(page, tmp_path):
 def test_every_hook_is_documented_with_its_exact_signature():
     text = (ROOT / "docs" / "plugins.md").read_text()
     hooks = [name for name, fn in vars(hookspecs).items() if name.startswith("resprune_register_") and callable(fn)]
-    assert len(hooks) == 4
+    assert len(hooks) == 5
     for name in hooks:
         sig = str(inspect.signature(getattr(hookspecs, name))).replace("'", "")
         assert f"{name}{sig}" in text, f"docs/plugins.md does not show `{name}{sig}`"
