@@ -273,6 +273,7 @@ class Attached:
             columns = self._llm.columns
         finally:
             batch.stages = self._llm.disarm()
+        self._llm.verify()  # the stages' plugin checks: one host read, after the model ran
         base = batch.columns.repeat_interleave(columns.shape[0] // batch.columns.shape[0], 0)  # beams
         batch.output_columns = torch.where(columns >= 0, torch.gather(base, 1, columns.clamp_min(0)), -1)
         return out

@@ -33,6 +33,7 @@ from torch import Tensor
 from .context import PruneContext
 from .errors import IncompatibleBackboneError, InvalidInputError
 from .image_selection import ImageSelection
+from .selection import DeferredChecks
 
 if TYPE_CHECKING:
     from .stages import Stage
@@ -151,6 +152,12 @@ class _CallState:
         self.records: list[StageRecord] = []
         self.texts = texts
         self.factor = 1  # rows per prompt (beams)
+        self.checks = DeferredChecks()  # plugin output checks, read after the call
+        # host-side counts, read once when armed, so the forward pass itself never reads the device
+        last = _last_valid(self.valid)
+        counts = torch.stack([self.valid.sum(1), _instruction_columns(self.valid, spans, last).sum(1)]).tolist()
+        self.row_tokens: list[int] = counts[0]  # real tokens per row
+        self.instruction: list[int] = counts[1]  # instruction tokens per row (the last ones of the row)
 
 
 class LLMPruner:
@@ -209,9 +216,16 @@ class LLMPruner:
         self.state = _CallState(spans, attention_mask, self.stages, texts)
 
     def disarm(self) -> list[StageRecord]:
-        records = self.state.records if self.state is not None else []
-        self.state = None
-        return records
+        """End the call: its records. Then ``verify`` the plugins' outputs (one host read)."""
+        state, self.state = self.state, None
+        self._finished = state
+        return state.records if state is not None else []
+
+    def verify(self) -> None:
+        """Raise a ``PluginContractError`` if a stage's plugin returned bad values in the last call."""
+        state, self._finished = getattr(self, "_finished", None), None
+        if state is not None:
+            state.checks.verify()
 
     @property
     def columns(self) -> Tensor | None:
@@ -234,36 +248,23 @@ class LLMPruner:
                        "scaling": module.scaling if scaling is None else scaling,
                        "groups": query.shape[1] // key.shape[1]}
 
-    def _attention_paid(self, rows_cols: Tensor, query_mode: str) -> Tensor:
+    def _attention_paid(self, query_mode: str) -> Tensor:
         """Head-mean attention ``[B, L]`` that the ``query_mode`` rows pay to every key column."""
         st = self.state
         cap = st.captured
         q, k, mask = cap["query"], cap["key"], cap["mask"]
         b, heads, length, _ = q.shape
-        valid = st.valid
-        last = _last_valid(valid)
-        if query_mode == "last":
-            qrows = last.unsqueeze(1)  # [B, 1]
-            qvalid = torch.ones_like(qrows, dtype=torch.bool)
-        else:
-            instr = _instruction_columns(valid, st.spans, last)
-            width = max(1, int(instr.sum(1).max()))
-            qrows = torch.zeros(b, width, dtype=torch.long, device=valid.device)
-            qvalid = torch.arange(width, device=valid.device) < instr.sum(1, keepdim=True)
-            order = torch.sort(instr.int(), dim=1, descending=True, stable=True).indices[:, :width]
-            qrows = torch.where(qvalid, order, last.unsqueeze(1))
-        idx = qrows.to(q.device)
+        idx, qvalid = _query_rows(st, query_mode, q.device)  # [B, R]
         qsel = torch.gather(q, 2, idx[:, None, :, None].expand(b, heads, idx.shape[1], q.shape[-1]))
         kk = k.repeat_interleave(cap["groups"], dim=1) if cap["groups"] > 1 else k
-        logits = torch.matmul(qsel.float(), kk.float().transpose(2, 3)) * cap["scaling"]  # [B, H, R, L]
+        logits = torch.matmul(qsel, kk.transpose(2, 3)).float() * cap["scaling"]  # [B, H, R, L]
         cols = torch.arange(length, device=q.device)
-        allowed = (cols[None, None, :] <= idx[:, :, None]) & valid[:, None, :].to(q.device)  # causal + padding
+        allowed = (cols[None, None, :] <= idx[:, :, None]) & st.valid[:, None, :].to(q.device)  # causal + padding
         if mask is not None:
             m = torch.gather(mask, 2, idx[:, None, :, None].expand(b, mask.shape[1], idx.shape[1], mask.shape[-1]))
             allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)[:, 0]
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-        probs = logits.softmax(-1).mean(1)  # [B, R, L]
-        weights = qvalid.to(probs.device, probs.dtype)
+        probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # [B, R, L]
+        weights = qvalid.to(probs.dtype)
         return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
 
     # --- the layer pre-hook -----------------------------------------------------------------
@@ -336,49 +337,47 @@ class LLMPruner:
     # --- running one stage ------------------------------------------------------------------
 
     def _run_stage(self, st: _CallState, stage: Stage, hidden: Tensor, layer: int) -> Tensor:
+        """Select per image, then gather the kept columns (no host reads but the selector's check)."""
         b, length, _ = hidden.shape
+        dev = hidden.device
         if length != st.valid.shape[1]:
             raise RuntimeError(f"{self.source}: layer {layer} got {length} columns, expected {st.valid.shape[1]}")
         keep = st.valid.clone()
         for span in st.spans:
             keep[span.row, span.columns] = False
-        last_hidden = hidden[torch.arange(b, device=hidden.device), _last_valid(st.valid).to(hidden.device)].float()
+        last_hidden = hidden[torch.arange(b, device=dev), _last_valid(st.valid).to(dev)].float()
         cache: dict[str, Tensor] = {}
 
         def attention(query: str = "last") -> Tensor:
             if "query" not in st.captured:
                 raise RuntimeError(f"{self.source}: no attention was captured at layer {layer - 1}")
             if query not in cache:
-                cache[query] = self._attention_paid(st.valid, query)
+                cache[query] = self._attention_paid(query)
             return cache[query]
-
-        instr = _instruction_columns(st.valid, st.spans, _last_valid(st.valid))
 
         def text_fields(rows: Tensor) -> tuple[Tensor, Tensor]:
             """Instruction tokens' hidden states ``[G, T, D]`` and key L1 norms ``[G, T]`` (-inf: padding)."""
-            sub = instr[rows.to(instr.device)]
-            width = max(1, int(sub.sum(1).max()))
-            order = torch.sort(sub.int(), dim=1, descending=True, stable=True).indices[:, :width]
-            ok = torch.arange(width, device=sub.device) < sub.sum(1, keepdim=True)
-            r = rows.to(hidden.device)[:, None]
-            text_hidden = hidden[r, order.to(hidden.device)].float()
+            idx, ok = _query_rows(st, "instruction", dev)
+            idx, ok = idx[rows], ok[rows]
+            text_hidden = hidden[rows[:, None], idx].float()
             if "key" in st.captured:
                 kc = st.captured["key"]
-                norms = kc[r.to(kc.device), :, order.to(kc.device)].flatten(2).float().norm(p=1, dim=-1)
+                norms = kc[rows.to(kc.device)[:, None], :, idx.to(kc.device)].flatten(2).float().norm(p=1, dim=-1)
             else:
-                norms = torch.zeros(ok.shape, device=hidden.device)
+                norms = torch.zeros(ok.shape, device=dev)
             return text_hidden, norms.masked_fill(~ok.to(norms.device), float("-inf"))
 
         groups: dict[int, list[Span]] = {}
         for span in st.spans:
             groups.setdefault(int(span.alive.numel()), []).append(span)
         records: list[ImageSelection] = []
-        replace: list[tuple[int, Tensor, Tensor]] = []  # (row, column, new hidden value)
+        replace: list[tuple[int, Tensor, Tensor]] = []  # (row, columns, new hidden values)
+        dropped = [0] * b  # visual tokens each row loses (host-side: budgets are known there)
         for m, members in groups.items():
             if m == 0:
                 continue
-            rows = torch.tensor([s.row for s in members], device=hidden.device)
-            cols = torch.stack([s.columns for s in members]).to(hidden.device)  # [G, m]
+            rows = torch.tensor([s.row for s in members], device=dev)
+            cols = torch.stack([s.columns for s in members]).to(dev)  # [G, m]
             tokens = hidden[rows[:, None], cols].float()
             keys = None
             if "key" in st.captured:
@@ -390,60 +389,52 @@ class LLMPruner:
                 llm_attention=(lambda query="last", r=rows, c=cols: attention(query)[r[:, None], c]),
                 llm_keys=keys, llm_last_hidden=last_hidden[rows], layer=layer,
                 positions=None if pos is None or not all(s.positions is not None for s in members)
-                else pos[members[0].alive],
-                text=None if st.texts is None else (lambda m=members: [st.texts(s.row) for s in m]),
+                else pos.to(dev)[members[0].alive.to(dev)],
+                text=None if st.texts is None else (lambda g=members: [st.texts(s.row) for s in g]),
                 llm_text_hidden=lambda r=rows: text_fields(r)[0],
                 llm_text_key_norm=lambda r=rows: text_fields(r)[1],
             )
             k = stage.budget_for(m)
-            sel = stage.run(ctx, k=k)
-            kept = sel.kept.to(cols.device)
+            sel = stage.run(ctx, k=k, deferred=st.checks)
+            kept = sel.kept.to(dev)
             for j, span in enumerate(members):
-                new_alive = span.alive[kept[j].to(span.alive.device)]
-                order = span.alive[sel.order[j].to(span.alive.device)]
-                records.append(ImageSelection(row=span.row, image=span.image, kept=new_alive.sort().values.cpu(),
-                                              order=order.cpu(), k=int(kept.shape[1]), n=span.n,
-                                              scores={n: v[j].detach().float().cpu() for n, v in sel.scores.items()}))
+                alive = span.alive.to(dev)
+                new_alive = alive[kept[j]]
+                records.append(ImageSelection(row=span.row, image=span.image, kept=new_alive, order=alive[sel.order[j]],
+                                              k=k, n=span.n, scores={n: v[j].detach() for n, v in sel.scores.items()}))
                 keep[span.row, cols[j, kept[j]]] = True
                 if sel.features is not None:
                     replace.append((span.row, cols[j, kept[j]], sel.features[j]))
-                span.alive = new_alive.sort().values
+                span.alive = new_alive
+                dropped[span.row] += m - k
         if replace:
             hidden = hidden.clone()
             for row, c, value in replace:
                 hidden[row, c] = value.to(hidden.dtype)
-        counts = keep.sum(1)
+        counts = [t - d for t, d in zip(st.row_tokens, dropped)]
         records.sort(key=lambda s: (s.image, s.row))
         records = [r for i, r in enumerate(records) if i == 0 or r.image != records[i - 1].image]  # beam copies
-        st.records.append(StageRecord(layer, records, int(counts.sum()) // st.factor))
-        if bool(keep.eq(st.valid).all()):
+        st.records.append(StageRecord(layer, records, sum(counts) // st.factor))
+        if not any(dropped):
             return hidden  # keep-all: nothing changes
-        new_len = int(counts.max())
-        slot = keep.cumsum(1) - 1 + (new_len - counts).unsqueeze(1)  # left re-pad
-        index = torch.zeros(b, new_len, dtype=torch.long, device=keep.device)
-        valid = torch.zeros(b, new_len, dtype=torch.bool, device=keep.device)
-        r, c = keep.nonzero(as_tuple=True)
-        index[r, slot[r, c]] = c
-        valid[r, slot[r, c]] = True
-        # spans: their new columns
-        where = torch.full_like(keep, -1, dtype=torch.long)
-        where[r, c] = slot[r, c]
+        new_len = max(counts)
+        # kept columns last, in their order (stable sort); what precedes them in a shorter row is padding
+        index = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices[:, length - new_len:]
+        valid = keep.gather(1, index)
+        slot = keep.long().cumsum(1) - 1 + (new_len - keep.sum(1)).unsqueeze(1)  # a kept column's new place
         for span in st.spans:
-            old = span.columns
-            keep_cols = old[keep[span.row, old]]
-            span.columns = where[span.row, keep_cols]
+            span.columns = slot[span.row, span.columns[keep[span.row, span.columns]]]
         st.columns = torch.gather(st.columns, 1, index)
         st.valid = valid
-        uniform = bool(valid.all())
-        region = _Region(layer, valid, uniform, index)
-        if not uniform:
-            causal = torch.ones(new_len, new_len, dtype=torch.bool, device=valid.device).tril()
-            allowed = (causal[None] & valid[:, None, :]) | torch.eye(new_len, dtype=torch.bool,
-                                                                      device=valid.device)[None]
+        st.row_tokens = counts
+        region = _Region(layer, valid, all(c == new_len for c in counts), index)
+        if not region.uniform:
+            causal = torch.ones(new_len, new_len, dtype=torch.bool, device=dev).tril()
+            allowed = (causal[None] & valid[:, None, :]) | torch.eye(new_len, dtype=torch.bool, device=dev)[None]
             region.prefill_mask = self._as_mask(allowed[:, None], hidden.dtype)
         st.regions.append(region)
         st.captured = {}
-        return torch.gather(hidden, 1, index.to(hidden.device)[..., None].expand(b, new_len, hidden.shape[-1]))
+        return torch.gather(hidden, 1, index.to(dev)[..., None].expand(b, new_len, hidden.shape[-1]))
 
 
 def _take(value: Tensor, index: Tensor) -> Tensor:
@@ -468,6 +459,8 @@ def _fit_batch(st: _CallState, b: int) -> None:
         raise InvalidInputError(f"in-LLM stage: the LLM got {b} rows for {have} prompts.")
     factor = b // have
     st.factor *= factor
+    st.row_tokens = [t for t in st.row_tokens for _ in range(factor)]
+    st.instruction = [t for t in st.instruction for _ in range(factor)]
     st.valid = st.valid.repeat_interleave(factor, 0)
     st.columns = st.columns.repeat_interleave(factor, 0)
     st.spans = [Span(image=s.image, row=s.row * factor + j, n=s.n, alive=s.alive.clone(), columns=s.columns.clone(),
@@ -491,6 +484,18 @@ def _last_valid(valid: Tensor) -> Tensor:
     length = valid.shape[1]
     cols = torch.arange(length, device=valid.device).expand_as(valid)
     return torch.where(valid, cols, -1).amax(1).clamp_min(0)
+
+
+def _query_rows(st: _CallState, mode: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(columns [B, R], valid [B, R])`` of each row's query tokens: its last token, or its
+    instruction tokens (the last ``st.instruction[r]`` real columns of the row)."""
+    last = _last_valid(st.valid).to(device)
+    if mode == "last":
+        return last[:, None], torch.ones(last.shape[0], 1, dtype=torch.bool, device=device)
+    width = max(1, max(st.instruction, default=1))
+    back = torch.arange(width - 1, -1, -1, device=device)
+    count = torch.tensor(st.instruction, device=device)
+    return (last[:, None] - back).clamp_min(0), back[None] < count[:, None]
 
 
 def _instruction_columns(valid: Tensor, spans: list[Span], last: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from .interfaces import Merger, Scorer, Selector, Strategy
 from .plugins import get_host
 
 __all__ = ["Selection", "select", "score", "check_tokens", "check_scores", "run_scorer", "run_selector",
-           "run_merger", "make_selector", "make_scorer", "make_merger"]
+           "run_merger", "make_selector", "make_scorer", "make_merger", "DeferredChecks"]
 
 Order = Literal["sorted", "selection"]
 
@@ -133,10 +133,33 @@ def _call(who: str, fn: Any, *args: Any) -> Any:
         raise PluginError(f"{who} raised {type(exc).__name__}: {exc}") from exc
 
 
-def run_scorer(scorer: Scorer, context: PruneContext, *, checked: bool = False) -> Tensor:
+class DeferredChecks:
+    """Value checks of plugin outputs kept on the device and read in one go later (``verify``),
+    so code that must not wait for the device (a stage inside the LLM) still checks them."""
+
+    def __init__(self) -> None:
+        self._checks: list[tuple[Tensor, type[ResPruneError], str]] = []
+
+    def add(self, ok: Tensor, message: str, error: type[ResPruneError] = PluginContractError) -> None:
+        self._checks.append((ok.reshape(()), error, message))
+
+    def verify(self) -> None:
+        """Raise the first failed check's error (one host read for all of them)."""
+        if not self._checks:
+            return
+        flags = torch.stack([ok.to(self._checks[0][0].device) for ok, _, _ in self._checks]).tolist()
+        checks, self._checks = self._checks, []
+        for flag, (_, error, message) in zip(flags, checks):
+            if not flag:
+                raise error(message)
+
+
+def run_scorer(scorer: Scorer, context: PruneContext, *, checked: bool = False,
+               deferred: DeferredChecks | None = None) -> Tensor:
     """Run ``scorer`` and check its output is a finite float ``[B, N]``; name the plugin if not.
 
-    ``checked``: the caller already checked the context has what the scorer requires."""
+    ``checked``: the caller already checked the context has what the scorer requires.
+    ``deferred``: keep the value check on the device (``DeferredChecks.verify`` reads it)."""
     if not checked:
         context.check(scorer.requires, requester=f"scorer '{scorer.name}'")
     who = f"scorer '{scorer.name}' (plugin '{provider(scorer)}')"
@@ -149,16 +172,19 @@ def run_scorer(scorer: Scorer, context: PruneContext, *, checked: bool = False) 
         raise PluginContractError(
             f"{who} returned {got}; a scorer must return a float tensor of shape [B, N] = {(b, n)}.")
     result = result.float()  # checked after the cast: a float64 1e300 becomes inf here
-    if not bool(torch.isfinite(result).all()):
+    if deferred is not None:
+        deferred.add(torch.isfinite(result).all(), f"{who} returned NaN or Inf scores (in float32).")
+    elif not bool(torch.isfinite(result).all()):
         raise PluginContractError(f"{who} returned NaN or Inf scores (in float32).")
     return result
 
 
 def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str, Tensor],
-                 context: PruneContext, *, checked: bool = False) -> Tensor:
+                 context: PruneContext, *, checked: bool = False, deferred: DeferredChecks | None = None) -> Tensor:
     """Run ``selector`` and check it returned ``k`` distinct in-range int64 indices per row.
 
-    ``checked``: the caller already checked the context has what the selector requires."""
+    ``checked``: the caller already checked the context has what the selector requires.
+    ``deferred``: keep the value checks on the device (``DeferredChecks.verify`` reads them)."""
     missing = sorted(selector.required_scores() - set(scores))
     if missing:
         raise InvalidInputError(
@@ -181,6 +207,10 @@ def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str
         ordered = out.sort(dim=-1).values
         low, high = ordered[:, 0].min(), ordered[:, -1].max()
         dupes = (ordered.diff(dim=-1) == 0).any() if k > 1 else torch.zeros((), dtype=torch.bool, device=out.device)
+        if deferred is not None:
+            deferred.add((low >= 0) & (high < n), f"{who} returned indices outside [0, {n}).")
+            deferred.add(~dupes, f"{who} returned duplicate indices; the {k} picks must be distinct.")
+            return out
         low, high, dupes = torch.stack([low, high, dupes.long()]).tolist()
         if low < 0 or high >= n:
             raise PluginContractError(f"{who} returned indices outside [0, {n}).")
@@ -190,9 +220,10 @@ def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str
 
 
 def run_merger(merger: Merger, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],
-               context: PruneContext) -> tuple[Tensor, Tensor]:
+               context: PruneContext, *, deferred: DeferredChecks | None = None) -> tuple[Tensor, Tensor]:
     """Run ``merger`` and check it returned ``k = kept + slots`` distinct ascending indices that
-    include every kept one, and finite float features ``[B, k, d]``."""
+    include every kept one, and finite float features ``[B, k, d]`` (``deferred``: as in
+    ``run_selector``)."""
     b, n, d = tokens.shape
     k = kept.shape[1] + slots
     who = f"merger '{merger.name}' (plugin '{provider(merger)}')"
@@ -213,13 +244,16 @@ def run_merger(merger: Merger, tokens: Tensor, kept: Tensor, slots: int, scores:
         inside = (indices[:, 0] >= 0).all() & (indices[:, -1] < n).all()
         has_kept = torch.zeros(b, n, dtype=torch.bool, device=indices.device).scatter_(1, indices, True)
         covers = has_kept.gather(1, kept.to(indices.device)).all()
-        ok, inside, covers = torch.stack([ok, inside, covers]).tolist()
-        if not inside or not ok:
-            raise PluginContractError(f"{who} returned indices that are not distinct, ascending and in [0, {n}).")
-        if not covers:
-            raise PluginContractError(f"{who} dropped a token the selector kept; the indices must include `kept`.")
+        checks = DeferredChecks() if deferred is None else deferred
+        checks.add(inside & ok, f"{who} returned indices that are not distinct, ascending and in [0, {n}).")
+        checks.add(covers, f"{who} dropped a token the selector kept; the indices must include `kept`.")
+        if deferred is None:
+            checks.verify()
     features = features.float()
-    if not bool(torch.isfinite(features).all()):
+    finite = torch.isfinite(features).all()
+    if deferred is not None:
+        deferred.add(finite, f"{who} returned NaN or Inf features.")
+    elif not bool(finite):
         raise PluginContractError(f"{who} returned NaN or Inf features.")
     return indices, features
 

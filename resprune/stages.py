@@ -22,8 +22,8 @@ from .budget import Budget, check_budget, resolve_budget
 from .context import PruneContext
 from .errors import ConfigError
 from .interfaces import Merger, Scorer, Selector
-from .selection import Selection, check_scores, make_merger, make_scorer, make_selector, run_merger, run_scorer, \
-    run_selector
+from .selection import DeferredChecks, Selection, check_scores, make_merger, make_scorer, make_selector, \
+    run_merger, run_scorer, run_selector
 
 __all__ = ["Stage"]
 
@@ -90,15 +90,18 @@ class Stage:
         return resolve_budget(self.budget, n)
 
     def run(self, context: PruneContext, *, scores: Mapping[str, Tensor] | None = None,
-            k: int | None = None) -> Selection:
-        """Score, select (and merge) the batch of ``context`` (tokens ``[B, N, d]``)."""
+            k: int | None = None, deferred: DeferredChecks | None = None) -> Selection:
+        """Score, select (and merge) the batch of ``context`` (tokens ``[B, N, d]``).
+
+        ``deferred``: keep the checks of the plugins' output values on the device (stages
+        inside the LLM read them after the forward pass)."""
         for requester, needs in self._requirements:  # all of it up front, before any scorer runs
             context.check(needs, requester=f"{requester} ({self.where} stage)")
         tokens = context.tokens
         b, n = tokens.shape[:2]
         computed = check_scores(scores, b, n)
         for name, scorer in self.scorers:
-            computed[name] = run_scorer(scorer, context, checked=True)
+            computed[name] = run_scorer(scorer, context, checked=True, deferred=deferred)
         k = self.budget_for(n) if k is None else min(int(k), n)
         slots = 0
         if self.merger is not None and k < n:
@@ -106,11 +109,11 @@ class Stage:
             if not 0 <= slots < k:
                 raise ConfigError(f"merger '{self.merger.name}' asked for {slots} of {k} tokens; a merger makes "
                                   f"0 to k-1 of them (the selector needs at least one).")
-        order = run_selector(self.selector, tokens, k - slots, computed, context, checked=True)
+        order = run_selector(self.selector, tokens, k - slots, computed, context, checked=True, deferred=deferred)
         kept = order.sort(dim=-1).values
         if self.merger is None or k >= n:
             return Selection(kept=kept, order=order, k=k, n=n, scores=computed)
-        indices, features = run_merger(self.merger, tokens, kept, slots, computed, context)
+        indices, features = run_merger(self.merger, tokens, kept, slots, computed, context, deferred=deferred)
         merged = _added(indices, kept)  # the carriers of merged tokens come after the picks, in order
         return Selection(kept=indices, order=torch.cat([order, merged], dim=1), k=k, n=n, scores=computed,
                          features=features)

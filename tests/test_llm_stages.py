@@ -13,6 +13,7 @@ import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import resprune
 from resprune.stages import Stage
@@ -305,3 +306,82 @@ def test_text_embedder_inside_the_llm_is_refused_at_attach():
     stage = Stage(topk, budget=4, layer=2, scorers=["text_relevance"])
     with pytest.raises(resprune.MissingContextError, match="layer 2 stage.*word-embedding"):
         resprune.Pipeline(None, budget=4, stages=[stage]).attach(model, proc)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts what makes the host wait for the device: scalar reads, nonzero, tolist."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero", "item"):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _llm_host_reads(model, run) -> tuple[list[str], int]:
+    """Host reads (scalar reads, nonzero) and ``tolist`` calls made inside the language model's
+    forward passes while ``run()`` runs."""
+    lm = model.model.language_model
+    mode = _HostReads()
+    lists: list[int] = []
+    original = torch.Tensor.tolist
+
+    def counting(self):
+        lists.append(1)
+        return original(self)
+
+    def enter(*_):
+        mode.__enter__()
+        torch.Tensor.tolist = counting
+
+    def leave(*_):
+        torch.Tensor.tolist = original
+        mode.__exit__(None, None, None)
+
+    hooks = [lm.register_forward_pre_hook(enter), lm.register_forward_hook(leave)]
+    try:
+        run()
+    finally:
+        torch.Tensor.tolist = original
+        for h in hooks:
+            h.remove()
+    return mode.reads, len(lists)
+
+
+@pytest.mark.parametrize("config", ["fastv", "pdrop", "dart"])
+def test_stages_inside_the_llm_add_no_host_reads_to_the_forward(config):
+    """The language model's forwards (prefill and decode) read back exactly what the unpruned
+    model's own mask code reads: budgets are host-side, shapes follow from them, and the
+    plugins' output checks are read once after the call."""
+    model, proc = deep_model("llava", layers=26)
+    inputs = inputs_for("llava", 2)
+    with torch.no_grad():
+        baseline = _llm_host_reads(model, lambda: model.generate(**inputs, max_new_tokens=3))
+    with resprune.load_pipeline(config, budget=8).attach(model, proc) as attached, torch.no_grad():
+        pruned = _llm_host_reads(model, lambda: model.generate(**inputs, max_new_tokens=3))
+    assert len(attached.last.stages) == len(resprune.load_pipeline(config).llm_stages)
+    assert pruned == baseline
+
+
+def test_a_bad_plugin_inside_the_llm_is_named_after_the_call():
+    from resprune.interfaces import Scorer
+
+    class Broken(Scorer):
+        name = "broken_attention"
+        output = "broken"
+        requires = frozenset({"llm_attention"})
+
+        def score(self, context):
+            return context.get("llm_attention")("last") * float("nan")
+
+    model, proc = deep_model("llava")
+    inputs = inputs_for("llava", 1)
+    topk = resprune.get_host().selectors.get("topk")({"score": "broken"})
+    pipe = resprune.Pipeline(None, budget=4, stages=[Stage(topk, budget=4, layer=2, scorers=[Broken()])])
+    with pipe.attach(model, proc), torch.no_grad():
+        with pytest.raises(resprune.PluginContractError, match="broken_attention.*NaN"):
+            model(**inputs)
