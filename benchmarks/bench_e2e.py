@@ -10,10 +10,15 @@ For each backbone, batch size and budget it times three runs of the same model o
 prompts (a bundled photo and its sample question per row):
 
 - ``full``: the unpruned model;
-- ``pruned``: the shipped ResPrune pipeline attached (vision tower + selection + LLM);
-- ``oracle``: the vision tower, then the LLM fed the same kept tokens, precomputed: what
-  pruning costs with zero selection work. ``pruned / oracle`` is the selection overhead.
+- ``pruned``: a shipped pipeline attached (vision tower + selection + LLM): ResPrune and the
+  methods the paper compares against (``--methods``: VisionZip before the LLM; FastV,
+  PyramidDrop and DART inside it);
+- ``oracle``: what pruning costs with zero selection work. Before the LLM: the vision tower,
+  then the LLM fed the same kept tokens, precomputed. Inside the LLM: the same stages (layers
+  and budgets) picking ``uniform`` tokens, so nothing is scored or captured at layer K-1.
+  ``pruned / oracle`` is the selection overhead.
 
+Tiny models get a 32-layer LLM (``--tiny-layers``) so every stage's layer exists.
 ``--size 7b`` builds the models from the real LLaVA-1.5-7B, LLaVA-NeXT-7B and Qwen2.5-VL-7B
 sizes (vision towers, projectors and LLMs) with random weights, in bf16: their cost is the
 real cost. Nothing is downloaded. Columns: prefill ms (median), generate tokens/s for
@@ -38,6 +43,7 @@ from resprune.costs import kv_cache_bytes, llm_dims, prefill_flops
 from resprune.data import sample_questions
 from resprune.demo import DEFAULT_CONFIGS
 from resprune.models import chat_inputs
+from resprune.stages import Stage
 from resprune.tiny import tiny_lvlm
 
 from common import device_name, emit, sync, timed
@@ -73,10 +79,28 @@ IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 896}
 BUDGETS = {"llava": [64, 192], "llava_next": [320, 960], "qwen2_5_vl": [0.1111, 0.3333]}
 """The paper's 88.9 % and 66.7 % pruning levels per backbone."""
 
+METHODS = ("resprune", "visionzip", "fastv", "pdrop", "dart")
+
+
+def method_config(method: str, model_type: str) -> str:
+    """The shipped config of ``method`` for ``model_type``."""
+    if method == "resprune":
+        return DEFAULT_CONFIGS[model_type]
+    if method == "visionzip" and model_type == "qwen2_5_vl":
+        return "visionzip-qwen2.5-vl"  # no CLS token in Qwen2.5-VL's tower
+    return method
+
+
+def uniform_stages(pipe: Any) -> Any:
+    """The in-LLM oracle: ``pipe``'s stages (layers, budgets) with ``uniform`` picks and no scorers."""
+    stages = [Stage("uniform", budget=s.budget, layer=s.layer) for s in pipe.llm_stages]
+    return resprune.Pipeline(None, budget=pipe.budget, stages=stages)
+
 
 @dataclass
 class Row:
     backbone: str
+    method: str
     batch: int
     budget: Any
     variant: str
@@ -89,9 +113,9 @@ class Row:
     tflops: float
 
 
-def build(model_type: str, size: str, device: torch.device) -> tuple[Any, Any]:
+def build(model_type: str, size: str, device: torch.device, tiny_layers: int = 32) -> tuple[Any, Any]:
     """A tiny model (real token counts) or a random-weight full-size one, and its processor."""
-    model, processor = tiny_lvlm(model_type, image_size=IMAGE_SIZE[model_type])
+    model, processor = tiny_lvlm(model_type, image_size=IMAGE_SIZE[model_type], text_layers=tiny_layers)
     if size == "tiny":
         return model.to(device), processor
     cfg = full_size_config(model.config, model_type)
@@ -154,7 +178,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     device = torch.device(args.device)
     rows: list[Row] = []
     for model_type in args.backbones:
-        model, processor = build(model_type, args.size, device)
+        model, processor = build(model_type, args.size, device, args.tiny_layers)
         dims = llm_dims(model.config)
         value_bytes = 2 if args.size == "7b" else 4
         gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
@@ -166,40 +190,60 @@ def run(args: argparse.Namespace) -> list[Row]:
             t_full = int(inputs["attention_mask"].sum())
             p, tps, peak = measure(model, lambda: model(**inputs), lambda: model.generate(**inputs, **gen_kw),
                                    t_full, batch, args.new_tokens, device, args.repeats)
-            rows.append(Row(model_type, batch, "-", "full", "all", t_full, p, tps, peak,
+            rows.append(Row(model_type, "-", batch, "-", "full", "all", t_full, p, tps, peak,
                             kv_cache_bytes(dims, t_full, value_bytes) / 2**20, prefill_flops(dims, t_full) / 1e12))
-            for budget in (args.budgets or BUDGETS[model_type]):
-                pipe = resprune.load_pipeline(DEFAULT_CONFIGS[model_type], budget=budget)
-                with pipe.attach(model, processor) as attached, torch.no_grad():
-                    batch_in = attached.prune(inputs, "forward")
-                    batch_gen = attached.prune(inputs, "generate")
-                    kept = ", ".join(sorted({f"{s.k}/{s.n}" for s in attached.selections}))
-                    t_pruned = int(batch_in.attention_mask.sum())
-                    p, tps, peak = measure(model, lambda: model(**inputs), lambda: model.generate(**inputs, **gen_kw),
-                                           t_pruned, batch, args.new_tokens, device, args.repeats)
-                    oracle_kwargs = attached.injector.model_kwargs({}, batch_in)
-                    oracle_gen_kwargs = attached.injector.model_kwargs({}, batch_gen)
-                    encode = attached.injector.encode
-                rows.append(Row(model_type, batch, budget, "pruned", kept, t_pruned, p, tps, peak,
-                                kv_cache_bytes(dims, t_pruned, value_bytes) / 2**20,
-                                prefill_flops(dims, t_pruned) / 1e12))
-
-                def oracle() -> Any:
-                    encode(model, inputs, frozenset())  # the vision tower still runs; no selection
-                    return model(**oracle_kwargs)
-
-                def oracle_gen() -> Any:
-                    encode(model, inputs, frozenset())
-                    return model.generate(input_ids=batch_gen.input_ids, **oracle_gen_kwargs, **gen_kw)
-
-                p, tps, peak = measure(model, oracle, oracle_gen, t_pruned, batch, args.new_tokens, device,
-                                       args.repeats)
-                rows.append(Row(model_type, batch, budget, "oracle", kept, t_pruned, p, tps, peak,
-                                kv_cache_bytes(dims, t_pruned, value_bytes) / 2**20,
-                                prefill_flops(dims, t_pruned) / 1e12))
+            for method in args.methods:
+                budgets = args.budgets or BUDGETS[model_type]
+                if method != "resprune" and getattr(args, "other_budgets", None) is not None:
+                    budgets = budgets[: args.other_budgets]
+                for budget in budgets:
+                    pipe = resprune.load_pipeline(method_config(method, model_type), budget=budget)
+                    rows += measure_method(model, processor, pipe, method, inputs, batch, budget, dims, value_bytes,
+                                           gen_kw, device, args)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def measure_method(model: Any, processor: Any, pipe: Any, method: str, inputs: Any, batch: int, budget: Any,
+                   dims: Any, value_bytes: int, gen_kw: dict[str, Any], device: torch.device,
+                   args: argparse.Namespace) -> list[Row]:
+    """The ``pruned`` and ``oracle`` rows of one method at one budget."""
+    rows = []
+    with pipe.attach(model, processor) as attached, torch.no_grad():
+        p, tps, peak = measure(model, lambda: model(**inputs), lambda: model.generate(**inputs, **gen_kw),
+                               0, batch, args.new_tokens, device, args.repeats)
+        model(**inputs)  # the last call's records: kept tokens and the token schedule of a prefill
+        last = attached.last
+        schedule = last.token_schedule
+        stages = last.stages
+        kept = ", ".join(sorted({f"{s.k}/{s.n}" for s in (stages[-1].selections if stages else last.selections)}))
+        batch_gen = attached.prune(inputs, "generate")
+        oracle_kwargs = attached.injector.model_kwargs({}, last)
+        oracle_gen_kwargs = attached.injector.model_kwargs({}, batch_gen)
+        encode = attached.injector.encode
+    t_pruned = schedule[-1][1]
+    rows.append(Row(model.config.model_type, method, batch, budget, "pruned", kept, t_pruned, p, tps, peak,
+                    kv_cache_bytes(dims, schedule, value_bytes) / 2**20, prefill_flops(dims, schedule) / 1e12))
+    if pipe.llm_stages:
+        if pipe.input_stage is not None:
+            return rows  # no oracle for a mixed pipeline
+        with uniform_stages(pipe).attach(model, processor), torch.no_grad():
+            p, tps, peak = measure(model, lambda: model(**inputs), lambda: model.generate(**inputs, **gen_kw),
+                                   0, batch, args.new_tokens, device, args.repeats)
+    else:
+        def oracle() -> Any:
+            encode(model, inputs, frozenset())  # the vision tower still runs; no selection
+            return model(**oracle_kwargs)
+
+        def oracle_gen() -> Any:
+            encode(model, inputs, frozenset())
+            return model.generate(input_ids=batch_gen.input_ids, **oracle_gen_kwargs, **gen_kw)
+
+        p, tps, peak = measure(model, oracle, oracle_gen, 0, batch, args.new_tokens, device, args.repeats)
+    rows.append(Row(model.config.model_type, method, batch, budget, "oracle", kept, t_pruned, p, tps, peak,
+                    kv_cache_bytes(dims, schedule, value_bytes) / 2**20, prefill_flops(dims, schedule) / 1e12))
     return rows
 
 
@@ -210,24 +254,24 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
         f"End to end, {args.size} models ({dtype}), {device_name(device)}, torch {torch.__version__}; "
         f"generate = {args.new_tokens} new tokens per row; KV cache and TFLOPs (Eq. 18) from the real token counts.",
         "",
-        "| backbone | B | budget | run | kept/N per image | prompt tokens | prefill ms | vs full | vs oracle "
-        "| gen tok/s | peak MiB | KV MiB | prefill TFLOPs |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backbone | method | B | budget | run | kept/N per image | prompt tokens (last layer) | prefill ms | vs full "
+        "| vs oracle | gen tok/s | peak MiB | KV MiB | prefill TFLOPs |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     full: dict[tuple[str, int], Row] = {}
-    oracle: dict[tuple[str, int, Any], Row] = {}
+    oracle: dict[tuple[str, str, int, Any], Row] = {}
     for r in rows:
         if r.variant == "full":
             full[(r.backbone, r.batch)] = r
         if r.variant == "oracle":
-            oracle[(r.backbone, r.batch, r.budget)] = r
+            oracle[(r.backbone, r.method, r.batch, r.budget)] = r
     for r in rows:
         f = full[(r.backbone, r.batch)]
-        o = oracle.get((r.backbone, r.batch, r.budget))
+        o = oracle.get((r.backbone, r.method, r.batch, r.budget))
         vs_oracle = f"{r.prefill_ms / o.prefill_ms:.2f}x" if (o is not None and r.variant == "pruned") else ""
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
         lines.append(
-            f"| {r.backbone} | {r.batch} | {r.budget} | {r.variant} | {r.kept} | {r.prompt_tokens} | "
+            f"| {r.backbone} | {r.method} | {r.batch} | {r.budget} | {r.variant} | {r.kept} | {r.prompt_tokens} | "
             f"{r.prefill_ms:.1f} | {r.prefill_ms / f.prefill_ms:.2f}x | {vs_oracle} | {r.tokens_per_s:.1f} | {peak} | "
             f"{r.kv_mib:.1f} | {r.tflops:.3g} |")
     return "\n".join(lines)
@@ -240,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", nargs="+", default=list(FULL_SIZE), choices=list(FULL_SIZE))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--budgets", nargs="+", type=float, default=None, help="override the per-backbone budgets")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--tiny-layers", type=int, default=32, help="decoder layers of the tiny models' LLM")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="batch 1, 4 new tokens, 1 repeat, one budget")

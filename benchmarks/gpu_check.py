@@ -9,7 +9,9 @@ runs this)::
 Prints (1) selection times (``resprune.select``, float32 tokens, median of CUDA-synchronised
 runs after a warm-up) beside the naive torch loop and one Gram GEMM, with the agreement of
 the GPU's picks with the CPU float32 reference; (2) the end-to-end table of
-``bench_e2e.py --size 7b`` for the three backbones at batch 1 and 16; (3) each target with
+``bench_e2e.py --size 7b`` for the three backbones at batch 1 and 16 (ResPrune at both
+budgets; VisionZip, FastV, PyramidDrop and DART at the first), with the cost of in-LLM
+scoring beside one layer's attention (``bench_llm_stages.py``); (3) each target with
 PASS or FAIL. Writes ``gpu-check.md`` (and the raw numbers as ``gpu-check.json``) to
 ``--out``. The exit status is 0 whatever the targets say: the table is the result.
 """
@@ -32,6 +34,7 @@ from resprune.testing.reference import residual_energies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402
+import bench_llm_stages  # noqa: E402
 from bench_selection import Case, make_tokens, naive_residual_select, word_embedder  # noqa: E402
 from common import device_name, timed  # noqa: E402
 
@@ -122,7 +125,9 @@ def selection_table(rows: list[dict[str, Any]], device: torch.device) -> str:
 def end_to_end(smoke: bool, device: torch.device) -> tuple[list[Any], argparse.Namespace]:
     args = argparse.Namespace(size="tiny" if smoke else "7b", device=str(device), backbones=list(bench_e2e.FULL_SIZE),
                               batches=[1] if smoke else [1, 16], budgets=[0.1111] if smoke else None,
-                              new_tokens=4 if smoke else 16, repeats=1 if smoke else 3)
+                              new_tokens=4 if smoke else 16, repeats=1 if smoke else 3,
+                              methods=["resprune", "fastv"] if smoke else list(bench_e2e.METHODS),
+                              other_budgets=1, tiny_layers=4 if smoke else 32)
     start = time.perf_counter()
     rows = bench_e2e.run(args)
     print(f"  end to end: {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -141,10 +146,10 @@ def targets(sel_rows: list[dict[str, Any]], e2e_rows: list[Any]) -> list[tuple[s
         out.append((f"picks equal the CPU float32 reference up to ties, {r['case']}", r["agreement"],
                     "DIFFERENT" not in r["agreement"]))
     full = {(r.backbone, r.batch): r for r in e2e_rows if r.variant == "full"}
-    oracle = {(r.backbone, r.batch, r.budget): r for r in e2e_rows if r.variant == "oracle"}
+    oracle = {(r.backbone, r.method, r.batch, r.budget): r for r in e2e_rows if r.variant == "oracle"}
     for r in (r for r in e2e_rows if r.variant == "pruned"):
-        f, o = full[(r.backbone, r.batch)], oracle[(r.backbone, r.batch, r.budget)]
-        where = f"{r.backbone}, B={r.batch}, budget {r.budget}"
+        f, o = full[(r.backbone, r.batch)], oracle[(r.backbone, r.method, r.batch, r.budget)]
+        where = f"{r.backbone} {r.method}, B={r.batch}, budget {r.budget}"
         out.append((f"pruned never slower than full, {where}", f"{r.prefill_ms / f.prefill_ms:.2f}x",
                     r.prefill_ms <= f.prefill_ms))
         out.append((f"pruned / oracle prefill <= 1.05, {where}", f"{r.prefill_ms / o.prefill_ms:.2f}x",
@@ -171,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     e2e_rows, e2e_args = ([], None) if args.no_e2e else end_to_end(args.smoke, device)
     checks = targets(sel_rows, e2e_rows)
     parts = [selection_table(sel_rows, device)]
+    parts.append(bench_llm_stages.run(argparse.Namespace(
+        device=str(device), dtype="float32" if device.type == "cpu" else "bfloat16", batch=1,
+        heads=8 if args.smoke else 32, kv_heads=4 if args.smoke else 32, head_dim=128, instruction=40,
+        lengths=[256] if args.smoke else [640, 1360, 2944], repeats=repeats, eager_max=4096)))
     if e2e_rows:
         parts.append(bench_e2e.markdown(e2e_rows, e2e_args))
     passed = sum(ok for *_, ok in checks)

@@ -125,7 +125,7 @@ def _config_image_args(p: argparse.ArgumentParser, *, prompt: str | None) -> Non
 
 def _model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> None:
     p.add_argument("--model", default=default_model, required=default_model is None,
-                   help="hub id, local checkpoint folder, or tiny:llava | tiny:llava_next | tiny:qwen2_5_vl "
+                   help="hub id, local checkpoint folder, or tiny:llava | tiny:llava_next | tiny:qwen2_5_vl[:LAYERS] "
                         "(a random tiny model built offline)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
 

@@ -27,7 +27,7 @@ from .pipeline import load_pipeline
 from .prompts import tokenizer_of
 from .selection import select
 from .timing import median_ms
-from .visualize import overlay_selection
+from .visualize import overlay_selection, overlay_stages
 
 __all__ = ["DEFAULT_CONFIGS", "pixel_tokens", "compare_selectors", "run_demo"]
 
@@ -131,22 +131,26 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
 
     prompt_len = inputs["input_ids"].shape[1]
     t_full = int(inputs["attention_mask"].sum())
-    t_pruned = int(batch.attention_mask.sum())
+    t_pruned = batch.token_schedule if batch.stages else int(batch.attention_mask.sum())
+    t_last = batch.token_schedule[-1][1]
     dims = llm_dims(lvlm.config)
-    for i, sel in enumerate(selections):
-        print_fn(f"image {i}: kept {sel.k} of {sel.n} visual tokens ({100 * (1 - sel.k / sel.n):.1f}% pruned); "
-                 f"first picks {sel.order[:8].tolist()}")
+    stages = attached.kept_by_stage()
+    for where, sels in stages:
+        for i, sel in enumerate(sels):
+            print_fn(f"{where} stage, image {i}: kept {sel.k} of {sel.n} visual tokens "
+                     f"({100 * (1 - sel.k / sel.n):.1f}% pruned); first picks {sel.order[:8].tolist()}")
     if selections[0].text:
         print_fn(f"instruction seen by the text scorers: {selections[0].text!r}")
     rows = [
-        ("prompt tokens (visual + text)", f"{t_full}", f"{t_pruned}", f"{t_pruned / t_full:.2f}x"),
+        ("prompt tokens (visual + text, last layer)", f"{t_full}", f"{t_last}", f"{t_last / t_full:.2f}x"),
         ("prefill FLOPs, this model (Eq. 18)", _si(prefill_flops(dims, t_full)), _si(prefill_flops(dims, t_pruned)),
          f"-{100 * (1 - prefill_flops(dims, t_pruned) / prefill_flops(dims, t_full)):.1f}%"),
         ("prefill FLOPs at 7B size (Vicuna-7B)", _si(prefill_flops(VICUNA_7B, t_full)),
          _si(prefill_flops(VICUNA_7B, t_pruned)),
          f"-{100 * (1 - prefill_flops(VICUNA_7B, t_pruned) / prefill_flops(VICUNA_7B, t_full)):.1f}%"),
         ("KV cache at 7B size (bf16)", f"{kv_cache_bytes(VICUNA_7B, t_full) / 2**20:.1f} MiB",
-         f"{kv_cache_bytes(VICUNA_7B, t_pruned) / 2**20:.1f} MiB", f"{t_pruned / t_full:.2f}x"),
+         f"{kv_cache_bytes(VICUNA_7B, t_pruned) / 2**20:.1f} MiB",
+         f"{kv_cache_bytes(VICUNA_7B, t_pruned) / kv_cache_bytes(VICUNA_7B, t_full):.2f}x"),
         ("prefill ms (vision + selection + LLM)", f"{full_ms:.1f}", f"{pruned_ms:.1f}", f"{pruned_ms / full_ms:.2f}x"),
     ]
     print_fn("")
@@ -162,8 +166,12 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
     print_fn(f"answer, pruned: {decode(pruned_answer)!r}")
 
     out = Path(out)
-    overlay_selection(image, selections[0], processor=processor, path=out)
-    print_fn(f"\noverlay of the kept tokens (dropped ones dimmed): {out.resolve()}")
+    if len(stages) > 1 or batch.stages:
+        overlay_stages(image, [(where, sels[0]) for where, sels in stages], processor=processor, path=out)
+        print_fn(f"\noverlay of the tokens each stage kept (dropped ones dimmed): {out.resolve()}")
+    else:
+        overlay_selection(image, selections[0], processor=processor, path=out)
+        print_fn(f"\noverlay of the kept tokens (dropped ones dimmed): {out.resolve()}")
 
     geometry = selections[0].geometry
     with torch.no_grad():
@@ -176,7 +184,7 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
     for r in comparison:
         print_fn(f"{r['selector']:<16} {100 * r['residual']:>11.2f} {r['vs_svd']:>14.2f} {r['ms']:>10.2f}")
     print_fn("residual %: energy of all tokens outside the span of the kept ones (Eq. 8), lower is better.")
-    return {"selections": selections, "tokens_full": t_full, "tokens_pruned": t_pruned,
+    return {"selections": selections, "stages": batch.stages, "tokens_full": t_full, "tokens_pruned": t_last,
             "flops_full": prefill_flops(dims, t_full), "flops_pruned": prefill_flops(dims, t_pruned),
             "prefill_ms_full": full_ms, "prefill_ms_pruned": pruned_ms, "overlay": out.resolve(),
             "comparison": comparison}

@@ -189,6 +189,14 @@ class Attached:
                 _attached.pop(self.model, None)
                 self._active = False
 
+    def kept_by_stage(self) -> list[tuple[str, list[ImageSelection]]]:
+        """``(where, selections per image)`` of each stage in the most recent call: ``"input"``,
+        then ``"layer K"`` for the stages inside the LLM that ran (``[]`` before any call)."""
+        if self.last is None:
+            return []
+        out = [("input", self.last.selections)] if self.pipeline.input_stage is not None else []
+        return out + [(f"layer {record.layer}", record.selections) for record in self.last.stages]
+
     def _remove_llm(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
@@ -265,7 +273,7 @@ class Attached:
             return original(**kwargs)
         spans = [Span(image=sel.image, row=sel.row, n=sel.n, alive=sel.kept.clone(),
                       columns=batch.image_columns[i].clone(),
-                      positions=None if sel.geometry is None else sel.geometry.positions)
+                      positions=None if sel.geometry is None else sel.geometry.positions, geometry=sel.geometry)
                  for i, sel in enumerate(batch.selections)]
         self._llm.arm(spans, batch.attention_mask, batch.row_text)
         try:

@@ -38,7 +38,7 @@ from .selection import DeferredChecks
 if TYPE_CHECKING:
     from .stages import Stage
 
-__all__ = ["LLMPruner", "LLM_FIELDS", "Span", "StageRecord", "text_model_of"]
+__all__ = ["LLMPruner", "LLM_FIELDS", "Span", "StageRecord", "attention_rows", "text_model_of"]
 
 LLM_FIELDS: dict[str, str] = {
     "tokens": "hidden states entering decoder layer K, float32 [B, N, D]",
@@ -114,6 +114,7 @@ class Span:
     alive: Tensor  # int64 [m] original token indices still in the sequence
     columns: Tensor  # int64 [m] their columns in the current sequence
     positions: Tensor | None = None  # [n, 2] grid positions of all n tokens
+    geometry: Any = None  # the image's EncodedImage without features (for pictures)
 
 
 @dataclass
@@ -252,20 +253,8 @@ class LLMPruner:
         """Head-mean attention ``[B, L]`` that the ``query_mode`` rows pay to every key column."""
         st = self.state
         cap = st.captured
-        q, k, mask = cap["query"], cap["key"], cap["mask"]
-        b, heads, length, _ = q.shape
-        idx, qvalid = _query_rows(st, query_mode, q.device)  # [B, R]
-        qsel = torch.gather(q, 2, idx[:, None, :, None].expand(b, heads, idx.shape[1], q.shape[-1]))
-        kk = k.repeat_interleave(cap["groups"], dim=1) if cap["groups"] > 1 else k
-        logits = torch.matmul(qsel, kk.transpose(2, 3)).float() * cap["scaling"]  # [B, H, R, L]
-        cols = torch.arange(length, device=q.device)
-        allowed = (cols[None, None, :] <= idx[:, :, None]) & st.valid[:, None, :].to(q.device)  # causal + padding
-        if mask is not None:
-            m = torch.gather(mask, 2, idx[:, None, :, None].expand(b, mask.shape[1], idx.shape[1], mask.shape[-1]))
-            allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)[:, 0]
-        probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # [B, R, L]
-        weights = qvalid.to(probs.dtype)
-        return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+        rows, rows_valid = _query_rows(st, query_mode, cap["query"].device)
+        return attention_rows(cap["query"], cap["key"], cap["mask"], st.valid, rows, rows_valid, cap["scaling"])
 
     # --- the layer pre-hook -----------------------------------------------------------------
 
@@ -401,7 +390,8 @@ class LLMPruner:
                 alive = span.alive.to(dev)
                 new_alive = alive[kept[j]]
                 records.append(ImageSelection(row=span.row, image=span.image, kept=new_alive, order=alive[sel.order[j]],
-                                              k=k, n=span.n, scores={n: v[j].detach() for n, v in sel.scores.items()}))
+                                              k=k, n=span.n, scores={n: v[j].detach() for n, v in sel.scores.items()},
+                                              geometry=span.geometry))
                 keep[span.row, cols[j, kept[j]]] = True
                 if sel.features is not None:
                     replace.append((span.row, cols[j, kept[j]], sel.features[j]))
@@ -464,7 +454,7 @@ def _fit_batch(st: _CallState, b: int) -> None:
     st.valid = st.valid.repeat_interleave(factor, 0)
     st.columns = st.columns.repeat_interleave(factor, 0)
     st.spans = [Span(image=s.image, row=s.row * factor + j, n=s.n, alive=s.alive.clone(), columns=s.columns.clone(),
-                     positions=s.positions) for s in st.spans for j in range(factor)]
+                     positions=s.positions, geometry=s.geometry) for s in st.spans for j in range(factor)]
     if st.texts is not None:
         texts = st.texts
         st.texts = lambda row: texts(row // factor)
@@ -484,6 +474,38 @@ def _last_valid(valid: Tensor) -> Tensor:
     length = valid.shape[1]
     cols = torch.arange(length, device=valid.device).expand_as(valid)
     return torch.where(valid, cols, -1).amax(1).clamp_min(0)
+
+
+def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, valid: Tensor, rows: Tensor, rows_valid: Tensor,
+                   scaling: float) -> Tensor:
+    """The attention that some query rows pay to every key, averaged over heads and rows.
+
+    Args:
+        query: ``[B, H, L, hd]`` one layer's queries (after RoPE); key: ``[B, Hkv, L, hd]``.
+        mask: that layer's 4-D mask (bool or additive), or ``None`` for plain causal.
+        valid: bool ``[B, L]`` the real (non-padding) key columns.
+        rows: int64 ``[B, R]`` the query rows; rows_valid: bool ``[B, R]`` which of them count.
+        scaling: the layer's softmax scale.
+
+    Returns:
+        float32 ``[B, L]``: ``mean_r mean_h softmax(q_r k^T * scaling + mask_r)``, the rows
+        of the attention matrix that eager attention would return, for ``R`` rows only.
+    """
+    b, heads, length, dim = query.shape
+    kv_heads, r = key.shape[1], rows.shape[1]
+    qsel = torch.gather(query, 2, rows[:, None, :, None].expand(b, heads, r, dim))
+    # grouped-query attention: head h reads kv head h // groups; fold the groups into the rows
+    # instead of repeating the keys (no copy of the keys)
+    qsel = qsel.reshape(b, kv_heads, heads // kv_heads * r, dim)
+    logits = torch.matmul(qsel, key.transpose(2, 3)).view(b, heads, r, -1).float() * scaling  # [B, H, R, L]
+    cols = torch.arange(length, device=query.device)
+    allowed = (cols[None, None, :] <= rows[:, :, None]) & valid[:, None, :].to(query.device)  # causal + padding
+    if mask is not None:
+        m = torch.gather(mask, 2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
+        allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)[:, 0]
+    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # [B, R, L]
+    weights = rows_valid.to(probs.dtype)
+    return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
 
 
 def _query_rows(st: _CallState, mode: str, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from .data import open_image
 from .models import chat_inputs, load_model
 from .pipeline import Pipeline, load_pipeline
 from .prompts import tokenizer_of
-from .visualize import overlay_selection
+from .visualize import overlay_selection, overlay_stages
 
 __all__ = ["run_one", "visualize_one"]
 
@@ -40,24 +40,32 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
         start = time.perf_counter()
         ids = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         seconds = time.perf_counter() - start
-        batch, selections = attached.last, attached.selections
+        batch, selections, stages = attached.last, attached.selections, attached.kept_by_stage()
     answer = tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)
     dims = llm_dims(lvlm.config)
-    t_full, t_pruned = int(inputs["attention_mask"].sum()), int(batch.attention_mask.sum())
-    for sel in selections:
-        print_fn(f"image {sel.image}: kept {sel.k} of {sel.n} visual tokens")
-    print_fn(f"prompt tokens {t_full} -> {t_pruned}; prefill FLOPs (Eq. 18) {prefill_flops(dims, t_full):.3g} -> "
-             f"{prefill_flops(dims, t_pruned):.3g}; generate {seconds:.2f} s")
+    t_full = int(inputs["attention_mask"].sum())
+    schedule = batch.token_schedule
+    t_pruned = schedule[-1][1]
+    for where, sels in stages:
+        for sel in sels:
+            print_fn(f"{where} stage, image {sel.image}: kept {sel.k} of {sel.n} visual tokens")
+    after = " -> ".join(f"{t} (layer {layer}+)" if layer else str(t) for layer, t in schedule)
+    print_fn(f"prompt tokens {t_full} -> {after}; prefill FLOPs (Eq. 18) {prefill_flops(dims, t_full):.3g} -> "
+             f"{prefill_flops(dims, schedule):.3g}; generate {seconds:.2f} s")
     print_fn(f"answer: {answer}")
-    result: dict[str, Any] = {"answer": answer, "selections": selections, "tokens_full": t_full,
-                              "tokens_pruned": t_pruned, "seconds": seconds}
+    result: dict[str, Any] = {"answer": answer, "selections": selections, "stages": batch.stages,
+                              "tokens_full": t_full, "tokens_pruned": t_pruned, "token_schedule": schedule,
+                              "seconds": seconds}
     if compare:
         with torch.no_grad():
             full = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         result["answer_full"] = tokenizer.decode(full[0, prompt_len:], skip_special_tokens=True)
         print_fn(f"answer without pruning: {result['answer_full']}")
     if out is not None:
-        overlay_selection(img, selections[0], processor=processor, path=out)
+        if batch.stages:
+            overlay_stages(img, [(where, sels[0]) for where, sels in stages], processor=processor, path=out)
+        else:
+            overlay_selection(img, selections[0], processor=processor, path=out)
         print_fn(f"overlay: {Path(out).resolve()}")
         result["overlay"] = Path(out).resolve()
     return result
@@ -69,8 +77,15 @@ def visualize_one(config: str, overrides: Iterable[str] = (), *, model: str, ima
     """Write the kept-token overlay (no generation: only the vision tower and selection run)."""
     pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
     with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
-        attached.prune(inputs)
-        sel = attached.selections[0]
-    overlay_selection(img, sel, processor=processor, path=out)
-    print_fn(f"kept {sel.k} of {sel.n} visual tokens; overlay: {Path(out).resolve()}")
+        if pipe.llm_stages:
+            lvlm(**inputs)  # one prefill: the stages inside the LLM run in it
+        else:
+            attached.prune(inputs)
+        stages = attached.kept_by_stage()
+    if pipe.llm_stages:
+        overlay_stages(img, [(where, sels[0]) for where, sels in stages], processor=processor, path=out)
+    else:
+        overlay_selection(img, stages[0][1][0], processor=processor, path=out)
+    kept = "; ".join(f"{where}: {sels[0].k} of {sels[0].n}" for where, sels in stages)
+    print_fn(f"kept visual tokens ({kept}); overlay: {Path(out).resolve()}")
     return Path(out).resolve()

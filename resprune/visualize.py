@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["overlay_grid", "overlay_selection"]
+__all__ = ["overlay_grid", "overlay_selection", "overlay_stages"]
 
 
 def overlay_grid(image: Image.Image, kept: Tensor | list[int], grid: tuple[int, int], *,
@@ -142,6 +142,29 @@ def _anyres(img: Image.Image, keep: np.ndarray, layout: dict, dim: float, outlin
     for v in views:
         out.paste(v, (x, 0))
         x += v.width + gap
+    if path is not None:
+        out.save(path)
+    return out
+
+
+def overlay_stages(image: Image.Image, stages: list[tuple[str, Any]], *, processor: Any = None, dim: float = 0.25,
+                   panel: int = 336, path: str | Path | None = None) -> Image.Image:
+    """One ``overlay_selection`` panel per stage, side by side, each captioned.
+
+    ``stages``: ``(caption, ImageSelection)`` pairs in running order, e.g.
+    ``[("input", attached.selections[0]), ("layer 2", attached.last.stages[0].selections[0])]``:
+    what survived each stage (a stage inside the LLM only keeps tokens the ones before kept).
+    """
+    panels = [overlay_selection(image, sel, processor=processor, dim=dim, panel=panel) for _, sel in stages]
+    caption = 22
+    width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
+    out = Image.new("RGB", (width, panel + caption), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    x = 0
+    for (label, sel), pic in zip(stages, panels):
+        out.paste(pic, (x, caption))
+        draw.text((x + 4, 4), f"{label}: {sel.k} of {sel.n}", fill=(0, 0, 0))
+        x += pic.width + 8
     if path is not None:
         out.save(path)
     return out

@@ -46,9 +46,12 @@ def test_selection_benchmark_smoke_table(bench, capsys):
 def test_e2e_benchmark_pruned_runs_see_fewer_tokens(bench, capsys):
     _, bench_e2e = bench
     assert bench_e2e.main(["--smoke", "--backbones", "llava"]) == 0
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| llava")]
-    tokens = {r[4].strip(): int(r[6]) for r in rows}
-    assert tokens["pruned"] == tokens["oracle"] < tokens["full"]
+    rows = [[c.strip() for c in line.split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| llava")]
+    tokens = {(r[2], r[5]): int(r[7]) for r in rows}  # (method, run) -> prompt tokens at the last layer
+    full = tokens[("-", "full")]
+    for method in bench_e2e.METHODS:  # before the LLM and inside it, each beside its oracle
+        assert tokens[(method, "pruned")] == tokens[(method, "oracle")] < full, method
 
 
 @pytest.mark.parametrize("model_type, billions", [("llava", 7.06), ("llava_next", 7.06), ("qwen2_5_vl", 8.29)])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -385,3 +387,20 @@ def test_a_bad_plugin_inside_the_llm_is_named_after_the_call():
     with pipe.attach(model, proc), torch.no_grad():
         with pytest.raises(resprune.PluginContractError, match="broken_attention.*NaN"):
             model(**inputs)
+
+
+@settings(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(TYPES), st.integers(1, 3), st.integers(1, 40), st.booleans(), st.integers(1, 2))
+def test_any_layer_and_budget_equal_the_masked_reference(model_type, layer, k, instruction, batch):
+    model, proc = deep_model(model_type)
+    inputs = inputs_for(model_type, batch)
+    pipe = resprune.Pipeline(None, budget=k, stages=[fastv(k, layer=layer,
+                                                           query="instruction" if instruction else "last")])
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        out = greedy(model, inputs, max_new_tokens=3)
+        records = attached.last.stages
+    assert all(s.k == min(k, s.n) for s in records[0].selections)
+    ids, logits = reference_generate(model, inputs, keep_masks(model, inputs, records), 3)
+    assert torch.equal(out.sequences, ids)
+    for a, b in zip(out.logits, logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

@@ -9,8 +9,8 @@
   real model without a download.
 """
 
-from .contracts import check_scorer_contract, check_selector_contract, random_context
+from .contracts import check_merger_contract, check_scorer_contract, check_selector_contract, random_context
 from .tiny import MODEL_TYPES, tiny_inputs, tiny_lvlm
 
-__all__ = ["check_scorer_contract", "check_selector_contract", "random_context", "tiny_lvlm", "tiny_inputs",
+__all__ = ["check_merger_contract", "check_scorer_contract", "check_selector_contract", "random_context", "tiny_lvlm", "tiny_inputs",
            "MODEL_TYPES"]

@@ -9,7 +9,8 @@ Subclass and name your strategy; pytest collects the tests::
 
 The suites check the interface contract (shapes, dtypes, every budget, determinism,
 batch independence, bf16 input), that the strategy is reachable by name through the
-plugin registry, and that a pipeline using it runs on each tiny backbone
+plugin registry, and that a pipeline using it (in a stage inside the LLM, at layer 1, when
+it reads the LLM's fields) runs on each tiny backbone
 (``resprune.testing.tiny_lvlm``): the right number of tokens kept per image, and with a
 budget at or above ``N`` outputs bit-identical to the unpruned model.
 """
@@ -21,11 +22,11 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from ..interfaces import Scorer, Selector
+from ..interfaces import Merger, Scorer, Selector
 from ..plugins import get_host
-from .contracts import check_scorer_contract, check_selector_contract, random_context
+from .contracts import check_merger_contract, check_scorer_contract, check_selector_contract, random_context
 
-__all__ = ["SelectorConformance", "ScorerConformance", "BACKBONES"]
+__all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "BACKBONES"]
 
 BACKBONES = ("llava", "llava_next", "qwen2_5_vl")
 
@@ -48,17 +49,33 @@ def _run_on_backbone(model_type: str, pipeline: Any, budget_all: Any) -> None:
         reference = model(**inputs).logits
         with pipeline.attach(model, processor) as attached:
             model(**inputs)
-        for sel in attached.selections:
-            assert sel.k == pipeline.budget_for(sel.n), f"{model_type}: kept {sel.k} of {sel.n}"
+        stage = pipeline.stages[-1]
+        selections = attached.last.stages[-1].selections if stage.layer is not None else attached.selections
+        assert len(selections) == 2
+        for sel in selections:
+            assert sel.k == stage.budget_for(sel.n), f"{model_type}: kept {sel.k} of {sel.n} ({stage.where})"
             assert len(set(sel.kept.tolist())) == sel.k
         with budget_all.attach(model, processor):
             assert torch.equal(model(**inputs).logits, reference), f"{model_type}: keep-all is not the unpruned model"
 
 
-def _pipeline(selector: Selector, scorers: list[Any], budget: Any) -> Any:
-    from ..pipeline import Pipeline
+def _inside_llm(strategies: list[Any]) -> bool:
+    """Whether the strategies read fields only a stage inside the LLM has (then they run at layer 1)."""
+    from ..llm_pruning import LLM_FIELDS
 
-    return Pipeline(selector, budget=budget, scorers=scorers)
+    extra = set(LLM_FIELDS) - {"tokens", "positions"}
+    return any(set(s.requires) & extra for s in strategies)
+
+
+def _pipeline(selector: Selector, scorers: list[Any], budget: Any, merger: Merger | None = None) -> Any:
+    from ..pipeline import Pipeline
+    from ..stages import Stage
+
+    strategies = [selector] + [s if not isinstance(s, tuple) else get_host().scorers.get(s[1]) for s in scorers]
+    if _inside_llm(strategies) or (merger is not None and _inside_llm([merger])):
+        return Pipeline(None, budget=budget, stages=[Stage(selector, budget=budget, scorers=scorers, merger=merger,
+                                                           layer=1)])
+    return Pipeline(selector, budget=budget, scorers=scorers, merger=merger)
 
 
 def _scorers_for(selector: Selector, model_type: str) -> list[Any]:
@@ -131,12 +148,50 @@ class ScorerConformance:
 
     @pytest.mark.parametrize("model_type", BACKBONES)
     def test_runs_on_backbone(self, model_type: str) -> None:
-        from ..tiny import tiny_lvlm
+        from ..llm_pruning import LLM_FIELDS
 
         sc = self.make()
-        model, _ = tiny_lvlm(model_type)
-        provides = set(get_host().injector_for(model_type).provides)
+        provides = set(LLM_FIELDS) if _inside_llm([sc]) else set(get_host().injector_for(model_type).provides)
         if not set(sc.requires) <= provides:
             pytest.skip(f"{model_type} cannot supply {sorted(set(sc.requires) - provides)}")
         topk = get_host().selectors.get("topk")({"score": sc.output})
         _run_on_backbone(model_type, _pipeline(topk, [sc], 0.25), _pipeline(topk, [sc], 1.0))
+
+
+class MergerConformance:
+    """Base class of a merger's conformance tests; set ``merger`` (and ``params``)."""
+
+    merger: ClassVar[Any] = None
+    params: ClassVar[dict[str, Any]] = {}
+
+    def make(self) -> Merger:
+        if self.merger is None:
+            pytest.skip("set `merger` on the subclass")
+        if isinstance(self.merger, str):
+            return get_host().mergers.get(self.merger)(dict(self.params))
+        return self.merger(dict(self.params))
+
+    def test_contract(self) -> None:
+        check_merger_contract(self.make())
+        check_merger_contract(self.make(), context=random_context(b=3, rows=4, cols=6, d=16, seed=3))
+
+    def test_reachable_by_name(self) -> None:
+        m = self.make()
+        assert get_host().mergers.get(m.name) is type(m)
+
+    @pytest.mark.parametrize("model_type", BACKBONES)
+    @pytest.mark.parametrize("inside", [False, True], ids=["input", "layer-1"])
+    def test_runs_on_backbone(self, model_type: str, inside: bool) -> None:
+        from ..pipeline import Pipeline
+        from ..stages import Stage
+
+        topk = get_host().selectors.get("topk")({"score": "norm"})
+        m = self.make()
+
+        def pipe(budget: Any) -> Pipeline:
+            if inside:
+                return Pipeline(None, budget=budget, stages=[Stage(topk, budget=budget, scorers=["norm"], merger=m,
+                                                                   layer=1)])
+            return Pipeline(topk, budget=budget, scorers=["norm"], merger=m)
+
+        _run_on_backbone(model_type, pipe(0.25), pipe(1.0))

@@ -1,4 +1,4 @@
-"""Contract checks every scorer and selector must pass (built-in or third-party).
+"""Contract checks every scorer, selector and merger must pass (built-in or third-party).
 
 Use them in a plugin's own test suite::
 
@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from ..context import PruneContext
-from ..interfaces import Scorer, Selector
+from ..interfaces import Merger, Scorer, Selector
+from ..plugins import get_host
 from ..selection import run_scorer, run_selector
 
-__all__ = ["random_context", "check_selector_contract", "check_scorer_contract"]
+__all__ = ["random_context", "check_selector_contract", "check_scorer_contract", "check_merger_contract"]
 
 
 def _word_embedder(d: int):
@@ -31,16 +32,36 @@ def _word_embedder(d: int):
     return embed
 
 
+class _AttentionTable:
+    """A stand-in for the ``llm_attention`` field: ``query -> [B, N]`` from fixed tables."""
+
+    def __init__(self, tables: dict[str, Tensor]) -> None:
+        self.tables = tables
+
+    def __call__(self, query: str = "last") -> Tensor:
+        return self.tables[query]
+
+    def row(self, i: int) -> _AttentionTable:
+        return _AttentionTable({q: t[i : i + 1] for q, t in self.tables.items()})
+
+
 def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed: int = 0,
                    dtype: torch.dtype = torch.float32) -> PruneContext:
-    """A context with every standard field, for ``B`` images of a ``rows x cols`` grid."""
+    """A context with every standard field and every field of a stage inside the LLM
+    (``resprune.llm_pruning.LLM_FIELDS``), for ``B`` images of a ``rows x cols`` grid."""
     gen = torch.Generator().manual_seed(seed)
     n = rows * cols
     tokens = torch.randn(b, n, d, generator=gen).to(dtype).float()
     cls_attention = torch.softmax(torch.randn(b, n, generator=gen), dim=-1)
     texts = [f"What colour is the object number {i} near the window?" for i in range(b)]
+    attention = _AttentionTable({q: torch.softmax(torch.randn(b, n, generator=gen), dim=-1)
+                                 for q in ("last", "instruction")})
     return PruneContext(tokens, source="resprune.testing.random_context", text=texts,
-                        text_embedder=_word_embedder(d), cls_attention=cls_attention, grid=(rows, cols))
+                        text_embedder=_word_embedder(d), cls_attention=cls_attention, grid=(rows, cols),
+                        llm_attention=attention, llm_keys=torch.randn(b, n, 2 * d, generator=gen),
+                        llm_last_hidden=torch.randn(b, d, generator=gen),
+                        llm_text_hidden=torch.randn(b, 3, d, generator=gen),
+                        llm_text_key_norm=torch.rand(b, 3, generator=gen), layer=2)
 
 
 def _scores_for(selector: Selector, context: PruneContext, seed: int = 1) -> dict[str, Tensor]:
@@ -105,8 +126,40 @@ def check_scorer_contract(scorer: Scorer, *, context: PruneContext | None = None
 
 def _row(value, i: int, b: int):
     """Slice batch row ``i`` out of a per-image context value (lists and [B, ...] tensors)."""
+    if isinstance(value, _AttentionTable):
+        return value.row(i)
     if isinstance(value, list) and len(value) == b:
         return [value[i]]
     if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == b and b > 1:
         return value[i : i + 1]
     return value
+
+
+def check_merger_contract(merger: Merger, *, context: PruneContext | None = None) -> None:
+    """Assert the merger interface through a stage (``topk`` by norm, then the merger) at
+    every budget: ``k`` places including the selector's picks, finite features, determinism,
+    batch independence, and inputs that come back unchanged."""
+    from ..stages import Stage
+
+    ctx = context or random_context()
+    b, n = ctx.batch_size, ctx.num_tokens
+    before = _snapshot(ctx)
+    topk = get_host().selectors.get("topk")({"score": "norm"})
+    for k in sorted(k for k in {1, 2, n // 2, n - 1, n} if 1 <= k <= n):
+        stage = Stage(topk, budget=k, scorers=["norm"], merger=merger)
+        sel = stage.run(ctx)  # run_merger checks places, features and that the picks are kept
+        assert sel.kept.shape == (b, k)
+        if k < n:
+            assert sel.features is not None and sel.features.shape == (b, k, ctx.tokens.shape[-1])
+        again = stage.run(ctx)
+        assert torch.equal(sel.kept, again.kept), f"merger '{merger.name}' is not deterministic (k={k})"
+        if sel.features is not None:
+            assert torch.equal(sel.features, again.features), f"merger '{merger.name}' is not deterministic (k={k})"
+            for i in range(b):
+                one = PruneContext(ctx.tokens[i : i + 1], source=ctx.source,
+                                   **{f: _row(ctx.get(f), i, b) for f in ctx.available if f != "tokens"})
+                single = stage.run(one)
+                assert torch.equal(single.kept[0], sel.kept[i])
+                torch.testing.assert_close(single.features[0], sel.features[i], rtol=1e-5, atol=1e-6,
+                                           msg=f"merger '{merger.name}': image {i} differs alone and in a batch")
+    _assert_unchanged(before, ctx, None, f"merger '{merger.name}'")
