@@ -86,6 +86,10 @@ def visualize_one(config: str, overrides: Iterable[str] = (), *, model: str, ima
         overlay_stages(img, [(where, sels[0]) for where, sels in stages], processor=processor, path=out)
     else:
         overlay_selection(img, stages[0][1][0], processor=processor, path=out)
-    kept = "; ".join(f"{where}: {sels[0].k} of {sels[0].n}" for where, sels in stages)
-    print_fn(f"kept visual tokens ({kept}); overlay: {Path(out).resolve()}")
+    if pipe.llm_stages:
+        kept = "; ".join(f"{where}: {sels[0].k} of {sels[0].n}" for where, sels in stages)
+        print_fn(f"kept visual tokens ({kept}); overlay: {Path(out).resolve()}")
+    else:
+        sel = stages[0][1][0]
+        print_fn(f"kept {sel.k} of {sel.n} visual tokens; overlay: {Path(out).resolve()}")
     return Path(out).resolve()

@@ -78,9 +78,22 @@ def test_gpu_check_runs_and_reports_every_target(tmp_path, capsys):
     report = (tmp_path / "gpu-check.md").read_text()
     assert "| case | residual_energy (auto) | triton persistent | triton step | naive torch loop | one Gram GEMM |" \
         in report
-    assert "| backbone | B | budget | run |" in report
+    assert "| backbone | method | B | budget | run |" in report
+    assert "| L | sdpa ms | last-row ms | last / sdpa |" in report  # the cost of scoring inside the LLM
     for backbone in ("llava", "llava_next", "qwen2_5_vl"):
-        assert f"pruned / oracle prefill <= 1.05, {backbone}, B=1" in report
+        for method in ("resprune", "fastv"):  # before the LLM and inside it
+            assert f"pruned / oracle prefill <= 1.05, {backbone} {method}, B=1" in report
     assert "picks equal the CPU float32 reference up to ties" in report and "DIFFERENT" not in report
     passed, total = (int(x) for x in re.search(r"Targets: (\d+) of (\d+) pass", report).groups())
     assert report.count("| PASS |") == passed and report.count("| PASS |") + report.count("| FAIL |") == total
+
+
+def test_llm_scoring_benchmark_runs(bench, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_llm_stages
+    finally:
+        sys.path.remove(str(BENCH))
+    assert bench_llm_stages.main(["--smoke"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 256 |")]
+    assert len(rows) == 1 and rows[0].count("%") == 2

@@ -227,10 +227,11 @@ def test_beams_equal_the_masked_reference(model_type, mode):
     torch.testing.assert_close(out.sequences_scores, expected.sequences_scores, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("query", ["last", "instruction"])
-def test_attention_scores_equal_the_eager_rows(query):
-    model, proc = deep_model("llava", attn="eager")
-    inputs = inputs_for("llava", 2)
+def test_attention_scores_equal_the_eager_rows(query, model_type):
+    model, proc = deep_model(model_type, attn="eager")
+    inputs = inputs_for(model_type, 2)
     with torch.no_grad():
         eager = model(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1, [B, H, L, L]
     pipe = resprune.Pipeline(None, budget=1.0, stages=[fastv(1.0, layer=2, query=query)])

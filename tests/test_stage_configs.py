@@ -1,0 +1,65 @@
+"""The shipped configs of the paper's baselines run on every backbone, in `resprune run` and in sweeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import resprune
+from resprune.cli import main as cli
+from resprune.data import PHOTOS, photo_path
+
+BACKBONES = ("llava", "llava_next", "qwen2_5_vl")
+METHODS = ("fastv", "pdrop", "dart", "visionzip", "prumerge")
+
+
+def config_for(method: str, model_type: str) -> str:
+    if model_type == "qwen2_5_vl" and method in ("visionzip", "prumerge"):
+        return "visionzip-qwen2.5-vl"  # no CLS attention in Qwen2.5-VL's tower
+    return method
+
+
+@pytest.mark.parametrize("model_type", BACKBONES)
+@pytest.mark.parametrize("method", METHODS)
+def test_shipped_method_runs_from_the_command_line(method, model_type, tmp_path, capsys):
+    out = tmp_path / "overlay.png"
+    code = cli(["run", config_for(method, model_type), "budget=8", "--model", f"tiny:{model_type}:25",
+                "--image", str(photo_path(PHOTOS[1])), "--prompt", "What animal is this?", "--max-new-tokens", "2",
+                "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    pipe = resprune.load_pipeline(config_for(method, model_type), budget=8)
+    for stage in pipe.stages:
+        assert f"{stage.where} stage, image 0: kept" in text
+    if pipe.llm_stages:
+        assert f"(layer {pipe.llm_stages[-1].layer}+)" in text  # the token schedule is printed
+    assert out.is_file()
+
+
+def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
+    out = tmp_path / "table-i"
+    code = cli(["sweep", "table-i", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava:25",
+                "grid.budget=[64]", "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart]", "--out", str(out)])
+    assert code == 0
+    rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"full", "resprune-llava15", "visionzip", "fastv", "pdrop", "dart"}
+    assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
+    ratio = {m: r["metrics"]["flops.ratio"] for m, r in rows.items() if m != "full"}
+    # the same 64 tokens kept, but FastV and DART run layers 0-1 on every token and PDrop keeps
+    # 64 at layer 8, then 32 and 16: each costs more than pruning before the LLM
+    assert ratio["resprune-llava15"] == pytest.approx(ratio["visionzip"])
+    assert ratio["fastv"] == pytest.approx(ratio["dart"])
+    assert ratio["resprune-llava15"] < ratio["fastv"] < ratio["pdrop"] < 1
+    assert cli(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert all(f"| {m} |" in report for m in ("fastv", "pdrop", "dart", "visionzip"))
+
+
+def test_config_command_prints_the_stages(capsys):
+    assert cli(["config", "pdrop", "budget=64", "stages.2.budget=0.25"]) == 0
+    text = capsys.readouterr().out
+    assert "stages:" in text and "layer: 24" in text and "budget: 0.25" in text
+    assert cli(["configs"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("fastv", "pdrop", "dart", "visionzip", "prumerge"))
