@@ -19,7 +19,9 @@ prompts (a bundled photo and its sample question per row):
   ``pruned / oracle`` is the selection overhead.
 
 Tiny models get a 32-layer LLM (``--tiny-layers``) so every stage's layer exists.
-``--size 7b`` builds the models from the real LLaVA-1.5-7B, LLaVA-NeXT-7B and Qwen2.5-VL-7B
+``--size small`` keeps the real vision towers and geometry with a 32-layer LLM of width
+1024, in float32: a size a CPU runs end to end in minutes (bf16 matmuls are slow on CPUs
+without bf16 units). ``--size 7b`` builds the models from the real LLaVA-1.5-7B, LLaVA-NeXT-7B and Qwen2.5-VL-7B
 sizes (vision towers, projectors and LLMs) with random weights, in bf16: their cost is the
 real cost. Nothing is downloaded. Columns: prefill ms (median), generate tokens/s for
 ``--new-tokens`` new tokens per row, peak GPU memory (CUDA only), KV-cache MiB and prefill
@@ -73,6 +75,15 @@ FULL_SIZE: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
+SMALL_SIZE: dict[str, dict[str, dict[str, Any]]] = {
+    # the real towers, a 0.5B-class LLM (32 layers of width 1024): float32 on a CPU in minutes
+    model_type: {"vision": sizes["vision"],
+                 "text": {**sizes["text"], "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
+                          "num_key_value_heads": 16 if model_type != "qwen2_5_vl" else 2}}
+    for model_type, sizes in FULL_SIZE.items()
+}
+"""``--size small``: the 7B models' vision towers and geometry with a narrower LLM, float32."""
+
 IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 896}
 """Processor sizes: LLaVA 576 tokens, LLaVA-NeXT up to 2880, Qwen2.5-VL up to 1024 per image."""
 
@@ -114,12 +125,12 @@ class Row:
 
 
 def build(model_type: str, size: str, device: torch.device, tiny_layers: int = 32) -> tuple[Any, Any]:
-    """A tiny model (real token counts) or a random-weight full-size one, and its processor."""
+    """A tiny model (real token counts) or a random-weight larger one, and its processor."""
     model, processor = tiny_lvlm(model_type, image_size=IMAGE_SIZE[model_type], text_layers=tiny_layers)
     if size == "tiny":
         return model.to(device), processor
-    cfg = full_size_config(model.config, model_type)
-    dtype = torch.bfloat16
+    cfg = full_size_config(model.config, model_type, SMALL_SIZE if size == "small" else FULL_SIZE)
+    dtype = torch.bfloat16 if size == "7b" else torch.float32
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -129,17 +140,17 @@ def build(model_type: str, size: str, device: torch.device, tiny_layers: int = 3
         torch.set_default_dtype(old)
     big.generation_config = model.generation_config
     params = sum(p.numel() for p in big.parameters())
-    print(f"{model_type}: {params / 1e9:.2f} B parameters (random, bf16)", file=sys.stderr)
+    print(f"{model_type}: {params / 1e9:.2f} B parameters (random, {dtype})", file=sys.stderr)
     return big.eval(), processor
 
 
-def full_size_config(cfg: Any, model_type: str) -> Any:
-    """The tiny config (token ids, processor geometry) with the real model sizes."""
+def full_size_config(cfg: Any, model_type: str, sizes: dict[str, dict[str, dict[str, Any]]] = FULL_SIZE) -> Any:
+    """The tiny config (token ids, processor geometry) with the real model sizes (or ``sizes``)."""
     derived = {"head_dim", "layer_types"}  # computed from the sizes at init: rebuild, don't copy
     for part in ("vision", "text"):
         sub = getattr(cfg, f"{part}_config")
         values = {k: v for k, v in sub.to_dict().items() if k not in derived}
-        values.update(FULL_SIZE[model_type][part])
+        values.update(sizes[model_type][part])
         setattr(cfg, f"{part}_config", type(sub)(**values))
     return cfg
 
@@ -279,7 +290,7 @@ def markdown(rows: list[Row], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("tiny", "7b"), default="tiny")
+    parser.add_argument("--size", choices=("tiny", "small", "7b"), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backbones", nargs="+", default=list(FULL_SIZE), choices=list(FULL_SIZE))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])

@@ -6,6 +6,7 @@ Quick use::
     keep = resprune.select(tokens, 64)                                # ResPrune, geometric
     keep = resprune.select(tokens, 64, scores={"relevance": r}, alpha=0.75)
     pipe = resprune.load_pipeline("resprune-llava15", budget=128)      # shipped YAML config
+    pipe = resprune.load_pipeline("fastv", budget=64)                  # pruning inside the LLM
 """
 
 from ._markers import hookimpl
@@ -27,8 +28,9 @@ from .errors import (
     ResPruneError,
     UnknownStrategyError,
 )
-from .interfaces import Injector, Scorer, Selector
+from .interfaces import Injector, Merger, Scorer, Selector
 from .pipeline import Pipeline, load_pipeline
+from .stages import Stage
 from .plugins import get_host, list_plugins, reset_plugins
 from .selection import Selection, score, select
 
@@ -43,6 +45,7 @@ __all__ = [
     "score",
     "Selection",
     "Pipeline",
+    "Stage",
     "load_pipeline",
     "load_config",
     "shipped_configs",
@@ -50,6 +53,7 @@ __all__ = [
     "PruneContext",
     "Scorer",
     "Selector",
+    "Merger",
     "Injector",
     "list_plugins",
     "get_host",

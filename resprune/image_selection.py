@@ -127,12 +127,11 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
             sel = pipeline.run(ctx, k=k)
             kept, order = idx[sel.kept.cpu()], idx[sel.order.cpu()]  # one copy per subset, not per image
             merged = merged or sel.features is not None
-            part_feats = sel.features if sel.features is not None else feats[:, idx[sel.kept.cpu()]]
             scores = {name: value.detach().float().cpu() for name, value in sel.scores.items()}
             for j in range(len(members)):
                 kept_all[j].append(kept[j])
                 order_all[j].append(order[j])
-                feats_all[j].append(part_feats[j])
+                feats_all[j].append(sel.features[j] if sel.features is not None else kept[j])
                 for name, value in scores.items():
                     full = torch.full((first.n,), float("nan"))
                     full[idx] = value[j]
@@ -143,9 +142,11 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
             parts = kept_all[j] + ([forced] if forced is not None else [])
             kept, place = torch.cat(parts).sort() if parts else (torch.zeros(0, dtype=torch.long),) * 2
             features = None
-            if merged:  # the merged features, in the order of the kept places
+            if merged:  # the merged features, in the order of the kept places (a part without a merge:
+                # its tokens' own features)
+                parts = [f if f.is_floating_point() else feats[j, f.to(feats.device)] for f in feats_all[j]]
                 extra = [feats[j, forced.to(feats.device)]] if forced is not None else []
-                features = torch.cat(feats_all[j] + extra)[place.to(feats.device)]
+                features = torch.cat(parts + extra)[place.to(feats.device)]
             order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
             geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
                                     candidates=first.candidates, always=first.always, groups=first.groups,

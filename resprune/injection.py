@@ -1,4 +1,4 @@
-"""Attaching a pipeline to a Hugging Face LVLM: prune image tokens once, before the LLM.
+"""Attaching a pipeline to a Hugging Face LVLM: prune image tokens before the LLM (and inside it).
 
 The generic machinery every image-placeholder backbone shares (LLaVA, LLaVA-NeXT,
 Qwen2.5-VL, and third-party ones). While attached, the model's own ``forward`` and
@@ -11,7 +11,9 @@ carries pixel inputs the wrapper
 3. rewrites the text side: drops the placeholder columns of the dropped tokens from
    ``input_ids`` / ``attention_mask``, re-pads, and scatters the kept features into the
    input embeddings;
-4. calls the original method with ``inputs_embeds`` and no pixel inputs.
+4. calls the original method with ``inputs_embeds`` and no pixel inputs; when the pipeline
+   has stages inside the LLM, armed with where each image's kept tokens sit
+   (``resprune.llm_pruning``), which prunes them again at those layers.
 
 ``generate`` returns the caller's original ``input_ids`` followed by the new tokens, so
 code that slices off the prompt keeps working. ``forward`` returns logits for the pruned

@@ -124,9 +124,8 @@ class _Region:
     start: int
     valid: Tensor  # bool [B, L_r]
     uniform: bool  # every column valid: no mask needed in prefill
-    index: Tensor  # int64 [B, L_r] gather index into the previous sequence (pads point at 0)
     prefill_mask: Tensor | None = None
-    gathered: dict[int, Any] = field(default_factory=dict)
+    gathered: dict[str, Any] = field(default_factory=dict)  # position tensors at the region's columns
 
 
 @dataclass
@@ -177,8 +176,10 @@ class LLMPruner:
                     f"layers; an in-LLM stage acts on layer 1..{len(self.layers) - 1} (scores come from layer K-1).")
         self.capture_at = {s.layer - 1: s for s in self.stages if s.requires & {"llm_attention", "llm_keys"}}
         self.state: _CallState | None = None
+        self._finished: _CallState | None = None
         self._hooks: list[Any] = []
         self._saved_impl: Any = None
+        self._installed = False
 
     # --- install / remove ------------------------------------------------------------------
 
@@ -191,6 +192,7 @@ class LLMPruner:
                 f"{base!r}; load the model with attn_implementation='sdpa'.")
         self._saved_impl = config._attn_implementation_internal
         config._attn_implementation = _register(base)
+        self._installed = True
         self._base = base
         first = self.stages[0].layer
         with _lock:
@@ -206,9 +208,10 @@ class LLMPruner:
         with _lock:
             for i in self.capture_at:
                 _active.pop(id(self.layers[i].self_attn), None)
-        if self._saved_impl is not None or hasattr(self.lm.config, "_attn_implementation_internal"):
+        if self._installed:
             self.lm.config._attn_implementation_internal = self._saved_impl
-        self.state = None
+            self._installed = False
+        self.state = self._finished = None
 
     # --- per call --------------------------------------------------------------------------
 
@@ -224,7 +227,7 @@ class LLMPruner:
 
     def verify(self) -> None:
         """Raise a ``PluginContractError`` if a stage's plugin returned bad values in the last call."""
-        state, self._finished = getattr(self, "_finished", None), None
+        state, self._finished = self._finished, None
         if state is not None:
             state.checks.verify()
 
@@ -246,8 +249,7 @@ class LLMPruner:
             return  # decoding, or not this call's prefill
         _fit_batch(st, query.shape[0])
         st.captured = {"query": query, "key": key.detach(), "mask": mask,
-                       "scaling": module.scaling if scaling is None else scaling,
-                       "groups": query.shape[1] // key.shape[1]}
+                       "scaling": module.scaling if scaling is None else scaling}
 
     def _attention_paid(self, query_mode: str) -> Tensor:
         """Head-mean attention ``[B, L]`` that the ``query_mode`` rows pay to every key column."""
@@ -417,7 +419,7 @@ class LLMPruner:
         st.columns = torch.gather(st.columns, 1, index)
         st.valid = valid
         st.row_tokens = counts
-        region = _Region(layer, valid, all(c == new_len for c in counts), index)
+        region = _Region(layer, valid, all(c == new_len for c in counts))
         if not region.uniform:
             causal = torch.ones(new_len, new_len, dtype=torch.bool, device=dev).tril()
             allowed = (causal[None] & valid[:, None, :]) | torch.eye(new_len, dtype=torch.bool, device=dev)[None]
@@ -493,17 +495,18 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, valid: Tenso
     """
     b, heads, length, dim = query.shape
     kv_heads, r = key.shape[1], rows.shape[1]
-    qsel = torch.gather(query, 2, rows[:, None, :, None].expand(b, heads, r, dim))
+    qsel = torch.gather(query, 2, rows[:, None, :, None].expand(b, heads, r, dim)) * scaling  # scale R rows, not R x L
     # grouped-query attention: head h reads kv head h // groups; fold the groups into the rows
     # instead of repeating the keys (no copy of the keys)
     qsel = qsel.reshape(b, kv_heads, heads // kv_heads * r, dim)
-    logits = torch.matmul(qsel, key.transpose(2, 3)).view(b, heads, r, -1).float() * scaling  # [B, H, R, L]
+    logits = torch.matmul(qsel, key.transpose(2, 3)).view(b, heads, r, -1).float()  # [B, H, R, L]
     cols = torch.arange(length, device=query.device)
     allowed = (cols[None, None, :] <= rows[:, :, None]) & valid[:, None, :].to(query.device)  # causal + padding
     if mask is not None:
         m = torch.gather(mask, 2, rows[:, None, :, None].expand(b, mask.shape[1], rows.shape[1], mask.shape[-1]))
         allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)[:, 0]
-    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)  # [B, R, L]
+    bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~allowed, float("-inf"))
+    probs = logits.add_(bias[:, None]).softmax(-1).mean(1)  # in place: one pass over [B, H, R, L] per step
     weights = rows_valid.to(probs.dtype)
     return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
 

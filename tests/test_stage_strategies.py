@@ -231,3 +231,25 @@ def test_a_schedule_sums_eq18_layer_by_layer(t0, layer, t1):
 def test_a_schedule_starts_at_layer_zero():
     with pytest.raises(ValueError, match="starts at layer 0"):
         prefill_flops(DIMS, [(2, 10)])
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tile"])
+def test_merged_features_land_at_their_places_across_tiles(scope):
+    """A merger whose output is the kept tokens' own features (contextual, share 0) changes
+    nothing: the features are put back in the kept places' order across tiles and kept newlines."""
+    from test_backbones import inputs_for, model_and_processor
+
+    model, proc = model_and_processor("llava_next")
+    inputs = inputs_for("llava_next")
+    topk = host().selectors.get("topk")({"score": "norm"})
+    plain = resprune.Pipeline(topk, budget=0.5, scorers=["norm"])
+    merged = resprune.Pipeline(topk, budget=0.5, scorers=["norm"], merger=host().mergers.get("contextual")({"share": 0.0}))
+    params = {"scope": scope, "image_newline": "keep"}
+    with torch.no_grad():
+        with plain.attach(model, proc, **params) as a:
+            want = model(**inputs).logits
+        with merged.attach(model, proc, **params) as b:
+            got = model(**inputs).logits
+    assert all(s.features is not None for s in b.selections)
+    assert [s.kept.tolist() for s in a.selections] == [s.kept.tolist() for s in b.selections]
+    assert torch.equal(got, want)
