@@ -393,18 +393,13 @@ def load_config(
     schema = OmegaConf.structured(PipelineConfig)
     valid = [f.name for f in dataclasses.fields(PipelineConfig)]
     check_keys(raw, valid, label)
-    scorers = raw.get("scorers")
-    for i, entry in enumerate(scorers if isinstance(scorers, ListConfig) else []):  # errors name scorers[i]
-        try:
-            OmegaConf.merge(OmegaConf.structured(ScorerConfig), entry)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"{label}: scorers[{i}].{exc.full_key or ''}: {_msg(exc)}") from None
-    stages = raw.get("stages")
-    for i, entry in enumerate(stages if isinstance(stages, ListConfig) else []):  # errors name stages[i]
-        try:
-            OmegaConf.merge(OmegaConf.structured(StageConfig), entry)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"{label}: stages[{i}].{exc.full_key or ''}: {_msg(exc)}") from None
+    for key, item_schema in (("scorers", ScorerConfig), ("stages", StageConfig)):  # errors name scorers[i] / stages[i]
+        entries = raw.get(key)
+        for i, entry in enumerate(entries if isinstance(entries, ListConfig) else []):
+            try:
+                OmegaConf.merge(OmegaConf.structured(item_schema), entry)
+            except OmegaConfBaseException as exc:
+                raise ConfigError(f"{label}: {key}[{i}].{exc.full_key or ''}: {_msg(exc)}") from None
     try:
         cfg = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as exc:
