@@ -47,7 +47,7 @@ from . import runfiles
 from .config import load_config, to_yaml
 from .costs import llm_dims
 from .data import describe_source, image_digest_of, load_records, open_image, record_digest
-from .errors import ConfigError, ResPruneError, UnknownStrategyError, suggest
+from .errors import ConfigError, MissingDependencyError, ResPruneError, UnknownStrategyError, suggest
 from .metrics import Example, Metric, Reference
 from .models import chat_inputs
 from .pipeline import Pipeline
@@ -89,7 +89,31 @@ class Cell:
 
 
 class ResultTable(list):
-    """Rows of results (one dict per cell, plus one ``full`` row per model)."""
+    """Rows of results (one dict per cell, plus one ``full`` row per model).
+
+    A row holds ``model``, ``cell`` (its id), ``label``, ``method``, ``selector`` (the input
+    stage's selector, or ``topk@2``-style for stages inside the LLM), ``budget``, ``params``
+    (the grid values applied), ``status`` (``done`` / ``skipped`` / ``failed``), ``reason``,
+    ``examples``, ``metrics`` (``{"fidelity.kl": ...}``, means over the examples) and ``rel``
+    (the paper's relative score, or ``None``).
+    """
+
+    def to_pandas(self) -> Any:
+        """A ``pandas.DataFrame``, one row per cell: the flat columns of
+        ``resprune.report.flat_table`` (``selector``, ``budget``, each grid parameter, each metric
+        key such as ``fidelity.kl``) and ``row``, the full result row. Needs pandas
+        (``pip install "resprune[pandas]"``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise MissingDependencyError('ResultTable.to_pandas needs pandas: pip install "resprune[pandas]"') \
+                from None
+        from .report import flat_table
+
+        columns, records = flat_table(list(self))
+        frame = pd.DataFrame.from_records(records, columns=columns)
+        frame["row"] = list(self)
+        return frame
 
     def to_markdown(self, metrics: list[str] | None = None) -> str:
         from .report import results_table
@@ -489,7 +513,9 @@ class Ablation:
         return row
 
     def _row(self, out: Path, cell: Cell) -> dict[str, Any]:
+        selector = None if cell.config is None else (cell.config.selector.name or _stage_methods(cell.config))
         row: dict[str, Any] = {"cell": cell.id, "label": cell.label, "model": self.model_name, "method": cell.method,
+                               "selector": selector or cell.params.get("selector", cell.method),
                                "budget": cell.budget, "params": cell.params, "status": "skipped", "reason": cell.skip,
                                "examples": 0, "metrics": {}, "rel": None}
         if cell.skip:
@@ -524,7 +550,8 @@ class Ablation:
                     per[f"{name}.{k}"] = float(value)
             values.append(per)
         return {"cell": "full", "label": "full (unpruned)", "model": self.model_name, "method": "full",
-                "budget": None, "params": {}, "status": "done", "reason": None, "examples": len(values),
+                "selector": None, "budget": None, "params": {}, "status": "done", "reason": None,
+                "examples": len(values),
                 "metrics": _mean(values), "rel": 1.0}
 
     def collect(self, out_dir: str | Path) -> ResultTable:

@@ -109,8 +109,10 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(args.run_dir, plots=not args.no_plots)
+    path = write_report(args.run_dir, plots=not args.no_plots, csv_path=args.csv)
     print(f"report: {path}")
+    if args.csv:
+        print(f"table: {args.csv}")
     return 0
 
 
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="markdown tables and plots from a sweep's run folder")
     p.add_argument("run_dir", help="the folder a sweep wrote")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    p.add_argument("--csv", metavar="FILE", help="also write the flat table (one row per cell; the columns of "
+                                                "ResultTable.to_pandas) to FILE")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("visualize", help="write the kept-token overlay for a config, image and prompt")

@@ -8,6 +8,8 @@ row per method, the metrics as columns (best of each block in bold) and the pape
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -152,6 +154,40 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
     return "\n".join(lines)
 
 
+ROW_COLUMNS = ("model", "cell", "label", "method", "selector", "budget", "status", "reason", "examples", "rel")
+"""The leading columns of the flat table: one per key of a result row (``results.jsonl``)."""
+
+
+def flat_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Result rows as flat records: ``ROW_COLUMNS``, then one column per grid parameter (its
+    dotted key, e.g. ``selector.params.alpha``; ``base`` for the config), then one per metric
+    key (``fidelity.kl``). Returns ``(columns, records)``; a missing value is ``None``."""
+    params = sorted({k for r in rows for k in (r.get("params") or {}) if k not in ("selector", "budget")})
+    metrics = _metric_names(rows)
+    records = []
+    for r in rows:
+        record: dict[str, Any] = {c: r.get(c) for c in ROW_COLUMNS}
+        if record["selector"] is None and r.get("method") != "full":  # rows written before `selector` existed
+            record["selector"] = (r.get("params") or {}).get("selector", r.get("method"))
+        record.update({k: (r.get("params") or {}).get(k) for k in params})
+        record.update({k: (r.get("metrics") or {}).get(k) for k in metrics})
+        records.append(record)
+    return list(ROW_COLUMNS) + params + metrics, records
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """The flat table (``flat_table``) as CSV, written atomically."""
+    columns, records = flat_table(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    path = Path(path)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
@@ -207,10 +243,14 @@ def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem
     return written
 
 
-def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots: bool = True) -> Path:
-    """Write ``RUN_DIR/report.md`` (and ``RUN_DIR/plots/``); return the report's path."""
+def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots: bool = True,
+                 csv_path: str | Path | None = None) -> Path:
+    """Write ``RUN_DIR/report.md`` (and ``RUN_DIR/plots/``; the flat table to ``csv_path`` if
+    given); return the report's path."""
     run = Path(run_dir)
     rows = load_results(run)
+    if csv_path is not None:
+        write_csv(rows, csv_path)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
     lines = ["# Ablation report", "",
              f"From `{run / 'results.jsonl'}`: {counts['done']} rows done, {counts['skipped']} skipped, "
