@@ -306,8 +306,8 @@ class LLMPruner:
         """The mask of decoding queries over the region's kept columns plus the new tokens (``seen``:
         keys this layer already caches)."""
         q = hidden.shape[1]
-        if mask is None and region.uniform:
-            return None
+        if mask is None and region.uniform and (self._base == "sdpa" or q == 1):
+            return None  # SDPA decodes (and eager decodes one token) without a mask when nothing is padded
         b, kept = region.valid.shape
         new = seen + q - kept  # generated tokens in this layer's cache, these queries included
         if mask is not None:
@@ -420,7 +420,7 @@ class LLMPruner:
         st.valid = valid
         st.row_tokens = counts
         region = _Region(layer, valid, all(c == new_len for c in counts))
-        if not region.uniform:
+        if not region.uniform or self._base != "sdpa":  # eager attention has no causal default: it needs a mask
             causal = torch.ones(new_len, new_len, dtype=torch.bool, device=dev).tril()
             allowed = (causal[None] & valid[:, None, :]) | torch.eye(new_len, dtype=torch.bool, device=dev)[None]
             region.prefill_mask = self._as_mask(allowed[:, None], hidden.dtype)

@@ -156,8 +156,9 @@ def test_keep_all_at_every_stage_is_bit_identical(model_type, batch):
 
 @pytest.mark.parametrize("model_type", TYPES)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_pruned_generate_equals_masked_reference(model_type, batch):
-    model, proc = deep_model(model_type)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_pruned_generate_equals_masked_reference(model_type, batch, attn):
+    model, proc = deep_model(model_type, attn=attn)
     inputs = inputs_for(model_type, batch)
     pipe = resprune.Pipeline(None, budget=0.5, stages=[fastv(0.5, layer=1), fastv(0.5, layer=3, query="instruction")])
     with pipe.attach(model, proc) as attached, torch.no_grad():
