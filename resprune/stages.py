@@ -114,7 +114,7 @@ class Stage:
         if self.merger is None or k >= n:
             return Selection(kept=kept, order=order, k=k, n=n, scores=computed)
         indices, features = run_merger(self.merger, tokens, kept, slots, computed, context, deferred=deferred)
-        merged = _added(indices, kept)  # the carriers of merged tokens come after the picks, in order
+        merged = _added(indices, kept, n)  # the carriers of merged tokens come after the picks, in order
         return Selection(kept=indices, order=torch.cat([order, merged], dim=1), k=k, n=n, scores=computed,
                          features=features)
 
@@ -145,12 +145,12 @@ class Stage:
         return f"Stage({self.where}, budget={self.budget!r}, scorers=[{scorers}], selector={self.selector!r}{merger})"
 
 
-def _added(indices: Tensor, kept: Tensor) -> Tensor:
-    """The entries of each row of ``indices`` that are not in ``kept`` (ascending), ``[B, slots]``."""
+def _added(indices: Tensor, kept: Tensor, n: int) -> Tensor:
+    """The entries of each row of ``indices`` that are not in ``kept`` (ascending), ``[B, slots]``
+    (no host read: a stable sort puts them first)."""
     b = indices.shape[0]
-    is_kept = torch.zeros(b, int(indices.max()) + 1 if indices.numel() else 1, dtype=torch.bool,
-                          device=indices.device)
-    is_kept.scatter_(1, kept.to(indices.device), True)
+    is_kept = torch.zeros(b, n, dtype=torch.bool, device=indices.device).scatter_(1, kept.to(indices.device), True)
     extra = ~is_kept.gather(1, indices)
     slots = indices.shape[1] - kept.shape[1]
-    return indices[extra].view(b, slots)
+    first = torch.sort(extra.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :slots]
+    return indices.gather(1, first)

@@ -26,10 +26,11 @@ from resprune.params import check_range
 
 
 def _dropped(n: int, kept: Tensor) -> Tensor:
-    """``[B, N - k]`` the indices not in ``kept``, ascending."""
+    """``[B, N - k]`` the indices not in ``kept``, ascending (a stable sort: no host read, so a
+    merger inside the LLM does not wait for the device)."""
     b = kept.shape[0]
-    mask = torch.ones(b, n, dtype=torch.bool, device=kept.device).scatter_(1, kept, False)
-    return torch.arange(n, device=kept.device).expand(b, n)[mask].view(b, -1)
+    dropped = torch.ones(b, n, dtype=torch.uint8, device=kept.device).scatter_(1, kept, 0)
+    return torch.sort(dropped, dim=1, descending=True, stable=True).indices[:, : n - kept.shape[1]]
 
 
 def _assign(unit: Tensor, members: Tensor, targets: Tensor) -> Tensor:
@@ -80,10 +81,9 @@ class Contextual(Merger):
             return kept, tokens.gather(1, kept[..., None].expand(*kept.shape, d))
         rest = dropped.shape[1]
         step = max(1, rest // slots)
-        pick = torch.arange(0, rest, step, device=tokens.device)[:slots]
-        is_target = torch.zeros(rest, dtype=torch.bool, device=tokens.device)
-        is_target[pick] = True
-        targets, members = dropped[:, is_target], dropped[:, ~is_target]
+        picked = set(range(0, rest, step)[:slots])  # positions among the dropped, known on the host
+        targets = dropped[:, sorted(picked)]
+        members = dropped[:, [i for i in range(rest) if i not in picked]]
         unit = torch.nn.functional.normalize(tokens, dim=-1)
         owner = _assign(unit, members, targets)
         merged = _average_into(tokens, targets, members, owner)

@@ -356,7 +356,12 @@ def _llm_host_reads(model, run) -> tuple[list[str], int]:
     return mode.reads, len(lists)
 
 
-@pytest.mark.parametrize("config", ["fastv", "pdrop", "dart"])
+MERGING_STAGE = {"budget": 8, "stages": [{"layer": 2, "scorers": [{"name": "llm_attention"}],
+                                           "selector": {"name": "topk", "params": {"score": "llm_attention"}},
+                                           "merger": {"name": "contextual", "params": {"share": 0.25}}}]}
+
+
+@pytest.mark.parametrize("config", ["fastv", "pdrop", "dart", MERGING_STAGE], ids=["fastv", "pdrop", "dart", "merger"])
 def test_stages_inside_the_llm_add_no_host_reads_to_the_forward(config):
     """The language model's forwards (prefill and decode) read back exactly what the unpruned
     model's own mask code reads: budgets are host-side, shapes follow from them, and the
