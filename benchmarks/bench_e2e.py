@@ -168,7 +168,7 @@ def prompts(model_type: str, batch: int) -> tuple[list[Image.Image], list[str]]:
     return images, texts
 
 
-def measure(model: Any, call: Any, gen: Any, inputs_tokens: int, batch: int, new_tokens: int, device: torch.device,
+def measure(model: Any, call: Any, gen: Any, batch: int, new_tokens: int, device: torch.device,
             repeats: int) -> tuple[float, float, float | None]:
     """Prefill ms, generate tokens/s and peak MiB of one variant."""
     with torch.no_grad():
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 inputs = {k: (v.to(torch.bfloat16) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
             t_full = int(inputs["attention_mask"].sum())
             p, tps, peak = measure(model, lambda: model(**inputs), lambda: model.generate(**inputs, **gen_kw),
-                                   t_full, batch, args.new_tokens, device, args.repeats)
+                                   batch, args.new_tokens, device, args.repeats)
             rows.append(Row(model_type, "-", batch, "-", "full", "all", t_full, p, tps, peak,
                             kv_cache_bytes(dims, t_full, value_bytes) / 2**20, prefill_flops(dims, t_full) / 1e12))
             for method in args.methods:
@@ -224,7 +224,7 @@ def measure_method(model: Any, processor: Any, pipe: Any, method: str, inputs: A
     rows = []
     with pipe.attach(model, processor) as attached, torch.no_grad():
         p, tps, peak = measure(model, lambda: model(**inputs), lambda: model.generate(**inputs, **gen_kw),
-                               0, batch, args.new_tokens, device, args.repeats)
+                               batch, args.new_tokens, device, args.repeats)
         model(**inputs)  # the last call's records: kept tokens and the token schedule of a prefill
         last = attached.last
         schedule = last.token_schedule
@@ -242,7 +242,7 @@ def measure_method(model: Any, processor: Any, pipe: Any, method: str, inputs: A
             return rows  # no oracle for a mixed pipeline
         with uniform_stages(pipe).attach(model, processor), torch.no_grad():
             p, tps, peak = measure(model, lambda: model(**inputs), lambda: model.generate(**inputs, **gen_kw),
-                                   0, batch, args.new_tokens, device, args.repeats)
+                                   batch, args.new_tokens, device, args.repeats)
     else:
         def oracle() -> Any:
             encode(model, inputs, frozenset())  # the vision tower still runs; no selection
@@ -252,7 +252,7 @@ def measure_method(model: Any, processor: Any, pipe: Any, method: str, inputs: A
             encode(model, inputs, frozenset())
             return model.generate(input_ids=batch_gen.input_ids, **oracle_gen_kwargs, **gen_kw)
 
-        p, tps, peak = measure(model, oracle, oracle_gen, 0, batch, args.new_tokens, device, args.repeats)
+        p, tps, peak = measure(model, oracle, oracle_gen, batch, args.new_tokens, device, args.repeats)
     rows.append(Row(model.config.model_type, method, batch, budget, "oracle", kept, t_pruned, p, tps, peak,
                     kv_cache_bytes(dims, schedule, value_bytes) / 2**20, prefill_flops(dims, schedule) / 1e12))
     return rows

@@ -315,13 +315,10 @@ _SWITCH = re.compile(r"(stages\.\d+\.)?(selector(\.name)?|scorers\.\d+\.name)")
 
 def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
     found = re.fullmatch(r"(stages\.(\d+)\.)?selector(\.name)?", key)
-    if found and isinstance(value, str):  # also the shorthand selector=divprune
-        owner = _owner(cfg, found.group(2))
-        if owner is not None and _canonical("selectors", value) != _canonical("selectors", owner.selector.name):
+    if found and isinstance(value, str) and (owner := _owner(cfg, found.group(2))) is not None:  # also selector=dpp
+        if _canonical("selectors", value) != _canonical("selectors", owner.selector.name):
             owner.selector = SelectorConfig(name=value)  # a new selector starts from its defaults
-            return
-        if owner is not None:
-            return
+        return
     found = re.fullmatch(r"(stages\.(\d+)\.)?scorers\.(\d+)\.name", key)
     owner = _owner(cfg, found.group(2)) if found else None
     if found and isinstance(value, str) and owner is not None and int(found.group(3)) < len(owner.scorers):

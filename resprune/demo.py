@@ -131,8 +131,8 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
 
     prompt_len = inputs["input_ids"].shape[1]
     t_full = int(inputs["attention_mask"].sum())
-    t_pruned = batch.token_schedule if batch.stages else int(batch.attention_mask.sum())
-    t_last = batch.token_schedule[-1][1]
+    t_pruned = batch.token_schedule  # (first layer, tokens) pairs; one pair without in-LLM stages
+    t_last = t_pruned[-1][1]
     dims = llm_dims(lvlm.config)
     stages = attached.kept_by_stage()
     for where, sels in stages:

@@ -109,8 +109,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         subsets = _subsets(first)
         kept_all: list[list[Tensor]] = [[] for _ in members]
         order_all: list[list[Tensor]] = [[] for _ in members]
-        feats_all: list[list[Tensor]] = [[] for _ in members]
-        merged = False
+        merged_all: list[list[Tensor | None]] = [[] for _ in members]  # a merger's features per subset
         score_all: list[dict[str, Tensor]] = [{} for _ in members]
         for idx, k in subsets(pipeline):
             if k == 0:
@@ -126,12 +125,11 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
             )
             sel = pipeline.run(ctx, k=k)
             kept, order = idx[sel.kept.cpu()], idx[sel.order.cpu()]  # one copy per subset, not per image
-            merged = merged or sel.features is not None
             scores = {name: value.detach().float().cpu() for name, value in sel.scores.items()}
             for j in range(len(members)):
                 kept_all[j].append(kept[j])
                 order_all[j].append(order[j])
-                feats_all[j].append(sel.features[j] if sel.features is not None else kept[j])
+                merged_all[j].append(None if sel.features is None else sel.features[j])
                 for name, value in scores.items():
                     full = torch.full((first.n,), float("nan"))
                     full[idx] = value[j]
@@ -142,11 +140,12 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
             parts = kept_all[j] + ([forced] if forced is not None else [])
             kept, place = torch.cat(parts).sort() if parts else (torch.zeros(0, dtype=torch.long),) * 2
             features = None
-            if merged:  # the merged features, in the order of the kept places (a part without a merge:
-                # its tokens' own features)
-                parts = [f if f.is_floating_point() else feats[j, f.to(feats.device)] for f in feats_all[j]]
+            if any(f is not None for f in merged_all[j]):  # in the order of the kept places; a subset
+                # without a merge (and the forced tokens) keeps its tokens' own features
+                own = [feats[j, part.to(feats.device)] if f is None else f
+                       for f, part in zip(merged_all[j], kept_all[j])]
                 extra = [feats[j, forced.to(feats.device)]] if forced is not None else []
-                features = torch.cat(parts + extra)[place.to(feats.device)]
+                features = torch.cat(own + extra)[place.to(feats.device)]
             order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
             geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
                                     candidates=first.candidates, always=first.always, groups=first.groups,

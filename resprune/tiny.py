@@ -134,21 +134,15 @@ def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -
 
     tv = is_torchvision_available()
     crop = {"height": image_size, "width": image_size}
-    if model_type == "llava":
-        cls = transformers.CLIPImageProcessor if tv else transformers.CLIPImageProcessorPil
-        ip = cls(size={"shortest_edge": image_size}, crop_size=crop)
-        return transformers.LlavaProcessor(
-            image_processor=ip,
-            tokenizer=tok,
-            patch_size=_PATCH,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=_LLAVA_CHAT_TEMPLATE,
-        )
-    if model_type == "llava_next":
-        cls = transformers.LlavaNextImageProcessor if tv else transformers.LlavaNextImageProcessorPil
-        ip = cls(size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=_pinpoints(image_size))
-        return transformers.LlavaNextProcessor(
+    if model_type in ("llava", "llava_next"):
+        if model_type == "llava":
+            cls = transformers.CLIPImageProcessor if tv else transformers.CLIPImageProcessorPil
+            ip, processor = cls(size={"shortest_edge": image_size}, crop_size=crop), transformers.LlavaProcessor
+        else:
+            cls = transformers.LlavaNextImageProcessor if tv else transformers.LlavaNextImageProcessorPil
+            ip = cls(size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=_pinpoints(image_size))
+            processor = transformers.LlavaNextProcessor
+        return processor(
             image_processor=ip,
             tokenizer=tok,
             patch_size=_PATCH,
