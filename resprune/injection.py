@@ -64,7 +64,6 @@ class PrunedBatch:
         features: every image's visual tokens ``[N, D]`` before pruning.
         prune_ms: wall time of the pruning (vision tower + selection + rewrite), measured
             with device synchronisation when the handle's ``profile`` is on.
-        image_columns: per image, the columns of its kept tokens in the rewritten sequence.
         stages: what each in-LLM stage kept (filled after the call).
         output_columns: the original column of each column of the model's output sequence
             (``columns`` unless an in-LLM stage shortened it; filled after the call).
@@ -78,7 +77,6 @@ class PrunedBatch:
     extra: dict[str, Any] = field(default_factory=dict)
     features: list[Tensor] = field(default_factory=list)
     prune_ms: float | None = None
-    image_columns: list[Tensor] = field(default_factory=list)
     row_text: Callable[[int], str] | None = None
     stages: list[StageRecord] = field(default_factory=list)
     output_columns: Tensor | None = None
@@ -273,10 +271,13 @@ class Attached:
         if self._llm is None:
             batch.output_columns = batch.columns
             return original(**kwargs)
-        spans = [Span(image=sel.image, row=sel.row, n=sel.n, alive=sel.kept.clone(),
-                      columns=batch.image_columns[i].clone(),
+        # each image's kept tokens in the rewritten sequence, in order (row-major like the features);
+        # only stages inside the LLM need them, so an input-only pipeline does not pay for the lookup
+        slots = ((batch.input_ids == self.injector.image_token_id(self.model)) & batch.attention_mask.bool()).nonzero()
+        columns = slots[:, 1].split([sel.k for sel in batch.selections])
+        spans = [Span(image=sel.image, row=sel.row, n=sel.n, alive=sel.kept.clone(), columns=cols,
                       positions=None if sel.geometry is None else sel.geometry.positions, geometry=sel.geometry)
-                 for i, sel in enumerate(batch.selections)]
+                 for sel, cols in zip(batch.selections, columns)]
         self._llm.arm(spans, batch.attention_mask, batch.row_text)
         try:
             out = original(**kwargs)
@@ -508,10 +509,6 @@ class PlaceholderInjector(Injector):
             inputs_embeds = inputs_embeds.masked_scatter(image_slots.unsqueeze(-1), feats)
         batch = PrunedBatch(new_ids, new_mask, inputs_embeds, columns, selections,
                             features=[img.features for img in images], row_text=texts)
-        if kept_feats:  # each image's kept tokens, in order, in the new sequence (row-major like the features)
-            slots = ((new_ids == token_id) & new_mask.bool()).nonzero()
-            sizes = [sel.k for sel in selections]
-            batch.image_columns = [part[:, 1] for part in slots.split(sizes)]
         batch.extra = self.extra_inputs(model, inputs, batch, call)
         return batch
 
