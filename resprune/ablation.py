@@ -44,7 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import runfiles
-from .config import load_config, to_yaml
+from .config import load_config, selector_label, to_yaml
 from .costs import llm_dims
 from .data import describe_source, image_digest_of, load_records, open_image, record_digest
 from .errors import ConfigError, MissingDependencyError, ResPruneError, UnknownStrategyError, suggest
@@ -200,7 +200,7 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         shown = {k: v for k, v in applied.items() if k in varying}
         head = [name] if name else []
         if not name or "selector" in values:
-            head.append(selector or _stage_methods(base_cfg))
+            head.append(selector or selector_label(base_cfg))
         method = " ".join(head + [f"{_short(k)}={v}" for k, v in shown.items()])
         budget = applied.get("budget", base_cfg.budget)
         label = f"{method} budget={budget}"
@@ -223,11 +223,6 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         seen[key] = cell
         cells.append(cell)
     return cells
-
-
-def _stage_methods(cfg: Any) -> str:
-    """``topk@2+topk@8``: the selectors of a config's in-LLM stages and their layers."""
-    return "+".join(f"{st.selector.name}@{st.layer}" for st in cfg.stages)
 
 
 def _yaml_value(value: Any) -> str:
@@ -513,7 +508,7 @@ class Ablation:
         return row
 
     def _row(self, out: Path, cell: Cell) -> dict[str, Any]:
-        selector = None if cell.config is None else (cell.config.selector.name or _stage_methods(cell.config))
+        selector = None if cell.config is None else selector_label(cell.config)
         row: dict[str, Any] = {"cell": cell.id, "label": cell.label, "model": self.model_name, "method": cell.method,
                                "selector": selector or cell.params.get("selector", cell.method),
                                "budget": cell.budget, "params": cell.params, "status": "skipped", "reason": cell.skip,

@@ -116,6 +116,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lmms_tasks(args: argparse.Namespace) -> int:
+    from .lmms import TASKS_DIR
+
+    print(TASKS_DIR)
+    return 0
+
+
 def _config_image_args(p: argparse.ArgumentParser, *, prompt: str | None) -> None:
     """CONFIG [overrides] --model M --image IMG --prompt TEXT (``run`` and ``visualize``)."""
     p.add_argument("config", help="shipped config name or YAML path")
@@ -177,12 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_sweep)
 
-    p = sub.add_parser("report", help="markdown tables and plots from a sweep's run folder")
-    p.add_argument("run_dir", help="the folder a sweep wrote")
+    p = sub.add_parser("report", help="markdown tables and plots from a sweep's run folder (or lmms-eval results)")
+    p.add_argument("run_dir", help="the folder a sweep wrote, or lmms-eval's --output_path of resprune runs")
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--csv", metavar="FILE", help="also write the flat table (one row per cell; the columns of "
                                                 "ResultTable.to_pandas) to FILE")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("lmms-tasks", help="print the folder of resprune's lmms-eval tasks (for --include_path)")
+    p.set_defaults(func=_lmms_tasks)
 
     p = sub.add_parser("visualize", help="write the kept-token overlay for a config, image and prompt")
     _config_image_args(p, prompt="Describe the picture.")

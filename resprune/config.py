@@ -42,6 +42,7 @@ from .params import build_params
 from .plugins import get_host
 
 __all__ = [
+    "selector_label",
     "SelectorConfig",
     "ScorerConfig",
     "MergerConfig",
@@ -496,6 +497,12 @@ def _lookup(registry: Any, name: Any, where: str) -> Any:
         return registry.get(name)
     except KeyError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def selector_label(cfg: DictConfig) -> str:
+    """The input stage's selector (``residual_energy``), or for a config that prunes only inside
+    the LLM its stages' selectors and layers (``topk@2+topk@8``)."""
+    return cfg.selector.name or "+".join(f"{st.selector.name}@{st.layer}" for st in cfg.stages)
 
 
 def to_yaml(cfg: DictConfig) -> str:

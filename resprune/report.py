@@ -1,7 +1,8 @@
 """Reports of a sweep: the paper's table layout in markdown, and metric-vs-budget plots.
 
-``resprune report RUN_DIR`` reads ``RUN_DIR/results.jsonl`` and writes ``report.md`` and
-``plots/`` beside it. Tables: the unpruned model first, then one block per budget with a
+``resprune report RUN_DIR`` reads ``RUN_DIR/results.jsonl`` (or, for a folder of lmms-eval
+results, every ``*_results.json`` of the ``resprune`` model: ``resprune.lmms.results``) and
+writes ``report.md`` and ``plots/`` beside it. Tables: the unpruned model first, then one block per budget with a
 row per method, the metrics as columns (best of each block in bold) and the paper's
 ``Rel.`` column.
 """
@@ -46,13 +47,20 @@ _REQUIRED = ("model", "status", "method", "budget", "metrics")
 
 
 def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``RUN_DIR/results.jsonl``; ``InvalidInputError`` naming ``file:line`` if one is bad."""
+    """The rows of ``RUN_DIR/results.jsonl`` (or of the lmms-eval results under ``RUN_DIR``);
+    ``InvalidInputError`` naming ``file:line`` if one is bad."""
+    from .lmms.results import is_lmms_eval_dir, load_lmms_eval
+
     run = Path(run_dir)
     if not run.is_dir():
-        raise InvalidInputError(f"run folder '{run}' not found: pass a folder written by `resprune sweep`.")
+        raise InvalidInputError(f"run folder '{run}' not found: pass a folder written by `resprune sweep` "
+                                "(or lmms-eval's --output_path).")
+    if is_lmms_eval_dir(run):
+        return load_lmms_eval(run)
     path = run / "results.jsonl"
     if not path.is_file():
-        raise InvalidInputError(f"{path} not found: is '{run_dir}' a folder written by `resprune sweep`?")
+        raise InvalidInputError(f"{path} not found: is '{run_dir}' a folder written by `resprune sweep` "
+                                "(or lmms-eval's --output_path)?")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
@@ -100,8 +108,8 @@ def _fmt(name: str, value: float | None) -> str:
     if not _number(value):  # missing, NaN or infinite
         return "–"
     if is_percent(name):
-        return f"{100 * value:.3g}"
-    return f"{value:.3g}"
+        value = 100 * value
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"  # MME's 1862, not 1.86e+03
 
 
 def _budget_title(budget: Any) -> str:
@@ -247,18 +255,24 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
                  csv_path: str | Path | None = None) -> Path:
     """Write ``RUN_DIR/report.md`` (and ``RUN_DIR/plots/``; the flat table to ``csv_path`` if
     given); return the report's path."""
+    from .lmms.results import is_lmms_eval_dir, lmms_columns
+
     run = Path(run_dir)
     rows = load_results(run)
     if csv_path is not None:
         write_csv(rows, csv_path)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+    lmms = is_lmms_eval_dir(run)
+    source = f"the lmms-eval results under `{run}`" if lmms else f"`{run / 'results.jsonl'}`"
     lines = ["# Ablation report", "",
-             f"From `{run / 'results.jsonl'}`: {counts['done']} rows done, {counts['skipped']} skipped, "
+             f"From {source}: {counts['done']} rows done, {counts['skipped']} skipped, "
              f"{counts['failed']} failed.", ""]
     for model in sorted({r["model"] for r in rows}):
-        lines += [f"## {model}", "", results_table(rows, metrics=metrics, model=model), ""]
+        mine = [r for r in rows if r["model"] == model]
+        names = metrics or (lmms_columns(mine) if lmms else None)
+        lines += [f"## {model}", "", results_table(rows, metrics=names, model=model), ""]
         if plots:
-            names = metrics or _metric_names([r for r in rows if r["model"] == model])
+            names = names or _metric_names(mine)
             for name in names:
                 for path in plot_metric_vs_budget(rows, name, run / "plots" / slug(f"{model}_{name}"), model=model):
                     if path.suffix == ".png":

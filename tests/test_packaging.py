@@ -57,6 +57,10 @@ def test_built_wheel_installs_and_imports_subpackages(tmp_path):
         assert init.relative_to(ROOT).as_posix() in names, init
     assert "resprune/backbones/__init__.py" in names
     assert "resprune/configs/resprune-llava15.yaml" in names
+    for task_file in ("resprune_samples.yaml", "utils.py"):  # the lmms-eval task ships with its code
+        assert f"resprune/lmms/tasks/resprune_samples/{task_file}" in names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "[lmms_eval.models]\nresprune = resprune.lmms:manifests" in zipfile.ZipFile(wheel).read(entry_points).decode()
     assert any(n.startswith("resprune/data/photos/") and n.endswith(".jpg") for n in names)
     assert not any(n.startswith(("strategies/", "backbones/", "tests/")) for n in names)
 

@@ -1,0 +1,388 @@
+"""The ``resprune`` model of lmms-eval: any supported checkpoint, pruned by any pipeline.
+
+lmms-eval hands the model batches of requests; this module renders each one with the
+checkpoint's own chat template, prunes and generates with ``pipeline.attach`` (the model's own
+``generate``), and records per request the visual tokens kept, the prefill FLOPs (Eq. 18)
+before and after, the KV cache and the selection time. The per-request prompt length the LLM
+ran on goes to lmms-eval as ``token_counts.input_tokens`` (its efficiency summary); the means
+go to lmms-eval's ``throughput`` block as ``avg_resprune.<metric>.<key>`` (e.g.
+``avg_resprune.flops.ratio``), which ``resprune report`` reads back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.protocol import ChatMessages
+from PIL import Image
+from tqdm import tqdm
+
+from ..costs import LLMDims, kv_cache_bytes, llm_dims, prefill_flops
+from ..errors import ConfigError, InvalidInputError
+from ..models import load_model
+from ..pipeline import Pipeline, load_pipeline
+from ..prompts import tokenizer_of
+from . import MODEL_ARGS, NO_PRUNING, parse_model_args
+
+__all__ = ["ResPrune", "ResPruneSimple", "Request", "RequestStats"]
+
+STATS_PREFIX = "resprune."
+"""Prefix of the keys this model adds to lmms-eval's ``throughput`` block (``avg_`` in front)."""
+
+
+@dataclass
+class Request:
+    """One request, ready for the processor: the chat ``messages`` (images as
+    ``{"type": "image"}``), the ``images`` in order, the task and the generation settings."""
+
+    messages: list[dict[str, Any]]
+    images: list[Image.Image]
+    task: str
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)
+    continuation: str | None = None  # loglikelihood requests
+
+
+@dataclass
+class RequestStats:
+    """What pruning did to one request (token counts are the prompt's, visual and text)."""
+
+    visual: int
+    visual_kept: int
+    prompt_full: int
+    schedule: list[tuple[int, int]]
+    selection_ms: float | None
+
+
+class ResPrune(lmms):
+    """``--model resprune``: lmms-eval's chat interface (``doc_to_messages``).
+
+    Args:
+        pretrained: a hub id, a local checkpoint folder, or ``tiny:<model_type>[:layers]``.
+        pipeline: a shipped config name or a YAML path; ``none`` runs the unpruned model.
+        device: ``cuda`` (``cuda:<LOCAL_RANK>`` under ``accelerate launch``), ``cpu``, ...;
+            default: CUDA when there is one.
+        dtype: ``auto`` (the checkpoint's), ``bfloat16``, ``float16``, ``float32``.
+        batch_size: prompts per ``generate`` call (left-padded).
+        seed: the seed of a tiny model's random weights.
+        **overrides: dotlist overrides of the pipeline config (``budget=64``).
+    """
+
+    is_simple = False
+
+    def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", pipeline: str = "resprune-llava15",
+                 device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
+                 max_batch_size: int | None = None, seed: int = 0, **overrides: Any) -> None:
+        super().__init__()
+        _, dotlist = parse_model_args(overrides)
+        self.batch_size_per_gpu = _positive_int(batch_size, "batch_size")
+        self._rank = int(os.environ.get("RANK", 0))
+        self._world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.pipeline_name = str(pipeline)
+        self.pipeline = _pipeline(self.pipeline_name, dotlist)
+        self._model, self.processor = load_model(str(pretrained), device=_device(device), dtype=str(dtype),
+                                                 seed=int(seed))
+        self.tokenizer = tokenizer_of(self.processor)
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = "left"
+        self.dims: LLMDims = llm_dims(self._model.config)
+        self.image_token_id = _image_token_id(self._model.config)
+        self.attached = None
+        if self.pipeline is not None:
+            self.attached = self.pipeline.attach(self._model, self.processor)
+            self.attached.profile = True  # selection time, synchronised on a GPU
+
+    # --- what lmms-eval reads ------------------------------------------------------------
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._model.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    # --- requests ----------------------------------------------------------------------
+
+    def request(self, instance: Instance) -> Request:
+        """A chat request: ``(context, doc_to_messages, gen_kwargs, doc_id, task, split)``."""
+        _, doc_to_messages, gen_kwargs, doc_id, task, split = instance.args
+        messages = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+        turns, images = [], []
+        for message in messages.messages:
+            content: list[dict[str, Any]] = []
+            for part in message.content:
+                if part.type == "text":
+                    content.append({"type": "text", "text": part.text})
+                elif part.type == "image":
+                    content.append({"type": "image"})
+                    images.append(_image(part.url, task))
+                else:
+                    raise InvalidInputError(f"lmms-eval task '{task}': a {part.type} input; resprune prunes the "
+                                            "visual tokens of images (videos and audio are not supported).")
+            turns.append({"role": message.role, "content": content})
+        return Request(turns, images, task, dict(gen_kwargs or {}))
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Greedy (or sampled) answers, batched by generation settings, longest prompts first."""
+        items = [self.request(r) for r in requests]
+        results: list[GenerationResult | None] = [None] * len(items)
+        stats: list[RequestStats] = []
+        elapsed, new_tokens = 0.0, 0
+        batches = _batches(items, self.batch_size_per_gpu)
+        bar = tqdm(total=len(items), disable=self.rank != 0, desc="resprune generating")
+        for batch in batches:
+            answers, counts, batch_stats, seconds = self._generate([items[i] for i in batch])
+            for i, answer, count, st in zip(batch, answers, counts, batch_stats, strict=True):
+                results[i] = GenerationResult(text=answer, token_counts=TokenCounts(
+                    input_tokens=st.schedule[0][1], output_tokens=count))
+            stats += batch_stats
+            elapsed += seconds
+            new_tokens += sum(counts)
+            bar.update(len(batch))
+        bar.close()
+        self._log(stats, elapsed, new_tokens)
+        return [r for r in results if r is not None]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise NotImplementedError("resprune's chat model generates; for loglikelihood tasks run lmms-eval "
+                                  "with --force_simple (the simple resprune model scores continuations).")
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise NotImplementedError("resprune: multi-round generation is not supported.")
+
+    # --- the work ------------------------------------------------------------------------
+
+    def inputs(self, items: Sequence[Request], suffixes: Sequence[str] | None = None) -> Any:
+        """The processor's left-padded batch of ``items`` (chat template, generation prompt
+        appended, then ``suffixes`` if given), on the model's device and dtype."""
+        texts = [self.processor.apply_chat_template(it.messages, add_generation_prompt=True, tokenize=False)
+                 for it in items]
+        if suffixes is not None:
+            texts = [t + s for t, s in zip(texts, suffixes, strict=True)]
+        images = [im for it in items for im in it.images]
+        batch = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
+        return batch.to(self._model.device, dtype=self._model.dtype)
+
+    def _generate(self, items: list[Request]) -> tuple[list[str], list[int], list[RequestStats], float]:
+        settings = _generation_settings(items[0].gen_kwargs, self.tokenizer)
+        until = settings.pop("until")
+        inputs = self.inputs(items)
+        calls = self.attached.calls if self.attached is not None else 0
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, **settings)
+        seconds = time.perf_counter() - start
+        new = out[:, inputs["input_ids"].shape[1]:]
+        answers, counts = [], []
+        pad = settings.get("pad_token_id")
+        for row in new:
+            ids = row[row != pad] if pad is not None else row
+            answers.append(_cut(self.tokenizer.decode(ids, skip_special_tokens=True), until))
+            counts.append(int(ids.numel()))
+        return answers, counts, self._stats(inputs, calls), seconds
+
+    def _stats(self, inputs: Any, calls_before: int) -> list[RequestStats]:
+        """Per prompt of the call: visual tokens in and kept, the prompt's token schedule."""
+        mask = inputs["attention_mask"]
+        full = mask.sum(dim=1).tolist()
+        rows = len(full)
+        pruned = self.attached is not None and self.attached.calls > calls_before
+        if not pruned:  # no pruning (pipeline=none, or a prompt without images)
+            visual = ((inputs["input_ids"] == self.image_token_id) & mask.bool()).sum(dim=1).tolist() \
+                if self.image_token_id is not None else [0] * rows
+            return [RequestStats(v, v, t, [(0, t)], None) for v, t in zip(visual, full)]
+        batch = self.attached.last
+        per_row_ms = None if batch.prune_ms is None else batch.prune_ms / rows
+        stages = [(0, batch.selections)] + [(rec.layer, rec.selections) for rec in batch.stages]
+        out = []
+        for r in range(rows):
+            visual = sum(s.n for s in batch.selections if s.row == r)
+            kept = [sum(s.k for s in sels if s.row == r) for _, sels in stages]
+            schedule = [(layer, full[r] - (visual - k)) for (layer, _), k in zip(stages, kept)]
+            out.append(RequestStats(visual, kept[-1], full[r], schedule, per_row_ms))
+        return out
+
+    def _log(self, stats: list[RequestStats], seconds: float, new_tokens: int) -> None:
+        """The means of ``stats`` into lmms-eval's throughput summary (one entry per call)."""
+        if not stats:
+            return
+        log_metrics(total_elapsed_time=seconds, total_gen_tokens=new_tokens,
+                    avg_speed=new_tokens / seconds if seconds > 0 else 0.0,
+                    additional_metrics={STATS_PREFIX + k: v for k, v in summarize(stats, self.dims).items()})
+
+    def clean(self) -> None:
+        if self.attached is not None:
+            self.attached.remove()
+        super().clean()
+
+
+class ResPruneSimple(ResPrune):
+    """``--model resprune --force_simple``: lmms-eval's simple interface (``doc_to_visual`` and
+    the context string); also scores continuations (loglikelihood tasks)."""
+
+    is_simple = True
+
+    def request(self, instance: Instance) -> Request:
+        """A simple request: ``(context, gen_kwargs | target, doc_to_visual, doc_id, task, split)``."""
+        context, second, doc_to_visual, doc_id, task, split = instance.args
+        doc = self.task_dict[task][split][doc_id]
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+        images = [_image(v, task) for v in _flat(visuals)]
+        text = context.replace("<image>", " ").strip() if images else context
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        req = Request([{"role": "user", "content": content}], images, task)
+        if instance.request_type == "loglikelihood":
+            req.continuation = second if isinstance(second, str) else second(doc)
+        else:
+            req.gen_kwargs = dict(second or {})
+        return req
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """``(log p(continuation | prompt), whether greedy decoding gives it)`` per request, the
+        prompt pruned like a generation's."""
+        out: list[tuple[float, bool]] = []
+        stats: list[RequestStats] = []
+        start = time.perf_counter()
+        for instance in tqdm(requests, disable=self.rank != 0, desc="resprune scoring"):
+            item = self.request(instance)
+            prompt_len = self.inputs([item])["input_ids"].shape[1]
+            inputs = self.inputs([item], [item.continuation or ""])
+            n = inputs["input_ids"].shape[1] - prompt_len
+            if n <= 0:
+                raise InvalidInputError(f"lmms-eval task '{item.task}': an empty continuation to score.")
+            calls = self.attached.calls if self.attached is not None else 0
+            with torch.inference_mode():
+                logits = self._model(**inputs).logits
+            logp = torch.log_softmax(logits[0, -n - 1:-1].float(), dim=-1)
+            target = inputs["input_ids"][0, -n:]
+            out.append((float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())))
+            stats += self._stats(inputs, calls)
+        self._log(stats, time.perf_counter() - start, 0)
+        return out
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def summarize(stats: Sequence[RequestStats], dims: LLMDims) -> dict[str, float]:
+    """Means over requests, keyed like resprune's sweep metrics: ``tokens.visual``,
+    ``tokens.visual_kept``, ``tokens.prompt``, ``flops.prefill_tflops``, ``flops.ratio``,
+    ``kv_cache.mib``, ``latency.selection_ms`` (when measured), and ``requests``."""
+    n = len(stats)
+    flops = [prefill_flops(dims, s.schedule) for s in stats]
+    full = [prefill_flops(dims, s.prompt_full) for s in stats]
+    out = {"tokens.visual": sum(s.visual for s in stats) / n,
+           "tokens.visual_kept": sum(s.visual_kept for s in stats) / n,
+           "tokens.prompt": sum(s.schedule[0][1] for s in stats) / n,
+           "flops.prefill_tflops": sum(flops) / n / 1e12,
+           "flops.ratio": sum(f / g for f, g in zip(flops, full) if g) / n,
+           "kv_cache.mib": sum(kv_cache_bytes(dims, s.schedule) for s in stats) / n / 2**20,
+           "requests": float(n)}
+    timed = [s.selection_ms for s in stats if s.selection_ms is not None]
+    if timed:
+        out["latency.selection_ms"] = sum(timed) / len(timed)
+    return out
+
+
+def _pipeline(name: str, overrides: list[str]) -> Pipeline | None:
+    if name == NO_PRUNING:
+        if overrides:
+            raise ConfigError(f"model_args: pipeline=none runs the unpruned model; drop the overrides {overrides}.")
+        return None
+    try:
+        return load_pipeline(name, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"model_args of lmms-eval model 'resprune' (model arguments: {', '.join(MODEL_ARGS)}; "
+                          f"every other key overrides pipeline '{name}'): {exc}") from exc
+
+
+def _device(device: str | None) -> str:
+    """``cuda:<LOCAL_RANK>`` for ``cuda`` or nothing when CUDA is there (one process per GPU
+    under ``accelerate launch``); otherwise what was asked, or ``cpu``."""
+    if device in (None, "cuda") and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device or "cpu"
+
+
+def _positive_int(value: Any, name: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise ConfigError(f"lmms-eval model 'resprune': {name}={value!r} must be a positive integer "
+                          "('auto' batch sizes are not supported).")
+    return number
+
+
+def _image_token_id(config: Any) -> int | None:
+    value = getattr(config, "image_token_id", None)
+    return int(value) if value is not None else getattr(config, "image_token_index", None)
+
+
+def _image(value: Any, task: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    raise InvalidInputError(f"lmms-eval task '{task}': expected PIL images from the task, got "
+                            f"{type(value).__name__} (videos and audio are not supported).")
+
+
+def _flat(values: Any) -> list[Any]:
+    out: list[Any] = []
+    for v in values or []:
+        out.extend(_flat(v) if isinstance(v, (list, tuple)) else [v])
+    return out
+
+
+def _batches(items: Sequence[Request], size: int) -> list[list[int]]:
+    """Indices in batches of ``size`` that share generation settings, longest prompts first
+    (a batch pads to its longest prompt; out-of-memory shows in the first batch)."""
+    def key(i: int) -> tuple[str, int]:
+        text = sum(len(p.get("text", "")) for m in items[i].messages for p in m["content"])
+        return repr(sorted(items[i].gen_kwargs.items())), -text
+
+    out: list[list[int]] = []
+    for i in sorted(range(len(items)), key=key):
+        if out and len(out[-1]) < size and key(out[-1][0])[0] == key(i)[0]:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _generation_settings(gen_kwargs: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """lmms-eval's ``generation_kwargs`` as ``generate`` arguments (greedy unless
+    ``temperature`` > 0; 1024 new tokens unless the task says), ``until`` kept aside."""
+    gk = dict(gen_kwargs)
+    until = gk.pop("until", None)
+    until = [until] if isinstance(until, str) else list(until or [])
+    temperature = float(gk.pop("temperature", 0) or 0)
+    sample = temperature > 0
+    top_p = gk.pop("top_p", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return {"until": until, "max_new_tokens": int(gk.pop("max_new_tokens", 1024)), "do_sample": sample,
+            "temperature": temperature if sample else None, "top_p": top_p if sample else None,
+            "num_beams": int(gk.pop("num_beams", 1) or 1), "pad_token_id": pad if pad is not None else eos,
+            "use_cache": True}
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first stop string of ``until``."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+

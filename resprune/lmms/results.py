@@ -1,0 +1,223 @@
+"""lmms-eval result files as resprune result rows: ``resprune report`` lays them out like a sweep.
+
+``python -m lmms_eval --model resprune ... --output_path DIR`` writes
+``DIR/<model>/<date>_results.json`` per run. ``load_lmms_eval(DIR)`` reads every such file of the
+``resprune`` model and makes one row per (checkpoint, pipeline, overrides, run settings), the
+newest file winning for a task run twice. A row's metrics are:
+
+- per task, its **headline score** under the task's name (``gqa``, ``mme``, ``pope``): the
+  score the paper's tables print (``HEADLINE``; MME is perception + cognition, fractions are
+  shown in %), else the task's first higher-is-better metric;
+- every numeric metric as ``<task>.<metric>`` (``pope.pope_accuracy``; a filter other than
+  ``none`` as ``<metric>@<filter>``), lmms-eval's raw values;
+- what the model measured (means over the requests): ``tokens.visual``, ``tokens.visual_kept``,
+  ``tokens.prompt``, ``flops.prefill_tflops``, ``flops.ratio``, ``kv_cache.mib``,
+  ``latency.selection_ms``.
+
+The ``pipeline=none`` run of a checkpoint is its ``full`` row; every row's ``rel`` is the mean
+over the headline scores it shares with that row of (score / full score), the paper's Rel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ..errors import ConfigError, InvalidInputError
+from . import MODEL_ID, NO_PRUNING, parse_model_args
+
+__all__ = ["HEADLINE", "EFFICIENCY", "is_lmms_eval_dir", "load_lmms_eval", "lmms_columns", "result_files"]
+
+HEADLINE: dict[str, tuple[tuple[str, ...], float]] = {
+    "mme": (("mme_perception_score", "mme_cognition_score"), 1.0),
+    "gqa": (("exact_match",), 100.0),
+    "scienceqa_img": (("exact_match",), 100.0),
+    "pope": (("pope_f1_score",), 100.0),
+    "pope_pop": (("pope_f1_score",), 100.0),
+    "pope_adv": (("pope_f1_score",), 100.0),
+    "pope_random": (("pope_f1_score",), 100.0),
+    "textvqa_val": (("exact_match",), 100.0),
+    "vizwiz_vqa_val": (("exact_match",), 100.0),
+    "vqav2_val": (("exact_match",), 100.0),
+    "mmbench_en_dev": (("gpt_eval_score",), 1.0),
+    "mmvet": (("gpt_eval_score",), 1.0),
+    "resprune_samples": (("exact_match",), 100.0),
+}
+"""Task -> (metrics summed, scale) of its headline score: what the paper prints (MME total;
+GQA, ScienceQA-IMG, TextVQA, VizWiz, VQAv2 accuracy in %; POPE F1 in %; MMBench and MM-Vet as
+lmms-eval reports them). Other tasks: their first higher-is-better metric, as reported."""
+
+EFFICIENCY = ("tokens.visual_kept", "flops.ratio", "latency.selection_ms")
+"""The measured columns a report shows after the scores."""
+
+_STATS = "avg_resprune."
+
+
+def result_files(path: str | Path) -> list[Path]:
+    """lmms-eval's aggregated result files under ``path`` (``*_results.json``, any depth)."""
+    root = Path(path)
+    return sorted(p for p in root.rglob("*_results.json") if p.is_file())
+
+
+def is_lmms_eval_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a folder holding lmms-eval result files (and no sweep's results)."""
+    root = Path(path)
+    return root.is_dir() and not (root / "results.jsonl").exists() and bool(result_files(root))
+
+
+def load_lmms_eval(path: str | Path) -> list[dict[str, Any]]:
+    """The result rows of every ``resprune`` run under ``path`` (see the module docstring);
+    ``InvalidInputError`` naming the file if one cannot be read."""
+    files = result_files(path)
+    if not files:
+        raise InvalidInputError(f"no lmms-eval result files (*_results.json) under '{path}': pass the folder given "
+                                "to lmms-eval's --output_path.")
+    runs = [run for run in (_read(f) for f in files) if run is not None]
+    if not runs:
+        raise InvalidInputError(f"the lmms-eval results under '{path}' are from other models; none has "
+                                f"--model {MODEL_ID}.")
+    rows: dict[str, dict[str, Any]] = {}
+    for run in sorted(runs, key=lambda r: (r["date"], str(r["file"]))):  # newer files overwrite older tasks
+        row = rows.setdefault(run["cell"], _new_row(run))
+        row["metrics"].update(run["metrics"])
+        row["tasks"].update(run["tasks"])
+        row["sources"].append(str(run["file"]))
+    out = list(rows.values())
+    for row in out:
+        row["examples"] = sum(row["tasks"].values())
+        row["tasks"] = sorted(row["tasks"])
+    _relative(out)
+    return out
+
+
+def lmms_columns(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """A report's columns: the headline score of each task (the paper's benchmark order for
+    the ones ``HEADLINE`` knows, then the others by name), then the measured ``EFFICIENCY``."""
+    rows = list(rows)
+    tasks = {t for r in rows for t in r.get("tasks", ())}
+    order = list(HEADLINE)
+    tasks_sorted = sorted(tasks, key=lambda t: (order.index(t) if t in order else len(order), t))
+    return tasks_sorted + [m for m in EFFICIENCY if any(m in r["metrics"] for r in rows)]
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError(f"{path}: not a readable lmms-eval result file ({exc}); an interrupted run leaves "
+                                "one half-written: delete it and run that evaluation again.") from None
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict) or not isinstance(data.get("results"), dict):
+        raise InvalidInputError(f"{path}: no 'config' and 'results' blocks; not an lmms-eval result file.")
+    if config.get("model") != MODEL_ID:
+        return None
+    raw_args = config.get("model_args") or ""
+    try:
+        args, overrides = parse_model_args(raw_args if isinstance(raw_args, str) else dict(raw_args))
+    except ConfigError as exc:
+        raise InvalidInputError(f"{path}: config.model_args: {exc}") from None
+    pipeline = str(args.get("pipeline", "resprune-llava15"))
+    model = str(args.get("pretrained", "llava-hf/llava-1.5-7b-hf"))
+    settings = {k: config.get(k) for k in ("limit", "offset", "gen_kwargs") if config.get(k) not in (None, "", 0)}
+    settings.update({k: args[k] for k in ("dtype", "seed") if k in args})
+    key = json.dumps([model, pipeline, sorted(overrides), settings], sort_keys=True, default=str)
+    subtasks = {t for group in (data.get("group_subtasks") or {}).values() for t in group}
+    metrics, tasks = _scores(data, subtasks)
+    stats = data.get("throughput") or {}
+    metrics.update({k[len(_STATS):]: float(v) for k, v in stats.items()
+                    if k.startswith(_STATS) and k != _STATS + "requests" and _number(v)})
+    return {"file": path, "date": str(data.get("date") or ""), "cell": hashlib.sha1(key.encode()).hexdigest()[:10],
+            "model": model, "pipeline": pipeline, "overrides": overrides, "settings": settings,
+            "metrics": metrics, "tasks": tasks}
+
+
+def _scores(data: dict[str, Any], subtasks: set[str]) -> tuple[dict[str, float], dict[str, int]]:
+    """Headline and detailed scores of the file's tasks, and each top-level task's examples."""
+    metrics: dict[str, float] = {}
+    tasks: dict[str, int] = {}
+    higher = data.get("higher_is_better") or {}
+    counts = data.get("n-samples") or {}
+    for task, values in data["results"].items():
+        if not isinstance(values, dict):
+            continue
+        plain: dict[str, float] = {}
+        for key, value in values.items():
+            name, _, filt = key.partition(",")
+            if "_stderr" in name or not _number(value):
+                continue
+            plain[name if filt in ("", "none") else f"{name}@{filt}"] = float(value)
+        metrics.update({f"{task}.{name}": v for name, v in plain.items()})
+        if task in subtasks:
+            continue  # a group's member: the group's own row counts
+        headline = _headline(task, plain, higher.get(task) or {})
+        if headline is not None:
+            metrics[task] = headline
+            tasks[task] = int((counts.get(task) or {}).get("effective", 0))
+    return metrics, tasks
+
+
+def _headline(task: str, values: dict[str, float], higher: dict[str, bool]) -> float | None:
+    names, scale = HEADLINE.get(task, ((), 1.0))
+    if names and all(n in values for n in names):
+        return scale * sum(values[n] for n in names)
+    first = next((n for n in values if higher.get(n.split("@")[0], True)), None)
+    return None if first is None else values[first]
+
+
+def _new_row(run: dict[str, Any]) -> dict[str, Any]:
+    full = run["pipeline"] == NO_PRUNING
+    params = _params(run["overrides"])
+    budget = params.pop("budget", None)
+    selector = None
+    if not full:
+        try:
+            from ..config import load_config, selector_label
+
+            cfg = load_config(run["pipeline"], run["overrides"])
+            budget, selector = cfg.budget, selector_label(cfg)
+        except Exception:  # noqa: BLE001 (a pipeline YAML no longer present: keep what the run says)
+            pass
+    method = "full" if full else Path(run["pipeline"]).name.removesuffix(".yaml")
+    extra = " ".join(f"{k}={v}" for k, v in params.items())
+    settings = " ".join(f"{k}={v}" for k, v in run["settings"].items())
+    label = " ".join(x for x in (method, extra, None if full else f"budget={budget}",
+                                 f"({settings})" if settings else "") if x)
+    if extra:
+        method = f"{method} {extra}"
+    return {"model": run["model"], "cell": run["cell"], "label": label, "method": method, "selector": selector,
+            "budget": budget, "params": {"pipeline": run["pipeline"], **params, **run["settings"]},
+            "status": "done", "reason": None, "examples": 0, "metrics": {}, "rel": None, "tasks": {},
+            "sources": []}
+
+
+def _params(overrides: Iterable[str]) -> dict[str, Any]:
+    """Dotlist overrides as ``{dotted key: value}`` (values parsed the way the config parses them)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+        out[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return out
+
+
+def _relative(rows: list[dict[str, Any]]) -> None:
+    """Each row's ``rel`` against its checkpoint's ``full`` row (mean ratio of shared headline scores)."""
+    for model in {r["model"] for r in rows}:
+        group = [r for r in rows if r["model"] == model]
+        full = next((r for r in group if r["method"] == "full"), None)
+        if full is None:
+            continue
+        for row in group:
+            ratios = [row["metrics"][t] / full["metrics"][t] for t in row["tasks"]
+                      if t in full["tasks"] and _number(row["metrics"].get(t)) and full["metrics"].get(t)]
+            row["rel"] = sum(ratios) / len(ratios) if ratios else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

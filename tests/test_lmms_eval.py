@@ -1,0 +1,218 @@
+"""resprune as an lmms-eval model, for real: the entry point, requests in and answers out,
+the measured token counts against a reference, and `python -m lmms_eval` end to end on the
+bundled offline task, then `resprune report` on its output.
+
+Needs lmms-eval (CI installs it in a step of its own: `pip install --no-deps lmms-eval==0.7.3`
+plus what it imports; see docs/lmms-eval.md). Without it these tests skip, unless
+RESPRUNE_REQUIRE_LMMS_EVAL=1 (CI) makes a missing lmms-eval a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from resprune.costs import llm_dims, prefill_flops
+from resprune.data import sample_questions
+from resprune.errors import ConfigError
+from resprune.models import chat_inputs
+from resprune.lmms import MODEL_ID, TASKS_DIR
+
+if os.environ.get("RESPRUNE_REQUIRE_LMMS_EVAL") == "1":
+    import lmms_eval  # noqa: F401 (a missing lmms-eval fails here)
+else:
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (see docs/lmms-eval.md)")
+
+from lmms_eval.api.instance import Instance  # noqa: E402
+from lmms_eval.models import get_model  # noqa: E402
+from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from resprune.lmms.model import ResPrune, ResPruneSimple  # noqa: E402
+
+TASK, SPLIT = "samples", "test"
+GEN = {"max_new_tokens": 3, "temperature": 0, "until": ["\n\n"]}
+
+
+@pytest.fixture(scope="module")
+def docs():
+    out = []
+    for rec in sample_questions():
+        with Image.open(rec["image"]) as im:
+            out.append({**rec, "picture": im.convert("RGB")})
+    return out
+
+
+def _messages(doc):
+    return [{"role": "user", "content": [{"type": "image", "url": doc["picture"]},
+                                         {"type": "text", "text": doc["question"]}]}]
+
+
+def chat_requests(docs, gen=GEN):
+    return [Instance("generate_until", (d["question"], _messages, dict(gen), i, TASK, SPLIT), 0,
+                     {"task": TASK, "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+
+
+def load(model_args, docs, cls=ResPrune, **extra):
+    lm = cls.create_from_arg_string(model_args, {"device": "cpu", **extra})
+    lm.task_dict = {TASK: {SPLIT: docs}}
+    return lm
+
+
+def full_lengths(lm, docs):
+    """Reference: the unpruned prompt length of each request, from the processor alone."""
+    return [int(chat_inputs(lm.processor, [d["picture"]], [d["question"]])["attention_mask"].sum()) for d in docs]
+
+
+def last_stats():
+    entry = get_logged_metrics_history()[-1]
+    return {k[len("resprune."):]: v for k, v in entry.items() if k.startswith("resprune.")}
+
+
+def test_entry_point_registers_both_interfaces():
+    assert get_model(MODEL_ID) is ResPrune and ResPrune.is_simple is False
+    assert get_model(MODEL_ID, force_simple=True) is ResPruneSimple and ResPruneSimple.is_simple is True
+
+
+def test_model_args_become_pipeline_overrides(docs):
+    lm = load("pretrained=tiny:llava,pipeline=resprune-llava15,budget=48,selector.params.alpha=0.25", docs,
+              batch_size=2)
+    assert lm.pipeline.config.budget == 48 and lm.pipeline.config.selector.params.alpha == 0.25
+    assert lm.batch_size == 2 and lm.device.type == "cpu"
+    for args, match in (("pipeline=none,budget=64", "pipeline=none runs the unpruned model"),
+                        ("pipeline=resprune-llava15,pretrainedd=x", "model_args of lmms-eval model 'resprune'.*"
+                                                                   "pretrainedd"),
+                        ("pipeline=resprune-llava15,budget=-3", "budget")):
+        with pytest.raises(ConfigError, match=match):
+            load(f"pretrained=tiny:llava,{args}", docs)
+    with pytest.raises(ConfigError, match="batch_size='auto' must be a positive integer"):
+        load("pretrained=tiny:llava", docs, batch_size="auto")
+
+
+def test_token_counts_match_the_reference_at_any_batch_size(docs):
+    lm = load("pretrained=tiny:llava,pipeline=resprune-llava15,budget=64", docs)
+    full = full_lengths(lm, docs)
+    dims = llm_dims(lm.model.config)
+    seen = {}
+    for size in (1, 3):
+        lm.batch_size_per_gpu = size
+        reset_logged_metrics()
+        out = lm.generate_until(chat_requests(docs))
+        assert [r.token_counts.input_tokens for r in out] == [t - (576 - 64) for t in full]
+        assert all(isinstance(r.text, str) and r.token_counts.output_tokens <= 3 for r in out)
+        stats = last_stats()
+        assert stats["tokens.visual"] == 576 and stats["tokens.visual_kept"] == 64
+        assert stats["requests"] == len(docs)
+        ratio = sum(prefill_flops(dims, t - 512) / prefill_flops(dims, t) for t in full) / len(full)
+        assert stats["flops.ratio"] == pytest.approx(ratio)
+        assert stats["latency.selection_ms"] > 0
+        seen[size] = [r.token_counts.input_tokens for r in out]
+    assert seen[1] == seen[3]
+
+
+def test_stages_inside_the_llm_and_the_unpruned_baseline(docs):
+    lm = load("pretrained=tiny:llava:4,pipeline=fastv,budget=64", docs, batch_size=4)
+    full = full_lengths(lm, docs)
+    dims = llm_dims(lm.model.config)
+    reset_logged_metrics()
+    out = lm.generate_until(chat_requests(docs))
+    assert [r.token_counts.input_tokens for r in out] == full  # every token enters the LLM
+    stats = last_stats()
+    assert stats["tokens.visual_kept"] == 64  # what is left after layer K
+    layer = lm.pipeline.llm_stages[0].layer
+    ratio = sum(prefill_flops(dims, [(0, t), (layer, t - 512)]) / prefill_flops(dims, t) for t in full) / len(full)
+    assert stats["flops.ratio"] == pytest.approx(ratio)
+
+    base = load("pretrained=tiny:llava:4,pipeline=none", docs, batch_size=4)
+    reset_logged_metrics()
+    out = base.generate_until(chat_requests(docs))
+    assert [r.token_counts.input_tokens for r in out] == full
+    stats = last_stats()
+    assert stats["tokens.visual_kept"] == 576 and stats["flops.ratio"] == 1.0 and "latency.selection_ms" not in stats
+
+
+def _simple_requests(docs, continuation):
+    def visual(doc):
+        return [doc["picture"]]
+
+    return [Instance("loglikelihood", (d["question"], continuation, visual, i, TASK, SPLIT), 0,
+                     {"task": TASK, "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]
+
+
+def test_loglikelihood_against_a_plain_forward_and_generate(docs):
+    docs = docs[:3]
+    # unpruned: the log-probability of the continuation from one plain forward of prompt + continuation
+    base = load("pretrained=tiny:llava,pipeline=none", docs, cls=ResPruneSimple)
+    requests = _simple_requests(docs, "A")
+    got = base.loglikelihood(requests)
+    for (ll, _greedy), request in zip(got, requests, strict=True):
+        inputs = base.inputs([base.request(request)], ["A"])
+        with torch.no_grad():
+            logits = base.model(**inputs).logits[0, -2].float()
+        assert ll == pytest.approx(float(torch.log_softmax(logits, -1)[inputs["input_ids"][0, -1]]), abs=1e-5)
+    # pruned: a one-token continuation's log-probability is the first step of the pruned generate()
+    lm = load("pretrained=tiny:llava,pipeline=resprune-llava15,budget=32", docs, cls=ResPruneSimple)
+    got = lm.loglikelihood(requests)
+    token = lm.tokenizer("A", add_special_tokens=False)["input_ids"]
+    assert len(token) == 1
+    for (ll, greedy), request in zip(got, requests, strict=True):
+        inputs = lm.inputs([lm.request(request)])
+        with torch.no_grad():
+            step = lm.model.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                                     return_dict_in_generate=True)
+        logp = torch.log_softmax(step.scores[0][0].float(), -1)
+        assert ll == pytest.approx(float(logp[token[0]]), abs=1e-4)
+        assert greedy == (int(logp.argmax()) == token[0])
+
+
+def _lmms_eval(out, model_args, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", MODEL_ID, "--model_args", model_args,
+           "--tasks", "resprune_samples", "--include_path", str(TASKS_DIR), "--device", "cpu",
+           "--output_path", str(out), "--log_samples", "--verbosity", "WARNING", *extra]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_python_m_lmms_eval_end_to_end_then_report(tmp_path):
+    """The real CLI on the bundled task: the unpruned baseline, ResPrune (chat interface,
+    batched) and FastV (simple interface), then `resprune report` lays them out."""
+    out = tmp_path / "lmms"
+    _lmms_eval(out, "pretrained=tiny:llava:4,pipeline=none", "--batch_size", "4")
+    _lmms_eval(out, "pretrained=tiny:llava:4,pipeline=resprune-llava15,budget=64", "--batch_size", "3")
+    _lmms_eval(out, "pretrained=tiny:llava:4,pipeline=fastv,budget=64", "--batch_size", "2", "--force_simple")
+    files = sorted(out.rglob("*_results.json"))
+    assert len(files) == 3
+    runs = {json.loads(f.read_text())["config"]["model_args"]: json.loads(f.read_text()) for f in files}
+    rp = runs["pretrained=tiny:llava:4,pipeline=resprune-llava15,budget=64"]
+    assert set(rp["results"]["resprune_samples"]) >= {"exact_match,none", "vqa_score,none"}
+    assert rp["n-samples"]["resprune_samples"]["effective"] == 8
+    assert rp["throughput"]["avg_resprune.tokens.visual_kept"] == 64
+    assert rp["config"]["model_backend"].endswith("ResPrune (chat)")
+    fastv = runs["pretrained=tiny:llava:4,pipeline=fastv,budget=64"]
+    assert fastv["config"]["model_backend"].endswith("ResPruneSimple (simple)")
+    # per-sample prompt lengths (lmms-eval's token_counts): ResPrune's are 512 shorter than the baseline's
+    samples = {}
+    for f in out.rglob("*_samples_resprune_samples.jsonl"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        samples[f.name] = {r["doc_id"]: r["token_counts"][0]["input_tokens"] for r in rows}
+    lengths = sorted(samples.values(), key=lambda s: sum(s.values()))
+    pruned, *unpruned = lengths  # FastV and the baseline feed every token to the first layer
+    assert unpruned[0] == unpruned[1]
+    assert pruned == {d: t - 512 for d, t in unpruned[0].items()}
+
+    assert subprocess.run([sys.executable, "-m", "resprune.cli", "report", str(out), "--no-plots"],
+                          capture_output=True, text=True).returncode == 0
+    report = (out / "report.md").read_text()
+    assert "| method | resprune_samples | tokens.visual_kept | flops.ratio | latency.selection_ms | Rel. |" in report
+    lines = report.splitlines()
+    assert any(line.startswith("| full |") and line.endswith("| 576 | 1 | – | – |") for line in lines)
+    budget = lines.index("| **budget 64** |" + " |" * 5)
+    assert [line.split(" | ")[0] for line in lines[budget + 1: budget + 3]] == ["| fastv", "| resprune-llava15"]

@@ -1,0 +1,156 @@
+"""lmms-eval results as resprune rows (no lmms-eval needed): model_args parsing, the reader,
+the paper's Rel. column, and `resprune report` on an lmms-eval output folder.
+
+The result files here follow the schema lmms-eval 0.7.3 writes (``tests/test_lmms_eval.py``
+reads files written by a real run)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from resprune.cli import main as cli
+from resprune.errors import ConfigError, InvalidInputError
+from resprune.lmms import parse_model_args, split_model_args
+from resprune.lmms.results import lmms_columns, load_lmms_eval
+from resprune.report import load_results
+
+
+def write_result(folder, name, model_args, scores, *, date="20261128_100000", model="resprune", stats=None,
+                 groups=None, samples=100):
+    """An lmms-eval aggregated result file: ``scores`` is ``{task: {metric: value}}``."""
+    results = {}
+    for task, metrics in scores.items():
+        block = {"alias": task}
+        for metric, value in metrics.items():
+            block[f"{metric},none"] = value
+            block[f"{metric}_stderr,none"] = 0.01 if isinstance(value, float) else "N/A"
+        results[task] = block
+    data = {"results": results, "group_subtasks": groups or {t: [] for t in scores},
+            "higher_is_better": {t: {m: True for m in ms} for t, ms in scores.items()},
+            "n-samples": {t: {"original": samples, "effective": samples} for t in scores},
+            "config": {"model": model, "model_args": model_args, "batch_size": "1", "limit": None, "offset": 0,
+                       "gen_kwargs": ""},
+            "throughput": {"total_gen_tokens": 10, "avg_speed": 1.0,
+                           **{f"avg_resprune.{k}": v for k, v in (stats or {}).items()}},
+            "date": date}
+    path = folder / "llava-hf__llava-1.5-7b-hf" / f"{date}_{name}_results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+MODEL = "pretrained=llava-hf/llava-1.5-7b-hf"
+FULL = {"gqa": {"exact_match": 0.62}, "mme": {"mme_perception_score": 1510.0, "mme_cognition_score": 350.0},
+        "pope": {"pope_accuracy": 0.86, "pope_f1_score": 0.859}}
+
+
+def test_split_and_parse_model_args():
+    assert split_model_args('a=1,b=[x,y],c="p,q",d={"k":1,"j":2}') == ["a=1", "b=[x,y]", 'c="p,q"',
+                                                                       'd={"k":1,"j":2}']
+    model, overrides = parse_model_args("pretrained=tiny:llava,pipeline=fastv,budget=64,stages.0.layer=3,"
+                                        "scorers=[relevance,cls_attention],batch_size=2")
+    assert model == {"pretrained": "tiny:llava", "pipeline": "fastv", "batch_size": "2"}
+    assert overrides == ["budget=64", "stages.0.layer=3", "scorers=[relevance,cls_attention]"]
+    # keyword arguments lmms-eval already parsed go back to dotlist text (bools as YAML booleans)
+    assert parse_model_args({"pipeline": "x", "budget": 0.25, "selector.params.flag": True})[1] == \
+        ["budget=0.25", "selector.params.flag=true"]
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_model_args("pretrained=x,budget")
+
+
+def test_reader_rows_rel_and_newest_file_wins(tmp_path):
+    write_result(tmp_path, "full", f"{MODEL},pipeline=none", FULL, stats={"tokens.visual_kept": 576.0})
+    write_result(tmp_path, "rp64", f"{MODEL},pipeline=resprune-llava15,budget=64",
+                 {"gqa": {"exact_match": 0.50}, "mme": {"mme_perception_score": 1300.0, "mme_cognition_score": 300.0}},
+                 stats={"tokens.visual_kept": 64.0, "flops.ratio": 0.2, "latency.selection_ms": 3.0})
+    # a later run of the same cell: re-runs GQA (replacing the old score) and adds POPE
+    write_result(tmp_path, "rp64b", f"{MODEL},pipeline=resprune-llava15,budget=64",
+                 {"gqa": {"exact_match": 0.589}, "pope": {"pope_accuracy": 0.87, "pope_f1_score": 0.8761}},
+                 date="20261128_110000", stats={"tokens.visual_kept": 64.0})
+    write_result(tmp_path, "other", f"{MODEL}", FULL, model="llava_hf")  # another lmms-eval model: not ours
+    rows = {r["method"]: r for r in load_lmms_eval(tmp_path)}
+    assert set(rows) == {"full", "resprune-llava15"}
+    full, rp = rows["full"], rows["resprune-llava15"]
+    assert full["budget"] is None and rp["budget"] == 64 and rp["selector"] == "residual_energy"
+    assert full["metrics"]["mme"] == pytest.approx(1860.0)  # MME: perception + cognition
+    assert full["metrics"]["gqa"] == pytest.approx(62.0) and full["metrics"]["pope"] == pytest.approx(85.9)
+    assert rp["metrics"]["gqa"] == pytest.approx(58.9)  # the newer file's score
+    assert rp["metrics"]["gqa.exact_match"] == pytest.approx(0.589)  # lmms-eval's raw value
+    assert rp["metrics"]["pope.pope_accuracy"] == pytest.approx(0.87)
+    assert not any("stderr" in k for k in rp["metrics"])
+    assert rp["metrics"]["flops.ratio"] == pytest.approx(0.2) and rp["metrics"]["tokens.visual_kept"] == 64
+    assert rp["tasks"] == ["gqa", "mme", "pope"] and rp["examples"] == 300 and len(rp["sources"]) == 2
+    expected = (58.9 / 62.0 + 1600.0 / 1860.0 + 87.61 / 85.9) / 3  # the paper's Rel.: mean score / full score
+    assert rp["rel"] == pytest.approx(expected)
+    assert full["rel"] == pytest.approx(1.0)
+    assert lmms_columns(rows.values()) == ["mme", "gqa", "pope", "tokens.visual_kept", "flops.ratio",
+                                           "latency.selection_ms"]
+
+
+def test_reader_separates_what_changes_numbers(tmp_path):
+    """Runs differing in an override or in a run setting (limit) are different rows."""
+    write_result(tmp_path, "a", f"{MODEL},pipeline=resprune-llava15,budget=64", {"gqa": {"exact_match": 0.5}})
+    write_result(tmp_path, "b", f"{MODEL},pipeline=resprune-llava15,budget=64,selector.params.alpha=0.3",
+                 {"gqa": {"exact_match": 0.4}})
+    path = write_result(tmp_path, "c", f"{MODEL},pipeline=resprune-llava15,budget=64", {"gqa": {"exact_match": 0.7}})
+    data = json.loads(path.read_text())
+    data["config"]["limit"] = 10
+    path.write_text(json.dumps(data))
+    rows = load_lmms_eval(tmp_path)
+    assert len(rows) == 3
+    labels = sorted(r["label"] for r in rows)
+    assert labels == ["resprune-llava15 budget=64", "resprune-llava15 budget=64 (limit=10)",
+                      "resprune-llava15 selector.params.alpha=0.3 budget=64"]
+    alpha = next(r for r in rows if "alpha" in r["label"])
+    assert alpha["params"]["selector.params.alpha"] == 0.3 and alpha["rel"] is None  # no full row: no Rel.
+
+
+def test_group_tasks_count_once(tmp_path):
+    groups = {"pope_full": ["pope_adv", "pope_pop"], "pope_adv": [], "pope_pop": []}
+    scores = {"pope_full": {"pope_f1_score": 0.85}, "pope_adv": {"pope_f1_score": 0.84},
+              "pope_pop": {"pope_f1_score": 0.86}}
+    write_result(tmp_path, "g", f"{MODEL},pipeline=none", scores, groups=groups)
+    (row,) = load_lmms_eval(tmp_path)
+    assert row["tasks"] == ["pope_full"]  # the group, not its members too
+    assert row["metrics"]["pope_adv.pope_f1_score"] == pytest.approx(0.84)  # members' details kept
+
+
+def test_unreadable_and_foreign_folders_name_the_problem(tmp_path):
+    with pytest.raises(InvalidInputError, match="no lmms-eval result files"):
+        load_lmms_eval(tmp_path)
+    write_result(tmp_path, "other", MODEL, FULL, model="llava_hf")
+    with pytest.raises(InvalidInputError, match="--model resprune"):
+        load_lmms_eval(tmp_path)
+    torn = tmp_path / "x" / "20261128_120000_results.json"
+    torn.parent.mkdir()
+    torn.write_text('{"results": {"gqa": {"exact_')  # an interrupted write
+    with pytest.raises(InvalidInputError, match=r"20261128_120000_results\.json.*half-written"):
+        load_lmms_eval(tmp_path)
+
+
+def test_report_on_lmms_eval_folder_has_table_i_layout(tmp_path):
+    write_result(tmp_path, "full", f"{MODEL},pipeline=none", FULL, stats={"tokens.visual_kept": 576.0,
+                                                                          "flops.ratio": 1.0})
+    for budget, gqa in ((64, 0.58), (128, 0.60)):
+        for pipe, delta in (("resprune-llava15", 0.0), ("fastv", -0.05)):
+            write_result(tmp_path, f"{pipe}{budget}", f"{MODEL},pipeline={pipe},budget={budget}",
+                         {"gqa": {"exact_match": gqa + delta}},
+                         stats={"tokens.visual_kept": float(budget), "flops.ratio": budget / 576})
+    assert len(load_results(tmp_path)) == 5  # report's loader detects the lmms-eval folder
+    table = tmp_path / "table.csv"
+    assert cli(["report", str(tmp_path), "--no-plots", "--csv", str(table)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| method"))
+    assert header == "| method | mme | gqa | pope | tokens.visual_kept | flops.ratio | Rel. |"  # the paper's order
+    order = [line.split("|")[1].strip() for line in lines if line.startswith("| ") and "---" not in line][1:]
+    assert order == ["full", "**budget 128**", "fastv", "resprune-llava15", "**budget 64**", "fastv",
+                     "resprune-llava15"]
+    assert "| full | 1860 | 62 | 85.9 | 576 | 1 | 100.0 |" in lines
+    assert "| resprune-llava15 | – | **58** | – | 64 | 0.111 | 93.5 |" in lines  # Rel. over shared tasks: 58 / 62
+    with table.open() as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 5 and {"gqa", "gqa.exact_match", "flops.ratio", "pipeline"} <= set(records[0])
