@@ -154,3 +154,22 @@ def test_report_on_lmms_eval_folder_has_table_i_layout(tmp_path):
     with table.open() as f:
         records = list(csv.DictReader(f))
     assert len(records) == 5 and {"gqa", "gqa.exact_match", "flops.ratio", "pipeline"} <= set(records[0])
+
+
+def test_to_pandas_on_lmms_eval_rows(tmp_path):
+    """The DataFrame of docs/lmms-eval.md: a pivot of Rel. and of a task by method x budget."""
+    pd = pytest.importorskip("pandas")
+    from resprune import ResultTable
+
+    write_result(tmp_path, "full", f"{MODEL},pipeline=none", FULL)
+    for budget, gqa in ((64, 0.558), (128, 0.589)):
+        write_result(tmp_path, f"rp{budget}", f"{MODEL},pipeline=resprune-llava15,budget={budget}",
+                     {"gqa": {"exact_match": gqa}})
+    frame = ResultTable(load_results(tmp_path)).to_pandas()
+    assert {"gqa", "gqa.exact_match", "mme", "pipeline", "rel"} <= set(frame.columns)
+    pruned = frame[frame["method"] != "full"]
+    rel = pruned.pivot_table(index="method", columns="budget", values="rel")
+    assert rel.loc["resprune-llava15", 64] == pytest.approx(55.8 / 62.0)
+    assert pruned.pivot_table(index="method", columns="budget", values="gqa").loc["resprune-llava15", 128] == \
+        pytest.approx(58.9)
+    assert pd.isna(frame.loc[frame["method"] != "full", "mme"]).all()
