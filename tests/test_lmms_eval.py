@@ -115,6 +115,23 @@ def test_token_counts_match_the_reference_at_any_batch_size(docs):
     assert seen[1] == seen[3]
 
 
+@pytest.mark.parametrize("model_type,pipeline", [("llava_next", "resprune-llava-next"),
+                                                 ("qwen2_5_vl", "resprune-qwen2.5-vl")])
+def test_other_backbones_batched(docs, model_type, pipeline):
+    """LLaVA-NeXT and Qwen2.5-VL: images give different token counts; each request keeps 64."""
+    docs = docs[:4]
+    lm = load(f"pretrained=tiny:{model_type},pipeline={pipeline},budget=64", docs, batch_size=3)
+    reference = [chat_inputs(lm.processor, [d["picture"]], [d["question"]]) for d in docs]
+    visual = [int((r["input_ids"] == lm.image_token_id).sum()) for r in reference]
+    assert len(set(visual)) > 1  # the photos' sizes differ, and so do their token counts
+    reset_logged_metrics()
+    out = lm.generate_until(chat_requests(docs))
+    assert [r.token_counts.input_tokens for r in out] == [int(r["attention_mask"].sum()) - v + 64
+                                                          for r, v in zip(reference, visual)]
+    stats = last_stats()
+    assert stats["tokens.visual"] == pytest.approx(sum(visual) / len(visual)) and stats["tokens.visual_kept"] == 64
+
+
 def test_stages_inside_the_llm_and_the_unpruned_baseline(docs):
     lm = load("pretrained=tiny:llava:4,pipeline=fastv,budget=64", docs, batch_size=4)
     full = full_lengths(lm, docs)
