@@ -233,3 +233,16 @@ def test_python_m_lmms_eval_end_to_end_then_report(tmp_path):
     assert any(line.startswith("| full |") and line.endswith("| 576 | 1 | – | – |") for line in lines)
     budget = lines.index("| **budget 64** |" + " |" * 5)
     assert [line.split(" | ")[0] for line in lines[budget + 1: budget + 3]] == ["| fastv", "| resprune-llava15"]
+
+
+def test_batches_share_settings_and_cover_every_request_once():
+    from resprune.lmms.model import _batches
+
+    contexts = ["a" * n for n in (5, 50, 7, 30, 12, 40, 1)]
+    settings = [{"max_new_tokens": 8}, {"max_new_tokens": 8}, {"max_new_tokens": 2}, {"max_new_tokens": 8},
+                {"max_new_tokens": 2}, {"max_new_tokens": 8}, {"max_new_tokens": 8}]
+    batches = _batches(contexts, settings, 2)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(len(b) <= 2 and len({repr(settings[i]) for i in b}) == 1 for b in batches)
+    eights = [i for b in batches for i in b if settings[i]["max_new_tokens"] == 8]
+    assert eights == [1, 5, 3, 0, 6]  # longest first within the same settings

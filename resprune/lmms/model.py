@@ -76,6 +76,8 @@ class ResPrune(lmms):
     """
 
     is_simple = False
+    gen_kwargs_arg = 2
+    """Where a generation request's ``generation_kwargs`` sit in its arguments."""
 
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", pipeline: str = "resprune-llava15",
                  device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
@@ -135,15 +137,15 @@ class ResPrune(lmms):
         return Request(turns, images, task, dict(gen_kwargs or {}))
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
-        """Greedy (or sampled) answers, batched by generation settings, longest prompts first."""
-        items = [self.request(r) for r in requests]
-        results: list[GenerationResult | None] = [None] * len(items)
+        """Greedy (or sampled) answers, batched by generation settings, longest prompts first;
+        a batch's images are opened when the batch runs."""
+        results: list[GenerationResult | None] = [None] * len(requests)
         stats: list[RequestStats] = []
         elapsed, new_tokens = 0.0, 0
-        batches = _batches(items, self.batch_size_per_gpu)
-        bar = tqdm(total=len(items), disable=self.rank != 0, desc="resprune generating")
-        for batch in batches:
-            answers, counts, batch_stats, seconds = self._generate([items[i] for i in batch])
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="resprune generating")
+        for batch in _batches([r.args[0] for r in requests], [r.args[self.gen_kwargs_arg] for r in requests],
+                              self.batch_size_per_gpu):
+            answers, counts, batch_stats, seconds = self._generate([self.request(requests[i]) for i in batch])
             for i, answer, count, st in zip(batch, answers, counts, batch_stats, strict=True):
                 results[i] = GenerationResult(text=answer, token_counts=TokenCounts(
                     input_tokens=st.schedule[0][1], output_tokens=count))
@@ -233,6 +235,7 @@ class ResPruneSimple(ResPrune):
     the context string); also scores continuations (loglikelihood tasks)."""
 
     is_simple = True
+    gen_kwargs_arg = 1
 
     def request(self, instance: Instance) -> Request:
         """A simple request: ``(context, gen_kwargs | target, doc_to_visual, doc_id, task, split)``."""
@@ -346,16 +349,13 @@ def _flat(values: Any) -> list[Any]:
     return out
 
 
-def _batches(items: Sequence[Request], size: int) -> list[list[int]]:
-    """Indices in batches of ``size`` that share generation settings, longest prompts first
-    (a batch pads to its longest prompt; out-of-memory shows in the first batch)."""
-    def key(i: int) -> tuple[str, int]:
-        text = sum(len(p.get("text", "")) for m in items[i].messages for p in m["content"])
-        return repr(sorted(items[i].gen_kwargs.items())), -text
-
+def _batches(contexts: Sequence[str], gen_kwargs: Sequence[Any], size: int) -> list[list[int]]:
+    """Request indices in batches of ``size`` that share generation settings, longest contexts
+    first (a batch pads to its longest prompt; running out of memory shows in the first batch)."""
+    settings = [repr(sorted((g or {}).items())) for g in gen_kwargs]
     out: list[list[int]] = []
-    for i in sorted(range(len(items)), key=key):
-        if out and len(out[-1]) < size and key(out[-1][0])[0] == key(i)[0]:
+    for i in sorted(range(len(contexts)), key=lambda i: (settings[i], -len(str(contexts[i])))):
+        if out and len(out[-1]) < size and settings[out[-1][0]] == settings[i]:
             out[-1].append(i)
         else:
             out.append([i])
