@@ -173,3 +173,9 @@ def test_to_pandas_on_lmms_eval_rows(tmp_path):
     assert pruned.pivot_table(index="method", columns="budget", values="gqa").loc["resprune-llava15", 128] == \
         pytest.approx(58.9)
     assert pd.isna(frame.loc[frame["method"] != "full", "mme"]).all()
+
+
+def test_a_pipeline_yaml_that_is_gone_keeps_the_run_settings(tmp_path):
+    write_result(tmp_path, "gone", f"{MODEL},pipeline=/nowhere/mine.yaml,budget=96", {"gqa": {"exact_match": 0.5}})
+    (row,) = load_lmms_eval(tmp_path)
+    assert row["method"] == "mine" and row["budget"] == 96 and row["selector"] is None

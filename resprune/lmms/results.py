@@ -29,7 +29,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..errors import ConfigError, InvalidInputError
+from ..errors import ConfigError, InvalidInputError, ResPruneError
 from . import MODEL_ID, NO_PRUNING, parse_model_args
 
 __all__ = ["HEADLINE", "EFFICIENCY", "is_lmms_eval_dir", "load_lmms_eval", "lmms_columns", "result_files"]
@@ -181,7 +181,7 @@ def _new_row(run: dict[str, Any]) -> dict[str, Any]:
 
             cfg = load_config(run["pipeline"], run["overrides"])
             budget, selector = cfg.budget, selector_label(cfg)
-        except Exception:  # noqa: BLE001 (a pipeline YAML no longer present: keep what the run says)
+        except ResPruneError:  # e.g. a pipeline YAML no longer there: keep what the run's model_args say
             pass
     method = "full" if full else Path(run["pipeline"]).name.removesuffix(".yaml")
     extra = " ".join(f"{k}={v}" for k, v in params.items())
