@@ -47,7 +47,7 @@ from .timing import clock
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector"]
+__all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector", "config_image_token_id"]
 
 
 @dataclass
@@ -331,6 +331,15 @@ def _restore_prompt(out: Any, original_ids: Tensor, pruned_len: int) -> Any:
 # --- the injector base class ------------------------------------------------------------
 
 
+def config_image_token_id(config: Any) -> int | None:
+    """The id of the image placeholder token of a model config (``image_token_id``, or the
+    older ``image_token_index``); ``None`` if it has neither."""
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    return None if token is None else int(token)
+
+
 class PlaceholderInjector(Injector):
     """Base for backbones whose image features replace placeholder tokens in ``input_ids``.
 
@@ -380,12 +389,10 @@ class PlaceholderInjector(Injector):
     # --- attaching -----------------------------------------------------------------------
 
     def image_token_id(self, model: Any) -> int:
-        token = getattr(model.config, "image_token_id", None)
-        if token is None:
-            token = getattr(model.config, "image_token_index", None)
+        token = config_image_token_id(model.config)
         if token is None:
             raise IncompatibleBackboneError(f"injector '{self.name}': model config has no image_token_id.")
-        return int(token)
+        return token
 
     def check_pipeline(self, pipeline: Pipeline, processor: Any, text: Any) -> None:
         """Fail before patching if a stage needs context this backbone (or the LLM) cannot supply."""

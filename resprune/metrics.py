@@ -9,6 +9,7 @@ Its keys are reported as ``<metric>.<key>`` (``fidelity.kl``, ``accuracy.vqa_sco
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from torch import Tensor
 from .costs import LLMDims
 from .interfaces import Strategy
 
-__all__ = ["Metric", "Example", "Reference", "NEEDS", "normalize_answer", "vqa_score"]
+__all__ = ["Metric", "Example", "Reference", "NEEDS", "finite_number", "normalize_answer", "vqa_score"]
 
 NEEDS = {
     "reference": "the unpruned model's outputs on the same input",
@@ -112,6 +113,12 @@ class Metric(Strategy):
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+
+def finite_number(value: Any) -> bool:
+    """A finite number (not ``None``, a bool, NaN or infinite): a metric value that can be
+    compared, averaged and plotted."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def normalize_answer(text: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 from .errors import ResPruneError
 from .prompts import tokenizer_of
 
-__all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "is_tiny"]
+__all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "render_chats", "is_tiny"]
 
 TINY_PREFIX = "tiny:"
 """``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``: random tiny models built offline
@@ -59,16 +59,22 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "auto", see
 
 def chat_inputs(processor: Any, images: list[Any], prompts: list[str], device: Any = None) -> Any:
     """A left-padded batch of one-turn chats, one image (or ``None``) per prompt."""
+    chats = [[{"role": "user", "content": ([{"type": "image"}] if image is not None else [])
+               + [{"type": "text", "text": prompt}]}] for image, prompt in zip(images, prompts, strict=True)]
+    return render_chats(processor, chats, [im for im in images if im is not None], device=device)
+
+
+def render_chats(processor: Any, chats: list[list[dict[str, Any]]], images: list[Any], *,
+                 suffixes: list[str] | None = None, device: Any = None, dtype: Any = None) -> Any:
+    """A left-padded batch of conversations rendered with the processor's chat template and
+    the generation prompt (then ``suffixes``, if given); ``images`` fill the conversations'
+    ``{"type": "image"}`` parts in order. Floating tensors go to ``dtype`` if given."""
     tokenizer = tokenizer_of(processor)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
-    texts = []
-    for image, prompt in zip(images, prompts, strict=True):
-        content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
-        if image is not None:
-            content.insert(0, {"type": "image"})
-        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                   add_generation_prompt=True, tokenize=False))
-    present = [im for im in images if im is not None]
-    batch = processor(images=present or None, text=texts, padding=True, return_tensors="pt")
-    return batch.to(device) if device is not None else batch
+    texts = [processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+    if suffixes is not None:
+        texts = [text + suffix for text, suffix in zip(texts, suffixes, strict=True)]
+    batch = processor(images=images or None, text=texts, padding=True, return_tensors="pt")
+    moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    return batch.to(**moves) if moves else batch

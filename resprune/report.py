@@ -12,12 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, MissingDependencyError
+from .metrics import finite_number
 from .runfiles import replace_with, slug, write_atomic
 
 __all__ = ["lower_is_better", "is_percent", "load_results", "results_table", "plot_metric_vs_budget", "write_report"]
@@ -77,11 +77,6 @@ def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _number(value: Any) -> bool:
-    """A finite number (not ``None``, NaN or infinite): one that can be compared and plotted."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _one_model(rows: Sequence[dict[str, Any]], model: str | None) -> tuple[list[dict[str, Any]], str]:
     """The rows of ``model`` (or of the only model present) and that model's name."""
     models = sorted({str(r["model"]) for r in rows})
@@ -105,7 +100,7 @@ def _metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _fmt(name: str, value: float | None) -> str:
-    if not _number(value):  # missing, NaN or infinite
+    if not finite_number(value):  # missing, NaN or infinite
         return "–"
     if is_percent(name):
         value = 100 * value
@@ -133,8 +128,8 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
         for name in names:
             value = row["metrics"].get(name)
             text = _fmt(name, value)
-            cells.append(f"**{text}**" if _number(value) and best.get(name) == value else text)
-        rel = f"{100 * row['rel']:.1f}" if _number(row.get("rel")) else "–"
+            cells.append(f"**{text}**" if finite_number(value) and best.get(name) == value else text)
+        rel = f"{100 * row['rel']:.1f}" if finite_number(row.get("rel")) else "–"
         return f"| {row['method']} | " + " | ".join(cells) + f" | {rel} |"
 
     for row in (r for r in done if r["method"] == "full"):
@@ -149,7 +144,7 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
         best: dict[str, float] = {}
         if len(block) > 1:
             for name in names:
-                vals = [r["metrics"][name] for r in block if _number(r["metrics"].get(name))]
+                vals = [r["metrics"][name] for r in block if finite_number(r["metrics"].get(name))]
                 if vals and len(set(vals)) > 1:  # no bold where every method ties
                     best[name] = min(vals) if lower_is_better(name) else max(vals)
         lines.append(f"| **{_budget_title(budget)}** |" + " |" * (len(names) + 1))
@@ -218,9 +213,9 @@ def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem
     plt = _pyplot()
     rows, model = _one_model(rows, model)
     rows = [r for r in rows if r["status"] == "done"]
-    full = next((r for r in rows if r["method"] == "full" and _number(r["metrics"].get(metric))), None)
-    pruned = [r for r in rows if r["method"] != "full" and _number(r["metrics"].get(metric))
-              and _number(r["budget"])]
+    full = next((r for r in rows if r["method"] == "full" and finite_number(r["metrics"].get(metric))), None)
+    pruned = [r for r in rows if r["method"] != "full" and finite_number(r["metrics"].get(metric))
+              and finite_number(r["budget"])]
     kinds = {"k": [r for r in pruned if isinstance(r["budget"], int)],
              "ratio": [r for r in pruned if isinstance(r["budget"], float)]}
     kinds = {k: v for k, v in kinds.items() if v}

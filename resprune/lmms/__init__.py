@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["MODEL_ID", "MODEL_ARGS", "NO_PRUNING", "TASKS_DIR", "manifests", "parse_model_args", "split_model_args"]
+__all__ = ["MODEL_ID", "MODEL_ARGS", "NO_PRUNING", "STATS_PREFIX", "TASKS_DIR", "manifests", "parse_model_args", "split_model_args"]
 
 MODEL_ID = "resprune"
 """The name lmms-eval knows the model by (``--model resprune``)."""
@@ -31,6 +31,10 @@ MODEL_ARGS = ("pretrained", "pipeline", "device", "dtype", "batch_size", "max_ba
 
 NO_PRUNING = "none"
 """``pipeline=none``: the unpruned model, the baseline row of a report."""
+
+STATS_PREFIX = "resprune."
+"""Prefix of what the model measures in lmms-eval's ``throughput`` block, where each key reads
+``avg_resprune.<metric>.<key>`` (lmms-eval puts ``avg_`` in front)."""
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 """lmms-eval tasks shipped with resprune (``--include_path``; ``resprune lmms-tasks`` prints it):

@@ -27,16 +27,13 @@ from tqdm import tqdm
 
 from ..costs import LLMDims, kv_cache_bytes, llm_dims, prefill_flops
 from ..errors import ConfigError, InvalidInputError
-from ..models import load_model
+from ..injection import config_image_token_id
+from ..models import load_model, render_chats
 from ..pipeline import Pipeline, load_pipeline
 from ..prompts import tokenizer_of
-from . import MODEL_ARGS, NO_PRUNING, parse_model_args
+from . import MODEL_ARGS, NO_PRUNING, STATS_PREFIX, parse_model_args
 
 __all__ = ["ResPrune", "ResPruneSimple", "Request", "RequestStats"]
-
-STATS_PREFIX = "resprune."
-"""Prefix of the keys this model adds to lmms-eval's ``throughput`` block (``avg_`` in front)."""
-
 
 @dataclass
 class Request:
@@ -92,10 +89,8 @@ class ResPrune(lmms):
         self._model, self.processor = load_model(str(pretrained), device=_device(device), dtype=str(dtype),
                                                  seed=int(seed))
         self.tokenizer = tokenizer_of(self.processor)
-        if self.tokenizer is not None:
-            self.tokenizer.padding_side = "left"
         self.dims: LLMDims = llm_dims(self._model.config)
-        self.image_token_id = _image_token_id(self._model.config)
+        self.image_token_id = config_image_token_id(self._model.config)
         self.attached = None
         if self.pipeline is not None:
             self.attached = self.pipeline.attach(self._model, self.processor)
@@ -169,13 +164,9 @@ class ResPrune(lmms):
     def inputs(self, items: Sequence[Request], suffixes: Sequence[str] | None = None) -> Any:
         """The processor's left-padded batch of ``items`` (chat template, generation prompt
         appended, then ``suffixes`` if given), on the model's device and dtype."""
-        texts = [self.processor.apply_chat_template(it.messages, add_generation_prompt=True, tokenize=False)
-                 for it in items]
-        if suffixes is not None:
-            texts = [t + s for t, s in zip(texts, suffixes, strict=True)]
-        images = [im for it in items for im in it.images]
-        batch = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
-        return batch.to(self._model.device, dtype=self._model.dtype)
+        return render_chats(self.processor, [it.messages for it in items], [im for it in items for im in it.images],
+                            suffixes=None if suffixes is None else list(suffixes), device=self._model.device,
+                            dtype=self._model.dtype)
 
     def _generate(self, items: list[Request]) -> tuple[list[str], list[int], list[RequestStats], float]:
         settings = _generation_settings(items[0].gen_kwargs, self.tokenizer)
@@ -328,11 +319,6 @@ def _positive_int(value: Any, name: str) -> int:
         raise ConfigError(f"lmms-eval model 'resprune': {name}={value!r} must be a positive integer "
                           "('auto' batch sizes are not supported).")
     return number
-
-
-def _image_token_id(config: Any) -> int | None:
-    value = getattr(config, "image_token_id", None)
-    return int(value) if value is not None else getattr(config, "image_token_index", None)
 
 
 def _image(value: Any, task: str) -> Image.Image:

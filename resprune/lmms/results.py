@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..errors import ConfigError, InvalidInputError, ResPruneError
-from . import MODEL_ID, NO_PRUNING, parse_model_args
+from ..metrics import finite_number
+from . import MODEL_ID, NO_PRUNING, STATS_PREFIX, parse_model_args
 
 __all__ = ["HEADLINE", "EFFICIENCY", "is_lmms_eval_dir", "load_lmms_eval", "lmms_columns", "result_files"]
 
@@ -56,7 +56,7 @@ lmms-eval reports them). Other tasks: their first higher-is-better metric, as re
 EFFICIENCY = ("tokens.visual_kept", "flops.ratio", "latency.selection_ms")
 """The measured columns a report shows after the scores."""
 
-_STATS = "avg_resprune."
+_STATS = "avg_" + STATS_PREFIX
 
 
 def result_files(path: str | Path) -> list[Path]:
@@ -131,7 +131,7 @@ def _read(path: Path) -> dict[str, Any] | None:
     metrics, tasks = _scores(data, subtasks)
     stats = data.get("throughput") or {}
     metrics.update({k[len(_STATS):]: float(v) for k, v in stats.items()
-                    if k.startswith(_STATS) and k != _STATS + "requests" and _number(v)})
+                    if k.startswith(_STATS) and k != _STATS + "requests" and finite_number(v)})
     return {"file": path, "date": str(data.get("date") or ""), "cell": hashlib.sha1(key.encode()).hexdigest()[:10],
             "model": model, "pipeline": pipeline, "overrides": overrides, "settings": settings,
             "metrics": metrics, "tasks": tasks}
@@ -149,7 +149,7 @@ def _scores(data: dict[str, Any], subtasks: set[str]) -> tuple[dict[str, float],
         plain: dict[str, float] = {}
         for key, value in values.items():
             name, _, filt = key.partition(",")
-            if "_stderr" in name or not _number(value):
+            if "_stderr" in name or not finite_number(value):
                 continue
             plain[name if filt in ("", "none") else f"{name}@{filt}"] = float(value)
         metrics.update({f"{task}.{name}": v for name, v in plain.items()})
@@ -215,9 +215,5 @@ def _relative(rows: list[dict[str, Any]]) -> None:
             continue
         for row in group:
             ratios = [row["metrics"][t] / full["metrics"][t] for t in row["tasks"]
-                      if t in full["tasks"] and _number(row["metrics"].get(t)) and full["metrics"].get(t)]
+                      if t in full["tasks"] and finite_number(row["metrics"].get(t)) and full["metrics"].get(t)]
             row["rel"] = sum(ratios) / len(ratios) if ratios else None
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
