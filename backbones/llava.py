@@ -32,6 +32,30 @@ def _probe(model: Any, layer: Any, need: frozenset[str]) -> Any:
     return ClsAttentionProbe(model.model.vision_tower, layer) if "cls_attention" in need else contextlib.nullcontext()
 
 
+class ProjectorInput:
+    """Context manager that records what enters the multimodal projector: the vision tower's
+    selected features ``[tiles, S, C]`` (CLS dropped under the ``default`` strategy)."""
+
+    def __init__(self, model: Any) -> None:
+        self.projector = model.model.multi_modal_projector
+        self.features: Tensor | None = None
+        self._handle: Any = None
+
+    def _hook(self, module: Any, args: tuple[Any, ...]) -> None:
+        self.features = args[0].detach()
+
+    def __enter__(self) -> ProjectorInput:
+        self._handle = self.projector.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+
+def _projector_input(model: Any, need: frozenset[str]) -> Any:
+    return ProjectorInput(model) if "vision_features" in need else contextlib.nullcontext()
+
+
 def _patch_attention(probe: Any, strategy: str) -> Tensor | None:
     """``[tiles, tokens]`` CLS attention of each tile's feature tokens."""
     att = getattr(probe, "attention", None)
@@ -46,21 +70,23 @@ class LlavaInjector(PlaceholderInjector):
     name = "llava"
     model_types = ("llava",)
     description = "LLaVA-1.5 (LlavaForConditionalGeneration)"
-    provides = PlaceholderInjector.provides | {"cls_attention"}
+    provides = PlaceholderInjector.provides | {"cls_attention", "vision_features"}
 
     def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
         layer, strategy = _feature_args(model, inputs)
-        with _probe(model, layer, need) as probe:
+        with _probe(model, layer, need) as probe, _projector_input(model, need) as pre:
             out = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, image_sizes=inputs.get("image_sizes"), return_dict=True)
         cls = _patch_attention(probe, strategy)
+        vision = getattr(pre, "features", None)
         images = []
         for i, feats in enumerate(out.pooler_output):
             n = feats.shape[0]
             side = math.isqrt(n)
             grid = (side, side) if side * side == n else None
             images.append(EncodedImage(feats, grid=grid, cls_attention=None if cls is None else cls[i],
+                                       vision_features=None if vision is None else vision[i].reshape(n, -1),
                                        layout={"kind": "grid", "grid": grid}))
         return images
 
@@ -76,7 +102,7 @@ class LlavaNextInjector(PlaceholderInjector):
     name = "llava_next"
     model_types = ("llava_next",)
     description = "LLaVA-NeXT (LlavaNextForConditionalGeneration), AnyRes tiles"
-    provides = PlaceholderInjector.provides | {"cls_attention"}
+    provides = PlaceholderInjector.provides | {"cls_attention", "vision_features"}
 
     @dataclass
     class Params:
@@ -96,11 +122,12 @@ class LlavaNextInjector(PlaceholderInjector):
 
         layer, strategy = _feature_args(model, inputs)
         image_sizes = inputs["image_sizes"]
-        with _probe(model, layer, need) as probe:
+        with _probe(model, layer, need) as probe, _projector_input(model, need) as pre:
             out = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True)
         cls = _patch_attention(probe, strategy)
+        vision = _packed_vision_features(model, getattr(pre, "features", None), image_sizes, strategy)
         vcfg = model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size
         tiles_per_image = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
@@ -112,10 +139,12 @@ class LlavaNextInjector(PlaceholderInjector):
             if packed.shape[0] != feats.shape[0]:
                 raise RuntimeError(f"LLaVA-NeXT layout has {packed.shape[0]} tokens but the model gave "
                                    f"{feats.shape[0]} for image {i}")
-            images.append(self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i])))
+            images.append(self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i]),
+                                      None if vision is None else vision[i]))
         return images
 
-    def _image(self, feats: Tensor, packed: Tensor, side: int, size: tuple[int, int]) -> EncodedImage:
+    def _image(self, feats: Tensor, packed: Tensor, side: int, size: tuple[int, int],
+               vision: Tensor | None) -> EncodedImage:
         tile, row, col, att = packed.unbind(-1)
         newline = torch.isnan(tile)
         base = tile == 0
@@ -142,12 +171,30 @@ class LlavaNextInjector(PlaceholderInjector):
             grid=(side, side) if not bool(crop.any()) and not bool(newline.any()) else None,
             positions=positions,
             cls_attention=None if torch.isnan(att).all() else torch.nan_to_num(att, nan=0.0),
+            vision_features=vision,
             candidates=~newline if policy == "drop" else None,
             always=newline if policy == "keep" else None,
             groups=groups.long() if self.params.scope == "per_tile" else None,
             layout={"kind": "anyres", "base_grid": (side, side), "crop_grid": crop_grid, "image_size": size,
                     "newline": newline, "tile": groups.long(), "crop_rc": crop_rc},
         )
+
+
+def _packed_vision_features(model: Any, tiles: Tensor | None, image_sizes: Tensor,
+                            strategy: str) -> list[Tensor] | None:
+    """Per image ``[N, C]``: the pre-projector features packed like the projected ones (the
+    model's own unpadding and row newlines; zeros at newline tokens)."""
+    if tiles is None:
+        return None
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    vcfg = model.config.vision_config
+    counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
+                                        patch_size=vcfg.image_size) for s in image_sizes]
+    packed, _ = model.model.pack_image_features(list(tiles.split(counts)), image_sizes,
+                                                vision_feature_select_strategy=strategy,
+                                                image_newline=tiles.new_zeros(tiles.shape[-1]))
+    return list(packed)
 
 
 def _layout_maps(model: Any, image_sizes: Tensor, tiles_per_image: list[int], side: int, strategy: str,

@@ -23,6 +23,8 @@ CONTEXT_FIELDS: dict[str, str] = {
     "text": "the instruction of each image, list of B strings",
     "text_embedder": "callable str -> [L, d] sub-word embeddings in the tokens' space",
     "cls_attention": "vision-tower CLS->patch attention per token, [B, N]",
+    "vision_features": "the vision tower's features that enter the projector, per token, [B, N, C] "
+                       "(CLIP towers; zeros at LLaVA-NeXT newline tokens)",
     "grid": "(rows, cols) when the N tokens form one raster-ordered grid",
     "positions": "token centres as (row, col) in grid units, [N, 2]; NaN for non-spatial tokens",
 }

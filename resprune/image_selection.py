@@ -28,6 +28,8 @@ class EncodedImage:
         grid: ``(rows, cols)`` when the ``N`` tokens form one raster-ordered grid.
         positions: ``[N, 2]`` token centres (row, col) in grid units; NaN for non-spatial ones.
         cls_attention: ``[N]`` vision-tower CLS->patch attention, if requested and available.
+        vision_features: ``[N, C]`` the features that entered the projector (before it), if
+            requested and available; zeros for tokens the projector did not make (newlines).
         candidates: bool ``[N]``, the tokens the selector may pick (``None``: all).
         always: bool ``[N]``, tokens kept whatever the selector does (``None``: none).
         groups: int ``[N]``, a group id per token when the budget applies per group (tiles).
@@ -38,6 +40,7 @@ class EncodedImage:
     grid: tuple[int, int] | None = None
     positions: Tensor | None = None
     cls_attention: Tensor | None = None
+    vision_features: Tensor | None = None
     candidates: Tensor | None = None
     always: Tensor | None = None
     groups: Tensor | None = None
@@ -88,7 +91,7 @@ def _geometry_key(img: EncodedImage) -> tuple[Any, ...]:
         return None if t is None else (tuple(t.shape), hash(t.cpu().numpy().tobytes()))
 
     return (img.n, img.grid, key(img.positions), key(img.candidates), key(img.always), key(img.groups),
-            img.cls_attention is not None)
+            img.cls_attention is not None, img.vision_features is not None)
 
 
 def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int], row_text: Callable[[int], str],
@@ -105,6 +108,8 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         feats = torch.stack([images[i].features for i in members]).float()
         cls = (torch.stack([images[i].cls_attention for i in members]).float()
                if first.cls_attention is not None else None)
+        vision = (torch.stack([images[i].vision_features for i in members]).float()
+                  if first.vision_features is not None else None)
         texts = [row_text(rows[i]) for i in members] if needs_text else None  # decoded once, reused
         subsets = _subsets(first)
         kept_all: list[list[Tensor]] = [[] for _ in members]
@@ -120,6 +125,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                 text=lambda m=members: [row_text(rows[i]) for i in m],
                 text_embedder=embedder,
                 cls_attention=None if cls is None else (cls if whole else cls[:, idx]),
+                vision_features=None if vision is None else (vision if whole else vision[:, idx]),
                 grid=first.grid if whole else None,
                 positions=None if first.positions is None else (first.positions if whole else first.positions[idx]),
             )

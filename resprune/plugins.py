@@ -55,6 +55,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.cls_attention",
     "resprune.strategies.llm_scores",
     "resprune.strategies.dart",
+    "resprune.strategies.vispruner",
+    "resprune.strategies.scope",
     "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",

@@ -49,13 +49,17 @@ prints this page for the plugins installed where it runs.
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass: the string literal under each field."""
+    """The attribute docstrings of a dataclass: the string literal under each field (fields it
+    inherits from a base dataclass included)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
     for node, after in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
