@@ -1,9 +1,9 @@
 """CLS->patch attention of a CLIP vision tower, without switching it to eager attention.
 
-A forward pre-hook on the feature layer's self-attention captures its (normalised) input;
-the CLS query row of the attention matrix is then recomputed from the layer's own q/k
-projections: ``softmax(q_cls k^T * scale)``, averaged over heads. That is one row of the
-matrix, not the ``S x S`` eager attention, so the tower keeps running on SDPA.
+Forward hooks on a layer's query and key projections take the CLS query and every key as the
+tower computes them; the CLS row of the attention matrix follows: ``softmax(q_cls k^T *
+scale)``, averaged over heads. That is one row of the matrix, not the ``S x S`` eager
+attention, so the tower keeps running on SDPA.
 """
 
 from __future__ import annotations
@@ -33,36 +33,71 @@ def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) 
 
 
 class ClsAttentionProbe:
-    """Context manager that records CLS->token attention at one CLIP encoder layer.
+    """Context manager that records CLS->token attention at CLIP encoder layers.
 
-    After the tower ran inside the block, ``attention`` is ``[images, S]`` (``S`` =
-    sequence length including the CLS token itself at column 0).
+    Forward hooks on each recorded layer's ``q_proj`` and ``k_proj`` keep the CLS query and
+    turn the keys into the CLS row of the attention matrix: ``softmax(q_cls k^T * scale)``,
+    averaged over heads. The tower's own projections are reused (nothing is recomputed) and
+    it keeps running on SDPA.
+
+    After the tower ran inside the block, ``attention`` is ``[images, S]`` at the feature layer
+    (``S`` = sequence length including the CLS token itself at column 0), and ``layers``
+    ``[images, L, S]`` at every encoder layer when ``every_layer`` is set.
     """
 
-    def __init__(self, vision_tower: Any, vision_feature_layer: int | list[int]) -> None:
+    def __init__(self, vision_tower: Any, vision_feature_layer: int | list[int], *, every_layer: bool = False,
+                 ) -> None:
         try:
             layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
         except AttributeError:
             raise IncompatibleBackboneError(
                 f"cls_attention needs a CLIP-style vision tower (encoder.layers); "
                 f"{type(vision_tower).__name__} has none.") from None
-        self.attn = layers[feature_layer_index(vision_feature_layer, len(layers))].self_attn
-        self.attention: Tensor | None = None
-        self._handle: Any = None
+        self.feature_layer = feature_layer_index(vision_feature_layer, len(layers))
+        wanted = range(len(layers)) if every_layer else (self.feature_layer,)
+        self.modules = {i: layers[i].self_attn for i in wanted}
+        self.rows: dict[int, Tensor] = {}
+        self._queries: dict[int, Tensor] = {}
+        self._handles: list[Any] = []
 
-    def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        h = kwargs.get("hidden_states", args[0] if args else None)
-        with torch.no_grad():
-            b, s, _ = h.shape
-            heads, dh = module.num_heads, module.head_dim
-            q = module.q_proj(h[:, :1]).view(b, 1, heads, dh).transpose(1, 2)  # [B, H, 1, dh]
-            k = module.k_proj(h).view(b, s, heads, dh).transpose(1, 2)  # [B, H, S, dh]
-            logits = (q.float() @ k.float().transpose(-1, -2)) * module.scale  # [B, H, 1, S]
-            self.attention = logits.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, S]
+    @property
+    def attention(self) -> Tensor | None:
+        return self.rows.get(self.feature_layer)
+
+    @property
+    def layers(self) -> Tensor | None:
+        if len(self.rows) != len(self.modules) or len(self.modules) == 1:
+            return None
+        return torch.stack([self.rows[i] for i in sorted(self.rows)], dim=1)
+
+    def _query(self, index: int) -> Any:
+        def hook(module: Any, args: Any, output: Tensor) -> None:
+            self._queries[index] = output[:, :1].detach()
+
+        return hook
+
+    def _key(self, index: int) -> Any:
+        attn = self.modules[index]
+
+        def hook(module: Any, args: Any, output: Tensor) -> None:
+            with torch.no_grad():
+                b, s, _ = output.shape
+                heads, dh = attn.num_heads, attn.head_dim
+                q = self._queries.pop(index).float().view(b, 1, heads, dh).transpose(1, 2)  # [B, H, 1, dh]
+                k = output.float().view(b, s, heads, dh).transpose(1, 2)  # [B, H, S, dh]
+                logits = (q @ k.transpose(-1, -2)) * attn.scale  # [B, H, 1, S]
+                self.rows[index] = logits.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, S]
+
+        return hook
 
     def __enter__(self) -> ClsAttentionProbe:
-        self._handle = self.attn.register_forward_pre_hook(self._hook, with_kwargs=True)
+        for index, attn in self.modules.items():
+            self._handles.append(attn.q_proj.register_forward_hook(self._query(index)))
+            self._handles.append(attn.k_proj.register_forward_hook(self._key(index)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._queries.clear()

@@ -29,7 +29,9 @@ def _feature_args(model: Any, inputs: Mapping[str, Any]) -> tuple[Any, str]:
 
 
 def _probe(model: Any, layer: Any, need: frozenset[str]) -> Any:
-    return ClsAttentionProbe(model.model.vision_tower, layer) if "cls_attention" in need else contextlib.nullcontext()
+    if not need & {"cls_attention", "cls_attention_layers"}:
+        return contextlib.nullcontext()
+    return ClsAttentionProbe(model.model.vision_tower, layer, every_layer="cls_attention_layers" in need)
 
 
 class ProjectorInput:
@@ -56,12 +58,23 @@ def _projector_input(model: Any, need: frozenset[str]) -> Any:
     return ProjectorInput(model) if "vision_features" in need else contextlib.nullcontext()
 
 
-def _patch_attention(probe: Any, strategy: str) -> Tensor | None:
-    """``[tiles, tokens]`` CLS attention of each tile's feature tokens."""
-    att = getattr(probe, "attention", None)
+def _tile_fields(probe: Any, pre: Any, strategy: str) -> dict[str, Tensor]:
+    """Per-token context fields of every tile, ``[tiles, tokens, ...]``, that were recorded."""
+    fields = {}
+    if getattr(pre, "features", None) is not None:
+        fields["vision_features"] = pre.features
+    layers = getattr(probe, "layers", None)
+    if layers is not None:
+        fields["cls_attention_layers"] = _patch_attention(layers, strategy).transpose(1, 2)
+    return fields
+
+
+def _patch_attention(att: Tensor | None, strategy: str) -> Tensor | None:
+    """CLS attention ``[tiles, ..., S]`` at each tile's feature tokens (the CLS column dropped
+    under the ``default`` strategy)."""
     if att is None:
         return None
-    return att[:, 1:] if strategy == "default" else att
+    return att[..., 1:] if strategy == "default" else att
 
 
 class LlavaInjector(PlaceholderInjector):
@@ -70,7 +83,7 @@ class LlavaInjector(PlaceholderInjector):
     name = "llava"
     model_types = ("llava",)
     description = "LLaVA-1.5 (LlavaForConditionalGeneration)"
-    provides = PlaceholderInjector.provides | {"cls_attention", "vision_features"}
+    provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features"}
 
     def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
         layer, strategy = _feature_args(model, inputs)
@@ -78,15 +91,15 @@ class LlavaInjector(PlaceholderInjector):
             out = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, image_sizes=inputs.get("image_sizes"), return_dict=True)
-        cls = _patch_attention(probe, strategy)
-        vision = getattr(pre, "features", None)
+        cls = _patch_attention(getattr(probe, "attention", None), strategy)
+        fields = _tile_fields(probe, pre, strategy)
         images = []
         for i, feats in enumerate(out.pooler_output):
             n = feats.shape[0]
             side = math.isqrt(n)
             grid = (side, side) if side * side == n else None
             images.append(EncodedImage(feats, grid=grid, cls_attention=None if cls is None else cls[i],
-                                       vision_features=None if vision is None else vision[i].reshape(n, -1),
+                                       extra={name: value[i].reshape(n, -1) for name, value in fields.items()},
                                        layout={"kind": "grid", "grid": grid}))
         return images
 
@@ -102,7 +115,7 @@ class LlavaNextInjector(PlaceholderInjector):
     name = "llava_next"
     model_types = ("llava_next",)
     description = "LLaVA-NeXT (LlavaNextForConditionalGeneration), AnyRes tiles"
-    provides = PlaceholderInjector.provides | {"cls_attention", "vision_features"}
+    provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features", "tiles"}
 
     @dataclass
     class Params:
@@ -126,8 +139,9 @@ class LlavaNextInjector(PlaceholderInjector):
             out = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True)
-        cls = _patch_attention(probe, strategy)
-        vision = _packed_vision_features(model, getattr(pre, "features", None), image_sizes, strategy)
+        cls = _patch_attention(getattr(probe, "attention", None), strategy)
+        fields = {name: _packed(model, value, image_sizes, strategy)
+                  for name, value in _tile_fields(probe, pre, strategy).items()}
         vcfg = model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size
         tiles_per_image = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
@@ -140,11 +154,11 @@ class LlavaNextInjector(PlaceholderInjector):
                 raise RuntimeError(f"LLaVA-NeXT layout has {packed.shape[0]} tokens but the model gave "
                                    f"{feats.shape[0]} for image {i}")
             images.append(self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i]),
-                                      None if vision is None else vision[i]))
+                                      {name: value[i] for name, value in fields.items()}))
         return images
 
     def _image(self, feats: Tensor, packed: Tensor, side: int, size: tuple[int, int],
-               vision: Tensor | None) -> EncodedImage:
+               extra: dict[str, Tensor]) -> EncodedImage:
         tile, row, col, att = packed.unbind(-1)
         newline = torch.isnan(tile)
         base = tile == 0
@@ -171,21 +185,20 @@ class LlavaNextInjector(PlaceholderInjector):
             grid=(side, side) if not bool(crop.any()) and not bool(newline.any()) else None,
             positions=positions,
             cls_attention=None if torch.isnan(att).all() else torch.nan_to_num(att, nan=0.0),
-            vision_features=vision,
+            tiles=torch.where(newline, -1.0, tile).long(),
+            extra=extra,
             candidates=~newline if policy == "drop" else None,
             always=newline if policy == "keep" else None,
             groups=groups.long() if self.params.scope == "per_tile" else None,
             layout={"kind": "anyres", "base_grid": (side, side), "crop_grid": crop_grid, "image_size": size,
-                    "newline": newline, "tile": groups.long(), "crop_rc": crop_rc},
+                    "newline": newline, "tile": groups.long(), "crop_rc": crop_rc,
+                    "tile_cell": torch.where(newline, -1.0, (row % side) * side + col % side).long()},
         )
 
 
-def _packed_vision_features(model: Any, tiles: Tensor | None, image_sizes: Tensor,
-                            strategy: str) -> list[Tensor] | None:
-    """Per image ``[N, C]``: the pre-projector features packed like the projected ones (the
-    model's own unpadding and row newlines; zeros at newline tokens)."""
-    if tiles is None:
-        return None
+def _packed(model: Any, tiles: Tensor, image_sizes: Tensor, strategy: str) -> list[Tensor]:
+    """Per image ``[N, C]``: per-token values of every tile ``[tiles, S, C]`` packed like the
+    projected features (the model's own unpadding and row newlines; zeros at newline tokens)."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     vcfg = model.config.vision_config

@@ -23,15 +23,19 @@ CONTEXT_FIELDS: dict[str, str] = {
     "text": "the instruction of each image, list of B strings",
     "text_embedder": "callable str -> [L, d] sub-word embeddings in the tokens' space",
     "cls_attention": "vision-tower CLS->patch attention per token, [B, N]",
+    "cls_attention_layers": "vision-tower CLS->patch attention per token at every encoder layer, [B, N, L] "
+                            "(CLIP towers; index l = encoder layer l)",
     "vision_features": "the vision tower's features that enter the projector, per token, [B, N, C] "
                        "(CLIP towers; zeros at LLaVA-NeXT newline tokens)",
+    "tiles": "the tile of each token, int [N]: 0 the base image, 1.. the crops in raster order, -1 none "
+             "(LLaVA-NeXT newlines)",
     "grid": "(rows, cols) when the N tokens form one raster-ordered grid",
     "positions": "token centres as (row, col) in grid units, [N, 2]; NaN for non-spatial tokens",
 }
 """The standard context fields. Backbones may offer more under other names (in-LLM stages:
 ``resprune.llm_pruning.LLM_FIELDS``)."""
 
-CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention"})
+CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention", "llm_final_norm"})
 """Fields whose value is itself a callable (any other callable is a provider run on first use)."""
 
 

@@ -28,8 +28,10 @@ class EncodedImage:
         grid: ``(rows, cols)`` when the ``N`` tokens form one raster-ordered grid.
         positions: ``[N, 2]`` token centres (row, col) in grid units; NaN for non-spatial ones.
         cls_attention: ``[N]`` vision-tower CLS->patch attention, if requested and available.
-        vision_features: ``[N, C]`` the features that entered the projector (before it), if
-            requested and available; zeros for tokens the projector did not make (newlines).
+        tiles: int ``[N]`` the tile of each token when an image is split into tiles: 0 the
+            base (overview) image, 1.. the crops in raster order, -1 tokens of no tile (newlines).
+        extra: further per-token context fields by name, each ``[N, ...]`` (e.g.
+            ``vision_features`` ``[N, C]``), only those the pipeline asked for.
         candidates: bool ``[N]``, the tokens the selector may pick (``None``: all).
         always: bool ``[N]``, tokens kept whatever the selector does (``None``: none).
         groups: int ``[N]``, a group id per token when the budget applies per group (tiles).
@@ -40,7 +42,8 @@ class EncodedImage:
     grid: tuple[int, int] | None = None
     positions: Tensor | None = None
     cls_attention: Tensor | None = None
-    vision_features: Tensor | None = None
+    tiles: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
     candidates: Tensor | None = None
     always: Tensor | None = None
     groups: Tensor | None = None
@@ -91,7 +94,7 @@ def _geometry_key(img: EncodedImage) -> tuple[Any, ...]:
         return None if t is None else (tuple(t.shape), hash(t.cpu().numpy().tobytes()))
 
     return (img.n, img.grid, key(img.positions), key(img.candidates), key(img.always), key(img.groups),
-            img.cls_attention is not None, img.vision_features is not None)
+            key(img.tiles), img.cls_attention is not None, tuple(sorted(img.extra)))
 
 
 def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int], row_text: Callable[[int], str],
@@ -108,8 +111,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         feats = torch.stack([images[i].features for i in members]).float()
         cls = (torch.stack([images[i].cls_attention for i in members]).float()
                if first.cls_attention is not None else None)
-        vision = (torch.stack([images[i].vision_features for i in members]).float()
-                  if first.vision_features is not None else None)
+        extra = {name: torch.stack([images[i].extra[name] for i in members]).float() for name in first.extra}
         texts = [row_text(rows[i]) for i in members] if needs_text else None  # decoded once, reused
         subsets = _subsets(first)
         kept_all: list[list[Tensor]] = [[] for _ in members]
@@ -125,7 +127,8 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                 text=lambda m=members: [row_text(rows[i]) for i in m],
                 text_embedder=embedder,
                 cls_attention=None if cls is None else (cls if whole else cls[:, idx]),
-                vision_features=None if vision is None else (vision if whole else vision[:, idx]),
+                tiles=None if first.tiles is None else (first.tiles if whole else first.tiles[idx]),
+                **{name: value if whole else value[:, idx] for name, value in extra.items()},
                 grid=first.grid if whole else None,
                 positions=None if first.positions is None else (first.positions if whole else first.positions[idx]),
             )
@@ -154,7 +157,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                 features = torch.cat(own + extra)[place.to(feats.device)]
             order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
             geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
-                                    candidates=first.candidates, always=first.always, groups=first.groups,
+                                    tiles=first.tiles, candidates=first.candidates, always=first.always, groups=first.groups,
                                     layout=images[i].layout)
             out[i] = ImageSelection(row=rows[i], image=i, kept=kept, order=order, k=int(kept.numel()), n=first.n,
                                     text=texts[j] if texts else "", scores=score_all[j], geometry=geometry,

@@ -57,6 +57,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.dart",
     "resprune.strategies.vispruner",
     "resprune.strategies.scope",
+    "resprune.strategies.hired",
     "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",

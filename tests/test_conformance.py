@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from resprune.plugins import get_host
+from resprune.strategies.cls_attention import ClsAttention
 from resprune.testing.conformance import MergerConformance, ScorerConformance, SelectorConformance
+
+SCORERS = {"hired": [("cls_attention_early", ClsAttention(layer=0))]}
+"""Scores a built-in selector reads under names no scorer writes by default."""
 
 for _entry in get_host().selectors.entries():
     if _entry.plugin.startswith("resprune."):
         globals()[f"TestSelector_{_entry.name}"] = type(f"TestSelector_{_entry.name}", (SelectorConformance,),
-                                                        {"selector": _entry.name})
+                                                        {"selector": _entry.name,
+                                                         "scorers": SCORERS.get(_entry.name, [])})
 for _entry in get_host().scorers.entries():
     if _entry.plugin.startswith("resprune."):
         globals()[f"TestScorer_{_entry.name}"] = type(f"TestScorer_{_entry.name}", (ScorerConformance,),
@@ -17,3 +22,10 @@ for _entry in get_host().mergers.entries():
     if _entry.plugin.startswith("resprune."):
         globals()[f"TestMerger_{_entry.name}"] = type(f"TestMerger_{_entry.name}", (MergerConformance,),
                                                       {"merger": _entry.name})
+
+
+class TestScorer_cls_attention_layer0(ScorerConformance):
+    """``cls_attention`` at an encoder layer (the ``cls_attention_layers`` field)."""
+
+    scorer = "cls_attention"
+    params = {"layer": 0}

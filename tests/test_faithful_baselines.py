@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import resprune
+from resprune.strategies.cls_attention import ClsAttention
+from resprune.strategies.topk import TopK
 from resprune.testing.tiny import tiny_inputs, tiny_lvlm
 
 PROMPTS = ["What is in the picture?", "Describe the colours of the scene in detail, please.", "Where?"]
@@ -187,3 +189,193 @@ def test_attached_to_llava_the_kept_set_is_the_official_one(method, batch):
     else:
         ref = scope_reference(feats, attn.sum(dim=1), budget).sort(dim=-1).values.tolist()
     assert kept == ref
+
+
+# --- HiRED ------------------------------------------------------------------------------------
+
+
+def hired_reference(top_attn: torch.Tensor, bottom_attn: torch.Tensor, num_vision_tokens: int,
+                    num_total_budget: int, alpha: float) -> torch.Tensor:
+    """hasanar1f/HiRED @ 502d6dd, modeling_llava_next.py, ``HiRED_token_selection`` and
+    ``HiRED_sub_img_budgets``, for one image.
+
+    ``top_attn`` / ``bottom_attn`` (num_patch, H, S): the CLS rows of layer 0 / the feature layer
+    for the base tile then the crops; ``num_total_budget`` is the official
+    ``int(num_patch * num_vision_tokens * token_budget_rate)``. Returns the mask (num_patch, N).
+    """
+    top_layer_attn = top_attn[:, :, -num_vision_tokens:]
+    bottom_layer_attn = bottom_attn[:, :, -num_vision_tokens:]
+    bottom = bottom_layer_attn.sum(dim=1)
+    top = top_layer_attn.sum(dim=1)
+    mask = torch.zeros_like(bottom, dtype=torch.bool)
+    num_patch = bottom.shape[0]
+    full_img_budget = min(int(num_total_budget * alpha), num_vision_tokens)
+    total_sub_img_budget = min(num_total_budget - full_img_budget, (num_patch - 1) * num_vision_tokens)
+    mask[0, bottom[0].topk(full_img_budget, largest=True).indices] = True
+    if total_sub_img_budget > 0:
+        spatial_distribution = torch.zeros_like(top[0], dtype=torch.bool)
+        spatial_distribution[top[0].topk(int(num_vision_tokens * (1 - alpha)), largest=True).indices] = True
+        # reshape(num_patch_height, num_patch_width, -1).sum(-1).reshape(-1): one run of the base
+        # image's raster order per crop (the official code needs N divisible by the crops)
+        sum_img_mask = spatial_distribution.reshape(num_patch - 1, -1).sum(dim=-1)
+        budget_ratio = sum_img_mask / sum_img_mask.sum()
+        num_topk_others = torch.clamp((budget_ratio * total_sub_img_budget).int(), max=num_vision_tokens)
+        for i, num_topk_other in enumerate(num_topk_others):
+            mask[i + 1, bottom[i + 1].topk(int(num_topk_other), largest=True).indices] = True
+    return mask
+
+
+def hired_llava15_reference(bottom_attn: torch.Tensor, num_vision_tokens: int, token_budget_rate: float):
+    """hasanar1f/HiRED @ 502d6dd, modeling_llava.py, ``HiRED_token_selection`` (one image;
+    ``bottom_attn`` (1, H, S) the CLS row of the feature layer)."""
+    attn = bottom_attn[0, :, -num_vision_tokens:].sum(dim=0)
+    mask = torch.zeros_like(attn, dtype=torch.bool)
+    mask[attn.topk(min(num_vision_tokens, int(num_vision_tokens * token_budget_rate)), largest=True).indices] = True
+    return mask
+
+
+def _tiled(seed: int, crops: int, side: int, heads: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    s = side * side
+    top = torch.softmax(torch.randn(crops + 1, heads, s + 1, generator=gen) * 2, dim=-1)
+    bottom = torch.softmax(torch.randn(crops + 1, heads, s + 1, generator=gen) * 2, dim=-1)
+    tiles = torch.arange(crops + 1).repeat_interleave(s)
+    early = torch.zeros((crops + 1) * s)
+    early[:s] = top[0, :, 1:].mean(0)  # only the base image's early attention is read
+    return top, bottom, tiles, bottom[:, :, 1:].mean(1).flatten(), early
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 3), crops=st.sampled_from([1, 2, 3, 4]),
+       rate=st.floats(0.02, 1.0), alpha=st.sampled_from([0.25, 0.5, 0.75]))
+def test_hired_keeps_the_official_tokens_and_fills_what_flooring_left(seed, b, crops, rate, alpha):
+    side, s = 6, 36
+    n = (crops + 1) * s
+    k = max(1, int(n * rate))
+    per_image = [_tiled(seed + i, crops, side) for i in range(b)]
+    tiles = per_image[0][2]
+    score = torch.stack([p[3] for p in per_image])
+    early = torch.stack([p[4] for p in per_image])
+    ours = resprune.select(torch.randn(b, n, 8), k, selector="hired", alpha=alpha, context={"tiles": tiles},
+                           scores={"cls_attention": score, "cls_attention_early": early})
+    for i, (top, bottom, *_rest) in enumerate(per_image):
+        ref = set(hired_reference(top, bottom, s, k, alpha).flatten().nonzero().squeeze(1).tolist())
+        kept = set(ours[i].tolist())
+        assert ref <= kept and len(kept) == k
+        rest = score[i].clone()
+        rest[list(ref)] = float("-inf")
+        assert kept - ref == set(rest.argsort(descending=True)[: k - len(ref)].tolist())
+
+
+def test_hired_without_crops_is_the_official_llava15_top_k():
+    gen = torch.Generator().manual_seed(0)
+    bottom = torch.softmax(torch.randn(1, 4, 37, generator=gen), dim=-1)  # the CLS row, 4 heads
+    for rate in (0.1, 0.34, 0.9):
+        ref = hired_llava15_reference(bottom, 36, rate)
+        k = int(36 * rate)
+        ours = resprune.select(torch.randn(36, 8), k, selector="hired",
+                               scores={"cls_attention": bottom[0, :, 1:].mean(0)})
+        assert set(ours.tolist()) == set(ref.nonzero().squeeze(1).tolist())
+
+
+def test_hired_with_crops_but_no_budget_score_names_it():
+    with pytest.raises(resprune.ResPruneError, match="cls_attention_early"):
+        resprune.select(torch.randn(72, 8), 10, selector="hired", scores={"cls_attention": torch.rand(72)},
+                        context={"tiles": torch.arange(72) // 36})
+
+
+def _eager_cls_rows(model_type: str, pixel_values: torch.Tensor, **kwargs) -> tuple:
+    """CLS rows (tiles, H, S) of every vision layer, from an eager twin of the tiny model."""
+    twin, _ = tiny_lvlm(model_type, attn_implementation="eager", **kwargs)
+    with torch.no_grad():
+        out = twin.model.vision_tower(pixel_values, output_attentions=True)
+    return tuple(a[:, :, 0] for a in out.attentions)
+
+
+def _tiles_of(model, inputs) -> torch.Tensor:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    counts = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+              for s in inputs["image_sizes"]]
+    return torch.cat([p[:c] for p, c in zip(inputs["pixel_values"], counts)]), counts
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+def test_cls_attention_layers_are_the_eager_attention_of_every_layer(model_type):
+    model, proc = tiny_lvlm(model_type)
+    inputs = tiny_inputs(model_type, proc, _photos()[:2], PROMPTS[:2])
+    pipe = resprune.Pipeline(TopK(score="early"), budget=3,
+                             scorers=[("early", ClsAttention(layer=0)), ("late", ClsAttention(layer=-1))])
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    pixels = inputs["pixel_values"] if model_type == "llava" else _tiles_of(model, inputs)[0]
+    rows = _eager_cls_rows(model_type, pixels)
+    first = 0
+    for sel in attached.selections:
+        for name, layer in (("early", 0), ("late", -1)):
+            eager = rows[layer].mean(1)[:, 1:]  # [tiles, patches]
+            if model_type == "llava":
+                torch.testing.assert_close(sel.scores[name], eager[sel.image], rtol=1e-5, atol=1e-6)
+            else:  # the base tile's tokens
+                base = sel.geometry.layout["tile"] == 0
+                got = sel.scores[name][base & ~sel.geometry.layout["newline"]]
+                torch.testing.assert_close(got, eager[first], rtol=1e-5, atol=1e-6)
+        first += 0 if model_type == "llava" else int(sel.geometry.layout["tile"].max()) + 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_hired_attached_to_llava_next_keeps_the_official_survivors(batch):
+    model, proc = tiny_lvlm("llava_next", image_size=56)  # a 4 x 4 base tile: 16 tokens, 4 runs of 4
+    inputs = tiny_inputs("llava_next", proc, _photos()[:batch], PROMPTS[:batch])
+    with resprune.load_pipeline("hired-llava-next").attach(model, proc) as attached, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2)
+        selections = list(attached.selections)
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    pixels, counts = _tiles_of(model, inputs)
+    rows = _eager_cls_rows("llava_next", pixels, image_size=56)
+    top, bottom = rows[0], rows[model.config.vision_feature_layer]
+    start = 0
+    for sel, tiles in zip(selections, counts):
+        layout = sel.geometry.layout
+        official = hired_reference(top[start:start + tiles], bottom[start:start + tiles], 16, sel.k, 0.5)
+        start += tiles
+        tile, cell = layout["tile"], layout["tile_cell"]
+        alive = ~layout["newline"]
+        survivors = {j for j in range(sel.n) if alive[j] and official[tile[j], cell[j]]}  # after unpadding
+        kept = set(sel.kept.tolist())
+        assert survivors <= kept and len(kept) == sel.k and not (kept & set(layout["newline"].nonzero()[:, 0].tolist()))
+        if sel.image == 0:  # the square photo: nothing unpadded; the official picks are all there
+            assert len(survivors) == int(official.sum()) > sel.k // 2
+        else:  # unpadding removed some of the crops' tokens
+            assert tile.numel() - int((~alive).sum()) < tiles * 16
+
+
+# --- DivPrune ---------------------------------------------------------------------------------
+
+
+def divprune_reference(visual_feature_vectors: torch.Tensor, threshold_terms: int) -> torch.Tensor:
+    """vbdi/divprune @ 799e2d9, LLaVA/llava/model/llava_arch.py, ``DivPrune`` (the official code
+    takes ``threshold_terms = int(round(ratio * N))``; here the count itself). Picks in order."""
+    norm_matrix = visual_feature_vectors / visual_feature_vectors.norm(dim=1, keepdim=True)
+    cosine_matrix = 1.0 - torch.mm(norm_matrix, norm_matrix.t())
+    s = torch.empty(threshold_terms, dtype=torch.long)
+    for i in range(threshold_terms):
+        if i == 0:
+            m2 = cosine_matrix
+        else:
+            m2 = torch.index_select(cosine_matrix, 0, torch.index_select(s, 0, torch.arange(0, i)))
+        if i == 0:
+            scores = torch.topk(m2, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = torch.min(m2, dim=0).values
+        s[i] = torch.argmax(scores)
+    return s
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(3, 90), d=st.sampled_from([4, 16, 64]), k_frac=st.floats(0.01, 1.0))
+def test_divprune_picks_what_the_official_code_picks_in_its_order(seed, n, d, k_frac):
+    v = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    k = max(1, round(k_frac * n))
+    ours = resprune.select(v, k, selector="divprune", order="selection")
+    assert ours.tolist() == divprune_reference(v, k).tolist()

@@ -37,12 +37,12 @@ def test_shipped_method_runs_from_the_command_line(method, model_type, tmp_path,
     assert out.is_file()
 
 
-CLIP_METHODS = ("vispruner", "scope")
+CLIP_METHODS = ("vispruner", "scope", "hired")
 """Methods that read the CLIP tower's CLS attention and features (LLaVA-1.5 and LLaVA-NeXT)."""
 
 
 @pytest.mark.parametrize("config", [*[(m, t) for m in CLIP_METHODS for t in ("llava", "llava_next")],
-                                    ("vispruner-llava-next", "llava_next")])
+                                    ("vispruner-llava-next", "llava_next"), ("hired-llava-next", "llava_next")])
 def test_clip_tower_method_runs_from_the_command_line(config, tmp_path, capsys):
     method, model_type = config
     code = cli(["run", method, "budget=8", "--model", f"tiny:{model_type}", "--image", str(photo_path(PHOTOS[1])),
@@ -63,11 +63,12 @@ def test_clip_tower_method_on_qwen_is_refused_by_name(method, capsys):
 def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     out = tmp_path / "table-i"
     code = cli(["sweep", "table-i", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava:25",
-                "grid.budget=[64]", "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope]",
+                "grid.budget=[64]", "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired]",
                 "--out", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert set(rows) == {"full", "resprune-llava15", "visionzip", "fastv", "pdrop", "dart", "vispruner", "scope"}
+    assert set(rows) == {"full", "resprune-llava15", "visionzip", "fastv", "pdrop", "dart", "vispruner", "scope",
+                         "hired"}
     assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
     ratio = {m: r["metrics"]["flops.ratio"] for m, r in rows.items() if m != "full"}
     # the same 64 tokens kept, but FastV and DART run layers 0-1 on every token and PDrop keeps
@@ -77,7 +78,7 @@ def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     assert ratio["resprune-llava15"] < ratio["fastv"] < ratio["pdrop"] < 1
     assert cli(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert all(f"| {m} |" in report for m in ("fastv", "pdrop", "dart", "visionzip", "vispruner", "scope"))
+    assert all(f"| {m} |" in report for m in ("fastv", "pdrop", "dart", "visionzip", "vispruner", "scope", "hired"))
 
 
 def test_config_command_prints_the_stages(capsys):

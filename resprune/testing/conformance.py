@@ -71,19 +71,27 @@ def _pipeline(selector: Selector, scorers: list[Any], budget: Any, merger: Merge
     from ..pipeline import Pipeline
     from ..stages import Stage
 
-    strategies = [selector] + [s if not isinstance(s, tuple) else get_host().scorers.get(s[1]) for s in scorers]
+    strategies = [selector] + [s[1] if isinstance(s, tuple) and not isinstance(s[1], str)
+                               else get_host().scorers.get(s[1]) if isinstance(s, tuple) else s for s in scorers]
     if _inside_llm(strategies) or (merger is not None and _inside_llm([merger])):
         return Pipeline(None, budget=budget, stages=[Stage(selector, budget=budget, scorers=scorers, merger=merger,
                                                            layer=1)])
     return Pipeline(selector, budget=budget, scorers=scorers, merger=merger)
 
 
-def _scorers_for(selector: Selector, model_type: str) -> list[Any]:
-    """Scorers writing what the selector needs, from what the backbone can supply."""
+def _scorers_for(selector: Selector, model_type: str, given: list[tuple[str, Any]] = ()) -> list[Any]:
+    """Scorers writing what the selector needs, from what the backbone can supply: ``given``
+    ones (output name, scorer or its name), then the scorers whose default output is the name."""
     writers = {e.cls.output: e.name for e in get_host().scorers.entries()}
+    provides = get_host().injector_for(model_type).provides
     out = []
+    for name, scorer in given:
+        made = get_host().scorers.get(scorer)() if isinstance(scorer, str) else scorer
+        if set(made.requires) <= provides:
+            out.append((name, made))
     for name in sorted(selector.required_scores() | selector.optional_scores()):
-        if name in writers and not (name == "cls_attention" and model_type == "qwen2_5_vl"):
+        if name in writers and name not in {n for n, _ in out} and not (
+                name == "cls_attention" and model_type == "qwen2_5_vl"):
             out.append((name, writers[name]))
     return out
 
@@ -93,6 +101,9 @@ class SelectorConformance:
 
     selector: ClassVar[Any] = None
     params: ClassVar[dict[str, Any]] = {}
+    scorers: ClassVar[list[tuple[str, Any]]] = []
+    """Scores the selector reads under names no scorer writes by default, as ``(name, scorer)``
+    pairs, e.g. ``[("cls_attention_early", ClsAttention(layer=0))]``; used on the backbones."""
 
     def make(self) -> Selector:
         if self.selector is None:
@@ -118,7 +129,7 @@ class SelectorConformance:
     @pytest.mark.parametrize("model_type", BACKBONES)
     def test_runs_on_backbone(self, model_type: str) -> None:
         sel = self.make()
-        scorers = _scorers_for(sel, model_type)
+        scorers = _scorers_for(sel, model_type, self.scorers)
         missing = sel.required_scores() - {name for name, _ in scorers}
         if missing:
             pytest.skip(f"{model_type} cannot supply score(s) {sorted(missing)}")

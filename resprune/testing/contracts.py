@@ -59,6 +59,8 @@ def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed
     return PruneContext(tokens, source="resprune.testing.random_context", text=texts,
                         text_embedder=_word_embedder(d), cls_attention=cls_attention, grid=(rows, cols),
                         vision_features=torch.randn(b, n, d + 4, generator=gen),
+                        cls_attention_layers=torch.softmax(torch.randn(b, n, 3, generator=gen), dim=1),
+                        tiles=torch.arange(n) * 3 // n,  # a base tile and two crops
                         llm_attention=attention, llm_keys=torch.randn(b, n, 2 * d, generator=gen),
                         llm_last_hidden=torch.randn(b, d, generator=gen),
                         llm_text_hidden=torch.randn(b, 3, d, generator=gen),
