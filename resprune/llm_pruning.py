@@ -46,6 +46,8 @@ LLM_FIELDS: dict[str, str] = {
                      "pays to each visual token at layer K-1, mean over heads",
     "llm_keys": "keys of the visual tokens at layer K-1 (after RoPE), float32 [B, N, kv_heads * head_dim]",
     "llm_last_hidden": "hidden state of each row's last prompt token entering layer K, float32 [B, D]",
+    "llm_final_norm": "callable [..., D] -> [..., D] float32: the language model's final norm (DART measures "
+                      "similarity after it)",
     "layer": "the decoder layer K the stage acts on (int)",
     "positions": "token centres as (row, col) in grid units, [N, 2] (when the image has a grid)",
 }
@@ -258,6 +260,12 @@ class LLMPruner:
         rows, rows_valid = _query_rows(st, query_mode, cap["query"].device)
         return attention_rows(cap["query"], cap["key"], cap["mask"], st.valid, rows, rows_valid, cap["scaling"])
 
+    def _final_norm(self, x: Tensor) -> Tensor:
+        """The language model's final norm, in its dtype, back to float32."""
+        norm = self.lm.norm
+        weight = getattr(norm, "weight", None)
+        return norm(x.to(weight.dtype) if weight is not None else x).float()
+
     # --- the layer pre-hook -----------------------------------------------------------------
 
     def _make_hook(self, index: int) -> Callable[..., Any]:
@@ -378,7 +386,7 @@ class LLMPruner:
             ctx = PruneContext(
                 tokens, source=f"{self.source} (layer {layer})",
                 llm_attention=(lambda query="last", r=rows, c=cols: attention(query)[r[:, None], c]),
-                llm_keys=keys, llm_last_hidden=last_hidden[rows], layer=layer,
+                llm_keys=keys, llm_last_hidden=last_hidden[rows], layer=layer, llm_final_norm=self._final_norm,
                 positions=None if pos is None or not all(s.positions is not None for s in members)
                 else pos.to(dev)[members[0].alive.to(dev)],
                 text=None if st.texts is None else (lambda g=members: [st.texts(s.row) for s in g]),

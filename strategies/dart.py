@@ -5,9 +5,11 @@ instruction tokens with the largest key norm. Each pivot in turn adds its share 
 budget: the not-yet-kept visual tokens with the lowest cosine similarity to it. Text
 pivots guide the choice but are not kept (they are text). Ties go to the lower index.
 
-Deviation from the reference code: similarity is measured on the hidden states entering
-layer K (DART passes them through the model's final RMSNorm first), and the budget is met
-exactly (DART's ``128`` setting keeps 132 tokens).
+Inside the LLM, similarity is measured after the language model's final norm, as DART does
+(``similarity: final_norm``). Deviations from the reference code: the budget is met exactly
+(DART's ``128`` setting keeps 132 tokens: give ``budget: 132`` for its count), and the pivots
+take their turns in a defined order (image pivots by key norm, then text pivots), where DART
+iterates a Python set of absolute positions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.interfaces import Selector
+from resprune.params import check_choice
 
 
 class Dart(Selector):
@@ -38,6 +41,9 @@ class Dart(Selector):
         or outside the LLM."""
         score: str = "key_norm"
         """The score that ranks image pivots."""
+        similarity: str = "final_norm"
+        """`final_norm`: cosine similarity after the language model's final norm where the stage
+        has it (inside the LLM; DART's choice), else on the tokens; `hidden`: on the tokens."""
 
         def __post_init__(self) -> None:
             for field in ("image_pivots", "text_pivots"):
@@ -48,6 +54,7 @@ class Dart(Selector):
                 raise ValueError("image_pivots + text_pivots must be >= 1.")
             if not self.score:
                 raise ValueError("score must name a score")
+            check_choice("similarity", self.similarity, ("final_norm", "hidden"))
 
     def required_scores(self) -> frozenset[str]:
         return frozenset({self.params.score})
@@ -59,7 +66,9 @@ class Dart(Selector):
         pivots = rank[:, :p_img]
         if p_img == k:
             return pivots
-        unit = torch.nn.functional.normalize(tokens, dim=-1)
+        norm = context.maybe("llm_final_norm") if self.params.similarity == "final_norm" else None
+        space = (lambda x: x) if norm is None else norm
+        unit = torch.nn.functional.normalize(space(tokens), dim=-1)
         vectors = [unit.gather(1, pivots[..., None].expand(b, p_img, unit.shape[-1]))]
         text = context.maybe("llm_text_hidden") if self.params.text_pivots else None
         if text is not None and text.shape[1]:
@@ -67,7 +76,7 @@ class Dart(Selector):
             t = min(self.params.text_pivots, text.shape[1])
             top = torch.sort(norms, dim=-1, descending=True, stable=True).indices[:, :t]
             chosen = text.gather(1, top[..., None].expand(b, t, text.shape[-1]))
-            vectors.append(torch.nn.functional.normalize(chosen, dim=-1))
+            vectors.append(torch.nn.functional.normalize(space(chosen), dim=-1))
         pivot_vecs = torch.cat(vectors, dim=1)  # [B, P, d]
         sims = torch.einsum("bpd,bnd->bpn", pivot_vecs, unit)  # [B, P, N]
         taken = torch.zeros(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, pivots, True)

@@ -8,6 +8,7 @@ on random inputs and attached to a tiny model (SDPA) on the bundled photos.
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 
 import pytest
@@ -379,3 +380,87 @@ def test_divprune_picks_what_the_official_code_picks_in_its_order(seed, n, d, k_
     k = max(1, round(k_frac * n))
     ours = resprune.select(v, k, selector="divprune", order="selection")
     assert ours.tolist() == divprune_reference(v, k).tolist()
+
+
+# --- DART ---------------------------------------------------------------------------------------
+
+
+def dart_reference(last_layer_state: torch.Tensor, any_states: torch.Tensor, image_token_start_index: int,
+                   image_token_length: int, max_num_trunction: int, pivot_image_token: int = 4,
+                   pivot_text_token: int = 4) -> list[int]:
+    """DART (upstream 5a19452 via xqy1111111/DART @ d6a5af6), modeling_llama_self.py,
+    ``get_retained_image_token``: ``last_layer_state`` (1, L, D) the final-normed output of layer
+    K-1, ``any_states`` (1, H, L, hd) its keys after RoPE. Absolute positions of the kept image
+    tokens, sorted.
+
+    One substitution: the pivots take their turns in a defined order (image pivots by key norm,
+    then text pivots) where the official code iterates ``list(set(...))`` of absolute positions,
+    an order CPython's hashing decides.
+    """
+    token_topk = math.ceil(max_num_trunction // (pivot_image_token + pivot_text_token))
+    any_states = any_states.permute(0, 2, 1, 3).reshape(any_states.shape[0], any_states.shape[2], -1)
+    start, length = image_token_start_index, image_token_length
+    k_states_image_token = any_states[0][start:start + length, :]
+    k_states_query_token = any_states[0][start + length:, :]
+    image_indices = (torch.norm(k_states_image_token, p=1, dim=-1).topk(pivot_image_token).indices + start).tolist()
+    query_indices = (torch.norm(k_states_query_token, p=1, dim=-1).topk(pivot_text_token).indices
+                     + start + length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(start, start + length)) - set(image_indices)
+    valid_indices_list = list(valid_indices)
+    for item in image_indices + query_indices:  # the substitution (official: list(indices_set))
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(token_topk).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = list(valid_indices)
+    indices_set.difference_update(query_indices)
+    return sorted(indices_set)
+
+
+def _dart_inputs_at(model, input_ids, pixel_values, layer: int):
+    """Final-normed output of layer ``layer - 1`` and its post-RoPE keys, one unpadded row, eager."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    attn = lm.layers[layer - 1].self_attn
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["h"], seen["pe"] = kwargs["hidden_states"], kwargs["position_embeddings"]
+
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
+    finally:
+        handle.remove()
+    h = seen["h"]
+    k = attn.k_proj(h).view(1, h.shape[1], -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(h).view(1, h.shape[1], -1, attn.head_dim).transpose(1, 2)
+    _, k = apply_rotary_pos_emb(q, k, *seen["pe"])
+    return lm.norm(out.hidden_states[layer]), k
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dart_attached_keeps_the_official_set(batch):
+    layer, per_pivot = 2, 2
+    model, proc = tiny_lvlm("llava", text_layers=4)
+    twin, _ = tiny_lvlm("llava", text_layers=4, attn_implementation="eager")
+    weight = torch.rand(model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(1)) * 2
+    for m in (model, twin):  # a final norm that is not the identity (a random init leaves it at 1)
+        m.model.language_model.norm.weight.data.copy_(weight)
+    inputs = tiny_inputs("llava", proc, _photos()[:batch], PROMPTS[:batch])
+    budget = 4 + 8 * per_pivot  # DART's "max_num_trunction = 8 * per_pivot" keeps the 4 pivots more
+    with resprune.load_pipeline("dart", budget=budget).attach(model, proc) as attached, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2)
+        kept = [s.kept.tolist() for s in attached.last.stages[0].selections]
+    image = model.config.image_token_id
+    for row in range(batch):
+        ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()][None]
+        start = int((ids[0] == image).nonzero()[0])
+        state, keys = _dart_inputs_at(twin, ids, inputs["pixel_values"][row:row + 1], layer)
+        ref = dart_reference(state, keys, start, 36, 8 * per_pivot)
+        assert kept[row] == [p - start for p in ref]
