@@ -99,6 +99,8 @@ def method_config(method: str, model_type: str) -> str:
         return DEFAULT_CONFIGS[model_type]
     if method == "visionzip" and model_type == "qwen2_5_vl":
         return "visionzip-qwen2.5-vl"  # no CLS token in Qwen2.5-VL's tower
+    if method == "pdrop" and model_type == "qwen2_5_vl":
+        return "pdrop-qwen2.5-vl"  # M-RoPE positions are kept, not re-indexed
     return method
 
 

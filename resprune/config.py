@@ -101,6 +101,9 @@ class StageConfig:
     """The stage's scorers."""
     merger: Optional[MergerConfig] = None
     """Optional merger of the tokens the stage drops."""
+    positions: str = "keep"
+    """Positions of the tokens after the stage: `keep` their original ones (FastV, DART), or
+    `reindex` them 0, 1, ... over each row's kept tokens (PyramidDrop; 1-D RoPE models only)."""
 
 
 @dataclass
@@ -407,6 +410,10 @@ def load_config(
     return validate_config(cfg, label)
 
 
+POSITIONS = ("keep", "reindex")
+"""What a stage inside the LLM does with the positions of the tokens it keeps."""
+
+
 def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
     """Check a merged config against the registries; fill params defaults; make it read-only."""
     try:
@@ -441,6 +448,9 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
             check_budget(stage["budget"], where=f"{label}: {where}.budget")
         if stage["selector"]["name"] is None:
             raise ConfigError(f"{label}: {where}.selector.name: missing. Every stage needs a selector.")
+        if stage["positions"] not in POSITIONS:
+            raise ConfigError(f"{label}: {where}.positions={stage['positions']!r}: must be one of "
+                              f"{', '.join(POSITIONS)}.")
         _validate_stage(stage, host, label, f"{where}.")
     _validate_backbone(container["backbone"], host, label)
     result = OmegaConf.structured(PipelineConfig)

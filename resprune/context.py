@@ -35,7 +35,7 @@ CONTEXT_FIELDS: dict[str, str] = {
 """The standard context fields. Backbones may offer more under other names (in-LLM stages:
 ``resprune.llm_pruning.LLM_FIELDS``)."""
 
-CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention", "llm_final_norm"})
+CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention", "llm_own_attention", "llm_final_norm"})
 """Fields whose value is itself a callable (any other callable is a provider run on first use)."""
 
 

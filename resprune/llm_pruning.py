@@ -44,6 +44,8 @@ LLM_FIELDS: dict[str, str] = {
     "tokens": "hidden states entering decoder layer K, float32 [B, N, D]",
     "llm_attention": "callable query -> [B, N]: attention the 'last' prompt token or the mean 'instruction' token "
                      "pays to each visual token at layer K-1, mean over heads",
+    "llm_own_attention": "callable query -> [B, N]: the same paid at layer K itself, from its query and key "
+                         "projections of the hidden states entering it (PyramidDrop)",
     "llm_keys": "keys of the visual tokens at layer K-1 (after RoPE), float32 [B, N, kv_heads * head_dim]",
     "llm_last_hidden": "hidden state of each row's last prompt token entering layer K, float32 [B, D]",
     "llm_final_norm": "callable [..., D] -> [..., D] float32: the language model's final norm (DART measures "
@@ -128,6 +130,8 @@ class _Region:
     uniform: bool  # every column valid: no mask needed in prefill
     prefill_mask: Tensor | None = None
     gathered: dict[str, Any] = field(default_factory=dict)  # position tensors at the region's columns
+    reindex: bool = False  # positions 0.. over the kept tokens instead of their original ones
+    offset: Tensor | None = None  # [B] tokens dropped so far per row (re-indexed decoding positions)
 
 
 @dataclass
@@ -159,6 +163,7 @@ class _CallState:
         last = _last_valid(self.valid)
         counts = torch.stack([self.valid.sum(1), _instruction_columns(self.valid, spans, last).sum(1)]).tolist()
         self.row_tokens: list[int] = counts[0]  # real tokens per row
+        self.input_tokens: list[int] = list(counts[0])  # real tokens per row entering the LLM
         self.instruction: list[int] = counts[1]  # instruction tokens per row (the last ones of the row)
 
 
@@ -177,6 +182,11 @@ class LLMPruner:
                     f"{source}: stage at layer {stage.layer}: the language model has {len(self.layers)} decoder "
                     f"layers; an in-LLM stage acts on layer 1..{len(self.layers) - 1} (scores come from layer K-1).")
         self.capture_at = {s.layer - 1: s for s in self.stages if s.requires & {"llm_attention", "llm_keys"}}
+        rope = getattr(self.lm.config, "rope_parameters", None) or getattr(self.lm.config, "rope_scaling", None) or {}
+        if any(s.positions == "reindex" for s in self.stages) and "mrope_section" in rope:
+            raise IncompatibleBackboneError(
+                f"{source}: positions: reindex numbers the kept tokens 0, 1, ... in one dimension; this model's "
+                f"positions are multimodal (M-RoPE) and are kept as they are. Use positions: keep.")
         self.state: _CallState | None = None
         self._finished: _CallState | None = None
         self._hooks: list[Any] = []
@@ -266,6 +276,32 @@ class LLMPruner:
         weight = getattr(norm, "weight", None)
         return norm(x.to(weight.dtype) if weight is not None else x).float()
 
+    def _own_attention(self, layer: int, hidden: Tensor, position_embeddings: Any, query_mode: str) -> Tensor:
+        """Head-mean attention ``[B, L]`` that layer ``layer`` itself will pay from the ``query_mode``
+        rows, from its own query and key projections of ``hidden`` (its input), before it runs."""
+        st = self.state
+        if position_embeddings is None:
+            raise IncompatibleBackboneError(f"{self.source}: layer {layer} gets no position_embeddings; layer "
+                                            f"K's own attention needs them (use layer: previous).")
+        block = self.layers[layer]
+        attn = block.self_attn
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if rope is None:
+            raise IncompatibleBackboneError(f"{self.source}: {type(attn).__name__} has no apply_rotary_pos_emb.")
+        b, length, width = hidden.shape
+        rows, rows_valid = _query_rows(st, query_mode, hidden.device)
+        normed = block.input_layernorm(hidden)
+        head = attn.head_dim
+        q = attn.q_proj(torch.gather(normed, 1, rows[..., None].expand(b, rows.shape[1], width)))
+        q = q.view(b, rows.shape[1], -1, head).transpose(1, 2)
+        k = attn.k_proj(normed).view(b, length, -1, head).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # per-head query/key norms (Qwen3-style attention)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = position_embeddings
+        q, _ = rope(q, q, _take(cos, rows), _take(sin, rows))
+        _, k = rope(k, k, cos, sin)
+        return attention_rows(q, k, None, st.valid, rows, rows_valid, attn.scaling, gathered=True)
+
     # --- the layer pre-hook -----------------------------------------------------------------
 
     def _make_hook(self, index: int) -> Callable[..., Any]:
@@ -277,26 +313,42 @@ class LLMPruner:
             prefill = _is_prefill(kwargs.get("past_key_values"), index)
             if prefill and index in st.pending:
                 _fit_batch(st, hidden.shape[0])
-                hidden = self._run_stage(st, st.pending.pop(index), hidden, index)
+                before = next((r for r in reversed(st.regions) if r.start <= index), None)
+                here = self._positions(st, before, kwargs, hidden) if before is not None else kwargs
+                hidden = self._run_stage(st, st.pending.pop(index), hidden, index, here.get("position_embeddings"))
             region = next((r for r in reversed(st.regions) if r.start <= index), None)
             if region is None:
                 return None
             kwargs = dict(kwargs)
             if prefill:
-                for name in ("position_embeddings", "position_ids"):
-                    if kwargs.get(name) is not None:
-                        kwargs[name] = self._gathered(st, region, name, kwargs[name])
+                kwargs.update(self._positions(st, region, kwargs, hidden))
                 kwargs["attention_mask"] = region.prefill_mask
             else:
                 cache = kwargs.get("past_key_values")
                 seen = cache.layers[index].get_seq_length() if cache is not None else 0
                 kwargs["attention_mask"] = self._decode_mask(region, kwargs.get("attention_mask"), hidden, seen)
+                if region.reindex:
+                    position_ids = kwargs["position_ids"] - region.offset[:, None].to(kwargs["position_ids"].device)
+                    kwargs["position_ids"] = position_ids
+                    kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids)
             if args:
                 return (hidden, *args[1:]), kwargs
             kwargs["hidden_states"] = hidden
             return args, kwargs
 
         return hook
+
+    def _positions(self, st: _CallState, region: _Region, kwargs: dict[str, Any], hidden: Tensor) -> dict[str, Any]:
+        """``position_ids`` / ``position_embeddings`` of the region's columns in prefill: the
+        original ones gathered, or (``reindex``) 0, 1, ... over each row's kept tokens."""
+        if not region.reindex:
+            return {name: self._gathered(st, region, name, kwargs[name])
+                    for name in ("position_embeddings", "position_ids") if kwargs.get(name) is not None}
+        if "reindexed" not in region.gathered:
+            position_ids = (region.valid.long().cumsum(1) - 1).clamp_min(0).to(hidden.device)
+            region.gathered["reindexed"] = {"position_ids": position_ids,
+                                            "position_embeddings": self.lm.rotary_emb(hidden, position_ids)}
+        return region.gathered["reindexed"]
 
     def _gathered(self, st: _CallState, region: _Region, name: str, value: Any) -> Any:
         """``value`` (full-length, per position) at the columns of ``region``, computed once per call."""
@@ -335,7 +387,7 @@ class LLMPruner:
 
     # --- running one stage ------------------------------------------------------------------
 
-    def _run_stage(self, st: _CallState, stage: Stage, hidden: Tensor, layer: int) -> Tensor:
+    def _run_stage(self, st: _CallState, stage: Stage, hidden: Tensor, layer: int, position_embeddings: Any) -> Tensor:
         """Select per image, then gather the kept columns (no host reads but the selector's check)."""
         b, length, _ = hidden.shape
         dev = hidden.device
@@ -353,6 +405,11 @@ class LLMPruner:
             if query not in cache:
                 cache[query] = self._attention_paid(query)
             return cache[query]
+
+        def own_attention(query: str = "last") -> Tensor:
+            if ("own", query) not in cache:
+                cache["own", query] = self._own_attention(layer, hidden, position_embeddings, query)
+            return cache["own", query]
 
         def text_fields(rows: Tensor) -> tuple[Tensor, Tensor]:
             """Instruction tokens' hidden states ``[G, T, D]`` and key L1 norms ``[G, T]`` (-inf: padding)."""
@@ -386,6 +443,7 @@ class LLMPruner:
             ctx = PruneContext(
                 tokens, source=f"{self.source} (layer {layer})",
                 llm_attention=(lambda query="last", r=rows, c=cols: attention(query)[r[:, None], c]),
+                llm_own_attention=(lambda query="last", r=rows, c=cols: own_attention(query)[r[:, None], c]),
                 llm_keys=keys, llm_last_hidden=last_hidden[rows], layer=layer, llm_final_norm=self._final_norm,
                 positions=None if pos is None or not all(s.positions is not None for s in members)
                 else pos.to(dev)[members[0].alive.to(dev)],
@@ -415,8 +473,8 @@ class LLMPruner:
         records.sort(key=lambda s: (s.image, s.row))
         records = [r for i, r in enumerate(records) if i == 0 or r.image != records[i - 1].image]  # beam copies
         st.records.append(StageRecord(layer, records, sum(counts) // st.factor))
-        if not any(dropped):
-            return hidden  # keep-all: nothing changes
+        if not any(dropped) and not (stage.positions == "reindex" and st.regions):
+            return hidden  # keep-all: nothing changes (re-indexing after a drop still renumbers)
         new_len = max(counts)
         # kept columns last, in their order (stable sort); what precedes them in a shorter row is padding
         index = torch.sort(keep.to(torch.uint8), dim=1, stable=True).indices[:, length - new_len:]
@@ -427,7 +485,8 @@ class LLMPruner:
         st.columns = torch.gather(st.columns, 1, index)
         st.valid = valid
         st.row_tokens = counts
-        region = _Region(layer, valid, all(c == new_len for c in counts))
+        region = _Region(layer, valid, all(c == new_len for c in counts), reindex=stage.positions == "reindex",
+                         offset=torch.tensor([t - c for t, c in zip(st.input_tokens, counts)], device=dev))
         if not region.uniform or self._base != "sdpa":  # eager attention has no causal default: it needs a mask
             causal = torch.ones(new_len, new_len, dtype=torch.bool, device=dev).tril()
             allowed = (causal[None] & valid[:, None, :]) | torch.eye(new_len, dtype=torch.bool, device=dev)[None]
@@ -460,6 +519,7 @@ def _fit_batch(st: _CallState, b: int) -> None:
     factor = b // have
     st.factor *= factor
     st.row_tokens = [t for t in st.row_tokens for _ in range(factor)]
+    st.input_tokens = [t for t in st.input_tokens for _ in range(factor)]
     st.instruction = [t for t in st.instruction for _ in range(factor)]
     st.valid = st.valid.repeat_interleave(factor, 0)
     st.columns = st.columns.repeat_interleave(factor, 0)
@@ -487,7 +547,7 @@ def _last_valid(valid: Tensor) -> Tensor:
 
 
 def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, valid: Tensor, rows: Tensor, rows_valid: Tensor,
-                   scaling: float) -> Tensor:
+                   scaling: float, *, gathered: bool = False) -> Tensor:
     """The attention that some query rows pay to every key, averaged over heads and rows.
 
     Args:
@@ -496,14 +556,16 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, valid: Tenso
         valid: bool ``[B, L]`` the real (non-padding) key columns.
         rows: int64 ``[B, R]`` the query rows; rows_valid: bool ``[B, R]`` which of them count.
         scaling: the layer's softmax scale.
+        gathered: ``query`` holds the ``R`` rows only (``[B, H, R, hd]``).
 
     Returns:
         float32 ``[B, L]``: ``mean_r mean_h softmax(q_r k^T * scaling + mask_r)``, the rows
         of the attention matrix that eager attention would return, for ``R`` rows only.
     """
-    b, heads, length, dim = query.shape
-    kv_heads, r = key.shape[1], rows.shape[1]
-    qsel = torch.gather(query, 2, rows[:, None, :, None].expand(b, heads, r, dim)) * scaling  # scale R rows, not R x L
+    b, heads, _, dim = query.shape
+    length, kv_heads, r = key.shape[2], key.shape[1], rows.shape[1]
+    qsel = query if gathered else torch.gather(query, 2, rows[:, None, :, None].expand(b, heads, r, dim))
+    qsel = qsel * scaling  # scale R rows, not R x L
     # grouped-query attention: head h reads kv head h // groups; fold the groups into the rows
     # instead of repeating the keys (no copy of the keys)
     qsel = qsel.reshape(b, kv_heads, heads // kv_heads * r, dim)

@@ -115,7 +115,8 @@ class Pipeline:
         cfg = config if isinstance(config, DictConfig) and not overrides and not kwargs and OmegaConf.is_readonly(config) \
             else load_config(config, overrides, **kwargs)
         stages = [Stage(_selector(st.selector), budget=cfg.budget if st.budget is None else st.budget,
-                        scorers=_scorers(st.scorers), merger=_merger(st.merger), layer=st.layer)
+                        scorers=_scorers(st.scorers), merger=_merger(st.merger), layer=st.layer,
+                        positions=st.positions)
                   for st in cfg.stages]
         selector = None if cfg.selector.name is None else _selector(cfg.selector)
         return cls(selector, budget=cfg.budget, scorers=_scorers(cfg.scorers), merger=_merger(cfg.merger),

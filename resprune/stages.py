@@ -40,14 +40,20 @@ class Stage:
         scorers: scorer names or instances, or ``(score_name, scorer)`` pairs.
         merger: a merger name or instance, or ``None``.
         layer: ``None`` for the input stage, else the decoder layer ``K >= 1``.
+        positions: inside the LLM, ``"keep"`` the kept tokens' original positions (FastV, DART)
+            or ``"reindex"`` them 0, 1, ... over each row's kept tokens (PyramidDrop).
     """
 
     def __init__(self, selector: str | Selector, *, budget: Budget, scorers: Iterable[ScorerSpec] = (),
-                 merger: str | Merger | None = None, layer: int | None = None) -> None:
+                 merger: str | Merger | None = None, layer: int | None = None, positions: str = "keep") -> None:
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
             raise ConfigError(f"stage layer={layer!r}: an in-LLM stage acts on decoder layer K >= 1 (scores come "
                               f"from layer K-1); use layer=None for the input stage.")
+        if positions not in ("keep", "reindex") or (positions == "reindex" and layer is None):
+            raise ConfigError(f"stage positions={positions!r}: 'keep', or 'reindex' for a stage inside the LLM "
+                              f"(the input stage's tokens take their places in the prompt).")
         self.layer = layer
+        self.positions = positions
         self.selector = make_selector(selector)
         self.budget = check_budget(budget, where=f"{self.where} stage budget")
         self.merger = None if merger is None else make_merger(merger)
@@ -127,6 +133,8 @@ class Stage:
         }
         if self.merger is not None:
             out["merger"] = self.merger.describe()
+        if self.positions != "keep":  # only then: runs recorded before the option keep their keys
+            out["positions"] = self.positions
         return out
 
     def summary(self) -> str:
@@ -137,7 +145,8 @@ class Stage:
         args = ", ".join(f"{k}={v}" for k, v in changed.items())
         scorers = ", ".join(n if n == s.name else f"{s.name}->{n}" for n, s in self.scorers) or "none"
         merger = f"; merger: {self.merger.name}" if self.merger is not None else ""
-        return f"{self.where}: budget {self.budget}; scorers: {scorers}; selector: {sel.name}({args}){merger}"
+        positions = "; positions re-indexed" if self.positions == "reindex" else ""
+        return f"{self.where}: budget {self.budget}; scorers: {scorers}; selector: {sel.name}({args}){merger}{positions}"
 
     def __repr__(self) -> str:
         scorers = ", ".join(f"{n}={s!r}" for n, s in self.scorers)

@@ -1,7 +1,7 @@
 """Scores read from the LLM itself, for stages inside it (``layer: K``).
 
 They need the fields an in-LLM stage offers (``resprune.llm_pruning.LLM_FIELDS``): the
-attention the prompt pays to each visual token at layer ``K-1`` (FastV, PyramidDrop), the
+attention the prompt pays to each visual token at layer ``K-1`` (FastV) or at ``K`` (PyramidDrop), the
 keys' norms (DART's pivots), and the similarity of each hidden state to the last prompt
 token's. None of them turns off SDPA: attention rows are recomputed for the queries that
 are needed only.
@@ -9,7 +9,9 @@ are needed only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,11 +23,12 @@ from resprune.params import check_choice
 
 
 class LLMAttention(Scorer):
-    """Attention paid to each visual token at layer K-1, mean over heads (FastV, PyramidDrop)."""
+    """Attention paid to each visual token at layer K-1 (FastV) or at layer K itself
+    (PyramidDrop), mean over heads."""
 
     name = "llm_attention"
     output = "llm_attention"
-    description = "LLM attention from the last (FastV) or the instruction (PDrop) tokens at layer K-1"
+    description = "LLM attention from the last or the instruction tokens, at layer K-1 (FastV) or K (PDrop)"
     requires = frozenset({"llm_attention"})
 
     @dataclass
@@ -33,12 +36,22 @@ class LLMAttention(Scorer):
         query: str = "last"
         """`last`: the last prompt token's attention row (FastV, PyramidDrop); `instruction`: the
         mean row of the instruction tokens (those after the row's last visual token)."""
+        layer: str = "previous"
+        """`previous`: layer K-1's attention, as that layer ran (FastV); `current`: layer K's own,
+        from its query and key projections of the hidden states entering it, before it runs
+        (PyramidDrop; one extra key projection of the sequence)."""
 
         def __post_init__(self) -> None:
             check_choice("query", self.query, ("last", "instruction"))
+            check_choice("layer", self.layer, ("previous", "current"))
+
+    def __init__(self, params: Mapping[str, Any] | Any | None = None, /, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.field = "llm_attention" if self.params.layer == "previous" else "llm_own_attention"
+        self.requires = frozenset({self.field})
 
     def score(self, context: PruneContext) -> Tensor:
-        return context.get("llm_attention", requester=f"scorer '{self.name}'")(self.params.query)
+        return context.get(self.field, requester=f"scorer '{self.name}'")(self.params.query)
 
 
 class KeyNorm(Scorer):

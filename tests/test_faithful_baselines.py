@@ -464,3 +464,112 @@ def test_dart_attached_keeps_the_official_set(batch):
         state, keys = _dart_inputs_at(twin, ids, inputs["pixel_values"][row:row + 1], layer)
         ref = dart_reference(state, keys, start, 36, 8 * per_pivot)
         assert kept[row] == [p - start for p in ref]
+
+
+# --- PyramidDrop ------------------------------------------------------------------------------
+
+
+def pdrop_reference(model, input_ids, pixel_values, layer_list=(8, 16, 24), ratios=(1.0, 0.5, 0.25, 0.125),
+                    prompt_len=None, forced=None):
+    """Cooperx521/PyramidDrop @ 6444f30, llava/model/modeling_llama_pdrop.py, ``pdrop_forward`` and
+    ``pdrop_rank_drop`` at inference, one unpadded row, on ``model``'s eager layers.
+
+    After layer ``K - 1`` (K in ``layer_list``) layer K's own query and key projections of its input
+    give the last instruction token's attention; the top ``int(N * ratios[s + 1])`` image tokens
+    stay and the positions are numbered 0, 1, ... again. The official code multiplies queries by
+    keys without repeating grouped keys (Vicuna has no GQA); here they are repeated. Returns the kept
+    image tokens after each stage (indices into the image) and the last column's logits.
+    ``prompt_len``: the prompt's length when ``input_ids`` also holds generated tokens (the query
+    is the last prompt token); ``forced``: kept sets to apply instead of ranking (decoding).
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    lm = model.model.language_model
+    ids = input_ids[0]
+    image = (ids == model.config.image_token_id).nonzero()[:, 0]
+    image_index, n_image = int(image[0]), image.numel()
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output[0]
+        features = lm.embed_tokens(ids)[None].clone()
+        features[0, image] = feats
+        position_ids = torch.arange(features.shape[1])[None]
+        kept, image_tokens = [], n_image
+        last_prompt = (prompt_len or ids.numel()) - 1
+        for layer_idx, layer in enumerate(lm.layers):
+            length = features.shape[1]
+            causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+            features = layer(features, attention_mask=causal, position_ids=position_ids,
+                             position_embeddings=lm.rotary_emb(features, position_ids))
+            rank_layer = layer_idx + 1
+            if rank_layer not in layer_list:
+                continue
+            stage = layer_list.index(rank_layer)
+            keep_length = int(n_image * ratios[stage + 1])
+            if forced is None:
+                attn = lm.layers[rank_layer].self_attn
+                hidden = lm.layers[rank_layer].input_layernorm(features)
+                q = attn.q_proj(hidden).view(1, length, -1, attn.head_dim).transpose(1, 2)
+                k = attn.k_proj(hidden).view(1, length, -1, attn.head_dim).transpose(1, 2)
+                cos, sin = lm.rotary_emb(hidden, position_ids)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+                k = repeat_kv(k, q.shape[1] // k.shape[1])
+                text_query_states = q[0][:, last_prompt, :].unsqueeze(1)
+                weights = torch.matmul(text_query_states, k[0].transpose(1, 2)) / math.sqrt(attn.head_dim)
+                weights = weights + causal[0][:, last_prompt, :].unsqueeze(1)
+                weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32)
+                avg = torch.mean(weights, dim=0)[:, image_index:image_index + image_tokens]
+                top = torch.mean(avg, dim=0).topk(keep_length).indices.sort().values
+                kept.append(top if not kept else kept[-1][top])
+            else:
+                kept.append(forced[stage])
+                prev = forced[stage - 1] if stage else torch.arange(n_image)
+                top = torch.searchsorted(prev, forced[stage])
+            top = top + image_index
+            start = image_index + image_tokens
+            features = torch.cat([features[:, :image_index], features[:, top], features[:, start:]], dim=1)
+            last_prompt -= image_tokens - keep_length
+            image_tokens = keep_length
+            position_ids = torch.arange(features.shape[1])[None]
+        logits = model.lm_head(lm.norm(features))[0, -1]
+    return kept, logits
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pdrop_keeps_the_official_tokens_and_positions(batch):
+    # 8 x 8 = 64 image tokens: 32, 16, 8 after the stages (PDrop floors int(N * 0.5 ** s); resprune
+    # rounds half the entering count half up, the same numbers while the counts stay even, as 576's do)
+    model, proc = tiny_lvlm("llava", text_layers=25, image_size=112)
+    twin, _ = tiny_lvlm("llava", text_layers=25, image_size=112, attn_implementation="eager")
+    inputs = tiny_inputs("llava", proc, _photos()[:batch], PROMPTS[:batch])
+    with resprune.load_pipeline("pdrop").attach(model, proc) as attached, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, output_logits=True, return_dict_in_generate=True)
+        stages = attached.last.stages
+    assert [st.layer for st in stages] == [8, 16, 24]
+    for row in range(batch):
+        real = inputs["attention_mask"][row].bool()
+        ids = inputs["input_ids"][row][real][None]
+        kept, logits = pdrop_reference(twin, ids, inputs["pixel_values"][row:row + 1])
+        assert [st.selections[row].kept.tolist() for st in stages] == [k.tolist() for k in kept]
+        torch.testing.assert_close(out.logits[0][row], logits, rtol=1e-4, atol=1e-4)
+        for step in (1, 2):  # decoding: the new tokens' positions follow the re-indexed prompt
+            grown = torch.cat([ids, out.sequences[row:row + 1, inputs["input_ids"].shape[1]:][:, :step]], dim=1)
+            _, logits = pdrop_reference(twin, grown, inputs["pixel_values"][row:row + 1], prompt_len=ids.shape[1],
+                                        forced=kept)
+            torch.testing.assert_close(out.logits[step][row], logits, rtol=1e-4, atol=1e-4)
+
+
+def test_own_layer_attention_is_the_eager_attention_of_layer_k():
+    model, proc = tiny_lvlm("llava", text_layers=4)
+    twin, _ = tiny_lvlm("llava", text_layers=4, attn_implementation="eager")
+    inputs = tiny_inputs("llava", proc, _photos()[:2], PROMPTS[:2])
+    stage = resprune.Stage("topk", budget=1.0, layer=2, scorers=[resprune.strategies.llm_scores.LLMAttention(
+        layer="current")])
+    stage.selector = resprune.selection.make_selector("topk", {"score": "llm_attention"})
+    with resprune.Pipeline(None, budget=1.0, stages=[stage]).attach(model, proc) as attached, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1)
+        got = [s.scores["llm_attention"] for s in attached.last.stages[0].selections]
+        position_ids = (inputs["attention_mask"].cumsum(1) - 1).clamp_min(0)
+        eager = twin(**inputs, position_ids=position_ids, output_attentions=True).attentions[2]  # [B, H, L, L]
+    image = inputs["input_ids"] == model.config.image_token_id
+    for row, scores in enumerate(got):
+        torch.testing.assert_close(scores, eager[row].mean(0)[-1][image[row]], rtol=1e-5, atol=1e-6)

@@ -17,6 +17,8 @@ METHODS = ("fastv", "pdrop", "dart", "visionzip", "prumerge")
 def config_for(method: str, model_type: str) -> str:
     if model_type == "qwen2_5_vl" and method in ("visionzip", "prumerge"):
         return "visionzip-qwen2.5-vl"  # no CLS attention in Qwen2.5-VL's tower
+    if model_type == "qwen2_5_vl" and method == "pdrop":
+        return "pdrop-qwen2.5-vl"  # M-RoPE positions are kept, not re-indexed
     return method
 
 
