@@ -42,11 +42,13 @@ class ClsAttentionProbe:
 
     After the tower ran inside the block, ``attention`` is ``[images, S]`` at the feature layer
     (``S`` = sequence length including the CLS token itself at column 0), and ``layers``
-    ``[images, L, S]`` at every encoder layer when ``every_layer`` is set.
+    ``[images, L, S]`` at every encoder layer when ``every_layer`` is set. With ``keys``,
+    ``keys`` is the feature layer's keys averaged over heads ``[images, S, head_dim]`` and
+    ``cls_hidden`` the CLS token's output of the feature layer ``[images, C]`` (VisionZip).
     """
 
     def __init__(self, vision_tower: Any, vision_feature_layer: int | list[int], *, every_layer: bool = False,
-                 ) -> None:
+                 keys: bool = False) -> None:
         try:
             layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
         except AttributeError:
@@ -56,6 +58,9 @@ class ClsAttentionProbe:
         self.feature_layer = feature_layer_index(vision_feature_layer, len(layers))
         wanted = range(len(layers)) if every_layer else (self.feature_layer,)
         self.modules = {i: layers[i].self_attn for i in wanted}
+        self.feature_block = layers[self.feature_layer] if keys else None
+        self.keys: Tensor | None = None
+        self.cls_hidden: Tensor | None = None
         self.rows: dict[int, Tensor] = {}
         self._queries: dict[int, Tensor] = {}
         self._handles: list[Any] = []
@@ -87,13 +92,21 @@ class ClsAttentionProbe:
                 k = output.float().view(b, s, heads, dh).transpose(1, 2)  # [B, H, S, dh]
                 logits = (q @ k.transpose(-1, -2)) * attn.scale  # [B, H, 1, S]
                 self.rows[index] = logits.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, S]
+                if index == self.feature_layer and self.feature_block is not None:
+                    self.keys = output.detach().view(b, s, heads, dh).mean(dim=2)  # [B, S, dh]
 
         return hook
+
+    def _block_output(self, module: Any, args: Any, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        self.cls_hidden = hidden[:, 0].detach()
 
     def __enter__(self) -> ClsAttentionProbe:
         for index, attn in self.modules.items():
             self._handles.append(attn.q_proj.register_forward_hook(self._query(index)))
             self._handles.append(attn.k_proj.register_forward_hook(self._key(index)))
+        if self.feature_block is not None:
+            self._handles.append(self.feature_block.register_forward_hook(self._block_output))
         return self
 
     def __exit__(self, *exc: object) -> None:

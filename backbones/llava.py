@@ -29,9 +29,19 @@ def _feature_args(model: Any, inputs: Mapping[str, Any]) -> tuple[Any, str]:
 
 
 def _probe(model: Any, layer: Any, need: frozenset[str]) -> Any:
-    if not need & {"cls_attention", "cls_attention_layers"}:
+    if not need & {"cls_attention", "cls_attention_layers", "vision_keys", "vision_cls"}:
         return contextlib.nullcontext()
-    return ClsAttentionProbe(model.model.vision_tower, layer, every_layer="cls_attention_layers" in need)
+    return ClsAttentionProbe(model.model.vision_tower, layer, every_layer="cls_attention_layers" in need,
+                             keys=bool(need & {"vision_keys", "vision_cls"}))
+
+
+def _projector_field(model: Any, need: frozenset[str]) -> dict[str, Any]:
+    """``projector``: the model's multimodal projector as a float32 function, when asked for."""
+    if "projector" not in need:
+        return {}
+    projector = model.model.multi_modal_projector
+    dtype = next(projector.parameters()).dtype
+    return {"projector": lambda features: projector(features.to(dtype)).float()}
 
 
 class ProjectorInput:
@@ -54,6 +64,12 @@ class ProjectorInput:
         self._handle.remove()
 
 
+def _cls_field(probe: Any, tiles: list[int]) -> dict[str, Tensor]:
+    """``vision_cls`` of one image: the CLS output of the feature layer of its first tile."""
+    cls = getattr(probe, "cls_hidden", None)
+    return {} if cls is None else {"vision_cls": cls[tiles[0]]}
+
+
 def _projector_input(model: Any, need: frozenset[str]) -> Any:
     return ProjectorInput(model) if "vision_features" in need else contextlib.nullcontext()
 
@@ -66,6 +82,9 @@ def _tile_fields(probe: Any, pre: Any, strategy: str) -> dict[str, Tensor]:
     layers = getattr(probe, "layers", None)
     if layers is not None:
         fields["cls_attention_layers"] = _patch_attention(layers, strategy).transpose(1, 2)
+    keys = getattr(probe, "keys", None)
+    if keys is not None:
+        fields["vision_keys"] = keys[:, 1:] if strategy == "default" else keys
     return fields
 
 
@@ -83,7 +102,11 @@ class LlavaInjector(PlaceholderInjector):
     name = "llava"
     model_types = ("llava",)
     description = "LLaVA-1.5 (LlavaForConditionalGeneration)"
-    provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features"}
+    provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features",
+                                               "vision_keys", "vision_cls", "projector"}
+
+    def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
+        return _projector_field(model, need)
 
     def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
         layer, strategy = _feature_args(model, inputs)
@@ -100,6 +123,7 @@ class LlavaInjector(PlaceholderInjector):
             grid = (side, side) if side * side == n else None
             images.append(EncodedImage(feats, grid=grid, cls_attention=None if cls is None else cls[i],
                                        extra={name: value[i].reshape(n, -1) for name, value in fields.items()},
+                                       image_extra=_cls_field(probe, [i]),
                                        layout={"kind": "grid", "grid": grid}))
         return images
 
@@ -115,7 +139,11 @@ class LlavaNextInjector(PlaceholderInjector):
     name = "llava_next"
     model_types = ("llava_next",)
     description = "LLaVA-NeXT (LlavaNextForConditionalGeneration), AnyRes tiles"
-    provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features", "tiles"}
+    provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features",
+                                               "vision_keys", "vision_cls", "projector", "tiles"}
+
+    def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
+        return _projector_field(model, need)
 
     @dataclass
     class Params:
@@ -153,8 +181,10 @@ class LlavaNextInjector(PlaceholderInjector):
             if packed.shape[0] != feats.shape[0]:
                 raise RuntimeError(f"LLaVA-NeXT layout has {packed.shape[0]} tokens but the model gave "
                                    f"{feats.shape[0]} for image {i}")
-            images.append(self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i]),
-                                      {name: value[i] for name, value in fields.items()}))
+            image = self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i]),
+                                {name: value[i] for name, value in fields.items()})
+            image.image_extra = _cls_field(probe, [sum(tiles_per_image[:i])])  # the base image's tile
+            images.append(image)
         return images
 
     def _image(self, feats: Tensor, packed: Tensor, side: int, size: tuple[int, int],

@@ -27,6 +27,11 @@ CONTEXT_FIELDS: dict[str, str] = {
                             "(CLIP towers; index l = encoder layer l)",
     "vision_features": "the vision tower's features that enter the projector, per token, [B, N, C] "
                        "(CLIP towers; zeros at LLaVA-NeXT newline tokens)",
+    "vision_keys": "the vision tower's keys at the feature layer, mean over heads, per token, [B, N, head_dim] "
+                   "(CLIP towers; VisionZip's similarity)",
+    "vision_cls": "the CLS token's feature at the feature layer, before the projector, [B, C] (CLIP towers; "
+                  "LLaVA-NeXT: the base image's)",
+    "projector": "callable [..., C] -> [..., D]: the model's projector from vision features to LLM tokens",
     "tiles": "the tile of each token, int [N]: 0 the base image, 1.. the crops in raster order, -1 none "
              "(LLaVA-NeXT newlines)",
     "grid": "(rows, cols) when the N tokens form one raster-ordered grid",
@@ -35,7 +40,7 @@ CONTEXT_FIELDS: dict[str, str] = {
 """The standard context fields. Backbones may offer more under other names (in-LLM stages:
 ``resprune.llm_pruning.LLM_FIELDS``)."""
 
-CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention", "llm_own_attention", "llm_final_norm"})
+CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention", "llm_own_attention", "llm_final_norm", "projector"})
 """Fields whose value is itself a callable (any other callable is a provider run on first use)."""
 
 

@@ -32,6 +32,8 @@ class EncodedImage:
             base (overview) image, 1.. the crops in raster order, -1 tokens of no tile (newlines).
         extra: further per-token context fields by name, each ``[N, ...]`` (e.g.
             ``vision_features`` ``[N, C]``), only those the pipeline asked for.
+        image_extra: per-image context fields by name (e.g. ``vision_cls`` ``[C]``), stacked
+            ``[B, ...]`` for the context.
         candidates: bool ``[N]``, the tokens the selector may pick (``None``: all).
         always: bool ``[N]``, tokens kept whatever the selector does (``None``: none).
         groups: int ``[N]``, a group id per token when the budget applies per group (tiles).
@@ -44,6 +46,7 @@ class EncodedImage:
     cls_attention: Tensor | None = None
     tiles: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    image_extra: dict[str, Tensor] = field(default_factory=dict)
     candidates: Tensor | None = None
     always: Tensor | None = None
     groups: Tensor | None = None
@@ -94,13 +97,15 @@ def _geometry_key(img: EncodedImage) -> tuple[Any, ...]:
         return None if t is None else (tuple(t.shape), hash(t.cpu().numpy().tobytes()))
 
     return (img.n, img.grid, key(img.positions), key(img.candidates), key(img.always), key(img.groups),
-            key(img.tiles), img.cls_attention is not None, tuple(sorted(img.extra)))
+            key(img.tiles), img.cls_attention is not None, tuple(sorted(img.extra)), tuple(sorted(img.image_extra)))
 
 
 def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int], row_text: Callable[[int], str],
-                  embedder: Callable[[str], Tensor] | None, *, source: str = "backbone") -> list[ImageSelection]:
+                  embedder: Callable[[str], Tensor] | None, *, source: str = "backbone",
+                  fields: dict[str, Any] | None = None) -> list[ImageSelection]:
     """Run the pipeline over every image (``rows``: each image's prompt row); images of equal
-    geometry go through as one batch, each group of tiles with its share of the budget."""
+    geometry go through as one batch, each group of tiles with its share of the budget.
+    ``fields``: context fields of the model rather than of an image (e.g. ``projector``)."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, img in enumerate(images):
         groups.setdefault(_geometry_key(img), []).append(i)
@@ -112,6 +117,8 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         cls = (torch.stack([images[i].cls_attention for i in members]).float()
                if first.cls_attention is not None else None)
         extra = {name: torch.stack([images[i].extra[name] for i in members]).float() for name in first.extra}
+        per_image = {name: torch.stack([images[i].image_extra[name] for i in members]).float()
+                     for name in first.image_extra}
         texts = [row_text(rows[i]) for i in members] if needs_text else None  # decoded once, reused
         subsets = _subsets(first)
         kept_all: list[list[Tensor]] = [[] for _ in members]
@@ -129,6 +136,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                 cls_attention=None if cls is None else (cls if whole else cls[:, idx]),
                 tiles=None if first.tiles is None else (first.tiles if whole else first.tiles[idx]),
                 **{name: value if whole else value[:, idx] for name, value in extra.items()},
+                **per_image, **(fields or {}),
                 grid=first.grid if whole else None,
                 positions=None if first.positions is None else (first.positions if whole else first.positions[idx]),
             )

@@ -371,6 +371,11 @@ class PlaceholderInjector(Injector):
         so optional extras are only computed on request.
         """
 
+    def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
+        """Context fields that belong to the model, not to an image (e.g. ``projector``), of those
+        in ``need`` (default: none)."""
+        return {}
+
     def extra_inputs(self, model: Any, inputs: Mapping[str, Any], batch: PrunedBatch, call: str) -> dict[str, Any]:
         """Backbone-specific model inputs for the pruned sequence (default: none).
 
@@ -481,7 +486,8 @@ class PlaceholderInjector(Injector):
                                              k=img.n, n=img.n, geometry=_geometry(img))
                               for i, (img, r) in enumerate(zip(images, rows))]
             else:
-                selections = select_images(pipeline, images, rows, texts, embedder, source=f"backbone '{self.name}'")
+                selections = select_images(pipeline, images, rows, texts, embedder, source=f"backbone '{self.name}'",
+                                           fields=self.model_fields(model, pipeline.requires))
 
         # rewrite: keep every non-placeholder column and the kept placeholders
         keep = mask.bool() & ~placeholder

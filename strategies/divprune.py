@@ -28,6 +28,9 @@ class DivPrune(Selector):
         v, energy = safe_scale(tokens.float().contiguous())  # no overflow in the norms, any layout alike
         unit = v / energy.sqrt().unsqueeze(-1).clamp_min(torch.finfo(v.dtype).tiny)
         dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))  # [B, N, N]
+        # exactly symmetric: a pair of mutual nearest neighbours ties for the first pick, and the
+        # tie must go to the lower index, not to an ulp of the matmul (unchanged where symmetric)
+        dist = (dist + dist.transpose(1, 2)) * 0.5
         return greedy_max_min(dist, k)
 
 

@@ -5,16 +5,19 @@
   target becomes the mean of itself and its members and takes the target's place.
 * ``nearest`` (PruMerge-style): no extra tokens; each dropped token is averaged into the
   kept token it is most similar to.
+* ``visionzip``: VisionZip as its official code runs it, before the projector on a CLIP tower:
+  the CLS token and contextual tokens made from the vision features, grouped by the keys.
 
-Similarity is measured on the stage's tokens (projector outputs before the LLM, hidden
-states inside it); VisionZip measures it on the CLIP keys of layer -2 and merges before the
-projector. Ties go to the lower index.
+``contextual`` and ``nearest`` measure similarity on the stage's tokens (projector outputs
+before the LLM, hidden states inside it), so they work at any stage and on any backbone.
+Ties go to the lower index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,7 +25,7 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.interfaces import Merger
-from resprune.params import check_range
+from resprune.params import check_choice, check_range
 
 
 def _dropped(n: int, kept: Tensor) -> Tensor:
@@ -109,7 +112,91 @@ class Nearest(Merger):
         return kept, _average_into(tokens, kept, dropped, owner)
 
 
+class VisionZip(Merger):
+    """VisionZip's CLS and contextual tokens, made before the projector (official code).
+
+    Follows ``CLIPVisionTower_VisionZip.forward`` (dvlab-research/VisionZip @ 3151f6d): of the
+    dropped patches (in order), ``C`` targets at the stride ``max(1, R // C)``; every other one
+    joins the target whose key (the feature layer's keys averaged over heads, L2-normalised) is
+    most similar; a contextual token is ``target + mean(members)`` of the vision features, then
+    projected. The CLS token's feature takes one more slot. With ``sequence: visionzip`` the
+    image's tokens reach the LLM in VisionZip's order: CLS, the kept tokens, the contextual ones.
+    """
+
+    name = "visionzip"
+    description = "VisionZip (official): CLS + contextual tokens from CLIP features grouped by keys, pre-projector"
+    requires = frozenset({"vision_features", "vision_keys", "vision_cls", "projector"})
+
+    @dataclass
+    class Params:
+        share: float = 0.15625
+        """Share of the budget made of contextual tokens (VisionZip: 10 of 64, 20 of 128, 30 of 192)."""
+        cls: bool = True
+        """The CLS token takes one slot (VisionZip's dominant tokens include it: 53 patches + CLS + 10)."""
+        sequence: str = "visionzip"
+        """`visionzip`: the tokens reach the LLM as VisionZip orders them (CLS, kept tokens, contextual
+        ones; on LLaVA only the order matters); `places`: each at its carrier's place (the CLS at the
+        first dropped patch that carries no contextual token)."""
+
+        def __post_init__(self) -> None:
+            check_range("share", self.share, low=0.0, high=1.0)
+            check_choice("sequence", self.sequence, ("visionzip", "places"))
+
+    def __init__(self, params: Mapping[str, Any] | Any | None = None, /, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        if not self.params.cls:
+            self.requires = frozenset({"vision_features", "vision_keys", "projector"})
+
+    def slots(self, k: int, n: int) -> int:
+        if k >= n:
+            return 0
+        return min(max(int(self.params.share * k + 0.5), 0) + int(self.params.cls), k - 1, n - k)
+
+    def merge(self, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],
+              context: PruneContext) -> tuple[Tensor, Tensor]:
+        b, n, d = tokens.shape
+        dropped = _dropped(n, kept)
+        own = tokens.gather(1, kept[..., None].expand(*kept.shape, d))
+        if slots == 0:
+            return kept, own
+        who = f"merger '{self.name}'"
+        vision = context.get("vision_features", requester=who).float()
+        project = context.get("projector", requester=who)
+        with_cls = bool(self.params.cls)
+        count = slots - int(with_cls)
+        rest = dropped.shape[1]
+        target_at = list(range(0, rest, max(1, rest // count)))[:count] if count else []
+        others = [i for i in range(rest) if i not in set(target_at)]
+        targets, members = dropped[:, target_at], dropped[:, others]
+        parts, carriers = [], []
+        if with_cls:  # its place: the first dropped patch carrying no contextual token
+            parts.append(project(context.get("vision_cls", requester=who).float())[:, None])
+            carriers.append(members[:, :1])
+        parts.append(own)
+        if count:
+            keys = context.get("vision_keys", requester=who).float()
+            unit = keys / keys.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(keys.dtype).tiny)
+            owner = _assign(unit, members, targets)  # the CLS carrier's own patch is merged like any other
+            c = vision.shape[-1]
+            sums = torch.zeros(b, count, c, device=vision.device)
+            sums.scatter_add_(1, owner[..., None].expand(*owner.shape, c),
+                              vision.gather(1, members[..., None].expand(*members.shape, c)))
+            sizes = torch.zeros(b, count, device=vision.device).scatter_add_(
+                1, owner, torch.ones(owner.shape, device=vision.device)).clamp_min(1)
+            contextual = vision.gather(1, targets[..., None].expand(*targets.shape, c)) + sums / sizes[..., None]
+            parts.append(project(contextual))
+            carriers.append(targets)
+        features = torch.cat(parts, dim=1)  # VisionZip's sequence: CLS, kept (ascending), contextual
+        places = torch.cat([kept] + carriers if not with_cls else [carriers[0], kept] + carriers[1:], dim=1)
+        order = places.argsort(dim=1)
+        indices = places.gather(1, order)
+        if self.params.sequence == "visionzip":
+            return indices, features
+        return indices, features.gather(1, order[..., None].expand(b, indices.shape[1], d))
+
+
 @hookimpl
 def resprune_register_mergers(register):
     register(Contextual)
     register(Nearest)
+    register(VisionZip)

@@ -90,3 +90,14 @@ def test_config_command_prints_the_stages(capsys):
     assert cli(["configs"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in ("fastv", "pdrop", "dart", "visionzip", "prumerge"))
+
+
+def test_table_ii_sweep_lays_out_the_llava_next_rows(tmp_path):
+    out = tmp_path / "table-ii"
+    code = cli(["sweep", "table-ii", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava_next:25",
+                "grid.budget=[8]", "--out", str(out)])
+    assert code == 0
+    rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {"full", "resprune-llava-next", "fastv", "prumerge", "pdrop", "divprune", "visionzip", "dart"}
+    assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
+    assert cli(["report", str(out)]) == 0

@@ -196,8 +196,14 @@ class MergerConformance:
         from ..pipeline import Pipeline
         from ..stages import Stage
 
+        from ..llm_pruning import LLM_FIELDS
+
         topk = get_host().selectors.get("topk")({"score": "norm"})
         m = self.make()
+        provides = set(LLM_FIELDS) if inside else set(get_host().injector_for(model_type).provides)
+        if not set(m.requires) <= provides:
+            where = "inside the LLM" if inside else model_type
+            pytest.skip(f"{where} cannot supply {sorted(set(m.requires) - provides)}")
 
         def pipe(budget: Any) -> Pipeline:
             if inside:

@@ -45,6 +45,12 @@ class _AttentionTable:
         return _AttentionTable({q: t[i : i + 1] for q, t in self.tables.items()})
 
 
+def _projector(c: int, d: int):
+    """A stand-in projector ``[..., c] -> [..., d]`` (a fixed random linear map and a tanh)."""
+    weight = torch.randn(c, d, generator=torch.Generator().manual_seed(7)) / c ** 0.5
+    return lambda features: torch.tanh(features.float() @ weight.to(features.device))
+
+
 def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed: int = 0,
                    dtype: torch.dtype = torch.float32) -> PruneContext:
     """A context with every standard field and every field of a stage inside the LLM
@@ -61,6 +67,9 @@ def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed
                         vision_features=torch.randn(b, n, d + 4, generator=gen),
                         cls_attention_layers=torch.softmax(torch.randn(b, n, 3, generator=gen), dim=1),
                         tiles=torch.arange(n) * 3 // n,  # a base tile and two crops
+                        vision_keys=torch.randn(b, n, 4, generator=gen),
+                        vision_cls=torch.randn(b, d + 4, generator=gen),
+                        projector=_projector(d + 4, d),
                         llm_attention=attention, llm_keys=torch.randn(b, n, 2 * d, generator=gen),
                         llm_last_hidden=torch.randn(b, d, generator=gen),
                         llm_text_hidden=torch.randn(b, 3, d, generator=gen),
