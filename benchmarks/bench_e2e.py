@@ -90,11 +90,16 @@ IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 896}
 BUDGETS = {"llava": [64, 192], "llava_next": [320, 960], "qwen2_5_vl": [0.1111, 0.3333]}
 """The paper's 88.9 % and 66.7 % pruning levels per backbone."""
 
-METHODS = ("resprune", "visionzip", "fastv", "pdrop", "dart")
+METHODS = ("resprune", "visionzip", "vispruner", "scope", "hired", "fastv", "pdrop", "dart")
+
+CLIP_ONLY = ("vispruner", "scope", "hired")
+"""Methods that read a CLIP tower's CLS token (no row on Qwen2.5-VL)."""
 
 
-def method_config(method: str, model_type: str) -> str:
-    """The shipped config of ``method`` for ``model_type``."""
+def method_config(method: str, model_type: str) -> str | None:
+    """The shipped config of ``method`` for ``model_type`` (``None``: the method does not apply)."""
+    if method in CLIP_ONLY and model_type == "qwen2_5_vl":
+        return None
     if method == "resprune":
         return DEFAULT_CONFIGS[model_type]
     if method == "visionzip" and model_type == "qwen2_5_vl":
@@ -209,6 +214,8 @@ def run(args: argparse.Namespace) -> list[Row]:
                 budgets = args.budgets or BUDGETS[model_type]
                 if method != "resprune" and getattr(args, "other_budgets", None) is not None:
                     budgets = budgets[: args.other_budgets]
+                if method_config(method, model_type) is None:
+                    continue
                 for budget in budgets:
                     pipe = resprune.load_pipeline(method_config(method, model_type), budget=budget)
                     rows += measure_method(model, processor, pipe, method, inputs, batch, budget, dims, value_bytes,
