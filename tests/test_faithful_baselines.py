@@ -647,3 +647,32 @@ def test_visionzip_feeds_the_llm_the_official_tokens_in_order(batch):
         torch.testing.assert_close(got, expected[row], rtol=1e-5, atol=1e-5)
         dominant = set((all_indices[row, 1:] - 1).tolist())
         assert dominant <= set(attached.selections[row].kept.tolist())
+
+
+# --- bad input names what was wrong --------------------------------------------------------------
+
+
+def test_visionzip_merger_on_a_tower_without_cls_is_refused_by_name():
+    model, proc = tiny_lvlm("qwen2_5_vl")
+    pipe = resprune.Pipeline("divprune", budget=8, merger="visionzip")
+    with pytest.raises(resprune.ResPruneError, match="merger 'visionzip'.*(projector|vision_)"):
+        pipe.attach(model, proc)
+
+
+def test_cls_attention_layer_past_the_tower_is_named():
+    model, proc = tiny_lvlm("llava")
+    inputs = tiny_inputs("llava", proc, _photos()[:1], PROMPTS[:1])
+    pipe = resprune.Pipeline(TopK(score="early"), budget=4, scorers=[("early", ClsAttention(layer=5))])
+    with pytest.raises(resprune.ResPruneError, match="layer=5 is outside the vision tower's 2 encoder layers"):
+        with pipe.attach(model, proc), torch.no_grad():
+            model(**inputs)
+
+
+def test_positions_reindex_on_an_mrope_model_is_refused_by_name():
+    model, proc = tiny_lvlm("qwen2_5_vl", text_layers=3)
+    stage = resprune.Stage("topk", budget=0.5, layer=1, scorers=["llm_attention"], positions="reindex")
+    stage.selector = resprune.selection.make_selector("topk", {"score": "llm_attention"})
+    with pytest.raises(resprune.ResPruneError, match="M-RoPE"):
+        resprune.Pipeline(None, budget=0.5, stages=[stage]).attach(model, proc)
+    with pytest.raises(resprune.ResPruneError, match="positions"):
+        resprune.Stage("topk", budget=0.5, positions="reindex")  # the input stage has no positions to renumber
