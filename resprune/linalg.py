@@ -43,8 +43,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["greedy_residual_select", "choose_method", "safe_scale", "METHODS", "span_residual", "optimal_residual",
-           "DEFAULT_TOL", "BLOCK"]
+__all__ = ["greedy_residual_select", "choose_method", "safe_scale", "unit_rows", "METHODS", "span_residual",
+           "optimal_residual", "DEFAULT_TOL", "BLOCK"]
 
 DEFAULT_TOL = 1e-4
 """Relative residual energy below which a token counts as inside the kept span."""
@@ -63,6 +63,11 @@ NARROW = 512
 
 SAFE_EXPONENT = 60
 """``safe_scale`` leaves squared norms in ``[2^-60, 2^60]`` alone (on CPU)."""
+
+
+def unit_rows(v: Tensor) -> Tensor:
+    """Rows divided by their L2 norm; a zero row stays zero (no division by 0)."""
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
 
 
 def safe_scale(v: Tensor, energy: Tensor | None = None) -> tuple[Tensor, Tensor]:

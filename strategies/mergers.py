@@ -25,6 +25,7 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.interfaces import Merger
+from resprune.linalg import unit_rows
 from resprune.params import check_choice, check_range
 
 
@@ -175,8 +176,7 @@ class VisionZip(Merger):
         parts.append(own)
         if count:
             keys = context.get("vision_keys", requester=who).float()
-            unit = keys / keys.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(keys.dtype).tiny)
-            owner = _assign(unit, members, targets)  # the CLS carrier's own patch is merged like any other
+            owner = _assign(unit_rows(keys), members, targets)  # the CLS carrier's own patch is merged like any other
             c = vision.shape[-1]
             sums = torch.zeros(b, count, c, device=vision.device)
             sums.scatter_add_(1, owner[..., None].expand(*owner.shape, c),

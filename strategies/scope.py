@@ -18,7 +18,9 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 
-from .vispruner import FeatureSelector, SimilarityParams, unit_rows
+from resprune.linalg import unit_rows
+
+from .vispruner import FeatureSelector, SimilarityParams
 
 
 class Scope(FeatureSelector):

@@ -12,6 +12,7 @@ from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.errors import InvalidInputError
 from resprune.interfaces import Scorer
+from resprune.linalg import unit_rows
 from resprune.params import check_choice
 from resprune.text import ANSWER_FORMAT_PATTERNS, KEYWORD_MODES, extract_keywords, strip_format
 
@@ -74,7 +75,7 @@ class TextRelevance(Scorer):
             u = torch.cat([words[w] for w in kws]).float() if kws else tokens.new_zeros(0, d)
             if self.params.reduce == "pooled" and u.shape[0]:
                 u = u.mean(dim=0, keepdim=True)
-            per_text[text] = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+            per_text[text] = unit_rows(u)
         keys = [per_text[text] for text in texts]  # unit keyword embeddings per image, [L_b, d]
         longest = max(u.shape[0] for u in keys)
         if longest == 0:

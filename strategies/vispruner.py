@@ -22,11 +22,7 @@ from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.errors import InvalidInputError
 from resprune.interfaces import Selector
-
-
-def unit_rows(features: Tensor) -> Tensor:
-    """Rows divided by their L2 norm; a zero row stays zero (the official code divides by 0)."""
-    return features / features.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(features.dtype).tiny)
+from resprune.linalg import unit_rows  # a zero row stays zero (the official codes divide by 0)
 
 
 def similarity_features(context: PruneContext, tokens: Tensor, field: str, requester: str) -> Tensor:
