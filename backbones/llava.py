@@ -64,10 +64,10 @@ class ProjectorInput:
         self._handle.remove()
 
 
-def _cls_field(probe: Any, tiles: list[int]) -> dict[str, Tensor]:
-    """``vision_cls`` of one image: the CLS output of the feature layer of its first tile."""
+def _cls_field(probe: Any, tile: int) -> dict[str, Tensor]:
+    """``vision_cls`` of one image: the CLS output of the feature layer of its tile ``tile``."""
     cls = getattr(probe, "cls_hidden", None)
-    return {} if cls is None else {"vision_cls": cls[tiles[0]]}
+    return {} if cls is None else {"vision_cls": cls[tile]}
 
 
 def _projector_input(model: Any, need: frozenset[str]) -> Any:
@@ -123,7 +123,7 @@ class LlavaInjector(PlaceholderInjector):
             grid = (side, side) if side * side == n else None
             images.append(EncodedImage(feats, grid=grid, cls_attention=None if cls is None else cls[i],
                                        extra={name: value[i].reshape(n, -1) for name, value in fields.items()},
-                                       image_extra=_cls_field(probe, [i]),
+                                       image_extra=_cls_field(probe, i),
                                        layout={"kind": "grid", "grid": grid}))
         return images
 
@@ -168,12 +168,12 @@ class LlavaNextInjector(PlaceholderInjector):
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True)
         cls = _patch_attention(getattr(probe, "attention", None), strategy)
-        fields = {name: _packed(model, value, image_sizes, strategy)
-                  for name, value in _tile_fields(probe, pre, strategy).items()}
         vcfg = model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size
         tiles_per_image = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
                                                      patch_size=vcfg.image_size) for s in image_sizes]
+        fields = {name: _packed(model, value, image_sizes, strategy, tiles_per_image)
+                  for name, value in _tile_fields(probe, pre, strategy).items()}
         maps = _layout_maps(model, image_sizes, tiles_per_image, side, strategy, cls)
         images = []
         for i, feats in enumerate(out.pooler_output):
@@ -181,14 +181,13 @@ class LlavaNextInjector(PlaceholderInjector):
             if packed.shape[0] != feats.shape[0]:
                 raise RuntimeError(f"LLaVA-NeXT layout has {packed.shape[0]} tokens but the model gave "
                                    f"{feats.shape[0]} for image {i}")
-            image = self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i]),
-                                {name: value[i] for name, value in fields.items()})
-            image.image_extra = _cls_field(probe, [sum(tiles_per_image[:i])])  # the base image's tile
-            images.append(image)
+            images.append(self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i]),
+                                      {name: value[i] for name, value in fields.items()},
+                                      _cls_field(probe, sum(tiles_per_image[:i]))))  # the base image's tile
         return images
 
     def _image(self, feats: Tensor, packed: Tensor, side: int, size: tuple[int, int],
-               extra: dict[str, Tensor]) -> EncodedImage:
+               extra: dict[str, Tensor], image_extra: dict[str, Tensor]) -> EncodedImage:
         tile, row, col, att = packed.unbind(-1)
         newline = torch.isnan(tile)
         base = tile == 0
@@ -217,6 +216,7 @@ class LlavaNextInjector(PlaceholderInjector):
             cls_attention=None if torch.isnan(att).all() else torch.nan_to_num(att, nan=0.0),
             tiles=torch.where(newline, -1.0, tile).long(),
             extra=extra,
+            image_extra=image_extra,
             candidates=~newline if policy == "drop" else None,
             always=newline if policy == "keep" else None,
             groups=groups.long() if self.params.scope == "per_tile" else None,
@@ -226,14 +226,10 @@ class LlavaNextInjector(PlaceholderInjector):
         )
 
 
-def _packed(model: Any, tiles: Tensor, image_sizes: Tensor, strategy: str) -> list[Tensor]:
-    """Per image ``[N, C]``: per-token values of every tile ``[tiles, S, C]`` packed like the
-    projected features (the model's own unpadding and row newlines; zeros at newline tokens)."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    vcfg = model.config.vision_config
-    counts = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
-                                        patch_size=vcfg.image_size) for s in image_sizes]
+def _packed(model: Any, tiles: Tensor, image_sizes: Tensor, strategy: str, counts: list[int]) -> list[Tensor]:
+    """Per image ``[N, C]``: per-token values of every tile ``[tiles, S, C]`` (``counts`` tiles per
+    image) packed like the projected features (the model's own unpadding and row newlines; zeros
+    at newline tokens)."""
     packed, _ = model.model.pack_image_features(list(tiles.split(counts)), image_sizes,
                                                 vision_feature_select_strategy=strategy,
                                                 image_newline=tiles.new_zeros(tiles.shape[-1]))
