@@ -40,6 +40,7 @@ from .budget import check_budget
 from .errors import ConfigError, suggest
 from .params import build_params
 from .plugins import get_host
+from .stages import POSITIONS
 
 __all__ = [
     "selector_label",
@@ -408,10 +409,6 @@ def load_config(
     for key, value in _overrides(overrides, kwargs):
         _apply(cfg, key, value, label)
     return validate_config(cfg, label)
-
-
-POSITIONS = ("keep", "reindex")
-"""What a stage inside the LLM does with the positions of the tokens it keeps."""
 
 
 def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:

@@ -29,6 +29,9 @@ __all__ = ["Stage"]
 
 ScorerSpec = str | Scorer | tuple[str, str | Scorer]
 
+POSITIONS = ("keep", "reindex")
+"""What a stage inside the LLM does with the positions of the tokens it keeps."""
+
 
 class Stage:
     """Scorers -> selector (-> merger) under a budget, at the input or at decoder layer ``layer``.
@@ -49,7 +52,7 @@ class Stage:
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
             raise ConfigError(f"stage layer={layer!r}: an in-LLM stage acts on decoder layer K >= 1 (scores come "
                               f"from layer K-1); use layer=None for the input stage.")
-        if positions not in ("keep", "reindex") or (positions == "reindex" and layer is None):
+        if positions not in POSITIONS or (positions == "reindex" and layer is None):
             raise ConfigError(f"stage positions={positions!r}: 'keep', or 'reindex' for a stage inside the LLM "
                               f"(the input stage's tokens take their places in the prompt).")
         self.layer = layer

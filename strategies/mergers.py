@@ -37,6 +37,14 @@ def _dropped(n: int, kept: Tensor) -> Tensor:
     return torch.sort(dropped, dim=1, descending=True, stable=True).indices[:, : n - kept.shape[1]]
 
 
+def _uniform_targets(dropped: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """VisionZip's targets: ``count`` of the dropped tokens ``[B, R]`` at the stride
+    ``max(1, R // count)``, and the rest (members), both in order (positions known on the host)."""
+    rest = dropped.shape[1]
+    picked = set(range(0, rest, max(1, rest // count))[:count]) if count else set()
+    return dropped[:, sorted(picked)], dropped[:, [i for i in range(rest) if i not in picked]]
+
+
 def _assign(unit: Tensor, members: Tensor, targets: Tensor) -> Tensor:
     """For each of ``members`` ``[B, M]``, the position in ``targets`` ``[B, T]`` of its most similar one."""
     d = unit.shape[-1]
@@ -83,11 +91,7 @@ class Contextual(Merger):
         dropped = _dropped(n, kept)
         if slots == 0:
             return kept, tokens.gather(1, kept[..., None].expand(*kept.shape, d))
-        rest = dropped.shape[1]
-        step = max(1, rest // slots)
-        picked = set(range(0, rest, step)[:slots])  # positions among the dropped, known on the host
-        targets = dropped[:, sorted(picked)]
-        members = dropped[:, [i for i in range(rest) if i not in picked]]
+        targets, members = _uniform_targets(dropped, slots)
         unit = torch.nn.functional.normalize(tokens, dim=-1)
         owner = _assign(unit, members, targets)
         merged = _average_into(tokens, targets, members, owner)
@@ -165,10 +169,7 @@ class VisionZip(Merger):
         project = context.get("projector", requester=who)
         with_cls = bool(self.params.cls)
         count = slots - int(with_cls)
-        rest = dropped.shape[1]
-        target_at = list(range(0, rest, max(1, rest // count)))[:count] if count else []
-        others = [i for i in range(rest) if i not in set(target_at)]
-        targets, members = dropped[:, target_at], dropped[:, others]
+        targets, members = _uniform_targets(dropped, count)
         parts, carriers = [], []
         if with_cls:  # its place: the first dropped patch carrying no contextual token
             parts.append(project(context.get("vision_cls", requester=who).float())[:, None])

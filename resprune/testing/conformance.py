@@ -71,8 +71,12 @@ def _pipeline(selector: Selector, scorers: list[Any], budget: Any, merger: Merge
     from ..pipeline import Pipeline
     from ..stages import Stage
 
-    strategies = [selector] + [s[1] if isinstance(s, tuple) and not isinstance(s[1], str)
-                               else get_host().scorers.get(s[1]) if isinstance(s, tuple) else s for s in scorers]
+    def scorer_of(entry: Any) -> Any:  # a scorer, or an (output, scorer or its name) pair
+        if not isinstance(entry, tuple):
+            return entry
+        return get_host().scorers.get(entry[1]) if isinstance(entry[1], str) else entry[1]
+
+    strategies = [selector] + [scorer_of(s) for s in scorers]
     if _inside_llm(strategies) or (merger is not None and _inside_llm([merger])):
         return Pipeline(None, budget=budget, stages=[Stage(selector, budget=budget, scorers=scorers, merger=merger,
                                                            layer=1)])
