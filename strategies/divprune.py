@@ -28,9 +28,6 @@ class DivPrune(Selector):
         v, energy = safe_scale(tokens.float().contiguous())  # no overflow in the norms, any layout alike
         unit = v / energy.sqrt().unsqueeze(-1).clamp_min(torch.finfo(v.dtype).tiny)
         dist = 1.0 - torch.bmm(unit, unit.transpose(1, 2))  # [B, N, N]
-        # exactly symmetric: a pair of mutual nearest neighbours ties for the first pick, and the
-        # tie must go to the lower index, not to an ulp of the matmul (unchanged where symmetric)
-        dist = (dist + dist.transpose(1, 2)) * 0.5
         return greedy_max_min(dist, k)
 
 
@@ -44,7 +41,10 @@ def greedy_max_min(dist: Tensor, k: int, method: str = "auto") -> Tensor:
     """
     b, n, _ = dist.shape
     eye = torch.eye(n, dtype=torch.bool, device=dist.device)
-    nearest = dist.masked_fill(eye, float("inf")).min(dim=-1).values
+    row = dist.masked_fill(eye, float("inf")).min(dim=-1)
+    # read each nearest pair both ways: mutual nearest neighbours tie exactly for the first pick
+    # (the tie goes to the lower index, not to an ulp by which the matmul is not symmetric)
+    nearest = torch.minimum(row.values, dist.gather(1, row.indices.unsqueeze(1)).squeeze(1))
     if method == "auto":
         method = "triton" if dist.device.type == "cuda" and kernels.available(dist.device) else "torch"
     if method == "triton":
