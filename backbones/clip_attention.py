@@ -15,7 +15,18 @@ from torch import Tensor
 
 from resprune.errors import IncompatibleBackboneError
 
-__all__ = ["ClsAttentionProbe", "feature_layer_index"]
+__all__ = ["ClsAttentionProbe", "cls_attention_row", "feature_layer_index"]
+
+
+def cls_attention_row(attn: Any, query: Tensor, keys: Tensor) -> Tensor:
+    """``softmax(q_cls k^T * scale)`` averaged over heads, ``[B, S]``, from the CLS query
+    projection ``[B, 1, C]`` and the key projections ``[B, S, C]`` of the CLIP attention ``attn``."""
+    b, s, _ = keys.shape
+    heads, dh = attn.num_heads, attn.head_dim
+    q = query.float().view(b, 1, heads, dh).transpose(1, 2)  # [B, H, 1, dh]
+    k = keys.float().view(b, s, heads, dh).transpose(1, 2)  # [B, H, S, dh]
+    logits = (q @ k.transpose(-1, -2)) * attn.scale  # [B, H, 1, S]
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
 
 
 def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) -> int:
@@ -86,14 +97,10 @@ class ClsAttentionProbe:
 
         def hook(module: Any, args: Any, output: Tensor) -> None:
             with torch.no_grad():
-                b, s, _ = output.shape
-                heads, dh = attn.num_heads, attn.head_dim
-                q = self._queries.pop(index).float().view(b, 1, heads, dh).transpose(1, 2)  # [B, H, 1, dh]
-                k = output.float().view(b, s, heads, dh).transpose(1, 2)  # [B, H, S, dh]
-                logits = (q @ k.transpose(-1, -2)) * attn.scale  # [B, H, 1, S]
-                self.rows[index] = logits.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, S]
+                self.rows[index] = cls_attention_row(attn, self._queries.pop(index), output)  # [B, S]
                 if index == self.feature_layer and self.feature_block is not None:
-                    self.keys = output.detach().view(b, s, heads, dh).mean(dim=2)  # [B, S, dh]
+                    b, s, _ = output.shape
+                    self.keys = output.detach().view(b, s, attn.num_heads, attn.head_dim).mean(dim=2)  # [B, S, dh]
 
         return hook
 

@@ -16,6 +16,7 @@ from resprune.injection import EncodedImage, PlaceholderInjector
 from resprune.params import check_choice
 
 from .clip_attention import ClsAttentionProbe
+from .vision_stages import VISION_FIELDS, TowerStages, vision_layers
 
 __all__ = ["LlavaInjector", "LlavaNextInjector"]
 
@@ -74,18 +75,65 @@ def _projector_input(model: Any, need: frozenset[str]) -> Any:
     return ProjectorInput(model) if "vision_features" in need else contextlib.nullcontext()
 
 
-def _tile_fields(probe: Any, pre: Any, strategy: str) -> dict[str, Tensor]:
+class Tower:
+    """The vision tower call of one ``encode``: its stages (if any), and what it ran on."""
+
+    def __init__(self, model: Any, layer: Any, strategy: str, stages: Any) -> None:
+        self.depth = len(vision_layers(model.model.vision_tower))
+        vcfg = model.config.vision_config
+        self.length = (vcfg.image_size // vcfg.patch_size) ** 2 + 1  # CLS + patches per tile
+        self.stages = None
+        if stages:
+            layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+            self.stages = TowerStages(model.model.vision_tower, model.model.multi_modal_projector, stages, layers,
+                                      strategy, source="vision tower")
+
+    def __enter__(self) -> Tower:
+        if self.stages is not None:
+            self.stages.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.stages is not None:
+            self.stages.__exit__(*exc)
+
+    @property
+    def schedule(self) -> list[tuple[int, int]]:
+        """``(first encoder layer, tokens per tile)``."""
+        if self.stages is None or not self.stages.schedule:
+            return [(0, self.length)]
+        tiles = self.stages.schedule[0][1] // self.length
+        return [(layer, count // tiles) for layer, count in self.stages.schedule]
+
+    def masks(self) -> list[Tensor]:
+        """Bool ``[tiles, S']`` per stage: the projector's tokens still there after it."""
+        return [] if self.stages is None else self.stages.masks
+
+    def expand(self, values: Tensor | None, layer: int, *, projected: bool = False) -> Tensor | None:
+        if values is None or self.stages is None:
+            return values
+        return self.stages.expand(values, layer, projected=projected)
+
+
+def _tile_fields(probe: Any, pre: Any, strategy: str, tower: Tower) -> dict[str, Tensor]:
     """Per-token context fields of every tile, ``[tiles, tokens, ...]``, that were recorded."""
     fields = {}
     if getattr(pre, "features", None) is not None:
-        fields["vision_features"] = pre.features
-    layers = getattr(probe, "layers", None)
-    if layers is not None:
-        fields["cls_attention_layers"] = _patch_attention(layers, strategy).transpose(1, 2)
-    keys = getattr(probe, "keys", None)
+        fields["vision_features"] = tower.expand(pre.features, tower.depth, projected=True)
+    if getattr(probe, "rows", None) and len(probe.modules) > 1:
+        rows = [tower.expand(probe.rows[i], i) for i in sorted(probe.rows)]
+        fields["cls_attention_layers"] = _patch_attention(torch.stack(rows, dim=1), strategy).transpose(1, 2)
+    keys = tower.expand(getattr(probe, "keys", None), getattr(probe, "feature_layer", 0))
     if keys is not None:
         fields["vision_keys"] = keys[:, 1:] if strategy == "default" else keys
     return fields
+
+
+def _cls_attention(probe: Any, strategy: str, tower: Tower) -> Tensor | None:
+    """CLS attention at the feature layer's tokens, ``[tiles, S']`` (zeros at pruned tokens)."""
+    if getattr(probe, "attention", None) is None:
+        return None
+    return _patch_attention(tower.expand(probe.attention, probe.feature_layer), strategy)
 
 
 def _patch_attention(att: Tensor | None, strategy: str) -> Tensor | None:
@@ -104,18 +152,22 @@ class LlavaInjector(PlaceholderInjector):
     description = "LLaVA-1.5 (LlavaForConditionalGeneration)"
     provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features",
                                                "vision_keys", "vision_cls", "projector"}
+    vision_provides = VISION_FIELDS
 
     def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
         return _projector_field(model, need)
 
-    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
+    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str], *,
+               vision_stages: Any = ()) -> list[EncodedImage]:
         layer, strategy = _feature_args(model, inputs)
-        with _probe(model, layer, need) as probe, _projector_input(model, need) as pre:
+        with _probe(model, layer, need) as probe, _projector_input(model, need) as pre, \
+                Tower(model, layer, strategy, vision_stages) as tower:
             out = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, image_sizes=inputs.get("image_sizes"), return_dict=True)
-        cls = _patch_attention(getattr(probe, "attention", None), strategy)
-        fields = _tile_fields(probe, pre, strategy)
+        cls = _cls_attention(probe, strategy, tower)
+        fields = _tile_fields(probe, pre, strategy, tower)
+        masks = tower.masks()
         images = []
         for i, feats in enumerate(out.pooler_output):
             n = feats.shape[0]
@@ -124,7 +176,9 @@ class LlavaInjector(PlaceholderInjector):
             images.append(EncodedImage(feats, grid=grid, cls_attention=None if cls is None else cls[i],
                                        extra={name: value[i].reshape(n, -1) for name, value in fields.items()},
                                        image_extra=_cls_field(probe, i),
-                                       layout={"kind": "grid", "grid": grid}))
+                                       layout={"kind": "grid", "grid": grid},
+                                       vision_masks=[mask[i].cpu() for mask in masks],
+                                       tower_schedule=tower.schedule, tower_tiles=1))
         return images
 
 
@@ -141,6 +195,7 @@ class LlavaNextInjector(PlaceholderInjector):
     description = "LLaVA-NeXT (LlavaNextForConditionalGeneration), AnyRes tiles"
     provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features",
                                                "vision_keys", "vision_cls", "projector", "tiles"}
+    vision_provides = VISION_FIELDS
 
     def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
         return _projector_field(model, need)
@@ -158,22 +213,27 @@ class LlavaNextInjector(PlaceholderInjector):
             check_choice("scope", self.scope, ("global", "per_tile"))
             check_choice("image_newline", self.image_newline, ("candidate", "keep", "drop"))
 
-    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
+    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str], *,
+               vision_stages: Any = ()) -> list[EncodedImage]:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         layer, strategy = _feature_args(model, inputs)
         image_sizes = inputs["image_sizes"]
-        with _probe(model, layer, need) as probe, _projector_input(model, need) as pre:
+        with _probe(model, layer, need) as probe, _projector_input(model, need) as pre, \
+                Tower(model, layer, strategy, vision_stages) as tower:
             out = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True)
-        cls = _patch_attention(getattr(probe, "attention", None), strategy)
+        cls = _cls_attention(probe, strategy, tower)
         vcfg = model.config.vision_config
         side = vcfg.image_size // vcfg.patch_size
         tiles_per_image = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
                                                      patch_size=vcfg.image_size) for s in image_sizes]
         fields = {name: _packed(model, value, image_sizes, strategy, tiles_per_image)
-                  for name, value in _tile_fields(probe, pre, strategy).items()}
+                  for name, value in _tile_fields(probe, pre, strategy, tower).items()}
+        masks = [[m.squeeze(-1).bool().cpu() for m in _packed(model, mask.unsqueeze(-1).float(), image_sizes, strategy,
+                                                               tiles_per_image, newline=1.0)]
+                 for mask in tower.masks()]  # per stage, per image: the packed tokens still there
         maps = _layout_maps(model, image_sizes, tiles_per_image, side, strategy, cls)
         images = []
         for i, feats in enumerate(out.pooler_output):
@@ -181,9 +241,12 @@ class LlavaNextInjector(PlaceholderInjector):
             if packed.shape[0] != feats.shape[0]:
                 raise RuntimeError(f"LLaVA-NeXT layout has {packed.shape[0]} tokens but the model gave "
                                    f"{feats.shape[0]} for image {i}")
-            images.append(self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i]),
-                                      {name: value[i] for name, value in fields.items()},
-                                      _cls_field(probe, sum(tiles_per_image[:i]))))  # the base image's tile
+            image = self._image(feats, packed, side, tuple(int(x) for x in image_sizes[i]),
+                                {name: value[i] for name, value in fields.items()},
+                                _cls_field(probe, sum(tiles_per_image[:i])))  # the base image's tile
+            image.vision_masks = [per_image[i] for per_image in masks]
+            image.tower_schedule, image.tower_tiles = tower.schedule, tiles_per_image[i]
+            images.append(image)
         return images
 
     def _image(self, feats: Tensor, packed: Tensor, side: int, size: tuple[int, int],
@@ -226,13 +289,14 @@ class LlavaNextInjector(PlaceholderInjector):
         )
 
 
-def _packed(model: Any, tiles: Tensor, image_sizes: Tensor, strategy: str, counts: list[int]) -> list[Tensor]:
+def _packed(model: Any, tiles: Tensor, image_sizes: Tensor, strategy: str, counts: list[int],
+            newline: float = 0.0) -> list[Tensor]:
     """Per image ``[N, C]``: per-token values of every tile ``[tiles, S, C]`` (``counts`` tiles per
-    image) packed like the projected features (the model's own unpadding and row newlines; zeros
-    at newline tokens)."""
+    image) packed like the projected features (the model's own unpadding and row newlines;
+    ``newline`` at newline tokens)."""
     packed, _ = model.model.pack_image_features(list(tiles.split(counts)), image_sizes,
                                                 vision_feature_select_strategy=strategy,
-                                                image_newline=tiles.new_zeros(tiles.shape[-1]))
+                                                image_newline=tiles.new_full((tiles.shape[-1],), newline))
     return list(packed)
 
 

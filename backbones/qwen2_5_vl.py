@@ -27,6 +27,9 @@ class Qwen25VLInjector(PlaceholderInjector):
     model_types = ("qwen2_5_vl",)
     description = "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), M-RoPE positions kept"
     vision_inputs = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+    vision_refusal = (" (its blocks attend within windows listed by cu_seqlens and its 2x2 patch merger needs "
+                      "every patch of each 2x2 group, so no layer of it can drop a patch: allowed vision layers: "
+                      "none)")
 
     def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
         grid_thw = inputs.get("image_grid_thw")

@@ -11,12 +11,13 @@ prompts (a bundled photo and its sample question per row):
 
 - ``full``: the unpruned model;
 - ``pruned``: a shipped pipeline attached (vision tower + selection + LLM): ResPrune and the
-  methods the paper compares against (``--methods``: VisionZip before the LLM; FastV,
-  PyramidDrop and DART inside it);
+  methods the paper compares against (``--methods``: ToMe inside the vision tower; VisionZip,
+  VisPruner, SCOPE, HiRED before the LLM; FastV, PyramidDrop and DART inside it);
 - ``oracle``: what pruning costs with zero selection work. Before the LLM: the vision tower,
   then the LLM fed the same kept tokens, precomputed. Inside the LLM: the same stages (layers
   and budgets) picking ``uniform`` tokens, so nothing is scored or captured at layer K-1.
-  ``pruned / oracle`` is the selection overhead.
+  ``pruned / oracle`` is the selection overhead. Methods inside the vision tower (ToMe) have
+  no oracle: their merging is part of the tower's run, which they shorten.
 
 Tiny models get a 32-layer LLM (``--tiny-layers``) so every stage's layer exists.
 ``--size small`` keeps the real vision towers and geometry with a 32-layer LLM of width
@@ -90,10 +91,10 @@ IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 896}
 BUDGETS = {"llava": [64, 192], "llava_next": [320, 960], "qwen2_5_vl": [0.1111, 0.3333]}
 """The paper's 88.9 % and 66.7 % pruning levels per backbone."""
 
-METHODS = ("resprune", "visionzip", "vispruner", "scope", "hired", "fastv", "pdrop", "dart")
+METHODS = ("resprune", "tome", "visionzip", "vispruner", "scope", "hired", "fastv", "pdrop", "dart")
 
-CLIP_ONLY = ("vispruner", "scope", "hired")
-"""Methods that read a CLIP tower's CLS token (no row on Qwen2.5-VL)."""
+CLIP_ONLY = ("tome", "vispruner", "scope", "hired")
+"""Methods that read a CLIP tower's CLS token or act inside it (no row on Qwen2.5-VL)."""
 
 
 def method_config(method: str, model_type: str) -> str | None:
@@ -133,7 +134,8 @@ class Row:
 
 def build(model_type: str, size: str, device: torch.device, tiny_layers: int = 32) -> tuple[Any, Any]:
     """A tiny model (real token counts) or a random-weight larger one, and its processor."""
-    model, processor = tiny_lvlm(model_type, image_size=IMAGE_SIZE[model_type], text_layers=tiny_layers)
+    model, processor = tiny_lvlm(model_type, image_size=IMAGE_SIZE[model_type], text_layers=tiny_layers,
+                                 vision_layers=24 if model_type != "qwen2_5_vl" else 2)  # CLIP-L's depth
     if size == "tiny":
         return model.to(device), processor
     cfg = full_size_config(model.config, model_type, SMALL_SIZE if size == "small" else FULL_SIZE)
@@ -246,6 +248,8 @@ def measure_method(model: Any, processor: Any, pipe: Any, method: str, inputs: A
     t_pruned = schedule[-1][1]
     rows.append(Row(model.config.model_type, method, batch, budget, "pruned", kept, t_pruned, p, tps, peak,
                     kv_cache_bytes(dims, schedule, value_bytes) / 2**20, prefill_flops(dims, schedule) / 1e12))
+    if pipe.vision_stages:
+        return rows  # inside the tower the selection is part of the tower's run: no oracle to compare with
     if pipe.llm_stages:
         if pipe.input_stage is not None:
             return rows  # no oracle for a mixed pipeline

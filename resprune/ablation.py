@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import runfiles
 from .config import load_config, selector_label, to_yaml
-from .costs import llm_dims
+from .costs import llm_dims, vision_dims
 from .data import describe_source, image_digest_of, load_records, open_image, record_digest
 from .errors import ConfigError, MissingDependencyError, ResPruneError, UnknownStrategyError, suggest
 from .metrics import Example, Metric, Reference
@@ -293,6 +293,7 @@ class Ablation:
         self.record_keys = [record_digest(r, image_digest=h) for r, h in zip(self.records, images)]
         self.prompt_keys = [record_digest(r, ("image", "question"), image_digest=h) for r, h in zip(self.records, images)]
         self.dims = llm_dims(model.config)
+        self.vision_dims = vision_dims(model.config) if getattr(model.config, "vision_config", None) else None
         self.rank, self.world, self._state = _distributed()
 
     def _identity(self) -> dict[str, Any]:
@@ -492,7 +493,9 @@ class Ablation:
                           tokens_after=int(batch.attention_mask.sum()), dims=self.dims,
                           features=[f.detach().float().cpu() for f in batch.features] if "features" in self.needs
                           else [], timings=timings, peak_mib=peak, reference=reference,
-                          token_schedule=batch.token_schedule if batch.stages else None, stages=batch.stages)
+                          token_schedule=batch.token_schedule if batch.stages else None, stages=batch.stages,
+                          tower_schedule=batch.tower_schedule, tower_tiles=batch.tower_tiles,
+                          vision_dims=self.vision_dims)
         values: dict[str, float] = {}
         for name, metric in self.metrics.items():
             for key, value in metric.compute(example).items():

@@ -108,6 +108,22 @@ class StageConfig:
 
 
 @dataclass
+class VisionStageConfig:
+    """A stage inside the vision tower: on the patch tokens of `hidden_states[layer]` (CLS protected)."""
+
+    layer: int = MISSING
+    """Vision-encoder layer K >= 0, counted like the tower's `hidden_states` (the input of encoder layer K; 0: the embeddings); at most the layer the LLM's features are read from."""
+    budget: Any = None
+    """Patch tokens kept per tile: an int k, or a float ratio of the tokens entering the stage; `null` takes the top-level `budget`."""
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    """The stage's selector (`name`, `params`)."""
+    scorers: list[ScorerConfig] = field(default_factory=list)
+    """The stage's scorers."""
+    merger: Optional[MergerConfig] = None
+    """Optional merger of the tokens the stage drops."""
+
+
+@dataclass
 class BackboneConfig:
     """Backbone hints and injector params (used when attaching to a model)."""
 
@@ -130,6 +146,8 @@ class PipelineConfig:
     """Scorers run before the input stage's selector, each writing one named score."""
     merger: Optional[MergerConfig] = None
     """Optional merger of the input stage (`name`, `params`): makes tokens out of the dropped ones within the budget."""
+    vision_stages: list[VisionStageConfig] = field(default_factory=list)
+    """Stages inside the vision tower, at increasing `layer`s, before the input stage."""
     stages: list[StageConfig] = field(default_factory=list)
     """Stages inside the LLM, at increasing `layer`s, each with its own scorers, selector, budget and merger."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -266,6 +284,7 @@ _SHAPES: dict[str, Any] = {
     "scorers": [{"params": dict}],
     "merger": {"params": dict},
     "stages": [{"selector": {"params": dict}, "scorers": [{"params": dict}], "merger": {"params": dict}}],
+    "vision_stages": [{"selector": {"params": dict}, "scorers": [{"params": dict}], "merger": {"params": dict}}],
     "backbone": {"params": dict},
 }
 """The nesting every config must have: a mapping where ``{}``, a list where ``[]``."""
@@ -395,7 +414,8 @@ def load_config(
     schema = OmegaConf.structured(PipelineConfig)
     valid = [f.name for f in dataclasses.fields(PipelineConfig)]
     check_keys(raw, valid, label)
-    for key, item_schema in (("scorers", ScorerConfig), ("stages", StageConfig)):  # errors name scorers[i] / stages[i]
+    for key, item_schema in (("scorers", ScorerConfig), ("stages", StageConfig),  # errors name scorers[i] / stages[i]
+                             ("vision_stages", VisionStageConfig)):
         entries = raw.get(key)
         for i, entry in enumerate(entries if isinstance(entries, ListConfig) else []):
             try:
@@ -421,7 +441,7 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
 
     host = get_host()
     if container["selector"]["name"] is None:
-        if not container["stages"]:
+        if not container["stages"] and not container["vision_stages"]:
             raise ConfigError(f"{label}: selector.name: missing. Name the selector of the input stage (`resprune "
                               f"plugins` lists them), or give `stages:` that prune inside the LLM.")
         if container["scorers"] or container["merger"]:
@@ -430,6 +450,22 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
             raise ConfigError(f"{label}: selector.params need selector.name.")
     else:
         _validate_stage(container, host, label, "")
+    last = -1
+    for i, stage in enumerate(container["vision_stages"]):
+        where = f"vision_stages[{i}]"
+        layer = stage["layer"]
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ConfigError(f"{label}: {where}.layer={layer!r}: a stage inside the vision tower acts on the tower's "
+                              f"hidden_states[K], K >= 0 (0: the embeddings).")
+        if layer <= last:
+            raise ConfigError(f"{label}: {where}.layer={layer}: vision stage layers must increase (the previous stage "
+                              f"is at layer {last}).")
+        last = layer
+        if stage["budget"] is not None:
+            check_budget(stage["budget"], where=f"{label}: {where}.budget")
+        if stage["selector"]["name"] is None:
+            raise ConfigError(f"{label}: {where}.selector.name: missing. Every stage needs a selector.")
+        _validate_stage(stage, host, label, f"{where}.")
     last = 0
     for i, stage in enumerate(container["stages"]):
         where = f"stages[{i}]"
@@ -509,7 +545,8 @@ def _lookup(registry: Any, name: Any, where: str) -> Any:
 def selector_label(cfg: DictConfig) -> str:
     """The input stage's selector (``residual_energy``), or for a config that prunes only inside
     the LLM its stages' selectors and layers (``topk@2+topk@8``)."""
-    return cfg.selector.name or "+".join(f"{st.selector.name}@{st.layer}" for st in cfg.stages)
+    return cfg.selector.name or "+".join([f"{st.selector.name}@vision{st.layer}" for st in cfg.vision_stages]
+                                         + [f"{st.selector.name}@{st.layer}" for st in cfg.stages])
 
 
 def to_yaml(cfg: DictConfig) -> str:

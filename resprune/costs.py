@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LLMDims", "Tokens", "llm_dims", "layer_tokens", "prefill_flops", "kv_cache_bytes"]
+__all__ = ["LLMDims", "Tokens", "llm_dims", "vision_dims", "layer_tokens", "prefill_flops", "vision_flops",
+           "kv_cache_bytes"]
 
 Tokens = int | Sequence[tuple[int, int]]
 """Prompt tokens: one count for every layer, or ``(first layer, tokens)`` pairs."""
@@ -74,3 +75,29 @@ def kv_cache_bytes(dims: LLMDims | Any, tokens: Tokens, bytes_per_value: int = 2
     dims = dims if isinstance(dims, LLMDims) else llm_dims(dims)
     per_token = 2 * dims.kv_heads * dims.head_dim * bytes_per_value
     return per_token * sum(layer_tokens(dims.layers, tokens))
+
+
+def vision_dims(config: Any) -> LLMDims:
+    """The vision tower's sizes from a model config (its ``vision_config``)."""
+    vision = getattr(config, "vision_config", config)
+    hidden = int(vision.hidden_size)
+    heads = int(getattr(vision, "num_attention_heads", None) or vision.num_heads)  # Qwen2.5-VL: num_heads
+    layers = int(getattr(vision, "num_hidden_layers", None) or vision.depth)  # Qwen2.5-VL: depth
+    return LLMDims(hidden=hidden, intermediate=int(vision.intermediate_size), layers=layers,
+                   kv_heads=heads, head_dim=hidden // heads)
+
+
+def vision_flops(dims: LLMDims | Any, tokens: Tokens, tiles: int = 1) -> float:
+    """A ViT's forward, layer by layer: ``sum_l tiles (8 t_l d^2 + 4 t_l^2 d + 4 t_l d m)``.
+
+    ``tokens`` counts the tokens of all ``tiles`` together (one count, or a ``(first encoder
+    layer, tokens)`` schedule from stages inside the tower); each tile attends within itself
+    (``t_l`` = tokens / tiles) and its MLP has two matrices. Pass a model config or
+    ``vision_dims``.
+    """
+    dims = dims if isinstance(dims, LLMDims) else vision_dims(dims)
+    if tiles < 1:
+        raise ValueError(f"tiles={tiles}: a vision tower runs on at least one tile")
+    d, m = float(dims.hidden), float(dims.intermediate)
+    per_tile = [t / tiles for t in map(float, layer_tokens(dims.layers, tokens))]
+    return sum(tiles * (8 * t * d * d + 4 * t * t * d + 4 * t * d * m) for t in per_tile)

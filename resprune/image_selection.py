@@ -38,6 +38,10 @@ class EncodedImage:
         always: bool ``[N]``, tokens kept whatever the selector does (``None``: none).
         groups: int ``[N]``, a group id per token when the budget applies per group (tiles).
         layout: backbone-specific geometry for pictures (tiles, image size, ...).
+        vision_masks: bool ``[N]`` per stage inside the vision tower: the tokens still there after
+            it (the others were pruned in the tower; their ``features`` are zeros).
+        tower_schedule: ``(first encoder layer, tokens per tile)`` pairs the vision tower ran on.
+        tower_tiles: how many tiles of this image went through the tower.
     """
 
     features: Tensor
@@ -51,10 +55,36 @@ class EncodedImage:
     always: Tensor | None = None
     groups: Tensor | None = None
     layout: dict[str, Any] = field(default_factory=dict)
+    vision_masks: list[Tensor] = field(default_factory=list)
+    tower_schedule: list[tuple[int, int]] = field(default_factory=list)
+    tower_tiles: int = 0
 
     @property
     def n(self) -> int:
         return self.features.shape[0]
+
+    def present(self) -> Tensor | None:
+        """Indices of the tokens that came out of the vision tower (``None``: all of them)."""
+        if not self.vision_masks or bool(self.vision_masks[-1].all()):
+            return None
+        return self.vision_masks[-1].nonzero().squeeze(1).cpu()
+
+    def subset(self, index: Tensor) -> EncodedImage:
+        """This image restricted to the tokens ``index`` (ascending), positions kept."""
+        idx = index.cpu()
+
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
+        positions = self.positions
+        if positions is None and self.grid is not None:
+            rows, cols = self.grid
+            positions = torch.stack([torch.arange(rows, dtype=torch.float32).repeat_interleave(cols),
+                                     torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
+        return EncodedImage(take(self.features), positions=take(positions), cls_attention=take(self.cls_attention),
+                            tiles=take(self.tiles), extra={k: v[idx.to(v.device)] for k, v in self.extra.items()},
+                            image_extra=self.image_extra, candidates=take(self.candidates), always=take(self.always),
+                            groups=take(self.groups), layout=self.layout)
 
 
 @dataclass

@@ -67,6 +67,11 @@ class PrunedBatch:
         stages: what each in-LLM stage kept (filled after the call).
         output_columns: the original column of each column of the model's output sequence
             (``columns`` unless an in-LLM stage shortened it; filled after the call).
+        vision_stages: ``(where, selections per image)`` of each stage inside the vision tower:
+            the tokens still there after it.
+        tower_schedule: ``(first encoder layer, tokens summed over tiles)`` pairs the vision
+            tower ran on (``[]`` when the backbone does not record it).
+        tower_tiles: the tiles the vision tower ran on.
     """
 
     input_ids: Tensor
@@ -80,6 +85,9 @@ class PrunedBatch:
     row_text: Callable[[int], str] | None = None
     stages: list[StageRecord] = field(default_factory=list)
     output_columns: Tensor | None = None
+    vision_stages: list[tuple[str, list[ImageSelection]]] = field(default_factory=list)
+    tower_schedule: list[tuple[int, int]] = field(default_factory=list)
+    tower_tiles: int = 0
 
     @property
     def token_schedule(self) -> list[tuple[int, int]]:
@@ -190,11 +198,13 @@ class Attached:
                 self._active = False
 
     def kept_by_stage(self) -> list[tuple[str, list[ImageSelection]]]:
-        """``(where, selections per image)`` of each stage in the most recent call: ``"input"``,
-        then ``"layer K"`` for the stages inside the LLM that ran (``[]`` before any call)."""
+        """``(where, selections per image)`` of each stage in the most recent call: ``"vision layer
+        K"`` inside the tower, ``"input"``, then ``"layer K"`` for the stages inside the LLM that
+        ran (``[]`` before any call)."""
         if self.last is None:
             return []
-        out = [("input", self.last.selections)] if self.pipeline.input_stage is not None else []
+        out = list(self.last.vision_stages)
+        out += [("input", self.last.selections)] if self.pipeline.input_stage is not None else []
         return out + [(f"layer {record.layer}", record.selections) for record in self.last.stages]
 
     def _remove_llm(self) -> None:
@@ -353,6 +363,11 @@ class PlaceholderInjector(Injector):
                                                 "vision_feature_select_strategy")
     """Model inputs consumed by ``encode`` and dropped from the LLM call."""
     provides = frozenset({"tokens", "text", "text_embedder", "grid", "positions"})
+    vision_provides: ClassVar[frozenset[str]] = frozenset()
+    """Context fields a stage inside the vision tower can read (empty: no such stages; then
+    ``encode`` is never given ``vision_stages``)."""
+    vision_refusal: ClassVar[str] = ""
+    """Why the backbone has no stages inside the vision tower, for the error (``" (...)"``)."""
     instruction_patterns: ClassVar[tuple[str, ...]] = (
         r"USER:(.*?)ASSISTANT:",
         r"\[INST\](.*?)\[/INST\]",
@@ -364,11 +379,13 @@ class PlaceholderInjector(Injector):
     # --- what subclasses provide ---------------------------------------------------------
 
     @abstractmethod
-    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
+    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str],
+               **kwargs: Any) -> list[EncodedImage]:
         """Run the vision tower and projector once; one ``EncodedImage`` per image.
 
         ``need`` holds the context fields the pipeline asks for (e.g. ``cls_attention``),
-        so optional extras are only computed on request.
+        so optional extras are only computed on request. Backbones with ``vision_provides``
+        are also given ``vision_stages=[...]`` when the pipeline has stages inside the tower.
         """
 
     def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
@@ -402,8 +419,15 @@ class PlaceholderInjector(Injector):
     def check_pipeline(self, pipeline: Pipeline, processor: Any, text: Any) -> None:
         """Fail before patching if a stage needs context this backbone (or the LLM) cannot supply."""
         can_read_text = tokenizer_of(processor) is not None or text is not None
+        if pipeline.vision_stages and not self.vision_provides:
+            raise IncompatibleBackboneError(
+                f"{pipeline.vision_stages[0].where} stage: the '{self.name}' injector has no stages inside the vision "
+                f"tower{self.vision_refusal}; prune at the input stage or inside the LLM.")
         for stage in pipeline.stages:
-            if stage.layer is None:
+            if stage.vision_layer is not None:
+                offered = set(self.vision_provides)
+                supplier = "a stage inside the vision tower does not have"
+            elif stage.layer is None:
                 offered = set(self.provides)
                 supplier = f"the '{self.name}' injector cannot supply for {', '.join(self.model_types)} models"
             else:
@@ -416,13 +440,16 @@ class PlaceholderInjector(Injector):
             for requester, needs in stage.requirements():
                 missing = sorted(set(needs) - offered)
                 if missing:
+                    inside = stage.layer is not None or stage.vision_layer is not None
                     why = {
-                        "text_embedder": "pass the processor (or tokenizer) to attach() so keywords can be embedded"
-                        if stage.layer is None else "hidden states inside the LLM are not in the word-embedding "
-                                                    "space; run text-conditioned scorers in the input stage",
+                        "text_embedder": "hidden states inside the model are not in the word-embedding space; run "
+                                         "text-conditioned scorers in the input stage" if inside
+                        else "pass the processor (or tokenizer) to attach() so keywords can be embedded",
                         "text": "pass the processor to attach(), or text=...",
-                    }.get(missing[0], "it is not available there" if stage.layer is not None
+                    }.get(missing[0], "it is not available there" if inside
                           else f"the {self.name} backbone does not provide it")
+                    if stage.vision_layer is not None and missing[0] in ("text", "text_embedder"):
+                        why = "text-conditioned scorers run in the input stage, on the projector's tokens"
                     raise MissingContextError(
                         f"{requester} ({stage.where} stage) needs context '{missing[0]}', which {supplier}: {why}. "
                         f"Available: {', '.join(sorted(offered))}.")
@@ -469,7 +496,8 @@ class PlaceholderInjector(Injector):
             raise InvalidInputError(
                 f"injector '{self.name}': pixel inputs were given but the prompt has no image token "
                 f"(id {token_id}); build prompts with the processor (its chat template inserts it).")
-        images = self.encode(model, inputs, pipeline.requires)
+        vision = {"vision_stages": pipeline.vision_stages} if pipeline.vision_stages else {}
+        images = self.encode(model, inputs, pipeline.requires, **vision)
         counts = placeholder.sum(dim=1).tolist()
         total = sum(counts)
         if total != sum(img.n for img in images):
@@ -480,14 +508,16 @@ class PlaceholderInjector(Injector):
         rows = _rows_of_images(placeholder, [img.n for img in images], self.name)
         texts = row_texts(input_ids, mask, token_id, processor, text, self.instruction_patterns)
         embedder = word_embedder(model, processor)
+        present = [img.present() for img in images]  # None: no token was pruned inside the vision tower
         with torch.no_grad():  # selection yields indices; the kept features keep their autograd graph
             if pipeline.input_stage is None:  # every token enters the LLM; stages inside it prune
-                selections = [ImageSelection(row=r, image=i, kept=torch.arange(img.n), order=torch.arange(img.n),
-                                             k=img.n, n=img.n, geometry=_geometry(img))
-                              for i, (img, r) in enumerate(zip(images, rows))]
+                selections = [_everything(img, i, r, there) for i, (img, r, there) in enumerate(zip(images, rows, present))]
             else:
-                selections = select_images(pipeline, images, rows, texts, embedder, source=f"backbone '{self.name}'",
+                seen = [img if there is None else img.subset(there) for img, there in zip(images, present)]
+                selections = select_images(pipeline, seen, rows, texts, embedder, source=f"backbone '{self.name}'",
                                            fields=self.model_fields(model, pipeline.requires))
+                selections = [sel if there is None else _in_full_image(sel, there, img)
+                              for sel, there, img in zip(selections, present, images)]
 
         # rewrite: keep every non-placeholder column and the kept placeholders
         keep = mask.bool() & ~placeholder
@@ -521,12 +551,56 @@ class PlaceholderInjector(Injector):
             image_slots = (new_ids == token_id) & new_mask.bool()
             inputs_embeds = inputs_embeds.masked_scatter(image_slots.unsqueeze(-1), feats)
         batch = PrunedBatch(new_ids, new_mask, inputs_embeds, columns, selections,
-                            features=[img.features for img in images], row_text=texts)
+                            features=[img.features for img in images], row_text=texts,
+                            vision_stages=_tower_selections(pipeline, images, rows),
+                            tower_schedule=_tower_schedule(images), tower_tiles=sum(img.tower_tiles for img in images))
         batch.extra = self.extra_inputs(model, inputs, batch, call)
         return batch
 
 
 # --- helpers of prune_inputs --------------------------------------------------------------
+
+
+def _everything(img: EncodedImage, i: int, row: int, present: Tensor | None) -> ImageSelection:
+    """Every token that came out of the vision tower (a pipeline without an input stage)."""
+    kept = torch.arange(img.n) if present is None else present
+    return ImageSelection(row=row, image=i, kept=kept, order=kept, k=int(kept.numel()), n=img.n,
+                          geometry=_geometry(img))
+
+
+def _in_full_image(sel: ImageSelection, present: Tensor, img: EncodedImage) -> ImageSelection:
+    """A selection made among the ``present`` tokens of ``img``, in the indices of all its tokens."""
+    scores = {}
+    for name, value in sel.scores.items():
+        full = torch.full((img.n,), float("nan"))
+        full[present] = value
+        scores[name] = full
+    return ImageSelection(row=sel.row, image=sel.image, kept=present[sel.kept], order=present[sel.order], k=sel.k,
+                          n=img.n, text=sel.text, scores=scores, geometry=_geometry(img), features=sel.features)
+
+
+def _tower_selections(pipeline: Pipeline, images: list[EncodedImage],
+                      rows: list[int]) -> list[tuple[str, list[ImageSelection]]]:
+    """What each stage inside the vision tower left of every image."""
+    out = []
+    for s, stage in enumerate(pipeline.vision_stages):
+        sels = []
+        for i, (img, row) in enumerate(zip(images, rows)):
+            kept = img.vision_masks[s].nonzero().squeeze(1).cpu()
+            sels.append(ImageSelection(row=row, image=i, kept=kept, order=kept, k=int(kept.numel()), n=img.n,
+                                       geometry=_geometry(img)))
+        out.append((stage.where, sels))
+    return out
+
+
+def _tower_schedule(images: list[EncodedImage]) -> list[tuple[int, int]]:
+    """``(first encoder layer, tokens)`` summed over every tile of the call (``[]``: not recorded)."""
+    def tokens(img: EncodedImage, layer: int) -> int:
+        return [count for first, count in img.tower_schedule if first <= layer][-1] * img.tower_tiles
+
+    recorded = [img for img in images if img.tower_schedule]
+    layers = sorted({layer for img in recorded for layer, _ in img.tower_schedule})
+    return [(layer, sum(tokens(img, layer) for img in recorded)) for layer in layers]
 
 
 def _geometry(img: EncodedImage) -> EncodedImage:

@@ -19,7 +19,7 @@ from .params import build_params
 if TYPE_CHECKING:
     from .context import PruneContext
 
-__all__ = ["Strategy", "Scorer", "Selector", "Merger", "Injector"]
+__all__ = ["Strategy", "Scorer", "Selector", "Merger", "BlockMerging", "Injector"]
 
 
 class Strategy:
@@ -87,6 +87,43 @@ class Selector(Strategy, ABC):
 
         Returns:
             int64 ``[B, k]``: distinct indices per row, in the order they were picked.
+        """
+
+
+class BlockMerging(ABC):
+    """A selector that, at a stage inside the vision tower, merges tokens **inside** the encoder
+    blocks (ToMe) instead of once between two of them.
+
+    Every block from the stage's layer to the one the features are read from calls
+    ``block_merge`` between its attention and its MLP, with ``r`` tokens to merge (together
+    they meet the stage's budget); with ``proportional_attention`` the next blocks add
+    ``log(size)`` to their attention logits. Outside the tower the selector's ``select`` runs.
+    """
+
+    @property
+    def proportional_attention(self) -> bool:
+        """Add ``log(size)`` to the attention logits of the blocks after a merge."""
+        return True
+
+    @property
+    def sequence_order(self) -> bool:
+        """The tower's tokens reach the LLM in the order of its sequence (``False``: each at the
+        place of the token it took over, in raster order)."""
+        return True
+
+    @abstractmethod
+    def block_merge(self, hidden: Tensor, keys: Tensor, r: int, size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Merge ``r`` tokens of a block's residual stream.
+
+        Args:
+            hidden: ``[T, S, C]`` the stream after the attention, the CLS token first (protected).
+            keys: ``[T, S, head_dim]`` the block's keys averaged over heads.
+            r: tokens to remove, ``1 <= r <= (S - 1) // 2``.
+            size: ``[T, S, 1]`` how many original tokens each token stands for.
+
+        Returns:
+            ``(hidden [T, S - r, C], size [T, S - r, 1], source [T, S - r])``: ``source`` gives,
+            for each output token, the input token whose place it takes (CLS first).
         """
 
 

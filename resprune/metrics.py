@@ -57,6 +57,9 @@ class Example:
             the prompt further (``resprune.costs``); ``None`` otherwise.
         stages: what each in-LLM stage kept (``resprune.llm_pruning.StageRecord``).
         dims: the LLM's sizes (for FLOPs and KV cache).
+        tower_schedule: ``(first encoder layer, tokens summed over tiles)`` the vision tower ran
+            on (``[]`` when the backbone does not record it); ``tower_tiles`` its tiles and
+            ``vision_dims`` its sizes.
         timings: ``selection_ms`` (vision tower + selection + input rewrite), ``prefill_ms``,
             ``total_ms`` (generation), when requested.
         peak_mib: peak GPU memory of the pruned generation (CUDA only).
@@ -76,6 +79,9 @@ class Example:
     reference: Reference | None = None
     token_schedule: list[tuple[int, int]] | None = None
     stages: list[Any] = field(default_factory=list)
+    tower_schedule: list[tuple[int, int]] = field(default_factory=list)
+    tower_tiles: int = 0
+    vision_dims: LLMDims | None = None
 
     @property
     def tokens(self) -> Any:

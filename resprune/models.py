@@ -13,10 +13,14 @@ __all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "render_chats", "is_tiny"
 TINY_PREFIX = "tiny:"
 """``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``: random tiny models built offline
 (2 decoder layers; ``tiny:llava:32`` gives the LLM 32, deep enough for in-LLM stages at the
-shipped layers)."""
+shipped layers; the LLaVA towers have CLIP-L's 24 layers)."""
 
 _TINY_IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 448}
 """Tiny models see images at the real token counts (LLaVA-1.5: 576; LLaVA-NeXT: up to ~2900)."""
+
+_TINY_VISION_LAYERS = {"llava": 24, "llava_next": 24}
+"""Tiny LLaVA towers are as deep as CLIP ViT-L/14 (24 layers, features from the 23rd), so stages
+inside the tower act at the layers the shipped configs name."""
 
 
 def is_tiny(spec: str) -> bool:
@@ -40,7 +44,8 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "auto", see
                                 f"{', '.join(TINY_PREFIX + t for t in MODEL_TYPES)}, optionally with the LLM's "
                                 f"depth (1-64 decoder layers), e.g. tiny:llava:32.")
         model, processor = tiny_lvlm(model_type, seed=seed, image_size=_TINY_IMAGE_SIZE[model_type],
-                                     text_layers=int(depth) if depth else 2)
+                                     text_layers=int(depth) if depth else 2,
+                                     vision_layers=_TINY_VISION_LAYERS.get(model_type, 2))
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

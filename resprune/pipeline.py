@@ -43,7 +43,8 @@ class Pipeline:
         scorers: the input stage's scorers: names or instances, or ``(score_name, scorer)``
             pairs to rename the score a scorer writes.
         merger: the input stage's merger, if any.
-        stages: in-LLM ``Stage`` objects (``layer=K``), at increasing layers.
+        stages: ``Stage`` objects inside the vision tower (``vision_layer=K``) and inside the LLM
+            (``layer=K``), each kind at increasing layers.
         config: the resolved config this pipeline was built from, if any.
     """
 
@@ -65,25 +66,30 @@ class Pipeline:
         elif scorers or merger is not None:
             raise ConfigError("scorers/merger were given without a selector: the input stage needs one "
                               "(or put them in an in-LLM Stage).")
+        self.vision_stages: list[Stage] = []
         self.llm_stages: list[Stage] = []
         for stage in stages:
             if not isinstance(stage, Stage):
                 raise ConfigError(f"stages: expected Stage objects, got {type(stage).__name__}.")
-            if stage.layer is None:
+            if stage.layer is None and stage.vision_layer is None:
                 raise ConfigError("stages: the input stage is given by selector/scorers/budget; every entry of "
-                                  "stages needs layer=K.")
-            if self.llm_stages and stage.layer <= self.llm_stages[-1].layer:
-                raise ConfigError(f"stages: layers must increase; layer {stage.layer} comes after layer "
-                                  f"{self.llm_stages[-1].layer}.")
-            self.llm_stages.append(stage)
-        if self.input_stage is None and not self.llm_stages:
-            raise ConfigError("a pipeline needs a selector (input stage) or at least one in-LLM stage.")
+                                  "stages needs layer=K (inside the LLM) or vision_layer=K (inside the vision tower).")
+            kind, at = ((self.vision_stages, "vision_layer") if stage.vision_layer is not None
+                        else (self.llm_stages, "layer"))
+            if kind and getattr(stage, at) <= getattr(kind[-1], at):
+                raise ConfigError(f"stages: {at}s must increase; {at} {getattr(stage, at)} comes after {at} "
+                                  f"{getattr(kind[-1], at)}.")
+            kind.append(stage)
+        if self.input_stage is None and not self.llm_stages and not self.vision_stages:
+            raise ConfigError("a pipeline needs a selector (input stage) or at least one stage inside the vision "
+                              "tower or the LLM.")
         self.config = config
 
     @property
     def stages(self) -> list[Stage]:
-        """Every stage in running order: the input stage (if any), then the in-LLM ones."""
-        return ([self.input_stage] if self.input_stage is not None else []) + self.llm_stages
+        """Every stage in running order: inside the vision tower, the input stage (if any), inside
+        the LLM."""
+        return self.vision_stages + ([self.input_stage] if self.input_stage is not None else []) + self.llm_stages
 
     @property
     def selector(self) -> Selector | None:
@@ -115,9 +121,12 @@ class Pipeline:
         cfg = config if isinstance(config, DictConfig) and not overrides and not kwargs and OmegaConf.is_readonly(config) \
             else load_config(config, overrides, **kwargs)
         stages = [Stage(_selector(st.selector), budget=cfg.budget if st.budget is None else st.budget,
-                        scorers=_scorers(st.scorers), merger=_merger(st.merger), layer=st.layer,
-                        positions=st.positions)
-                  for st in cfg.stages]
+                        scorers=_scorers(st.scorers), merger=_merger(st.merger), vision_layer=st.layer)
+                  for st in cfg.vision_stages]
+        stages += [Stage(_selector(st.selector), budget=cfg.budget if st.budget is None else st.budget,
+                         scorers=_scorers(st.scorers), merger=_merger(st.merger), layer=st.layer,
+                         positions=st.positions)
+                   for st in cfg.stages]
         selector = None if cfg.selector.name is None else _selector(cfg.selector)
         return cls(selector, budget=cfg.budget, scorers=_scorers(cfg.scorers), merger=_merger(cfg.merger),
                    stages=stages, config=cfg)
@@ -149,9 +158,9 @@ class Pipeline:
         ``k`` overrides the budget (injectors use it to split one image's budget over tiles).
         """
         if self.input_stage is None:
-            where = ", ".join(s.where for s in self.llm_stages)
-            raise ConfigError(f"this pipeline has no input stage (it prunes inside the LLM at {where}); attach it "
-                              f"to a model with pipeline.attach(model, processor).")
+            where = ", ".join(s.where for s in self.vision_stages + self.llm_stages)
+            raise ConfigError(f"this pipeline has no input stage (it prunes at {where}); attach it to a model "
+                              f"with pipeline.attach(model, processor).")
         return self.input_stage.run(context, scores=scores, k=k)
 
     def prune(self, tokens: Tensor, *, scores: Mapping[str, Any] | None = None, source: str = "caller",
@@ -203,6 +212,8 @@ class Pipeline:
         if self.input_stage is not None:
             first = self.input_stage.describe()
             out.update({key: first[key] for key in ("scorers", "selector", "merger") if key in first})
+        if self.vision_stages:
+            out["vision_stages"] = [stage.describe() for stage in self.vision_stages]
         if self.llm_stages:
             out["stages"] = [stage.describe() for stage in self.llm_stages]
         return out
@@ -222,12 +233,12 @@ class Pipeline:
     def summary(self) -> str:
         """One line per stage: where, budget, scorers, the selector's non-default params, the merger."""
         parts = [s.summary() for s in self.stages]
-        if self.input_stage is not None and not self.llm_stages:
+        if self.input_stage is not None and len(parts) == 1:
             return parts[0].removeprefix("input: ")
         return "; then ".join(parts)
 
     def __repr__(self) -> str:
-        if self.input_stage is not None and not self.llm_stages:
+        if self.input_stage is not None and len(self.stages) == 1:
             s = self.input_stage
             scorers = ", ".join(f"{n}={sc!r}" for n, sc in s.scorers)
             merger = f", merger={s.merger!r}" if s.merger is not None else ""

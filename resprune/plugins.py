@@ -58,6 +58,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.vispruner",
     "resprune.strategies.scope",
     "resprune.strategies.hired",
+    "resprune.strategies.tome",
     "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",

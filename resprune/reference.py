@@ -25,7 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .config import BackboneConfig, MergerConfig, PipelineConfig, ScorerConfig, SelectorConfig, StageConfig
+from .config import BackboneConfig, MergerConfig, PipelineConfig, ScorerConfig, SelectorConfig, StageConfig, \
+    VisionStageConfig
 from .plugins import KINDS, PluginHost, get_host
 from .sweep import SweepConfig
 
@@ -164,6 +165,7 @@ _SCHEMAS: list[tuple[str, type, str, str]] = [
     ("`scorers[i]`", ScorerConfig, "scorers[i].", "Each item of the `scorers:` list; two scorers may not write the same score."),
     ("`merger`", MergerConfig, "merger.", "The input stage's merger (optional): turns dropped tokens into tokens within the budget."),
     ("`stages[i]`", StageConfig, "stages[i].", "Each item of the `stages:` list: a stage inside the LLM, at increasing layers; see [Stages](stages.md)."),
+    ("`vision_stages[i]`", VisionStageConfig, "vision_stages[i].", "Each item of the `vision_stages:` list: a stage inside the vision tower, at increasing layers; see [Stages](stages.md#stages-inside-the-vision-tower)."),
     ("`backbone`", BackboneConfig, "backbone.", "Injector hints, used when the pipeline is attached to a model."),
 ]
 

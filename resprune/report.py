@@ -42,7 +42,8 @@ def is_percent(name: str) -> bool:
     return _declared(name, "percent")
 
 
-_ORDER = ("accuracy", "fidelity", "reconstruction", "relevance_mass", "flops", "kv_cache", "latency", "memory")
+_ORDER = ("accuracy", "fidelity", "reconstruction", "relevance_mass", "flops", "vision_flops", "kv_cache", "latency",
+          "memory")
 _REQUIRED = ("model", "status", "method", "budget", "metrics")
 
 

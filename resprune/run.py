@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .costs import llm_dims, prefill_flops
+from .costs import llm_dims, prefill_flops, vision_dims, vision_flops
 from .data import open_image
 from .models import chat_inputs, load_model
 from .pipeline import Pipeline, load_pipeline
@@ -52,17 +52,24 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
     after = " -> ".join(f"{t} (layer {layer}+)" if layer else str(t) for layer, t in schedule)
     print_fn(f"prompt tokens {t_full} -> {after}; prefill FLOPs (Eq. 18) {prefill_flops(dims, t_full):.3g} -> "
              f"{prefill_flops(dims, schedule):.3g}; generate {seconds:.2f} s")
+    tower = batch.tower_schedule
+    if len(tower) > 1:  # stages inside the vision tower
+        vdims = vision_dims(lvlm.config)
+        shrunk = " -> ".join(f"{t} (vision layer {layer}+)" for layer, t in tower[1:])
+        print_fn(f"vision tower tokens {tower[0][1]} -> {shrunk}; vision FLOPs "
+                 f"{vision_flops(vdims, tower[0][1], batch.tower_tiles):.3g} -> "
+                 f"{vision_flops(vdims, tower, batch.tower_tiles):.3g}")
     print_fn(f"answer: {answer}")
     result: dict[str, Any] = {"answer": answer, "selections": selections, "stages": batch.stages,
                               "tokens_full": t_full, "tokens_pruned": t_pruned, "token_schedule": schedule,
-                              "seconds": seconds}
+                              "tower_schedule": tower, "seconds": seconds}
     if compare:
         with torch.no_grad():
             full = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         result["answer_full"] = tokenizer.decode(full[0, prompt_len:], skip_special_tokens=True)
         print_fn(f"answer without pruning: {result['answer_full']}")
     if out is not None:
-        if batch.stages:
+        if len(stages) > 1:
             overlay_stages(img, [(where, sels[0]) for where, sels in stages], processor=processor, path=out)
         else:
             overlay_selection(img, selections[0], processor=processor, path=out)
@@ -82,11 +89,11 @@ def visualize_one(config: str, overrides: Iterable[str] = (), *, model: str, ima
         else:
             attached.prune(inputs)
         stages = attached.kept_by_stage()
-    if pipe.llm_stages:
+    if len(stages) > 1:
         overlay_stages(img, [(where, sels[0]) for where, sels in stages], processor=processor, path=out)
     else:
         overlay_selection(img, stages[0][1][0], processor=processor, path=out)
-    if pipe.llm_stages:
+    if len(stages) > 1:
         kept = "; ".join(f"{where}: {sels[0].k} of {sels[0].n}" for where, sels in stages)
         print_fn(f"kept visual tokens ({kept}); overlay: {Path(out).resolve()}")
     else:

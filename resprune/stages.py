@@ -1,10 +1,13 @@
 """Stage: one pruning step of a pipeline, where it acts and what it runs.
 
-A stage acts either on the visual tokens **before** the LLM (``layer=None``: the ``input``
-stage, projector outputs) or on the hidden states **entering decoder layer K**
-(``layer=K``). Each has its own scorers, selector, budget and optional merger::
+A stage acts on the patch tokens **inside the vision tower** (``vision_layer=K``: the
+tower's ``hidden_states[K]``, entering encoder layer K, CLS protected), on the visual tokens
+**before** the LLM (the ``input`` stage, projector outputs), or on the hidden states
+**entering decoder layer K** (``layer=K``). Each has its own scorers, selector, budget and
+optional merger::
 
     Stage("topk", budget=0.5, layer=2, scorers=["llm_attention"])   # FastV
+    Stage("topk", budget=288, vision_layer=12, scorers=["cls_attention"])  # inside the tower
 
 Scorers write named scores, the selector picks ``k - slots`` tokens, and a merger (if any)
 turns the dropped tokens into ``slots`` more, so ``k`` tokens leave the stage.
@@ -43,12 +46,22 @@ class Stage:
         scorers: scorer names or instances, or ``(score_name, scorer)`` pairs.
         merger: a merger name or instance, or ``None``.
         layer: ``None`` for the input stage, else the decoder layer ``K >= 1``.
+        vision_layer: a vision-encoder layer ``K >= 0`` instead (``hidden_states[K]``, the input
+            of encoder layer K); the budget counts patch tokens per tile.
         positions: inside the LLM, ``"keep"`` the kept tokens' original positions (FastV, DART)
             or ``"reindex"`` them 0, 1, ... over each row's kept tokens (PyramidDrop).
     """
 
     def __init__(self, selector: str | Selector, *, budget: Budget, scorers: Iterable[ScorerSpec] = (),
-                 merger: str | Merger | None = None, layer: int | None = None, positions: str = "keep") -> None:
+                 merger: str | Merger | None = None, layer: int | None = None, positions: str = "keep",
+                 vision_layer: int | None = None) -> None:
+        if vision_layer is not None:
+            if isinstance(vision_layer, bool) or not isinstance(vision_layer, int) or vision_layer < 0:
+                raise ConfigError(f"stage vision_layer={vision_layer!r}: a stage inside the vision tower acts on "
+                                  f"hidden_states[K] of the tower, K >= 0 (0: the embeddings).")
+            if layer is not None or positions != "keep":
+                raise ConfigError(f"stage vision_layer={vision_layer}: a stage is inside the vision tower or inside the "
+                                  f"LLM (layer=, positions=), not both.")
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
             raise ConfigError(f"stage layer={layer!r}: an in-LLM stage acts on decoder layer K >= 1 (scores come "
                               f"from layer K-1); use layer=None for the input stage.")
@@ -56,6 +69,7 @@ class Stage:
             raise ConfigError(f"stage positions={positions!r}: 'keep', or 'reindex' for a stage inside the LLM "
                               f"(the input stage's tokens take their places in the prompt).")
         self.layer = layer
+        self.vision_layer = vision_layer
         self.positions = positions
         self.selector = make_selector(selector)
         self.budget = check_budget(budget, where=f"{self.where} stage budget")
@@ -78,8 +92,14 @@ class Stage:
 
     @property
     def where(self) -> str:
-        """``"input"`` or ``"layer K"``."""
+        """``"vision layer K"``, ``"input"`` or ``"layer K"``."""
+        if self.vision_layer is not None:
+            return f"vision layer {self.vision_layer}"
         return "input" if self.layer is None else f"layer {self.layer}"
+
+    @property
+    def in_vision_tower(self) -> bool:
+        return self.vision_layer is not None
 
     @property
     def score_names(self) -> list[str]:

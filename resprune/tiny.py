@@ -183,7 +183,8 @@ def _image_only_qwen_processor_cls() -> type:
     return ImageOnlyQwen2_5_VLProcessor
 
 
-def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn: str, layers: int = 2) -> Any:
+def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn: str, layers: int = 2,
+            vision_layers: int = 2) -> Any:
     import transformers
 
     ids = tok.convert_tokens_to_ids
@@ -232,7 +233,7 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
         vision_config = transformers.CLIPVisionConfig(
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=vision_layers,
             num_attention_heads=2,
             image_size=image_size,
             patch_size=_PATCH,
@@ -275,6 +276,7 @@ def tiny_lvlm(
     attn_implementation: str = "sdpa",
     image_size: int | None = None,
     text_layers: int = 2,
+    vision_layers: int = 2,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A tiny randomly initialised LVLM and an offline processor (no download).
 
@@ -285,7 +287,9 @@ def tiny_lvlm(
     ``image_size``: LLaVA input side (multiple of 14, default 84), LLaVA-NeXT base tile side
     (multiple of 14, default 42), Qwen2.5-VL side of the max-pixels square (default 224).
     ``text_layers``: decoder layers of the language model (in-LLM stages act on layers
-    ``1..text_layers-1``; the shipped configs use layers up to 24).
+    ``1..text_layers-1``; the shipped configs use layers up to 24). ``vision_layers``: encoder
+    layers of the CLIP tower of the LLaVA models (features from the second-to-last; stages
+    inside the tower act at ``vision_layer`` 0..vision_layers-1).
     """
     import torch
     import transformers
@@ -305,7 +309,11 @@ def tiny_lvlm(
     processor = _processor(model_type, tok, size)
     if isinstance(text_layers, bool) or not isinstance(text_layers, int) or text_layers < 1:
         raise ValueError(f"text_layers must be an int >= 1, got {text_layers!r}")
-    config = _config(model_type, tok, size, attn_implementation, text_layers)
+    if isinstance(vision_layers, bool) or not isinstance(vision_layers, int) or vision_layers < 2:
+        raise ValueError(f"vision_layers must be an int >= 2 (LLaVA reads the second-to-last), got {vision_layers!r}")
+    if model_type == "qwen2_5_vl" and vision_layers != 2:
+        raise ValueError("vision_layers sets the CLIP tower of the LLaVA models; the tiny qwen2_5_vl has its own")
+    config = _config(model_type, tok, size, attn_implementation, text_layers, vision_layers)
     cls = {
         "llava": transformers.LlavaForConditionalGeneration,
         "llava_next": transformers.LlavaNextForConditionalGeneration,

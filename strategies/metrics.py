@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from resprune import hookimpl
-from resprune.costs import LLMDims, kv_cache_bytes, prefill_flops
+from resprune.costs import LLMDims, kv_cache_bytes, prefill_flops, vision_flops
 from resprune.linalg import optimal_residual, span_residual
 from resprune.metrics import Example, Metric, Reference, normalize_answer, vqa_score
 
@@ -117,6 +117,24 @@ class Flops(Metric):
         return {"prefill_tflops": prefill_flops(dims, reference.tokens) / 1e12, "ratio": 1.0}
 
 
+class VisionFlops(Metric):
+    """FLOPs of the vision tower's forward, which stages inside it shorten."""
+
+    name = "vision_flops"
+    lower_is_better = frozenset({"gflops", "ratio"})
+    description = "vision tower GFLOPs and the ratio to the unpruned tower on the same tiles (CLIP towers)"
+
+    def compute(self, example: Example) -> dict[str, float]:
+        if not example.tower_schedule or example.vision_dims is None:
+            return {}
+        dims, tiles = example.vision_dims, example.tower_tiles
+        after = vision_flops(dims, example.tower_schedule, tiles)
+        return {"gflops": after / 1e9, "ratio": after / vision_flops(dims, example.tower_schedule[0][1], tiles)}
+
+    def baseline(self, record: dict[str, Any], reference: Reference, dims: LLMDims) -> dict[str, float]:
+        return {"ratio": 1.0}
+
+
 class KVCache(Metric):
     """KV-cache size of the prompt, in MiB (bf16)."""
 
@@ -162,5 +180,5 @@ class Memory(Metric):
 
 @hookimpl
 def resprune_register_metrics(register):
-    for cls in (Fidelity, Accuracy, Reconstruction, RelevanceMass, Flops, KVCache, Latency, Memory):
+    for cls in (Fidelity, Accuracy, Reconstruction, RelevanceMass, Flops, VisionFlops, KVCache, Latency, Memory):
         register(cls)

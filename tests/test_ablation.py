@@ -230,7 +230,8 @@ def test_metrics_are_plugins_listed_by_the_cli(capsys):
 
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    for name in ("fidelity", "accuracy", "reconstruction", "relevance_mass", "flops", "kv_cache", "latency", "memory"):
+    for name in ("fidelity", "accuracy", "reconstruction", "relevance_mass", "flops", "vision_flops", "kv_cache",
+                 "latency", "memory"):
         assert f"metric    {name}" in out
 
 

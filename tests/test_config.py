@@ -52,7 +52,7 @@ def test_shipped_config_loads_and_is_complete(name):
     assert resprune.check_budget(cfg.budget) == cfg.budget
     host = resprune.get_host()
     # every param is filled with its value or default, and nothing else, in every stage
-    stages = ([cfg] if cfg.selector.name is not None else []) + list(cfg.stages)
+    stages = list(cfg.vision_stages) + ([cfg] if cfg.selector.name is not None else []) + list(cfg.stages)
     assert stages, "a config prunes somewhere"
     for stage in stages:
         assert list(stage.selector.params) == param_names(host.selectors.get(stage.selector.name).Params)
@@ -70,8 +70,8 @@ def test_shipped_config_loads_and_is_complete(name):
 def test_shipped_config_runs_on_random_tokens(name, budget):
     pipe = resprune.load_pipeline(name) if budget is None else resprune.load_pipeline(name, budget=budget)
     context = ctx()
-    if pipe.input_stage is None:  # it prunes inside the LLM only: no tokens to prune before it
-        assert pipe.llm_stages and pipe.selector is None
+    if pipe.input_stage is None:  # it prunes inside the LLM or the tower only: no tokens to prune before the LLM
+        assert (pipe.llm_stages or pipe.vision_stages) and pipe.selector is None
         with pytest.raises(resprune.ConfigError, match="no input stage"):
             pipe.run(context)
         return
@@ -145,7 +145,7 @@ def test_unknown_top_level_key_names_the_file(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: unknown key 'bugdet'.")
     assert "Did you mean 'budget'?" in message
-    assert "Valid keys: budget, selector, scorers, merger, stages, backbone, description, reproduces." in message
+    assert "Valid keys: budget, selector, scorers, merger, vision_stages, stages, backbone, description, reproduces." in message
 
 
 def test_unknown_selector_param_lists_valid_ones_and_suggests(tmp_path):

@@ -53,6 +53,25 @@ def test_clip_tower_method_runs_from_the_command_line(config, tmp_path, capsys):
     assert "input stage, image 0: kept 8" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+def test_tome_runs_inside_the_tower_from_the_command_line(model_type, tmp_path, capsys):
+    code = cli(["run", "tome", "budget=64", "--model", f"tiny:{model_type}", "--image", str(photo_path(PHOTOS[1])),
+                "--prompt", "What animal is this?", "--max-new-tokens", "2", "--out", str(tmp_path / "o.png")])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "vision layer 0 stage, image 0: kept" in text
+    assert "vision tower tokens" in text and "(vision layer 23+)" in text  # the tower's schedule is printed
+    if model_type == "llava":
+        assert "kept 64 of 576" in text
+
+
+def test_tome_on_qwen_is_refused_with_the_layers_it_allows(capsys):
+    code = cli(["run", "tome", "budget=64", "--model", "tiny:qwen2_5_vl", "--image", str(photo_path(PHOTOS[1])),
+                "--prompt", "What?", "--max-new-tokens", "1"])
+    assert code != 0
+    assert "allowed vision layers: none" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", CLIP_METHODS)
 def test_clip_tower_method_on_qwen_is_refused_by_name(method, capsys):
     code = cli(["run", method, "budget=8", "--model", "tiny:qwen2_5_vl", "--image", str(photo_path(PHOTOS[1])),
@@ -65,12 +84,13 @@ def test_clip_tower_method_on_qwen_is_refused_by_name(method, capsys):
 def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     out = tmp_path / "table-i"
     code = cli(["sweep", "table-i", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava:25",
-                "grid.budget=[64]", "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired]",
+                "grid.budget=[64]",
+                "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired,tome]",
                 "--out", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(rows) == {"full", "resprune-llava15", "visionzip", "fastv", "pdrop", "dart", "vispruner", "scope",
-                         "hired"}
+                         "hired", "tome"}
     assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
     ratio = {m: r["metrics"]["flops.ratio"] for m, r in rows.items() if m != "full"}
     # the same 64 tokens kept, but FastV and DART run layers 0-1 on every token and PDrop keeps
@@ -78,9 +98,13 @@ def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     assert ratio["resprune-llava15"] == pytest.approx(ratio["visionzip"]) == pytest.approx(ratio["scope"])
     assert ratio["fastv"] == pytest.approx(ratio["dart"])
     assert ratio["resprune-llava15"] < ratio["fastv"] < ratio["pdrop"] < 1
+    assert ratio["tome"] == pytest.approx(ratio["resprune-llava15"])  # 64 tokens reach the LLM
+    tower = {m: r["metrics"]["vision_flops.ratio"] for m, r in rows.items() if m != "full"}
+    assert tower["tome"] < 0.6 and tower["resprune-llava15"] == 1.0  # only ToMe shortens the tower
     assert cli(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert all(f"| {m} |" in report for m in ("fastv", "pdrop", "dart", "visionzip", "vispruner", "scope", "hired"))
+    assert all(f"| {m} |" in report for m in ("fastv", "pdrop", "dart", "visionzip", "vispruner", "scope", "hired",
+                                              "tome"))
 
 
 def test_config_command_prints_the_stages(capsys):

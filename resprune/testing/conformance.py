@@ -12,7 +12,8 @@ batch independence, bf16 input), that the strategy is reachable by name through 
 plugin registry, and that a pipeline using it (in a stage inside the LLM, at layer 1, when
 it reads the LLM's fields) runs on each tiny backbone
 (``resprune.testing.tiny_lvlm``): the right number of tokens kept per image, and with a
-budget at or above ``N`` outputs bit-identical to the unpruned model.
+budget at or above ``N`` outputs bit-identical to the unpruned model. A selector also runs at
+a stage inside the CLIP towers (LLaVA-1.5, LLaVA-NeXT) when what it reads is there.
 """
 
 from __future__ import annotations
@@ -57,6 +58,33 @@ def _run_on_backbone(model_type: str, pipeline: Any, budget_all: Any) -> None:
             assert len(set(sel.kept.tolist())) == sel.k
         with budget_all.attach(model, processor):
             assert torch.equal(model(**inputs).logits, reference), f"{model_type}: keep-all is not the unpruned model"
+
+
+def _run_in_tower(model_type: str, selector: Selector, scorers: list[Any]) -> None:
+    """The selector at a stage inside the vision tower (layer 1; a block merger from layer 0):
+    the tower's tiles keep half their patch tokens, and keep-all is the unpruned model."""
+    from ..interfaces import BlockMerging
+    from ..pipeline import Pipeline
+    from ..stages import Stage
+    from ..tiny import tiny_inputs, tiny_lvlm
+
+    model, processor = tiny_lvlm(model_type, vision_layers=3)
+    inputs = tiny_inputs(model_type, processor, [_photo(0), _photo(1)],
+                         ["What is in the picture?", "Describe the colours."])
+    layer = 0 if isinstance(selector, BlockMerging) else 1
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        pipe = Pipeline(None, budget=1.0, stages=[Stage(selector, budget=0.5, vision_layer=layer, scorers=scorers)])
+        with pipe.attach(model, processor) as attached:
+            model(**inputs)
+        stage, batch = pipe.vision_stages[0], attached.last
+        tiles, length = batch.tower_tiles, batch.tower_schedule[0][1] // batch.tower_tiles
+        assert batch.tower_schedule[-1][1] == tiles * (1 + stage.budget_for(length - 1)), \
+            f"{model_type}: the tower's tiles kept {batch.tower_schedule} ({stage.where})"
+        keep_all = Pipeline(None, budget=1.0, stages=[Stage(selector, budget=1.0, vision_layer=layer, scorers=scorers)])
+        with keep_all.attach(model, processor):
+            assert torch.equal(model(**inputs).logits, reference), f"{model_type}: keep-all in the tower is not the " \
+                                                                   f"unpruned model"
 
 
 def _inside_llm(strategies: list[Any]) -> bool:
@@ -138,6 +166,21 @@ class SelectorConformance:
         if missing:
             pytest.skip(f"{model_type} cannot supply score(s) {sorted(missing)}")
         _run_on_backbone(model_type, _pipeline(sel, scorers, 0.25), _pipeline(sel, scorers, 1.0))
+
+    @pytest.mark.parametrize("model_type", ["llava", "llava_next"])
+    def test_runs_in_the_vision_tower(self, model_type: str) -> None:
+        sel = self.make()
+        offered = get_host().injector_for(model_type).vision_provides
+        if _inside_llm([sel]) or not set(sel.requires) <= offered:
+            pytest.skip(f"selector '{sel.name}' reads {sorted(set(sel.requires) - offered)}, which a stage inside "
+                        f"the vision tower does not have")
+        writers = {e.cls.output: e.cls for e in get_host().scorers.entries()}
+        scorers = [(name, writers[name]()) for name in sorted(sel.required_scores() | sel.optional_scores())
+                   if name in writers and set(writers[name].requires) <= offered]
+        missing = sel.required_scores() - {name for name, _ in scorers}
+        if missing:
+            pytest.skip(f"no scorer writes {sorted(missing)} inside the vision tower")
+        _run_in_tower(model_type, sel, scorers)
 
 
 class ScorerConformance:
