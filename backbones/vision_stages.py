@@ -265,7 +265,7 @@ class TowerStages:
             kept_tokens = sel.features.to(hidden.dtype)
         else:
             kept_tokens = hidden[:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, width))
-        alive = torch.cat([alive[:, :1], alive[:, 1:].gather(1, kept)], dim=1)
+        alive = torch.cat([alive[:, :1], alive[:, 1:].gather(1, sel.held.to(alive.device))], dim=1)
         self._alive.append((stage.vision_layer, alive))
         self.schedule.append((stage.vision_layer, tiles * alive.shape[1]))
         self.masks.append(self._mask(alive))

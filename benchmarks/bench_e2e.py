@@ -93,6 +93,9 @@ BUDGETS = {"llava": [64, 192], "llava_next": [320, 960], "qwen2_5_vl": [0.1111, 
 
 METHODS = ("resprune", "tome", "visionzip", "vispruner", "scope", "hired", "fastv", "pdrop", "dart")
 
+NO_ORACLE = ("tome",)
+"""Methods inside the vision tower: their selection is part of the tower's run (no oracle)."""
+
 CLIP_ONLY = ("tome", "vispruner", "scope", "hired")
 """Methods that read a CLIP tower's CLS token or act inside it (no row on Qwen2.5-VL)."""
 

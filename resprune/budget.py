@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 from .errors import BudgetError
 
-__all__ = ["Budget", "check_budget", "resolve_budget"]
+__all__ = ["Budget", "check_budget", "resolve_budget", "stage_budget"]
 
 Budget = int | float
 
@@ -41,3 +42,21 @@ def resolve_budget(budget: Budget, n: int, *, where: str = "budget") -> int:
     if isinstance(budget, int):
         return min(budget, n)
     return min(n, max(1, math.floor(budget * n + 0.5)))
+
+
+def stage_budget(budget: object, top: Budget, *, where: str = "budget") -> Budget:
+    """A stage's budget: its own, the top-level ``top`` when ``None``, or from a **table** keyed
+    by the top-level budget (``{192: 300, 128: 303, 64: 66}``: a method's per-budget counts).
+
+    Raises:
+        BudgetError: a table without an entry for ``top``, or a bad budget.
+    """
+    if budget is None:
+        return check_budget(top, where=where)
+    if isinstance(budget, Mapping):
+        if top not in budget:
+            listed = ", ".join(str(key) for key in budget)
+            raise BudgetError(f"{where} is a table keyed by the top-level budget, with entries for {listed}; it has "
+                              f"none for budget={top!r}. Use one of those budgets, or add an entry.")
+        return check_budget(budget[top], where=f"{where}[{top!r}]")
+    return check_budget(budget, where=where)

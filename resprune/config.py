@@ -36,7 +36,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .budget import check_budget
+from .budget import check_budget, stage_budget
 from .errors import ConfigError, suggest
 from .params import build_params
 from .plugins import get_host
@@ -95,7 +95,7 @@ class StageConfig:
     layer: int = MISSING
     """Decoder layer K >= 1 the stage acts on (its scorers read layer K-1's attention)."""
     budget: Any = None
-    """Tokens kept per image: an int k, or a float ratio of the tokens entering the stage; `null` takes the top-level `budget`."""
+    """Tokens kept per image: an int k, or a float ratio of the tokens entering the stage; `null` takes the top-level `budget`; a table `{192: 300, 128: 303}` gives one per top-level budget."""
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     """The stage's selector (`name`, `params`)."""
     scorers: list[ScorerConfig] = field(default_factory=list)
@@ -114,7 +114,7 @@ class VisionStageConfig:
     layer: int = MISSING
     """Vision-encoder layer K >= 0, counted like the tower's `hidden_states` (the input of encoder layer K; 0: the embeddings); at most the layer the LLM's features are read from."""
     budget: Any = None
-    """Patch tokens kept per tile: an int k, or a float ratio of the tokens entering the stage; `null` takes the top-level `budget`."""
+    """Patch tokens kept per tile: an int k, or a float ratio of the tokens entering the stage; `null` takes the top-level `budget`; a table `{192: 300, 128: 303}` gives one per top-level budget."""
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     """The stage's selector (`name`, `params`)."""
     scorers: list[ScorerConfig] = field(default_factory=list)
@@ -461,8 +461,7 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
             raise ConfigError(f"{label}: {where}.layer={layer}: vision stage layers must increase (the previous stage "
                               f"is at layer {last}).")
         last = layer
-        if stage["budget"] is not None:
-            check_budget(stage["budget"], where=f"{label}: {where}.budget")
+        stage_budget(stage["budget"], container["budget"], where=f"{label}: {where}.budget")
         if stage["selector"]["name"] is None:
             raise ConfigError(f"{label}: {where}.selector.name: missing. Every stage needs a selector.")
         _validate_stage(stage, host, label, f"{where}.")
@@ -477,8 +476,7 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
             raise ConfigError(f"{label}: {where}.layer={layer}: stage layers must increase (the previous stage is at "
                               f"layer {last}).")
         last = layer
-        if stage["budget"] is not None:
-            check_budget(stage["budget"], where=f"{label}: {where}.budget")
+        stage_budget(stage["budget"], container["budget"], where=f"{label}: {where}.budget")
         if stage["selector"]["name"] is None:
             raise ConfigError(f"{label}: {where}.selector.name: missing. Every stage needs a selector.")
         if stage["positions"] not in POSITIONS:
@@ -507,18 +505,20 @@ def _validate_stage(stage: dict[str, Any], host: Any, label: str, prefix: str) -
             raise ConfigError(f"{where}: score '{out}' is already written by scorer '{outputs[out]}'; "
                               f"give one of them another name with `output:`.")
         outputs[out] = sc["name"]
+    readers = [(f"{prefix}selector '{sel['name']}'", selector_cls(sel["params"]))]
     if stage.get("merger"):
         merger = stage["merger"]
         merger_cls = _lookup(host.mergers, merger["name"], f"{label}: {prefix}merger.name")
         merger["params"] = dataclasses.asdict(build_params(merger_cls, merger["params"],
                                                            where=f"{label}: {prefix}merger.params"))
-    selector = selector_cls(sel["params"])
-    missing = sorted(selector.required_scores() - set(outputs))
-    if missing:
-        writers = [e.name for e in host.scorers.entries() if getattr(e.cls, "output", None) == missing[0]]
-        raise ConfigError(
-            f"{label}: {prefix}selector '{sel['name']}' ({selector!r}) needs score '{missing[0]}', which no scorer "
-            f"in `{prefix}scorers` writes. Add one ({', '.join(writers) or 'a scorer with output: ' + missing[0]}).")
+        readers.append((f"{prefix}merger '{merger['name']}'", merger_cls(merger["params"])))
+    for who, strategy in readers:
+        missing = sorted(strategy.required_scores() - set(outputs))
+        if missing:
+            writers = [e.name for e in host.scorers.entries() if getattr(e.cls, "output", None) == missing[0]]
+            raise ConfigError(
+                f"{label}: {who} ({strategy!r}) needs score '{missing[0]}', which no scorer in `{prefix}scorers` "
+                f"writes. Add one ({', '.join(writers) or 'a scorer with output: ' + missing[0]}).")
 
 
 def _validate_backbone(backbone: dict[str, Any], host: Any, label: str) -> None:

@@ -103,6 +103,8 @@ class ImageSelection:
         geometry: the image's ``EncodedImage`` without features (grid, positions, layout).
         features: float32 ``[k, D]`` the features at the kept places when a merger ran
             (``None``: the kept tokens' own features).
+        sources: int64 ``[k]`` the token each kept place holds when a merger ran (it may put
+            its tokens in another order than their places; ``None``: ``kept``).
     """
 
     row: int
@@ -115,6 +117,7 @@ class ImageSelection:
     scores: dict[str, Tensor] = field(default_factory=dict)
     geometry: EncodedImage | None = None
     features: Tensor | None = None
+    sources: Tensor | None = None
 
     def mask(self) -> Tensor:
         """Boolean ``[N]``: True where a token is kept."""
@@ -154,6 +157,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         kept_all: list[list[Tensor]] = [[] for _ in members]
         order_all: list[list[Tensor]] = [[] for _ in members]
         merged_all: list[list[Tensor | None]] = [[] for _ in members]  # a merger's features per subset
+        held_all: list[list[Tensor]] = [[] for _ in members]  # the token each kept place holds
         score_all: list[dict[str, Tensor]] = [{} for _ in members]
         for idx, k in subsets(pipeline):
             if k == 0:
@@ -171,10 +175,11 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                 positions=None if first.positions is None else (first.positions if whole else first.positions[idx]),
             )
             sel = pipeline.run(ctx, k=k)
-            kept, order = idx[sel.kept.cpu()], idx[sel.order.cpu()]  # one copy per subset, not per image
+            kept, order, held = idx[sel.kept.cpu()], idx[sel.order.cpu()], idx[sel.held.cpu()]  # one copy per subset
             scores = {name: value.detach().float().cpu() for name, value in sel.scores.items()}
             for j in range(len(members)):
                 kept_all[j].append(kept[j])
+                held_all[j].append(held[j])
                 order_all[j].append(order[j])
                 merged_all[j].append(None if sel.features is None else sel.features[j])
                 for name, value in scores.items():
@@ -186,20 +191,21 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         for j, i in enumerate(members):
             parts = kept_all[j] + ([forced] if forced is not None else [])
             kept, place = torch.cat(parts).sort() if parts else (torch.zeros(0, dtype=torch.long),) * 2
-            features = None
+            features = sources = None
             if any(f is not None for f in merged_all[j]):  # in the order of the kept places; a subset
                 # without a merge (and the forced tokens) keeps its tokens' own features
                 own = [feats[j, part.to(feats.device)] if f is None else f
                        for f, part in zip(merged_all[j], kept_all[j])]
                 extra = [feats[j, forced.to(feats.device)]] if forced is not None else []
                 features = torch.cat(own + extra)[place.to(feats.device)]
+                sources = torch.cat(held_all[j] + ([forced] if forced is not None else []))[place]
             order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
             geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
                                     tiles=first.tiles, candidates=first.candidates, always=first.always, groups=first.groups,
                                     layout=images[i].layout)
             out[i] = ImageSelection(row=rows[i], image=i, kept=kept, order=order, k=int(kept.numel()), n=first.n,
                                     text=texts[j] if texts else "", scores=score_all[j], geometry=geometry,
-                                    features=features)
+                                    features=features, sources=sources)
     return [s for s in out if s is not None]
 
 

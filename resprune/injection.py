@@ -285,10 +285,11 @@ class Attached:
         # only stages inside the LLM need them, so an input-only pipeline does not pay for the lookup
         slots = ((batch.input_ids == self.injector.image_token_id(self.model)) & batch.attention_mask.bool()).nonzero()
         columns = slots[:, 1].split([sel.k for sel in batch.selections])
-        spans = [Span(image=sel.image, row=sel.row, n=sel.n, alive=sel.kept.clone(), columns=cols,
+        spans = [Span(image=sel.image, row=sel.row, n=sel.n,
+                      alive=(sel.kept if sel.sources is None else sel.sources).clone(), columns=cols,
                       positions=None if sel.geometry is None else sel.geometry.positions, geometry=sel.geometry)
                  for sel, cols in zip(batch.selections, columns)]
-        self._llm.arm(spans, batch.attention_mask, batch.row_text)
+        self._llm.arm(spans, batch.attention_mask, batch.row_text, embeds=batch.inputs_embeds)
         try:
             out = original(**kwargs)
             columns = self._llm.columns
@@ -576,7 +577,8 @@ def _in_full_image(sel: ImageSelection, present: Tensor, img: EncodedImage) -> I
         full[present] = value
         scores[name] = full
     return ImageSelection(row=sel.row, image=sel.image, kept=present[sel.kept], order=present[sel.order], k=sel.k,
-                          n=img.n, text=sel.text, scores=scores, geometry=_geometry(img), features=sel.features)
+                          n=img.n, text=sel.text, scores=scores, geometry=_geometry(img), features=sel.features,
+                          sources=None if sel.sources is None else present[sel.sources])
 
 
 def _tower_selections(pipeline: Pipeline, images: list[EncodedImage],

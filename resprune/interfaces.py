@@ -141,6 +141,15 @@ class Merger(Strategy, ABC):
         (``0 <= slots < k``; ``0`` when nothing is dropped)."""
         return 0
 
+    def required_scores(self) -> frozenset[str]:
+        """Score names this merger reads (a config naming none of their writers is refused)."""
+        return frozenset()
+
+    def extra(self, k: int, n: int) -> int:
+        """How many tokens it makes from dropped ones **on top of** the ``k`` the selector picks
+        (``0 <= extra <= n - k``; SparseVLM's recycling). Default 0: mergers work within the budget."""
+        return 0
+
     @abstractmethod
     def merge(self, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],
               context: PruneContext) -> tuple[Tensor, Tensor]:
@@ -154,9 +163,11 @@ class Merger(Strategy, ABC):
             context: the stage's context.
 
         Returns:
-            ``(indices, features)``: int64 ``[B, k]`` distinct ascending token indices whose
-            places the output takes (the kept ones plus ``slots`` dropped ones that carry the
-            merged tokens), and float32 ``[B, k, d]`` the features at those places.
+            ``(indices, features)``: int64 ``[B, k]`` distinct token indices whose places the
+            output takes (the kept ones plus ``slots`` dropped ones that carry the merged
+            tokens), and float32 ``[B, k, d]`` the features of those tokens. Ascending indices
+            keep every token at its place; in any other order the tokens enter the sequence in
+            that order (they fill the same places, sorted), e.g. merged tokens after the kept ones.
         """
 
 

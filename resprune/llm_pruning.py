@@ -42,8 +42,8 @@ __all__ = ["LLMPruner", "LLM_FIELDS", "Span", "StageRecord", "attention_rows", "
 
 LLM_FIELDS: dict[str, str] = {
     "tokens": "hidden states entering decoder layer K, float32 [B, N, D]",
-    "llm_attention": "callable query -> [B, N]: attention the 'last' prompt token or the mean 'instruction' token "
-                     "pays to each visual token at layer K-1, mean over heads",
+    "llm_attention": "callable query -> [B, N]: attention the 'last' prompt token, the mean 'instruction' token or "
+                     "the mean 'raters' token (SparseVLM) pays to each visual token at layer K-1, mean over heads",
     "llm_own_attention": "callable query -> [B, N]: the same paid at layer K itself, from its query and key "
                          "projections of the hidden states entering it (PyramidDrop)",
     "llm_keys": "keys of the visual tokens at layer K-1 (after RoPE), float32 [B, N, kv_heads * head_dim]",
@@ -115,7 +115,7 @@ class Span:
     image: int
     row: int
     n: int  # tokens of the image before any pruning
-    alive: Tensor  # int64 [m] original token indices still in the sequence
+    alive: Tensor  # int64 [m] original token indices still in the sequence, in column order
     columns: Tensor  # int64 [m] their columns in the current sequence
     positions: Tensor | None = None  # [n, 2] grid positions of all n tokens
     geometry: Any = None  # the image's EncodedImage without features (for pictures)
@@ -147,7 +147,7 @@ class StageRecord:
 
 class _CallState:
     def __init__(self, spans: list[Span], valid: Tensor, stages: list[Stage],
-                 texts: Callable[[int], str] | None) -> None:
+                 texts: Callable[[int], str] | None, embeds: Tensor | None = None) -> None:
         self.spans = spans
         self.valid = valid.bool()  # [B, L] current key columns that are real tokens
         self.full_len = valid.shape[1]
@@ -165,6 +165,8 @@ class _CallState:
         self.row_tokens: list[int] = counts[0]  # real tokens per row
         self.input_tokens: list[int] = list(counts[0])  # real tokens per row entering the LLM
         self.instruction: list[int] = counts[1]  # instruction tokens per row (the last ones of the row)
+        self.embeds = embeds  # the LLM's input embeddings (SparseVLM's raters are chosen on them)
+        self.raters: Tensor | None = None  # bool [B, W] over the instruction rows (_query_rows), once chosen
 
 
 class LLMPruner:
@@ -182,6 +184,8 @@ class LLMPruner:
                     f"{source}: stage at layer {stage.layer}: the language model has {len(self.layers)} decoder "
                     f"layers; an in-LLM stage acts on layer 1..{len(self.layers) - 1} (scores come from layer K-1).")
         self.capture_at = {s.layer - 1: s for s in self.stages if s.requires & {"llm_attention", "llm_keys"}}
+        self._wants_raters = any(getattr(getattr(scorer, "params", None), "query", None) == "raters"
+                                 for s in self.stages for _, scorer in s.scorers)
         rope = getattr(self.lm.config, "rope_parameters", None) or getattr(self.lm.config, "rope_scaling", None) or {}
         if any(s.positions == "reindex" for s in self.stages) and "mrope_section" in rope:
             raise IncompatibleBackboneError(
@@ -227,9 +231,13 @@ class LLMPruner:
 
     # --- per call --------------------------------------------------------------------------
 
-    def arm(self, spans: list[Span], attention_mask: Tensor, texts: Callable[[int], str] | None) -> None:
-        """Prepare for one forward/generate over a sequence whose visual tokens are ``spans``."""
-        self.state = _CallState(spans, attention_mask, self.stages, texts)
+    def arm(self, spans: list[Span], attention_mask: Tensor, texts: Callable[[int], str] | None,
+            embeds: Tensor | None = None) -> None:
+        """Prepare for one forward/generate over a sequence whose visual tokens are ``spans``
+        (``embeds``: the LLM's input embeddings, for the ``raters`` query)."""
+        self.state = _CallState(spans, attention_mask, self.stages, texts, embeds)
+        if embeds is not None and self._wants_raters:
+            self.state.raters = choose_raters(self.state, embeds)
 
     def disarm(self) -> list[StageRecord]:
         """End the call: its records. Then ``verify`` the plugins' outputs (one host read)."""
@@ -451,13 +459,14 @@ class LLMPruner:
                 llm_text_hidden=lambda r=rows: text_fields(r)[0],
                 llm_text_key_norm=lambda r=rows: text_fields(r)[1],
             )
-            k = stage.budget_for(m)
-            sel = stage.run(ctx, k=k, deferred=st.checks)
-            kept = sel.kept.to(dev)
+            sel = stage.run(ctx, k=stage.budget_for(m), deferred=st.checks)
+            k, kept = sel.k, sel.kept.to(dev)  # k: a merger may add tokens on top of the budget
+            held = sel.held.to(dev)  # the token at each kept column (a merger may reorder them)
             for j, span in enumerate(members):
                 alive = span.alive.to(dev)
-                new_alive = alive[kept[j]]
-                records.append(ImageSelection(row=span.row, image=span.image, kept=new_alive, order=alive[sel.order[j]],
+                new_alive = alive[held[j]]  # in column order
+                records.append(ImageSelection(row=span.row, image=span.image, kept=new_alive.sort().values,
+                                              order=alive[sel.order[j]],
                                               k=k, n=span.n, scores={n: v[j].detach() for n, v in sel.scores.items()},
                                               geometry=span.geometry))
                 keep[span.row, cols[j, kept[j]]] = True
@@ -521,6 +530,8 @@ def _fit_batch(st: _CallState, b: int) -> None:
     st.row_tokens = [t for t in st.row_tokens for _ in range(factor)]
     st.input_tokens = [t for t in st.input_tokens for _ in range(factor)]
     st.instruction = [t for t in st.instruction for _ in range(factor)]
+    if st.raters is not None:
+        st.raters = st.raters.repeat_interleave(factor, 0)
     st.valid = st.valid.repeat_interleave(factor, 0)
     st.columns = st.columns.repeat_interleave(factor, 0)
     st.spans = [Span(image=s.image, row=s.row * factor + j, n=s.n, alive=s.alive.clone(), columns=s.columns.clone(),
@@ -582,15 +593,43 @@ def attention_rows(query: Tensor, key: Tensor, mask: Tensor | None, valid: Tenso
 
 
 def _query_rows(st: _CallState, mode: str, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(columns [B, R], valid [B, R])`` of each row's query tokens: its last token, or its
-    instruction tokens (the last ``st.instruction[r]`` real columns of the row)."""
+    """``(columns [B, R], valid [B, R])`` of each row's query tokens: its last token, its
+    instruction tokens (the last ``st.instruction[r]`` real columns of the row), or the
+    ``raters`` among them (chosen once per call on the input embeddings, SparseVLM)."""
     last = _last_valid(st.valid).to(device)
     if mode == "last":
         return last[:, None], torch.ones(last.shape[0], 1, dtype=torch.bool, device=device)
     width = max(1, max(st.instruction, default=1))
     back = torch.arange(width - 1, -1, -1, device=device)
     count = torch.tensor(st.instruction, device=device)
-    return (last[:, None] - back).clamp_min(0), back[None] < count[:, None]
+    columns, valid = (last[:, None] - back).clamp_min(0), back[None] < count[:, None]
+    if mode == "raters":
+        if st.raters is None:
+            raise InvalidInputError("query 'raters' needs the LLM's input embeddings, which this call did not give "
+                                    "the in-LLM stages (attach the pipeline to the model and call it).")
+        valid = valid & st.raters.to(device)
+    return columns, valid
+
+
+def choose_raters(st: _CallState, embeds: Tensor) -> Tensor:
+    """SparseVLM's text raters, bool ``[B, W]`` over each row's instruction rows (as
+    ``_query_rows`` lays them out): with ``V`` the row's visual tokens and ``T`` its instruction
+    tokens (input embeddings), ``m = mean_v softmax_t(V T^T)``; a rater has ``m`` above the
+    mean of ``m`` (Gumpest/SparseVLMs, ``modelling_sparse_llama.py``, before the first layer)."""
+    device = embeds.device
+    columns, valid = _query_rows(st, "instruction", device)
+    out = torch.zeros(valid.shape, dtype=torch.bool, device=device)
+    for row in range(embeds.shape[0]):
+        visual = [span.columns for span in st.spans if span.row == row and span.columns.numel()]
+        ok = valid[row]
+        if not visual or not bool(ok.any()):
+            continue
+        v = embeds[row, torch.cat(visual).to(device)].float()
+        t = embeds[row, columns[row, ok]].float()
+        m = (v @ t.T).softmax(dim=1).mean(dim=0)  # [T]
+        chosen = m > m.mean()
+        out[row, ok] = chosen if bool(chosen.any()) else torch.ones_like(chosen)  # all equal: every one rates
+    return out
 
 
 def _instruction_columns(valid: Tensor, spans: list[Span], last: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from .budget import Budget, check_budget, resolve_budget
+from .budget import Budget, check_budget, resolve_budget, stage_budget
 from .config import load_config, to_yaml
 from .context import PruneContext
 from .errors import ConfigError
@@ -120,12 +120,15 @@ class Pipeline:
         """Build from a shipped config name, a YAML path, a mapping or a loaded config."""
         cfg = config if isinstance(config, DictConfig) and not overrides and not kwargs and OmegaConf.is_readonly(config) \
             else load_config(config, overrides, **kwargs)
-        stages = [Stage(_selector(st.selector), budget=cfg.budget if st.budget is None else st.budget,
-                        scorers=_scorers(st.scorers), merger=_merger(st.merger), vision_layer=st.layer)
+        def budget(st: Any) -> Any:
+            own = OmegaConf.to_container(st.budget) if isinstance(st.budget, DictConfig) else st.budget
+            return stage_budget(own, cfg.budget)
+
+        stages = [Stage(_selector(st.selector), budget=budget(st), scorers=_scorers(st.scorers),
+                        merger=_merger(st.merger), vision_layer=st.layer)
                   for st in cfg.vision_stages]
-        stages += [Stage(_selector(st.selector), budget=cfg.budget if st.budget is None else st.budget,
-                         scorers=_scorers(st.scorers), merger=_merger(st.merger), layer=st.layer,
-                         positions=st.positions)
+        stages += [Stage(_selector(st.selector), budget=budget(st), scorers=_scorers(st.scorers),
+                         merger=_merger(st.merger), layer=st.layer, positions=st.positions)
                    for st in cfg.stages]
         selector = None if cfg.selector.name is None else _selector(cfg.selector)
         return cls(selector, budget=cfg.budget, scorers=_scorers(cfg.scorers), merger=_merger(cfg.merger),

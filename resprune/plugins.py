@@ -59,6 +59,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.scope",
     "resprune.strategies.hired",
     "resprune.strategies.tome",
+    "resprune.strategies.sparsevlm",
     "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",

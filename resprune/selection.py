@@ -34,6 +34,8 @@ class Selection:
         scores: the named scores that were computed, ``[B, N]`` each.
         features: float32 ``[B, k, d]`` the features at the ``kept`` places when a merger ran
             (``None``: the kept tokens unchanged).
+        sources: int64 ``[B, k]`` the token each kept place holds, when a merger ran (it may put
+            its tokens in another order than their places; ``None``: each place its own token).
     """
 
     kept: Tensor
@@ -42,6 +44,12 @@ class Selection:
     n: int
     scores: dict[str, Tensor] = field(default_factory=dict)
     features: Tensor | None = None
+    sources: Tensor | None = None
+
+    @property
+    def held(self) -> Tensor:
+        """``[B, k]``: the token each kept place holds (``sources``, else ``kept``)."""
+        return self.kept if self.sources is None else self.sources
 
     def mask(self) -> Tensor:
         """Boolean ``[B, N]``, True where a token is kept."""
@@ -221,8 +229,8 @@ def run_selector(selector: Selector, tokens: Tensor, k: int, scores: Mapping[str
 
 def run_merger(merger: Merger, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],
                context: PruneContext, *, deferred: DeferredChecks | None = None) -> tuple[Tensor, Tensor]:
-    """Run ``merger`` and check it returned ``k = kept + slots`` distinct ascending indices that
-    include every kept one, and finite float features ``[B, k, d]`` (``deferred``: as in
+    """Run ``merger`` and check it returned ``k = kept + slots`` distinct indices that include
+    every kept one, and finite float features ``[B, k, d]`` (``deferred``: as in
     ``run_selector``)."""
     b, n, d = tokens.shape
     k = kept.shape[1] + slots
@@ -240,12 +248,13 @@ def run_merger(merger: Merger, tokens: Tensor, kept: Tensor, slots: int, scores:
         raise PluginContractError(f"{who} returned features of shape {tuple(features.shape)}; expected float "
                                   f"[B, k, d] = {(b, k, d)}.")
     if k:
-        ok = (indices.diff(dim=-1) > 0).all() if k > 1 else torch.ones((), dtype=torch.bool, device=indices.device)
-        inside = (indices[:, 0] >= 0).all() & (indices[:, -1] < n).all()
-        has_kept = torch.zeros(b, n, dtype=torch.bool, device=indices.device).scatter_(1, indices, True)
+        inside = (indices >= 0).all() & (indices < n).all()
+        has_kept = torch.zeros(b, n, dtype=torch.bool, device=indices.device).scatter_(
+            1, indices.clamp(0, n - 1), True)
+        ok = (has_kept.sum(dim=1) == k).all()  # distinct
         covers = has_kept.gather(1, kept.to(indices.device)).all()
         checks = DeferredChecks() if deferred is None else deferred
-        checks.add(inside & ok, f"{who} returned indices that are not distinct, ascending and in [0, {n}).")
+        checks.add(inside & ok, f"{who} returned indices that are not distinct and in [0, {n}).")
         checks.add(covers, f"{who} dropped a token the selector kept; the indices must include `kept`.")
         if deferred is None:
             checks.verify()

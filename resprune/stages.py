@@ -132,20 +132,25 @@ class Stage:
         for name, scorer in self.scorers:
             computed[name] = run_scorer(scorer, context, checked=True, deferred=deferred)
         k = self.budget_for(n) if k is None else min(int(k), n)
-        slots = 0
+        slots = extra = 0
         if self.merger is not None and k < n:
             slots = int(self.merger.slots(k, n))
             if not 0 <= slots < k:
                 raise ConfigError(f"merger '{self.merger.name}' asked for {slots} of {k} tokens; a merger makes "
                                   f"0 to k-1 of them (the selector needs at least one).")
+            extra = int(self.merger.extra(k - slots, n))
+            if not 0 <= extra <= n - k:
+                raise ConfigError(f"merger '{self.merger.name}' asked for {extra} tokens on top of {k} of {n}; it "
+                                  f"can make 0 to {n - k} (one per dropped token at most).")
         order = run_selector(self.selector, tokens, k - slots, computed, context, checked=True, deferred=deferred)
         kept = order.sort(dim=-1).values
         if self.merger is None or k >= n:
             return Selection(kept=kept, order=order, k=k, n=n, scores=computed)
-        indices, features = run_merger(self.merger, tokens, kept, slots, computed, context, deferred=deferred)
+        indices, features = run_merger(self.merger, tokens, kept, slots + extra, computed, context, deferred=deferred)
+        places = indices.sort(dim=1).values
         merged = _added(indices, kept, n)  # the carriers of merged tokens come after the picks, in order
-        return Selection(kept=indices, order=torch.cat([order, merged], dim=1), k=k, n=n, scores=computed,
-                         features=features)
+        return Selection(kept=places, order=torch.cat([order, merged], dim=1), k=k + extra, n=n, scores=computed,
+                         features=features, sources=indices)  # the merger's order: the sequence's
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -35,14 +35,17 @@ class LLMAttention(Scorer):
     class Params:
         query: str = "last"
         """`last`: the last prompt token's attention row (FastV, PyramidDrop); `instruction`: the
-        mean row of the instruction tokens (those after the row's last visual token)."""
+        mean row of the instruction tokens (those after the row's last visual token); `raters`:
+        the mean row of SparseVLM's text raters, the instruction tokens whose softmax over the
+        instruction of the visual tokens' input embeddings, averaged over them, is above its
+        mean (chosen once per call)."""
         layer: str = "previous"
         """`previous`: layer K-1's attention, as that layer ran (FastV); `current`: layer K's own,
         from its query and key projections of the hidden states entering it, before it runs
         (PyramidDrop; one extra key projection of the sequence)."""
 
         def __post_init__(self) -> None:
-            check_choice("query", self.query, ("last", "instruction"))
+            check_choice("query", self.query, ("last", "instruction", "raters"))
             check_choice("layer", self.layer, ("previous", "current"))
 
     def __init__(self, params: Mapping[str, Any] | Any | None = None, /, **kwargs: Any) -> None:

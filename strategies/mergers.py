@@ -189,11 +189,10 @@ class VisionZip(Merger):
             carriers.append(targets)
         features = torch.cat(parts, dim=1)  # VisionZip's sequence: CLS, kept (ascending), contextual
         places = torch.cat([kept] + carriers if not with_cls else [carriers[0], kept] + carriers[1:], dim=1)
-        order = places.argsort(dim=1)
-        indices = places.gather(1, order)
         if self.params.sequence == "visionzip":
-            return indices, features
-        return indices, features.gather(1, order[..., None].expand(b, indices.shape[1], d))
+            return places, features  # the tokens enter the sequence in this order
+        order = places.argsort(dim=1)
+        return places.gather(1, order), features.gather(1, order[..., None].expand(b, places.shape[1], d))
 
 
 @hookimpl

@@ -51,7 +51,11 @@ def test_e2e_benchmark_pruned_runs_see_fewer_tokens(bench, capsys):
     tokens = {(r[2], r[5]): int(r[7]) for r in rows}  # (method, run) -> prompt tokens at the last layer
     full = tokens[("-", "full")]
     for method in bench_e2e.METHODS:  # before the LLM and inside it, each beside its oracle
-        assert tokens[(method, "pruned")] == tokens[(method, "oracle")] < full, method
+        assert tokens[(method, "pruned")] < full, method
+        if method not in bench_e2e.NO_ORACLE:
+            assert tokens[(method, "pruned")] == tokens[(method, "oracle")], method
+        else:  # inside the vision tower the selection is part of the tower's run
+            assert (method, "oracle") not in tokens
 
 
 @pytest.mark.parametrize("model_type, billions", [("llava", 7.06), ("llava_next", 7.06), ("qwen2_5_vl", 8.29)])

@@ -68,6 +68,11 @@ def test_shipped_config_loads_and_is_complete(name):
 @pytest.mark.parametrize("name", SHIPPED)
 @pytest.mark.parametrize("budget", [None, 5])
 def test_shipped_config_runs_on_random_tokens(name, budget):
+    tables = [st.budget for st in load_config(name).stages if isinstance(st.budget, DictConfig)]
+    if budget is not None and tables and budget not in tables[0]:  # per-budget counts (SparseVLM): named
+        with pytest.raises(resprune.BudgetError, match="table keyed by the top-level budget, with entries for"):
+            resprune.load_pipeline(name, budget=budget)
+        return
     pipe = resprune.load_pipeline(name) if budget is None else resprune.load_pipeline(name, budget=budget)
     context = ctx()
     if pipe.input_stage is None:  # it prunes inside the LLM or the tower only: no tokens to prune before the LLM
@@ -543,3 +548,16 @@ def test_backbone_block_is_validated_against_the_injectors():
         load_config({**base, "backbone": {"params": {"scope": "global"}}})
     with pytest.raises(ConfigError, match=r"backbone\.params\.nope: unknown parameter of injector 'llava'"):
         load_config({**base, "backbone": {"model_type": "llava", "params": {"nope": 1}}})
+
+
+def test_a_stage_budget_table_is_keyed_by_the_top_level_budget():
+    cfg = {"budget": 128, "selector": {"name": None},
+           "stages": [{"layer": 2, "budget": {192: 300, 128: 0.5}, "selector": {"name": "uniform"}}]}
+    assert resprune.load_pipeline(cfg).stages[0].budget == 0.5
+    assert resprune.load_pipeline(cfg, budget=192).stages[0].budget == 300
+    with pytest.raises(resprune.BudgetError, match=r"stages\[0\]\.budget is a table .* entries for 192, 128; it has "
+                                                   r"none for budget=64"):
+        resprune.load_pipeline(cfg, budget=64)
+    bad = {**cfg, "stages": [{**cfg["stages"][0], "budget": {128: 0}}]}
+    with pytest.raises(resprune.BudgetError, match=r"stages\[0\]\.budget\[128\]=0"):
+        resprune.load_pipeline(bad)

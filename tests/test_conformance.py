@@ -8,6 +8,8 @@ from resprune.testing.conformance import MergerConformance, ScorerConformance, S
 
 SCORERS = {"hired": [("cls_attention_early", ClsAttention(layer=0))]}
 """Scores a built-in selector reads under names no scorer writes by default."""
+MERGER_PARAMS = {"recycle": {"score": "norm"}}
+"""Params of a built-in merger for the suites' stages (``topk`` by ``norm``)."""
 
 for _entry in get_host().selectors.entries():
     if _entry.plugin.startswith("resprune."):
@@ -21,7 +23,8 @@ for _entry in get_host().scorers.entries():
 for _entry in get_host().mergers.entries():
     if _entry.plugin.startswith("resprune."):
         globals()[f"TestMerger_{_entry.name}"] = type(f"TestMerger_{_entry.name}", (MergerConformance,),
-                                                      {"merger": _entry.name})
+                                                      {"merger": _entry.name,
+                                                       "params": MERGER_PARAMS.get(_entry.name, {})})
 
 
 class TestScorer_cls_attention_layer0(ScorerConformance):

@@ -676,3 +676,155 @@ def test_positions_reindex_on_an_mrope_model_is_refused_by_name():
         resprune.Pipeline(None, budget=0.5, stages=[stage]).attach(model, proc)
     with pytest.raises(resprune.ResPruneError, match="positions"):
         resprune.Stage("topk", budget=0.5, positions="reindex")  # the input stage has no positions to renumber
+
+
+# --- SparseVLM --------------------------------------------------------------------------------
+
+
+def sparsevlm_cluster_and_merge(x, cluster_num):
+    """Gumpest/SparseVLMs @ 535f8ba, llava/model/language_model/utils.py, ``cluster_and_merge``.
+    The official code adds uniform noise of 1e-6 to the densities to break ties, which are common
+    (mutual nearest neighbours have equal densities when ``cluster_num`` is 2), so its clusters are
+    random there; here, as in resprune, a tie goes to the lower index."""
+    b, n, c = x.shape
+    x1 = x[:, :, None, :]
+    x2 = x[:, None, :, :]
+    dist_matrix = (x1 - x2).norm(dim=-1, p=2) / (c ** 0.5)
+    dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest ** 2).mean(dim=-1)).exp()
+    index = torch.arange(n)
+    tie = (density[:, None, :] == density[:, :, None]) & (index[None, None, :] < index[None, :, None])
+    mask = ((density[:, None, :] > density[:, :, None]) | tie).type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, _ = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    score = dist * density
+    _, index_down = torch.topk(score, k=cluster_num, dim=-1)
+    picked = dist_matrix[torch.arange(b)[:, None], index_down]  # index_points
+    idx_cluster = picked.argmin(dim=1)
+    idx_batch = torch.arange(b)[:, None].expand(b, cluster_num)
+    idx_tmp = torch.arange(cluster_num)[None, :].expand(b, cluster_num)
+    idx_cluster[idx_batch.reshape(-1), index_down.reshape(-1)] = idx_tmp.reshape(-1)
+    token_weight = x.new_ones(b, n, 1)
+    idx = idx_cluster + torch.arange(b)[:, None] * cluster_num
+    all_weight = token_weight.new_zeros(b * cluster_num, 1)
+    all_weight.index_add_(dim=0, index=idx.reshape(b * n), source=token_weight.reshape(b * n, 1))
+    all_weight = all_weight + 1e-6
+    norm_weight = token_weight / all_weight[idx]
+    x_merged = x.new_zeros(b * cluster_num, c)
+    x_merged.index_add_(dim=0, index=idx.reshape(b * n), source=(x * norm_weight).reshape(b * n, c))
+    return x_merged.reshape(b, cluster_num, c), index_down
+
+
+def sparsevlm_reference(model, input_ids, pixel_values, counts=(300, 200, 110), pruning_loc=(2, 6, 15)):
+    """Gumpest/SparseVLMs @ 535f8ba, ``modelling_sparse_llama.py`` (``LlamaDynamicvitModel.forward``)
+    with ``score.py`` ``attn_postprocess_topk``, at inference, one unpadded row, on ``model``'s eager
+    layers. Raters: text tokens (everything after the image) whose ``softmax_t(V T^T)`` averaged over
+    the visual tokens is above its mean, on the input embeddings. After layer ``l`` in
+    ``pruning_loc``: layer ``l``'s attention (softmax, mean over heads) from the raters to the visual
+    tokens, averaged over the raters; the top ``min(count, v - 1)`` stay; the ``int(0.3 d) + 1`` best
+    of the ``d`` dropped are clustered into ``int(m / 10) + 1`` tokens put after the kept ones;
+    positions 0, 1, ... again. Returns the picks of each stage (ids: an image token's index, a merged
+    token's id is its cluster centre's) and the last column's logits."""
+    lm = model.model.language_model
+    ids = input_ids[0]
+    image = (ids == model.config.image_token_id).nonzero()[:, 0]
+    v_token_start, v_token_num = int(image[0]), image.numel()
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output[0]
+        hidden = lm.embed_tokens(ids)[None].clone()
+        hidden[0, image] = feats
+        text_token_start = v_token_start + v_token_num
+        v_t = hidden[:, v_token_start:text_token_start, :]
+        t_t = hidden[:, text_token_start:, :]
+        m_v_t = (v_t @ t_t.transpose(1, 2)).softmax(2).mean(1)
+        t_token_idx = torch.where(m_v_t > m_v_t.mean())
+        token_ids = torch.arange(v_token_num)  # the id of each current visual token
+        position_ids = torch.arange(hidden.shape[1])[None]
+        picks = []
+        for layer_idx, layer in enumerate(lm.layers):
+            length = hidden.shape[1]
+            causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+            position_embeddings = lm.rotary_emb(hidden, position_ids)
+            if layer_idx in pruning_loc:
+                _, weights = layer.self_attn(layer.input_layernorm(hidden), attention_mask=causal,
+                                             position_embeddings=position_embeddings)
+            hidden = layer(hidden, attention_mask=causal, position_ids=position_ids,
+                           position_embeddings=position_embeddings)
+            if layer_idx not in pruning_loc:
+                continue
+            rows = t_token_idx[1] + text_token_start
+            relation_vis_text = weights.mean(1)[:, rows, v_token_start:v_token_start + v_token_num].mean(1)  # [1, v]
+            keep = min(counts[pruning_loc.index(layer_idx)], v_token_num - 1)
+            indices = torch.topk(relation_vis_text, keep, dim=1).indices[0]
+            mask = torch.zeros(v_token_num, dtype=torch.bool)
+            mask[indices] = True
+            picks.append(sorted(token_ids[mask].tolist()))
+            visual = hidden[:, v_token_start:v_token_start + v_token_num]
+            dropped = torch.where(~mask)[0]
+            merge_num = int(dropped.shape[0] * 0.3) + 1
+            stage2_idx = relation_vis_text[0][dropped].topk(merge_num)[1]
+            stage2 = visual[:, dropped[stage2_idx]]
+            cluster_num = int(stage2.shape[1] / 10) + 1
+            merged, centres = sparsevlm_cluster_and_merge(stage2, cluster_num)
+            hidden = torch.cat([hidden[:, :v_token_start], visual[:, mask], merged, hidden[:, text_token_start:]], dim=1)
+            token_ids = torch.cat([token_ids[mask], token_ids[dropped[stage2_idx][centres[0]]]])
+            v_token_num = int(mask.sum()) + cluster_num
+            text_token_start = v_token_start + v_token_num
+            position_ids = torch.arange(hidden.shape[1])[None]
+        logits = model.lm_head(lm.norm(hidden))[0, -1]
+    return picks, logits
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sparsevlm_keeps_the_official_tokens_recycles_them_and_gives_its_logits(batch):
+    model, proc = tiny_lvlm("llava", text_layers=17, image_size=336)  # 576 image tokens: the official counts
+    twin, _ = tiny_lvlm("llava", text_layers=17, image_size=336, attn_implementation="eager")
+    inputs = tiny_inputs("llava", proc, _photos()[:batch], PROMPTS[:batch])
+    with resprune.load_pipeline("sparsevlm").attach(model, proc) as attached, torch.no_grad():
+        out = model(**inputs)
+        stages = attached.last.stages
+    assert [st.layer for st in stages] == [3, 7, 16]
+    for row in range(batch):
+        real = inputs["attention_mask"][row].bool()
+        ids = inputs["input_ids"][row][real][None]
+        picks, logits = sparsevlm_reference(twin, ids, inputs["pixel_values"][row:row + 1])
+        for st, want in zip(stages, picks):
+            sel = st.selections[row]
+            assert sorted(sel.order[:len(want)].tolist()) == want  # the picks come first in the order
+        # 300 + 9 recycled (276 dropped: 83 recycled into 9), 200 + 4, 110 + 3
+        assert [st.selections[row].k for st in stages] == [309, 204, 113]
+        torch.testing.assert_close(out.logits[row, -1], logits, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 3), m=st.integers(1, 60), c=st.integers(2, 24))
+def test_sparsevlm_clustering_is_the_official_one(seed, b, m, c):
+    from resprune.strategies.sparsevlm import density_peak_merge
+
+    torch.manual_seed(seed)
+    x = torch.randn(b, m, c)
+    clusters = int(m / 10) + 1
+    merged, centres = density_peak_merge(x, clusters)
+    want, want_centres = sparsevlm_cluster_and_merge(x, clusters)
+    if clusters == 1:  # the nearest neighbour is the token itself: every density is 1, a tie the official
+        # code breaks by its random noise; one cluster is the mean of all, whichever token is its centre
+        torch.testing.assert_close(merged, x.mean(dim=1, keepdim=True), rtol=1e-5, atol=1e-6)
+        return
+    assert torch.equal(centres, want_centres)
+    torch.testing.assert_close(merged, want, rtol=1e-5, atol=1e-6)
+
+
+def test_recycled_tokens_come_on_top_of_the_budget_and_follow_the_kept_ones():
+    torch.manual_seed(0)
+    tokens, score = torch.randn(2, 40, 8), torch.rand(2, 40)
+    stage = resprune.Stage(resprune.selection.make_selector("topk", {"score": "s"}), budget=10,
+                           merger=resprune.selection.make_merger("recycle", {"score": "s"}))
+    sel = stage.run(resprune.PruneContext(tokens), scores={"s": score})
+    # 30 dropped: int(0.3 * 30) + 1 = 10 recycled into int(10 / 10) + 1 = 2 tokens
+    assert sel.k == 12 and sel.kept.shape == (2, 12) and sel.features.shape == (2, 12, 8)
+    picks = score.topk(10, dim=1).indices.sort(dim=1).values
+    for row in range(2):
+        assert sel.held[row, :10].tolist() == picks[row].tolist()  # the kept tokens first, in order ...
+        torch.testing.assert_close(sel.features[row, :10], tokens[row, picks[row]])
+        assert set(sel.kept[row].tolist()) == set(sel.held[row].tolist())  # ... then the merged ones
+        assert sel.kept[row].tolist() == sorted(sel.kept[row].tolist())

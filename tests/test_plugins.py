@@ -19,7 +19,7 @@ from resprune.plugins import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginHost
 BUILTIN_SELECTORS = {"residual_energy", "dpp", "divprune", "topk", "random", "uniform", "dart", "vispruner", "scope", "hired", "tome"}
 BUILTIN_SCORERS = {"text_relevance", "cls_attention", "norm", "mean_similarity", "center", "llm_attention",
                    "key_norm", "hidden_similarity"}
-BUILTIN_MERGERS = {"contextual", "nearest", "visionzip"}
+BUILTIN_MERGERS = {"contextual", "nearest", "visionzip", "recycle"}
 
 
 # --- third-party strategies and fake installed distributions ----------------------------

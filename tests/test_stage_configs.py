@@ -15,6 +15,8 @@ METHODS = ("fastv", "pdrop", "dart", "visionzip", "prumerge")
 
 
 def config_for(method: str, model_type: str) -> str:
+    if model_type == "qwen2_5_vl" and method == "sparsevlm":
+        return "sparsevlm-qwen2.5-vl"  # M-RoPE positions are kept, the official counts become shares
     if model_type == "qwen2_5_vl" and method in ("visionzip", "prumerge"):
         return "visionzip-qwen2.5-vl"  # no CLS attention in Qwen2.5-VL's tower
     if model_type == "qwen2_5_vl" and method == "pdrop":
@@ -23,15 +25,16 @@ def config_for(method: str, model_type: str) -> str:
 
 
 @pytest.mark.parametrize("model_type", BACKBONES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "sparsevlm"])
 def test_shipped_method_runs_from_the_command_line(method, model_type, tmp_path, capsys):
     out = tmp_path / "overlay.png"
-    code = cli(["run", config_for(method, model_type), "budget=8", "--model", f"tiny:{model_type}:25",
+    budget = 64 if method == "sparsevlm" else 8  # SparseVLM's official counts exist for 192, 128 and 64
+    code = cli(["run", config_for(method, model_type), f"budget={budget}", "--model", f"tiny:{model_type}:25",
                 "--image", str(photo_path(PHOTOS[1])), "--prompt", "What animal is this?", "--max-new-tokens", "2",
                 "--out", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    pipe = resprune.load_pipeline(config_for(method, model_type), budget=8)
+    pipe = resprune.load_pipeline(config_for(method, model_type), budget=budget)
     for stage in pipe.stages:
         assert f"{stage.where} stage, image 0: kept" in text
     if pipe.llm_stages:
@@ -85,12 +88,12 @@ def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     out = tmp_path / "table-i"
     code = cli(["sweep", "table-i", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava:25",
                 "grid.budget=[64]",
-                "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired,tome]",
+                "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired,tome,sparsevlm]",
                 "--out", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(rows) == {"full", "resprune-llava15", "visionzip", "fastv", "pdrop", "dart", "vispruner", "scope",
-                         "hired", "tome"}
+                         "hired", "tome", "sparsevlm"}
     assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
     ratio = {m: r["metrics"]["flops.ratio"] for m, r in rows.items() if m != "full"}
     # the same 64 tokens kept, but FastV and DART run layers 0-1 on every token and PDrop keeps
@@ -104,7 +107,10 @@ def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     assert cli(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert all(f"| {m} |" in report for m in ("fastv", "pdrop", "dart", "visionzip", "vispruner", "scope", "hired",
-                                              "tome"))
+                                              "tome", "sparsevlm"))
+    # SparseVLM's 64 row keeps 66, 30 and 17 (plus recycled tokens) after layers 2, 6 and 15: its
+    # average token count is about 64, so its FLOPs sit between pruning before the LLM and PDrop's
+    assert ratio["resprune-llava15"] < ratio["sparsevlm"] < ratio["pdrop"]
 
 
 def test_config_command_prints_the_stages(capsys):

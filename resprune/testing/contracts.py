@@ -149,7 +149,8 @@ def _row(value, i: int, b: int):
 
 def check_merger_contract(merger: Merger, *, context: PruneContext | None = None) -> None:
     """Assert the merger interface through a stage (``topk`` by norm, then the merger) at
-    every budget: ``k`` places including the selector's picks, finite features, determinism,
+    every budget: ``k`` places (plus the merger's ``extra``) including the selector's picks,
+    finite features, determinism,
     batch independence, and inputs that come back unchanged."""
     from ..stages import Stage
 
@@ -160,9 +161,10 @@ def check_merger_contract(merger: Merger, *, context: PruneContext | None = None
     for k in sorted(k for k in {1, 2, n // 2, n - 1, n} if 1 <= k <= n):
         stage = Stage(topk, budget=k, scorers=["norm"], merger=merger)
         sel = stage.run(ctx)  # run_merger checks places, features and that the picks are kept
-        assert sel.kept.shape == (b, k)
+        made = k + (merger.extra(k - merger.slots(k, n), n) if k < n else 0)  # tokens on top of the budget
+        assert sel.kept.shape == (b, made) and sel.k == made
         if k < n:
-            assert sel.features is not None and sel.features.shape == (b, k, ctx.tokens.shape[-1])
+            assert sel.features is not None and sel.features.shape == (b, made, ctx.tokens.shape[-1])
         again = stage.run(ctx)
         assert torch.equal(sel.kept, again.kept), f"merger '{merger.name}' is not deterministic (k={k})"
         if sel.features is not None:
