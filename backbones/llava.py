@@ -36,13 +36,22 @@ def _probe(model: Any, layer: Any, need: frozenset[str]) -> Any:
                              keys=bool(need & {"vision_keys", "vision_cls"}))
 
 
-def _projector_field(model: Any, need: frozenset[str]) -> dict[str, Any]:
-    """``projector``: the model's multimodal projector as a float32 function, when asked for."""
-    if "projector" not in need:
-        return {}
-    projector = model.model.multi_modal_projector
-    dtype = next(projector.parameters()).dtype
-    return {"projector": lambda features: projector(features.to(dtype)).float()}
+def _model_fields(model: Any, need: frozenset[str]) -> dict[str, Any]:
+    """``projector`` (the multimodal projector) and ``vision_post_norm`` (the tower's final
+    layer norm) as float32 functions, when asked for."""
+    out: dict[str, Any] = {}
+    if "projector" in need:
+        projector = model.model.multi_modal_projector
+        dtype = next(projector.parameters()).dtype
+        out["projector"] = lambda features: projector(features.to(dtype)).float()
+    if "clip_checkpoint" in need:
+        from resprune.clip_text import clip_checkpoint_of
+
+        out["clip_checkpoint"] = clip_checkpoint_of(model.config.vision_config)
+    if "vision_post_norm" in need:
+        norm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower).post_layernorm
+        out["vision_post_norm"] = lambda features: norm(features.to(norm.weight.dtype)).float()
+    return out
 
 
 class ProjectorInput:
@@ -151,11 +160,12 @@ class LlavaInjector(PlaceholderInjector):
     model_types = ("llava",)
     description = "LLaVA-1.5 (LlavaForConditionalGeneration)"
     provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features",
-                                               "vision_keys", "vision_cls", "projector"}
+                                               "vision_keys", "vision_cls", "projector", "vision_post_norm",
+                                               "clip_checkpoint"}
     vision_provides = VISION_FIELDS
 
     def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
-        return _projector_field(model, need)
+        return _model_fields(model, need)
 
     def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str], *,
                vision_stages: Any = ()) -> list[EncodedImage]:
@@ -194,11 +204,12 @@ class LlavaNextInjector(PlaceholderInjector):
     model_types = ("llava_next",)
     description = "LLaVA-NeXT (LlavaNextForConditionalGeneration), AnyRes tiles"
     provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features",
-                                               "vision_keys", "vision_cls", "projector", "tiles"}
+                                               "vision_keys", "vision_cls", "projector", "vision_post_norm",
+                                               "clip_checkpoint", "tiles"}
     vision_provides = VISION_FIELDS
 
     def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
-        return _projector_field(model, need)
+        return _model_fields(model, need)
 
     @dataclass
     class Params:

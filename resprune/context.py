@@ -32,6 +32,10 @@ CONTEXT_FIELDS: dict[str, str] = {
     "vision_cls": "the CLS token's feature at the feature layer, before the projector, [B, C] (CLIP towers; "
                   "LLaVA-NeXT: the base image's)",
     "projector": "callable [..., C] -> [..., D]: the model's projector from vision features to LLM tokens",
+    "clip_checkpoint": "the CLIP checkpoint the vision tower comes from (str or None; CLIP towers), for a CLIP text "
+                       "tower beside it",
+    "vision_post_norm": "callable [..., C] -> [..., C]: the vision tower's final layer norm (CLIP towers; what CLIP's "
+                        "visual projection reads)",
     "tiles": "the tile of each token, int [N]: 0 the base image, 1.. the crops in raster order, -1 none "
              "(LLaVA-NeXT newlines)",
     "grid": "(rows, cols) when the N tokens form one raster-ordered grid",
@@ -40,7 +44,8 @@ CONTEXT_FIELDS: dict[str, str] = {
 """The standard context fields. Backbones may offer more under other names (in-LLM stages:
 ``resprune.llm_pruning.LLM_FIELDS``)."""
 
-CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention", "llm_own_attention", "llm_final_norm", "projector"})
+CALLABLE_FIELDS = frozenset({"text_embedder", "llm_attention", "llm_own_attention", "llm_final_norm", "projector",
+                             "vision_post_norm"})
 """Fields whose value is itself a callable (any other callable is a provider run on first use)."""
 
 

@@ -60,6 +60,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.hired",
     "resprune.strategies.tome",
     "resprune.strategies.sparsevlm",
+    "resprune.strategies.clip_relevance",
+    "resprune.strategies.cdpruner",
     "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",

@@ -239,6 +239,7 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
             patch_size=_PATCH,
             projection_dim=32,
         )
+        vision_config.resprune_tiny = True  # clip_model: auto pairs it with a tiny CLIP text tower
         common = dict(
             vision_config=vision_config,
             text_config=text_config,

@@ -25,7 +25,6 @@ class ConditionalDPP(Selector):
     """
 
     name = "dpp"
-    aliases = ("cdpruner",)
     description = "CDPruner-style conditional DPP (greedy MAP)"
 
     @dataclass

@@ -195,8 +195,63 @@ class VisionZip(Merger):
         return places.gather(1, order), features.gather(1, order[..., None].expand(b, places.shape[1], d))
 
 
+class RestMean(Merger):
+    """TRIM's aggregated token: the mean of every token the selector left out (official code).
+
+    Follows ``CLIPVisionTower.token_reduction`` (``TextSim+``) of FreedomIntelligence/TRIM @
+    0e66677: the vision features entering the projector of the tokens not selected are
+    averaged, and the projector makes one more token of the mean, after the kept ones.
+    """
+
+    name = "rest_mean"
+    description = "TRIM (official): one token, the projected mean of the unselected vision features, after the kept ones"
+    requires = frozenset({"vision_features", "projector"})
+
+    @dataclass
+    class Params:
+        on_top: bool = True
+        """The token comes on top of the budget (TRIM keeps its count plus one); `false`: it is one of
+        the budget's tokens."""
+        features: str = "vision_features"
+        """What is averaged: `vision_features` (before the projector, then projected, as TRIM does) or
+        `tokens` (the stage's own tokens, e.g. inside the LLM)."""
+
+        def __post_init__(self) -> None:
+            check_choice("features", self.features, ("vision_features", "tokens"))
+
+    def __init__(self, params: Mapping[str, Any] | Any | None = None, /, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        if self.params.features == "tokens":
+            self.requires = frozenset()
+
+    def slots(self, k: int, n: int) -> int:
+        return 0 if self.params.on_top or k >= n or k < 2 else 1
+
+    def extra(self, k: int, n: int) -> int:
+        return 1 if self.params.on_top and k < n else 0
+
+    def merge(self, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],
+              context: PruneContext) -> tuple[Tensor, Tensor]:
+        b, n, d = tokens.shape
+        own = tokens.gather(1, kept[..., None].expand(*kept.shape, d))
+        if slots == 0:
+            return kept, own
+        dropped = _dropped(n, kept)  # [B, n - k], ascending
+        who = f"merger '{self.name}'"
+        if self.params.features == "tokens":
+            mean = tokens.gather(1, dropped[..., None].expand(*dropped.shape, d)).mean(dim=1)
+        else:
+            vision = context.get("vision_features", requester=who).float()
+            c = vision.shape[-1]
+            mean = context.get("projector", requester=who)(
+                vision.gather(1, dropped[..., None].expand(*dropped.shape, c)).mean(dim=1))
+        # its place: the first token left out; it enters the sequence after the kept ones (TRIM's order)
+        return torch.cat([kept, dropped[:, :1]], dim=1), torch.cat([own, mean[:, None]], dim=1)
+
+
 @hookimpl
 def resprune_register_mergers(register):
     register(Contextual)
     register(Nearest)
     register(VisionZip)
+    register(RestMean)

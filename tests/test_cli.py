@@ -55,7 +55,6 @@ def test_plugins_lists_every_builtin_with_its_provider(capsys):
     # aliases are listed as aliases of their strategy, not as strategies of their own
     assert "resprune" not in {name for kind, name in rows if kind != "alias"}
     assert rows[("alias", "resprune")] == ["->", "selector", "residual_energy"]
-    assert rows[("alias", "cdpruner")] == ["->", "selector", "dpp"]
 
 
 def test_plugins_piped_into_head_exits_quietly():

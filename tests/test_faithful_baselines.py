@@ -828,3 +828,119 @@ def test_recycled_tokens_come_on_top_of_the_budget_and_follow_the_kept_ones():
         torch.testing.assert_close(sel.features[row, :10], tokens[row, picks[row]])
         assert set(sel.kept[row].tolist()) == set(sel.held[row].tolist())  # ... then the merged ones
         assert sel.kept[row].tolist() == sorted(sel.kept[row].tolist())
+
+
+# --- CDPruner and TRIM (a CLIP text tower beside the model) ------------------------------------
+
+
+def cdpruner_reference(image_features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                       visual_token_num: int) -> torch.Tensor:
+    """Theia-4869/CDPruner @ 9541616, llava/model/llava_arch.py, ``encode_images``: projector outputs
+    ``image_features`` (B, N, D), CLIP-projected patches ``image_embeds`` (B, N, C), the question's
+    chunks ``text_embeds`` (M, C). Returns the picks (B, T) in the order the loop makes them."""
+    B, N, _ = image_features.shape
+    image_normalized = (image_features / image_features.norm(dim=-1, keepdim=True)).float()
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = torch.matmul(image_embeds, text_embeds.t())
+    relevance = (-relevance).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((visual_token_num, B, N))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((visual_token_num, B), dtype=torch.long)
+    for i in range(visual_token_num):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (kernel[torch.arange(B), j] - torch.einsum('tb,tbn->bn', cis[:i, torch.arange(B), j], cis[:i])) \
+            / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float('inf')
+    return select_idx.t()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(4, 70), d=st.integers(80, 120), m=st.integers(1, 3),
+       k_frac=st.floats(0.05, 1.0))
+def test_cdpruner_picks_what_the_official_code_picks_in_its_order(seed, n, d, m, k_frac):
+    torch.manual_seed(seed)
+    features, patches, text = torch.randn(1, n, d), torch.randn(1, n, 16), torch.randn(m, 16)
+    k = max(1, int(k_frac * n))
+    want = cdpruner_reference(features, patches, text, k)
+    relevance = -(torch.nn.functional.normalize(patches, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T)
+    got = resprune.select(features, k, selector="cdpruner", order="selection",
+                          scores={"clip_relevance": relevance.mean(dim=-1)})
+    assert got.tolist() == want.tolist()
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    from resprune.clip_text import tiny_clip
+
+    return str(tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip"))
+
+
+def _clip_side(twin, pixel_values, clip_path):
+    """Layer -2 patch features, their CLIP projection (post-norm, visual projection) and the projector
+    outputs, from an eager twin of the tiny LLaVA-1.5."""
+    from resprune.clip_text import load_clip_text
+
+    clip = load_clip_text(clip_path)
+    with torch.no_grad():
+        out = twin.model.vision_tower(pixel_values, output_hidden_states=True)
+        features = out.hidden_states[-2][:, 1:]
+        embeds = clip.visual_projection(twin.model.vision_tower.post_layernorm(features).float())
+        projected = twin.model.multi_modal_projector(features)
+    return features, embeds, projected, clip
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cdpruner_attached_keeps_the_official_set(batch, clip_path):
+    from resprune.text import strip_format
+
+    model, proc = tiny_lvlm("llava")
+    twin, _ = tiny_lvlm("llava", attn_implementation="eager")
+    inputs = tiny_inputs("llava", proc, _photos()[:batch], PROMPTS[:batch])
+    pipe = resprune.load_pipeline("cdpruner", {"scorers.0.params.clip_model": clip_path}, budget=11)
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        attached.prune(inputs)
+    _, embeds, projected, clip = _clip_side(twin, inputs["pixel_values"], clip_path)
+    for i, sel in enumerate(attached.selections):
+        text = clip.embed_chunks(strip_format(sel.text))
+        want = cdpruner_reference(projected[i:i + 1], embeds[i:i + 1], text, 11)  # the official batch is one image
+        assert sel.kept.tolist() == sorted(want[0].tolist())
+        assert sel.order.tolist() == want[0].tolist()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_trim_feeds_the_llm_the_official_tokens_and_the_mean_of_the_rest(batch, clip_path):
+    from resprune.text import strip_format
+
+    model, proc = tiny_lvlm("llava")
+    twin, _ = tiny_lvlm("llava", attn_implementation="eager")
+    inputs = tiny_inputs("llava", proc, _photos()[:batch], PROMPTS[:batch])
+    keep = 9
+    pipe = resprune.load_pipeline("trim", {"scorers.0.params.clip_model": clip_path}, budget=keep)
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        pruned = attached.prune(inputs)
+    features, embeds, _, clip = _clip_side(twin, inputs["pixel_values"], clip_path)
+    # FreedomIntelligence/TRIM clip_encoder.py @ 0e66677, token_reduction ('TextSim+:k'): the texts
+    # of the batch embedded together, the raw dot product negated and soft-maxed over the tokens
+    text_features = clip.embed_truncated([strip_format(sel.text) for sel in attached.selections])
+    similarities = torch.matmul(embeds, text_features.unsqueeze(2)).squeeze(2)
+    similarities = torch.nn.functional.softmax(-similarities, dim=-1)
+    _, topk_indices = torch.topk(similarities, keep, dim=1, largest=True, sorted=False)
+    token_mask = torch.zeros(batch, 36, dtype=torch.bool)
+    token_mask[torch.arange(batch).unsqueeze(1), topk_indices] = True
+    selected = features[token_mask].view(batch, keep, -1)
+    remaining = torch.logical_not(token_mask)
+    remaining_mean = (features * remaining.unsqueeze(-1)).sum(dim=1) / remaining.sum(dim=1, keepdim=True)
+    with torch.no_grad():
+        want = twin.model.multi_modal_projector(torch.cat([selected, remaining_mean[:, None]], dim=1))
+    slots = (pruned.input_ids == model.config.image_token_id) & pruned.attention_mask.bool()
+    got = pruned.inputs_embeds[slots].view(batch, keep + 1, -1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for i, sel in enumerate(attached.selections):
+        assert set(topk_indices[i].tolist()) <= set(sel.kept.tolist()) and sel.k == keep + 1

@@ -16,10 +16,10 @@ import resprune
 from resprune import Scorer, Selector, hookimpl
 from resprune.plugins import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginHost
 
-BUILTIN_SELECTORS = {"residual_energy", "dpp", "divprune", "topk", "random", "uniform", "dart", "vispruner", "scope", "hired", "tome"}
+BUILTIN_SELECTORS = {"residual_energy", "dpp", "divprune", "topk", "random", "uniform", "dart", "vispruner", "scope", "hired", "tome", "cdpruner"}
 BUILTIN_SCORERS = {"text_relevance", "cls_attention", "norm", "mean_similarity", "center", "llm_attention",
-                   "key_norm", "hidden_similarity"}
-BUILTIN_MERGERS = {"contextual", "nearest", "visionzip", "recycle"}
+                   "key_norm", "hidden_similarity", "clip_relevance"}
+BUILTIN_MERGERS = {"contextual", "nearest", "visionzip", "recycle", "rest_mean"}
 
 
 # --- third-party strategies and fake installed distributions ----------------------------
@@ -174,7 +174,6 @@ def test_a_broken_builtin_is_not_silenced(plugin_host, monkeypatch):
 
 @pytest.mark.parametrize(("alias", "canonical", "params"), [
     ("resprune", "residual_energy", {"alpha": 0.5}),
-    ("cdpruner", "dpp", {}),
 ])
 def test_aliases_resolve_to_the_same_class(alias, canonical, params):
     host = resprune.get_host()
@@ -456,8 +455,8 @@ def test_entry_point_plugin_clashing_with_a_builtin(plugin_host, entry_points):
 
 
 def test_alias_clashing_with_a_builtin_alias(plugin_host):
-    with pytest.raises(resprune.DuplicateStrategyError, match="selector 'cdpruner'.*resprune.strategies.dpp"):
-        plugin_host(plugin_module("clash", selectors=[Rotate], aliases=("cdpruner",)))
+    with pytest.raises(resprune.DuplicateStrategyError, match="selector 'resprune'.*resprune.strategies.residual_energy"):
+        plugin_host(plugin_module("clash", selectors=[Rotate], aliases=("resprune",)))
 
 
 def test_override_replaces_on_purpose(plugin_host, caplog):

@@ -42,7 +42,7 @@ def test_shipped_method_runs_from_the_command_line(method, model_type, tmp_path,
     assert out.is_file()
 
 
-CLIP_METHODS = ("vispruner", "scope", "hired")
+CLIP_METHODS = ("vispruner", "scope", "hired", "cdpruner", "trim")
 """Methods that read the CLIP tower's CLS attention and features (LLaVA-1.5 and LLaVA-NeXT)."""
 
 
@@ -53,7 +53,8 @@ def test_clip_tower_method_runs_from_the_command_line(config, tmp_path, capsys):
     code = cli(["run", method, "budget=8", "--model", f"tiny:{model_type}", "--image", str(photo_path(PHOTOS[1])),
                 "--prompt", "What animal is this?", "--max-new-tokens", "2", "--out", str(tmp_path / "o.png")])
     assert code == 0
-    assert "input stage, image 0: kept 8" in capsys.readouterr().out
+    kept = 9 if method == "trim" else 8  # TRIM's mean token comes on top of its budget
+    assert f"input stage, image 0: kept {kept}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("model_type", ["llava", "llava_next"])
@@ -81,24 +82,28 @@ def test_clip_tower_method_on_qwen_is_refused_by_name(method, capsys):
                 "--prompt", "What?", "--max-new-tokens", "1"])
     assert code != 0
     err = capsys.readouterr().err
-    assert "cls_attention" in err and "qwen2_5_vl" in err
+    field = "clip_checkpoint" if method in ("cdpruner", "trim") else "cls_attention"
+    assert field in err and "qwen2_5_vl" in err
 
 
 def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     out = tmp_path / "table-i"
     code = cli(["sweep", "table-i", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava:25",
                 "grid.budget=[64]",
-                "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired,tome,sparsevlm]",
+                "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired,tome,sparsevlm,cdpruner,"
+                "trim]",
                 "--out", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(rows) == {"full", "resprune-llava15", "visionzip", "fastv", "pdrop", "dart", "vispruner", "scope",
-                         "hired", "tome", "sparsevlm"}
+                         "hired", "tome", "sparsevlm", "cdpruner", "trim"}
     assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
     ratio = {m: r["metrics"]["flops.ratio"] for m, r in rows.items() if m != "full"}
     # the same 64 tokens kept, but FastV and DART run layers 0-1 on every token and PDrop keeps
     # 64 at layer 8, then 32 and 16: each costs more than pruning before the LLM
-    assert ratio["resprune-llava15"] == pytest.approx(ratio["visionzip"]) == pytest.approx(ratio["scope"])
+    assert ratio["resprune-llava15"] == pytest.approx(ratio["visionzip"]) == pytest.approx(ratio["scope"]) \
+        == pytest.approx(ratio["cdpruner"])
+    assert ratio["cdpruner"] < ratio["trim"]  # TRIM's mean token comes on top
     assert ratio["fastv"] == pytest.approx(ratio["dart"])
     assert ratio["resprune-llava15"] < ratio["fastv"] < ratio["pdrop"] < 1
     assert ratio["tome"] == pytest.approx(ratio["resprune-llava15"])  # 64 tokens reach the LLM
@@ -107,7 +112,7 @@ def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     assert cli(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert all(f"| {m} |" in report for m in ("fastv", "pdrop", "dart", "visionzip", "vispruner", "scope", "hired",
-                                              "tome", "sparsevlm"))
+                                              "tome", "sparsevlm", "cdpruner", "trim"))
     # SparseVLM's 64 row keeps 66, 30 and 17 (plus recycled tokens) after layers 2, 6 and 15: its
     # average token count is about 64, so its FLOPs sit between pruning before the LLM and PDrop's
     assert ratio["resprune-llava15"] < ratio["sparsevlm"] < ratio["pdrop"]
@@ -125,9 +130,10 @@ def test_config_command_prints_the_stages(capsys):
 def test_table_ii_sweep_lays_out_the_llava_next_rows(tmp_path):
     out = tmp_path / "table-ii"
     code = cli(["sweep", "table-ii", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava_next:25",
-                "grid.budget=[8]", "--out", str(out)])
+                "grid.budget=[320]", "--out", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert set(rows) == {"full", "resprune-llava-next", "fastv", "prumerge", "pdrop", "divprune", "visionzip", "dart"}
+    assert set(rows) == {"full", "resprune-llava-next", "fastv", "prumerge", "pdrop", "sparsevlm-llava-next", "divprune",
+                         "visionzip", "dart"}
     assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
     assert cli(["report", str(out)]) == 0

@@ -90,6 +90,13 @@ def _run_in_tower(model_type: str, selector: Selector, scorers: list[Any]) -> No
                                                                    f"unpruned model"
 
 
+def _llm_fields() -> set[str]:
+    """Fields only a stage inside the LLM has (a strategy reading them runs there, at layer 1)."""
+    from ..llm_pruning import LLM_FIELDS
+
+    return set(LLM_FIELDS) - {"tokens", "positions"}
+
+
 def _inside_llm(strategies: list[Any]) -> bool:
     """Whether the strategies read fields only a stage inside the LLM has (then they run at layer 1)."""
     from ..llm_pruning import LLM_FIELDS
@@ -125,8 +132,8 @@ def _scorers_for(selector: Selector, model_type: str, given: list[tuple[str, Any
         if set(made.requires) <= provides:
             out.append((name, made))
     for name in sorted(selector.required_scores() | selector.optional_scores()):
-        if name in writers and name not in {n for n, _ in out} and not (
-                name == "cls_attention" and model_type == "qwen2_5_vl"):
+        if name in writers and name not in {n for n, _ in out} and \
+                set(get_host().scorers.get(writers[name])().requires) <= provides | _llm_fields():
             out.append((name, writers[name]))
     return out
 

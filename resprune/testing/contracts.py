@@ -51,6 +51,11 @@ def _projector(c: int, d: int):
     return lambda features: torch.tanh(features.float() @ weight.to(features.device))
 
 
+def _post_norm(features: Tensor) -> Tensor:
+    """A stand-in for a vision tower's final layer norm (no learned scale)."""
+    return torch.nn.functional.layer_norm(features.float(), features.shape[-1:])
+
+
 def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed: int = 0,
                    dtype: torch.dtype = torch.float32) -> PruneContext:
     """A context with every standard field and every field of a stage inside the LLM
@@ -69,7 +74,8 @@ def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed
                         tiles=torch.arange(n) * 3 // n,  # a base tile and two crops
                         vision_keys=torch.randn(b, n, 4, generator=gen),
                         vision_cls=torch.randn(b, d + 4, generator=gen),
-                        projector=_projector(d + 4, d),
+                        projector=_projector(d + 4, d), vision_post_norm=_post_norm,
+                        clip_checkpoint=f"tiny:{d + 4}",  # a random tiny CLIP beside a tower of width d + 4
                         llm_attention=attention, llm_keys=torch.randn(b, n, 2 * d, generator=gen),
                         llm_last_hidden=torch.randn(b, d, generator=gen),
                         llm_text_hidden=torch.randn(b, 3, d, generator=gen),
