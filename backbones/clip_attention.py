@@ -15,7 +15,7 @@ from torch import Tensor
 
 from resprune.errors import IncompatibleBackboneError
 
-__all__ = ["ClsAttentionProbe", "cls_attention_row", "feature_layer_index"]
+__all__ = ["ClsAttentionProbe", "LastLayerProbe", "cls_attention_row", "feature_layer_index"]
 
 
 def cls_attention_row(attn: Any, query: Tensor, keys: Tensor) -> Tensor:
@@ -121,3 +121,41 @@ class ClsAttentionProbe:
             handle.remove()
         self._handles.clear()
         self._queries.clear()
+
+
+class LastLayerProbe:
+    """Context manager that records the last encoder layer's keys and its CLS attention the way
+    PruMerge computes it: one head over the concatenated heads, ``softmax(q_cls k^T / sqrt(C))``.
+
+    After the tower ran: ``keys`` ``[tiles, S, C]`` (the key projections, heads concatenated)
+    and ``attention`` ``[tiles, S]`` (CLS column included).
+    """
+
+    def __init__(self, vision_tower: Any) -> None:
+        layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+        self.attn = layers[len(layers) - 1].self_attn
+        self.layer = len(layers) - 1
+        self.keys: Tensor | None = None
+        self.attention: Tensor | None = None
+        self._query: Tensor | None = None
+        self._handles: list[Any] = []
+
+    def _on_query(self, module: Any, args: Any, output: Tensor) -> None:
+        self._query = output[:, :1].detach()
+
+    def _on_key(self, module: Any, args: Any, output: Tensor) -> None:
+        with torch.no_grad():
+            keys = output.detach().float()
+            logits = (self._query.float() @ keys.transpose(1, 2))[:, 0] * keys.shape[-1] ** -0.5
+            self.attention = logits.softmax(dim=-1)
+            self.keys = keys
+
+    def __enter__(self) -> LastLayerProbe:
+        self._handles = [self.attn.q_proj.register_forward_hook(self._on_query),
+                         self.attn.k_proj.register_forward_hook(self._on_key)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

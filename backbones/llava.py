@@ -15,7 +15,7 @@ from resprune import hookimpl
 from resprune.injection import EncodedImage, PlaceholderInjector
 from resprune.params import check_choice
 
-from .clip_attention import ClsAttentionProbe
+from .clip_attention import ClsAttentionProbe, LastLayerProbe
 from .vision_stages import VISION_FIELDS, TowerStages, vision_layers
 
 __all__ = ["LlavaInjector", "LlavaNextInjector"]
@@ -84,6 +84,12 @@ def _projector_input(model: Any, need: frozenset[str]) -> Any:
     return ProjectorInput(model) if "vision_features" in need else contextlib.nullcontext()
 
 
+def _last_layer(model: Any, need: frozenset[str]) -> Any:
+    if not need & {"last_keys", "last_cls_attention"}:
+        return contextlib.nullcontext()
+    return LastLayerProbe(model.model.vision_tower)
+
+
 class Tower:
     """The vision tower call of one ``encode``: its stages (if any), and what it ran on."""
 
@@ -124,9 +130,14 @@ class Tower:
         return self.stages.expand(values, layer, projected=projected)
 
 
-def _tile_fields(probe: Any, pre: Any, strategy: str, tower: Tower) -> dict[str, Tensor]:
+def _tile_fields(probe: Any, pre: Any, strategy: str, tower: Tower, last: Any = None) -> dict[str, Tensor]:
     """Per-token context fields of every tile, ``[tiles, tokens, ...]``, that were recorded."""
     fields = {}
+    if getattr(last, "keys", None) is not None:  # the last layer runs on hidden_states[depth - 1]
+        keys = tower.expand(last.keys, last.layer)
+        attention = tower.expand(last.attention, last.layer)
+        fields["last_keys"] = keys[:, 1:] if strategy == "default" else keys
+        fields["last_cls_attention"] = (attention[:, 1:] if strategy == "default" else attention)[..., None]
     if getattr(pre, "features", None) is not None:
         fields["vision_features"] = tower.expand(pre.features, tower.depth, projected=True)
     if getattr(probe, "rows", None) and len(probe.modules) > 1:
@@ -161,7 +172,7 @@ class LlavaInjector(PlaceholderInjector):
     description = "LLaVA-1.5 (LlavaForConditionalGeneration)"
     provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features",
                                                "vision_keys", "vision_cls", "projector", "vision_post_norm",
-                                               "clip_checkpoint"}
+                                               "clip_checkpoint", "last_keys", "last_cls_attention"}
     vision_provides = VISION_FIELDS
 
     def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
@@ -171,12 +182,12 @@ class LlavaInjector(PlaceholderInjector):
                vision_stages: Any = ()) -> list[EncodedImage]:
         layer, strategy = _feature_args(model, inputs)
         with _probe(model, layer, need) as probe, _projector_input(model, need) as pre, \
-                Tower(model, layer, strategy, vision_stages) as tower:
+                _last_layer(model, need) as last, Tower(model, layer, strategy, vision_stages) as tower:
             out = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, image_sizes=inputs.get("image_sizes"), return_dict=True)
         cls = _cls_attention(probe, strategy, tower)
-        fields = _tile_fields(probe, pre, strategy, tower)
+        fields = _tile_fields(probe, pre, strategy, tower, last)
         masks = tower.masks()
         images = []
         for i, feats in enumerate(out.pooler_output):
@@ -205,7 +216,7 @@ class LlavaNextInjector(PlaceholderInjector):
     description = "LLaVA-NeXT (LlavaNextForConditionalGeneration), AnyRes tiles"
     provides = PlaceholderInjector.provides | {"cls_attention", "cls_attention_layers", "vision_features",
                                                "vision_keys", "vision_cls", "projector", "vision_post_norm",
-                                               "clip_checkpoint", "tiles"}
+                                               "clip_checkpoint", "last_keys", "last_cls_attention", "tiles"}
     vision_provides = VISION_FIELDS
 
     def model_fields(self, model: Any, need: frozenset[str]) -> dict[str, Any]:
@@ -231,7 +242,7 @@ class LlavaNextInjector(PlaceholderInjector):
         layer, strategy = _feature_args(model, inputs)
         image_sizes = inputs["image_sizes"]
         with _probe(model, layer, need) as probe, _projector_input(model, need) as pre, \
-                Tower(model, layer, strategy, vision_stages) as tower:
+                _last_layer(model, need) as last, Tower(model, layer, strategy, vision_stages) as tower:
             out = model.model.get_image_features(
                 pixel_values=inputs["pixel_values"], image_sizes=image_sizes, vision_feature_layer=layer,
                 vision_feature_select_strategy=strategy, return_dict=True)
@@ -241,7 +252,7 @@ class LlavaNextInjector(PlaceholderInjector):
         tiles_per_image = [image_size_to_num_patches(image_size=s, grid_pinpoints=model.config.image_grid_pinpoints,
                                                      patch_size=vcfg.image_size) for s in image_sizes]
         fields = {name: _packed(model, value, image_sizes, strategy, tiles_per_image)
-                  for name, value in _tile_fields(probe, pre, strategy, tower).items()}
+                  for name, value in _tile_fields(probe, pre, strategy, tower, last).items()}
         masks = [[m.squeeze(-1).bool().cpu() for m in _packed(model, mask.unsqueeze(-1).float(), image_sizes, strategy,
                                                                tiles_per_image, newline=1.0)]
                  for mask in tower.masks()]  # per stage, per image: the packed tokens still there

@@ -32,6 +32,10 @@ CONTEXT_FIELDS: dict[str, str] = {
     "vision_cls": "the CLS token's feature at the feature layer, before the projector, [B, C] (CLIP towers; "
                   "LLaVA-NeXT: the base image's)",
     "projector": "callable [..., C] -> [..., D]: the model's projector from vision features to LLM tokens",
+    "last_keys": "the vision tower's last-layer keys, heads concatenated, per token, [B, N, C] (CLIP towers; "
+                 "PruMerge's similarity)",
+    "last_cls_attention": "the last layer's CLS attention as PruMerge computes it (one head over the concatenated "
+                          "heads, per tile), per token, [B, N, 1] (CLIP towers)",
     "clip_checkpoint": "the CLIP checkpoint the vision tower comes from (str or None; CLIP towers), for a CLIP text "
                        "tower beside it",
     "vision_post_norm": "callable [..., C] -> [..., C]: the vision tower's final layer norm (CLIP towers; what CLIP's "

@@ -62,6 +62,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.sparsevlm",
     "resprune.strategies.clip_relevance",
     "resprune.strategies.cdpruner",
+    "resprune.strategies.prumerge",
     "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",

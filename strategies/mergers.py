@@ -105,7 +105,6 @@ class Nearest(Merger):
     """PruMerge-style: each dropped token averaged into its most similar kept token."""
 
     name = "nearest"
-    aliases = ("prumerge",)
     description = "average each dropped token into its most similar kept token (PruMerge-style)"
 
     def merge(self, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],

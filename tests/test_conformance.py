@@ -8,7 +8,7 @@ from resprune.testing.conformance import MergerConformance, ScorerConformance, S
 
 SCORERS = {"hired": [("cls_attention_early", ClsAttention(layer=0))]}
 """Scores a built-in selector reads under names no scorer writes by default."""
-MERGER_PARAMS = {"recycle": {"score": "norm"}}
+MERGER_PARAMS = {"recycle": {"score": "norm"}, "prumerge": {"score": "norm"}}
 """Params of a built-in merger for the suites' stages (``topk`` by ``norm``)."""
 
 for _entry in get_host().selectors.entries():

@@ -944,3 +944,83 @@ def test_trim_feeds_the_llm_the_official_tokens_and_the_mean_of_the_rest(batch, 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for i, sel in enumerate(attached.selections):
         assert set(topk_indices[i].tolist()) <= set(sel.kept.tolist()) and sel.k == keep + 1
+
+
+# --- PruMerge ---------------------------------------------------------------------------------
+
+
+def prumerge_reference(vision_tower, images, reduction_ratio):
+    """42Shawn/LLaVA-PruMerge @ 097c041, llava/model/multimodal_encoder/clip_encoder.py,
+    ``token_prune_merge_advanced(images, if_adaptive=False, reduction_ratio)``: the features handed
+    to the projector, (B, left_tokens + 1, C), and the kept indices in the official order."""
+    import torch.nn.functional as F
+
+    outputs = {}
+    hook_handle_k = vision_tower.encoder.layers[23].self_attn.k_proj.register_forward_hook(
+        lambda m, i, o: outputs.__setitem__("desired_k", o))
+    hook_handle_q = vision_tower.encoder.layers[23].self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: outputs.__setitem__("desired_q", o))
+    with torch.no_grad():
+        image_forward_outs = vision_tower(images, output_hidden_states=True)
+    hook_handle_k.remove()
+    hook_handle_q.remove()
+    image_features = image_forward_outs.hidden_states[-2][:, 1:]
+    B, N, C = image_features.shape
+    desired_layer_k, desired_layer_q = outputs["desired_k"], outputs["desired_q"]
+    attn = (desired_layer_q @ desired_layer_k.transpose(-2, -1)) * C ** -0.5
+    attn = F.softmax(attn, dim=-1)
+    cls_attn = attn[:, 0, 1:]
+    _, idx = torch.topk(cls_attn, int(N * reduction_ratio), dim=1, largest=True)
+    index = idx.unsqueeze(-1).expand(-1, -1, C)
+    Key_wo_cls = desired_layer_k[:, 1:]
+    x_others = torch.gather(image_features, dim=1, index=index)
+    x_others_attn = torch.gather(cls_attn, dim=1, index=idx)
+    Key_others = torch.gather(Key_wo_cls, dim=1, index=index)
+    mask = torch.ones(B, N, dtype=torch.bool).scatter_(1, idx, False)  # complement_idx: ascending
+    compl = torch.stack([torch.nonzero(row)[:, 0] for row in mask])
+    non_topk = torch.gather(image_features, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, C))
+    non_topk_Key = torch.gather(Key_wo_cls, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, C))
+    non_topk_attn = torch.gather(cls_attn, dim=1, index=compl)
+    Key_others_norm = F.normalize(Key_others, p=2, dim=-1)
+    non_topk_Key_norm = F.normalize(non_topk_Key, p=2, dim=-1)
+    B, left_tokens, C = x_others.size()
+    updated_x_others = torch.zeros_like(x_others)
+    for b in range(B):
+        for i in range(left_tokens):
+            key_others_norm = Key_others_norm[b, i, :].unsqueeze(0).unsqueeze(0)
+            before_i_Key = Key_others_norm[b, :i, :].unsqueeze(0)
+            after_i_Key = Key_others_norm[b, i + 1:, :].unsqueeze(0)
+            before_i_x_others = x_others[b, :i, :].unsqueeze(0)
+            after_i_x_others = x_others[b, i + 1:, :].unsqueeze(0)
+            rest_x_others = torch.cat([before_i_x_others, after_i_x_others, non_topk[b, :, :].unsqueeze(0)], dim=1)
+            before_i_x_others_attn = x_others_attn[b, :i].unsqueeze(0)
+            after_i_x_others_attn = x_others_attn[b, i + 1:].unsqueeze(0)
+            rest_x_others_attn = torch.cat([before_i_x_others_attn, after_i_x_others_attn,
+                                            non_topk_attn[b, :].unsqueeze(0)], dim=1)
+            rest_Keys = torch.cat([before_i_Key, after_i_Key, non_topk_Key_norm[b, :, :].unsqueeze(0)], dim=1)
+            cos_sim_matrix = torch.bmm(key_others_norm, rest_Keys.transpose(1, 2))
+            _, cluster_indices = torch.topk(cos_sim_matrix, k=int(32), dim=2, largest=True)
+            cluster_tokens = rest_x_others[:, cluster_indices.squeeze(), :]
+            weights = rest_x_others_attn[:, cluster_indices.squeeze()].unsqueeze(-1)
+            weighted_avg = torch.sum(cluster_tokens * weights, dim=1)
+            updated_center = weighted_avg + x_others[b, i, :]
+            updated_x_others[b, i, :] = updated_center
+    extra_one_token = torch.sum(non_topk * non_topk_attn.unsqueeze(-1), dim=1, keepdim=True)
+    return torch.cat([updated_x_others, extra_one_token], dim=1), idx
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prumerge_feeds_the_llm_what_the_official_code_projects(batch):
+    model, proc = tiny_lvlm("llava", vision_layers=24)  # the official code reads layer 23 of CLIP-L's 24
+    twin, _ = tiny_lvlm("llava", vision_layers=24, attn_implementation="eager")
+    inputs = tiny_inputs("llava", proc, _photos()[:batch], PROMPTS[:batch])
+    with resprune.load_pipeline("prumerge", budget=9).attach(model, proc) as attached, torch.no_grad():
+        pruned = attached.prune(inputs)
+    features, idx = prumerge_reference(twin.model.vision_tower, inputs["pixel_values"], 0.25)  # int(36 * 0.25) = 9
+    with torch.no_grad():
+        want = twin.model.multi_modal_projector(features)
+    slots = (pruned.input_ids == model.config.image_token_id) & pruned.attention_mask.bool()
+    got = pruned.inputs_embeds[slots].view(batch, 10, -1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for i, sel in enumerate(attached.selections):
+        assert set(idx[i].tolist()) <= set(sel.kept.tolist()) and sel.k == 10

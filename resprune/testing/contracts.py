@@ -76,6 +76,8 @@ def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed
                         vision_cls=torch.randn(b, d + 4, generator=gen),
                         projector=_projector(d + 4, d), vision_post_norm=_post_norm,
                         clip_checkpoint=f"tiny:{d + 4}",  # a random tiny CLIP beside a tower of width d + 4
+                        last_keys=torch.randn(b, n, d + 4, generator=gen),
+                        last_cls_attention=torch.softmax(torch.randn(b, n, generator=gen), dim=-1)[..., None],
                         llm_attention=attention, llm_keys=torch.randn(b, n, 2 * d, generator=gen),
                         llm_last_hidden=torch.randn(b, d, generator=gen),
                         llm_text_hidden=torch.randn(b, 3, d, generator=gen),
