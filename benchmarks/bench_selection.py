@@ -53,7 +53,9 @@ SELECTORS: list[tuple[str, dict]] = [
     ("residual_energy", {"method": "blocked"}),
     ("residual_energy", {"alpha": 0.75}),  # text-weighted (relevance given)
     ("dpp", {}),
+    ("cdpruner", {"relevance": "relevance"}),  # CDPruner's own fast-MAP loop on the N x N kernel
     ("divprune", {}),
+    ("tome", {}),  # ToMe's matching in rounds on the tokens (a plain selector)
     ("topk", {}),
     ("random", {}),
     ("uniform", {}),

@@ -142,7 +142,8 @@ class Merger(Strategy, ABC):
         return 0
 
     def required_scores(self) -> frozenset[str]:
-        """Score names this merger reads (a config naming none of their writers is refused)."""
+        """Score names this merger reads: a stage without them refuses to run, and a config whose
+        scorers write none of them is refused when it loads."""
         return frozenset()
 
     def extra(self, k: int, n: int) -> int:

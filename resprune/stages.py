@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .budget import Budget, check_budget, resolve_budget
 from .context import PruneContext
-from .errors import ConfigError
+from .errors import ConfigError, MissingContextError
 from .interfaces import Merger, Scorer, Selector
 from .selection import DeferredChecks, Selection, check_scores, make_merger, make_scorer, make_selector, \
     run_merger, run_scorer, run_selector
@@ -138,6 +138,11 @@ class Stage:
             if not 0 <= slots < k:
                 raise ConfigError(f"merger '{self.merger.name}' asked for {slots} of {k} tokens; a merger makes "
                                   f"0 to k-1 of them (the selector needs at least one).")
+            missing = sorted(self.merger.required_scores() - set(computed))
+            if missing:
+                raise MissingContextError(f"merger '{self.merger.name}' ({self.where} stage) reads score '{missing[0]}', "
+                                          f"which no scorer of the stage wrote (it has: "
+                                          f"{', '.join(sorted(computed)) or 'none'}).")
             extra = int(self.merger.extra(k - slots, n))
             if not 0 <= extra <= n - k:
                 raise ConfigError(f"merger '{self.merger.name}' asked for {extra} tokens on top of {k} of {n}; it "

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from resprune import hookimpl
 from resprune.context import PruneContext
-from resprune.errors import InvalidInputError
 from resprune.interfaces import Merger, Scorer
 from resprune.linalg import unit_rows
 
@@ -71,11 +70,7 @@ class PruMerge(Merger):
         if slots == 0:
             return kept, tokens.gather(1, kept[..., None].expand(*kept.shape, d))
         who = f"merger '{self.name}'"
-        attention = scores.get(self.params.score)
-        if attention is None:
-            raise InvalidInputError(f"{who} weighs tokens by score '{self.params.score}', which no scorer of the "
-                                    f"stage wrote (it has: {', '.join(sorted(scores)) or 'none'}).")
-        attention = attention.float()
+        attention = scores[self.params.score].float()  # the stage checks that a scorer wrote it (required_scores)
         vision = context.get("vision_features", requester=who).float()
         keys = unit_rows(context.get("last_keys", requester=who).float())
         c = vision.shape[-1]

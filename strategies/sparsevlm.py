@@ -93,12 +93,7 @@ class Recycle(Merger):
         own = tokens.gather(1, kept[..., None].expand(*kept.shape, d))
         if slots == 0:
             return kept, own
-        score = scores.get(self.params.score)
-        if score is None:
-            from resprune.errors import InvalidInputError
-
-            raise InvalidInputError(f"merger '{self.name}' ranks the dropped tokens by score '{self.params.score}', "
-                                    f"which no scorer of the stage wrote (it has: {', '.join(sorted(scores)) or 'none'}).")
+        score = scores[self.params.score]  # the stage checks that a scorer wrote it (required_scores)
         is_kept = torch.zeros(b, n, dtype=torch.bool, device=tokens.device).scatter_(1, kept, True)
         dropped = torch.sort((~is_kept).to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n - kept.shape[1]]
         recycled = self._recycled(dropped.shape[1])
