@@ -47,7 +47,8 @@ CLIP_METHODS = ("vispruner", "scope", "hired", "cdpruner", "trim")
 
 
 @pytest.mark.parametrize("config", [*[(m, t) for m in CLIP_METHODS for t in ("llava", "llava_next")],
-                                    ("vispruner-llava-next", "llava_next"), ("hired-llava-next", "llava_next")])
+                                    ("vispruner-llava-next", "llava_next"), ("hired-llava-next", "llava_next"),
+                                    ("cdpruner-llava-next", "llava_next")])
 def test_clip_tower_method_runs_from_the_command_line(config, tmp_path, capsys):
     method, model_type = config
     code = cli(["run", method, "budget=8", "--model", f"tiny:{model_type}", "--image", str(photo_path(PHOTOS[1])),
@@ -91,12 +92,12 @@ def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     code = cli(["sweep", "table-i", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava:25",
                 "grid.budget=[64]",
                 "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired,tome,sparsevlm,cdpruner,"
-                "trim]",
+                "trim,prumerge]",
                 "--out", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(rows) == {"full", "resprune-llava15", "visionzip", "fastv", "pdrop", "dart", "vispruner", "scope",
-                         "hired", "tome", "sparsevlm", "cdpruner", "trim"}
+                         "hired", "tome", "sparsevlm", "cdpruner", "trim", "prumerge"}
     assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
     ratio = {m: r["metrics"]["flops.ratio"] for m, r in rows.items() if m != "full"}
     # the same 64 tokens kept, but FastV and DART run layers 0-1 on every token and PDrop keeps
@@ -112,7 +113,7 @@ def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     assert cli(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert all(f"| {m} |" in report for m in ("fastv", "pdrop", "dart", "visionzip", "vispruner", "scope", "hired",
-                                              "tome", "sparsevlm", "cdpruner", "trim"))
+                                              "tome", "sparsevlm", "cdpruner", "trim", "prumerge"))
     # SparseVLM's 64 row keeps 66, 30 and 17 (plus recycled tokens) after layers 2, 6 and 15: its
     # average token count is about 64, so its FLOPs sit between pruning before the LLM and PDrop's
     assert ratio["resprune-llava15"] < ratio["sparsevlm"] < ratio["pdrop"]
