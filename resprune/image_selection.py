@@ -140,8 +140,9 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
     geometry go through as one batch, each group of tiles with its share of the budget.
     ``fields``: context fields of the model rather than of an image (e.g. ``projector``)."""
     groups: dict[tuple[Any, ...], list[int]] = {}
+    alone = pipeline.input_stage is not None and pipeline.input_stage.selector.adaptive  # a count per image
     for i, img in enumerate(images):
-        groups.setdefault(_geometry_key(img), []).append(i)
+        groups.setdefault((i,) if alone else _geometry_key(img), []).append(i)
     out: list[ImageSelection | None] = [None] * len(images)
     needs_text = bool({"text", "text_embedder"} & pipeline.requires)
     for members in groups.values():

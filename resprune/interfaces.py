@@ -71,6 +71,17 @@ class Selector(Strategy, ABC):
         """Score names this selector cannot work without (under its current params)."""
         return frozenset()
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the selector decides how many tokens each image keeps (``count``)."""
+        return False
+
+    def count(self, scores: Mapping[str, Tensor], context: PruneContext) -> list[int]:
+        """Tokens each image keeps, when ``adaptive`` (PruMerge's and TRIM's IQR outliers): the
+        stage keeps ``max(1, min(count, budget))`` of each image, which it then runs alone (the
+        input stage only)."""
+        raise NotImplementedError(f"selector '{self.name}' is not adaptive")
+
     def optional_scores(self) -> frozenset[str]:
         """Score names this selector uses when they are present."""
         return frozenset()

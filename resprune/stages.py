@@ -16,6 +16,7 @@ turns the dropped tokens into ``slots`` more, so ``k`` tokens leave the stage.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from .budget import Budget, check_budget, resolve_budget
 from .context import PruneContext
-from .errors import ConfigError, MissingContextError
+from .errors import ConfigError, InvalidInputError, MissingContextError
 from .interfaces import Merger, Scorer, Selector
 from .selection import DeferredChecks, Selection, check_scores, make_merger, make_scorer, make_selector, \
     run_merger, run_scorer, run_selector
@@ -72,6 +73,9 @@ class Stage:
         self.vision_layer = vision_layer
         self.positions = positions
         self.selector = make_selector(selector)
+        if self.selector.adaptive and (layer is not None or vision_layer is not None):
+            raise ConfigError(f"{self.where} stage: selector '{self.selector.name}' decides each image's count "
+                              f"(adaptive); it runs in the input stage, one image at a time.")
         self.budget = check_budget(budget, where=f"{self.where} stage budget")
         self.merger = None if merger is None else make_merger(merger)
         self.scorers: list[tuple[str, Scorer]] = []
@@ -132,6 +136,12 @@ class Stage:
         for name, scorer in self.scorers:
             computed[name] = run_scorer(scorer, context, checked=True, deferred=deferred)
         k = self.budget_for(n) if k is None else min(int(k), n)
+        if self.selector.adaptive:  # the selector decides each image's count, up to the budget
+            counts = self.selector.count(MappingProxyType(computed), context)
+            if len(set(counts)) > 1:
+                raise InvalidInputError(f"selector '{self.selector.name}' ({self.where} stage) keeps {counts} tokens of "
+                                        f"the {b} images of one batch; an adaptive count runs one image at a time.")
+            k = max(1, min(k, counts[0]))
         slots = extra = 0
         if self.merger is not None and k < n:
             slots = int(self.merger.slots(k, n))

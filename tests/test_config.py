@@ -75,6 +75,16 @@ def test_shipped_config_runs_on_random_tokens(name, budget):
         return
     pipe = resprune.load_pipeline(name) if budget is None else resprune.load_pipeline(name, budget=budget)
     context = ctx()
+    if pipe.selector is not None and pipe.selector.adaptive:  # a count per image: each image alone
+        n = context.num_tokens
+        for i in range(context.batch_size):
+            one = random_context(b=1, rows=4, cols=6, d=16, seed=3 + i)
+            sel = pipe.run(one)
+            picks = sel.k - (pipe.merger.extra(sel.k - 1, n) if pipe.merger is not None and sel.k < n else 0)
+            assert 1 <= picks <= resprune.resolve_budget(pipe.budget, n) and sel.kept.shape == (1, sel.k)
+        with pytest.raises(resprune.InvalidInputError, match="adaptive count runs one image at a time"):
+            pipe.run(random_context(b=2, rows=30, cols=30, d=16, seed=1))  # two images, two counts
+        return
     if pipe.input_stage is None:  # it prunes inside the LLM or the tower only: no tokens to prune before the LLM
         assert (pipe.llm_stages or pipe.vision_stages) and pipe.selector is None
         with pytest.raises(resprune.ConfigError, match="no input stage"):
@@ -133,7 +143,7 @@ def test_ablations_change_only_what_they_say():
     assert no_pre["scorers"][1]["params"] == {"reduce": "max", "keywords": "all", "strip": []}
     assert no_pre["selector"] == full["selector"]
     no_sub = plain(load_config("ablation-llava15-no-subspace"))
-    assert no_sub["selector"] == {"name": "topk", "params": {"score": "relevance"}}  # alpha etc. dropped
+    assert no_sub["selector"] == {"name": "topk", "params": {"score": "relevance", "count": "budget"}}  # alpha etc. dropped
     for reduce in ("mean", "pooled"):
         cfg = plain(load_config(f"ablation-llava15-relevance-{reduce}"))
         assert cfg["scorers"][1]["params"]["reduce"] == reduce and cfg["selector"] == full["selector"]

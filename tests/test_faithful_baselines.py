@@ -914,15 +914,16 @@ def test_cdpruner_attached_keeps_the_official_set(batch, clip_path):
         assert sel.order.tolist() == want[0].tolist()
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_trim_feeds_the_llm_the_official_tokens_and_the_mean_of_the_rest(batch, clip_path):
+@pytest.mark.parametrize("batch, adaptive", [(1, False), (3, False), (1, True)])
+def test_trim_feeds_the_llm_the_official_tokens_and_the_mean_of_the_rest(batch, adaptive, clip_path):
     from resprune.text import strip_format
 
     model, proc = tiny_lvlm("llava")
     twin, _ = tiny_lvlm("llava", attn_implementation="eager")
     inputs = tiny_inputs("llava", proc, _photos()[:batch], PROMPTS[:batch])
     keep = 9
-    pipe = resprune.load_pipeline("trim", {"scorers.0.params.clip_model": clip_path}, budget=keep)
+    pipe = resprune.load_pipeline("trim-adaptive" if adaptive else "trim",
+                                  {"scorers.0.params.clip_model": clip_path}, **({} if adaptive else {"budget": keep}))
     with pipe.attach(model, proc) as attached, torch.no_grad():
         pruned = attached.prune(inputs)
     features, embeds, _, clip = _clip_side(twin, inputs["pixel_values"], clip_path)
@@ -931,6 +932,8 @@ def test_trim_feeds_the_llm_the_official_tokens_and_the_mean_of_the_rest(batch, 
     text_features = clip.embed_truncated([strip_format(sel.text) for sel in attached.selections])
     similarities = torch.matmul(embeds, text_features.unsqueeze(2)).squeeze(2)
     similarities = torch.nn.functional.softmax(-similarities, dim=-1)
+    if adaptive:  # 'TextSim+:-1': the IQR outliers (one image: the official batch in its evaluation)
+        keep = int(36 * outlier_dectection(similarities))
     _, topk_indices = torch.topk(similarities, keep, dim=1, largest=True, sorted=False)
     token_mask = torch.zeros(batch, 36, dtype=torch.bool)
     token_mask[torch.arange(batch).unsqueeze(1), topk_indices] = True
@@ -949,10 +952,23 @@ def test_trim_feeds_the_llm_the_official_tokens_and_the_mean_of_the_rest(batch, 
 # --- PruMerge ---------------------------------------------------------------------------------
 
 
-def prumerge_reference(vision_tower, images, reduction_ratio):
+def outlier_dectection(attn):
+    """PruMerge's (and TRIM's) IQR outlier ratio, as their code computes it."""
+    import numpy as np
+
+    attn_np = attn.to(dtype=torch.float32).cpu().numpy().flatten()
+    Q1 = np.percentile(attn_np, 25)
+    Q3 = np.percentile(attn_np, 75)
+    IQR = Q3 - Q1
+    upper_bound = Q3 + 1.5 * IQR
+    outlier_indices = np.where((attn_np > upper_bound))[0]
+    return len(outlier_indices) / len(attn_np)
+
+
+def prumerge_reference(vision_tower, images, reduction_ratio, if_adaptive=False):
     """42Shawn/LLaVA-PruMerge @ 097c041, llava/model/multimodal_encoder/clip_encoder.py,
-    ``token_prune_merge_advanced(images, if_adaptive=False, reduction_ratio)``: the features handed
-    to the projector, (B, left_tokens + 1, C), and the kept indices in the official order."""
+    ``token_prune_merge_advanced(images, if_adaptive, reduction_ratio)``: the features handed to the
+    projector, (B, left_tokens + 1, C), and the kept indices in the official order."""
     import torch.nn.functional as F
 
     outputs = {}
@@ -970,6 +986,8 @@ def prumerge_reference(vision_tower, images, reduction_ratio):
     attn = (desired_layer_q @ desired_layer_k.transpose(-2, -1)) * C ** -0.5
     attn = F.softmax(attn, dim=-1)
     cls_attn = attn[:, 0, 1:]
+    if if_adaptive:
+        reduction_ratio = outlier_dectection(cls_attn)
     _, idx = torch.topk(cls_attn, int(N * reduction_ratio), dim=1, largest=True)
     index = idx.unsqueeze(-1).expand(-1, -1, C)
     Key_wo_cls = desired_layer_k[:, 1:]
@@ -1024,3 +1042,38 @@ def test_prumerge_feeds_the_llm_what_the_official_code_projects(batch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for i, sel in enumerate(attached.selections):
         assert set(idx[i].tolist()) <= set(sel.kept.tolist()) and sel.k == 10
+
+
+def test_prumerge_with_its_adaptive_count_keeps_each_images_outliers():
+    # a random tower's attention has few outliers; with this seed and size the photos have 0, 0 and 2
+    model, proc = tiny_lvlm("llava", seed=3, vision_layers=24, image_size=112)
+    twin, _ = tiny_lvlm("llava", seed=3, vision_layers=24, image_size=112, attn_implementation="eager")
+    inputs = tiny_inputs("llava", proc, _photos(), PROMPTS)
+    pipe = resprune.load_pipeline("prumerge-adaptive")
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        pruned = attached.prune(inputs)
+    slots = (pruned.input_ids == model.config.image_token_id) & pruned.attention_mask.bool()
+    offset, counted = 0, []
+    for i, sel in enumerate(attached.selections):  # the official code runs one image at a time
+        features, idx = prumerge_reference(twin.model.vision_tower, inputs["pixel_values"][i:i + 1], None,
+                                           if_adaptive=True)
+        with torch.no_grad():
+            want = twin.model.multi_modal_projector(features)[0]
+        got = pruned.inputs_embeds[slots][offset:offset + sel.k]
+        offset += sel.k
+        if idx.shape[1] == 0:  # no outlier: the official code keeps no token, resprune at least one
+            assert sel.k == 2
+            continue
+        counted.append(sel.k)
+        assert sel.k == idx.shape[1] + 1
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert counted == [3]  # the third photo's two outliers and the sum of the rest; the batch mixed 2, 2, 3
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), b=st.integers(1, 3), n=st.integers(4, 300), spread=st.floats(0.1, 3.0))
+def test_the_iqr_count_is_the_official_outlier_count(seed, b, n, spread):
+    torch.manual_seed(seed)
+    scores = torch.exp(spread * torch.randn(b, n))  # heavy-tailed, as CLS attention is
+    counts = TopK(score="s", count="iqr").count({"s": scores}, resprune.PruneContext(torch.randn(b, n, 4)))
+    assert counts == [int(n * outlier_dectection(row)) for row in scores]
