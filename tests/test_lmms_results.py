@@ -179,3 +179,21 @@ def test_a_pipeline_yaml_that_is_gone_keeps_the_run_settings(tmp_path):
     write_result(tmp_path, "gone", f"{MODEL},pipeline=/nowhere/mine.yaml,budget=96", {"gqa": {"exact_match": 0.5}})
     (row,) = load_lmms_eval(tmp_path)
     assert row["method"] == "mine" and row["budget"] == 96 and row["selector"] is None
+
+
+def test_an_interpolation_in_a_result_file_is_shown_as_written_never_resolved(tmp_path, monkeypatch):
+    secret = "do-not-print-7f3a"
+    monkeypatch.setenv("RESPRUNE_TEST_SECRET", secret)
+    write_result(tmp_path, "env", f"{MODEL},pipeline=resprune-llava15,budget=${{oc.env:RESPRUNE_TEST_SECRET}},"
+                                  f"selector.params.alpha=${{oc.env:RESPRUNE_TEST_SECRET}}",
+                 {"gqa": {"exact_match": 0.5}})
+    write_result(tmp_path, "unset", f"{MODEL},pipeline=resprune-llava15,budget=64,"
+                                    f"selector.params.alpha=${{oc.env:RESPRUNE_NOT_SET_ANYWHERE}}",
+                 {"gqa": {"exact_match": 0.4}}, date="20261128_110000")
+    rows = load_lmms_eval(tmp_path)
+    assert secret not in json.dumps(rows, default=str)
+    labels = " ".join(r["label"] for r in rows)
+    assert "${oc.env:RESPRUNE_TEST_SECRET}" in labels and "${oc.env:RESPRUNE_NOT_SET_ANYWHERE}" in labels
+    assert cli(["report", str(tmp_path), "--csv", str(tmp_path / "t.csv")]) == 0
+    for written in (tmp_path / "report.md", tmp_path / "t.csv"):
+        assert secret not in written.read_text()

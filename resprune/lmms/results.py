@@ -175,7 +175,10 @@ def _new_row(run: dict[str, Any]) -> dict[str, Any]:
     params = _params(run["overrides"])
     budget = params.pop("budget", None)
     selector = None
-    if not full:
+    # an override written as an interpolation is shown as the text that was written: resolving it
+    # here would put the reader's environment (or a failing lookup) into the report
+    literal = any(_INTERPOLATION in item for item in run["overrides"])
+    if not full and not literal:
         try:
             from ..config import load_config, selector_label
 
@@ -196,13 +199,26 @@ def _new_row(run: dict[str, Any]) -> dict[str, Any]:
             "sources": []}
 
 
+_INTERPOLATION = "${"
+
+
 def _params(overrides: Iterable[str]) -> dict[str, Any]:
-    """Dotlist overrides as ``{dotted key: value}`` (values parsed the way the config parses them)."""
+    """Dotlist overrides as ``{dotted key: value}``: values parsed the way the config parses them,
+    never resolved (an interpolation stays the text that was written), the text itself when it
+    is not a YAML value."""
     out: dict[str, Any] = {}
     for item in overrides:
-        key = item.split("=", 1)[0]
-        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
-        out[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        key, _, text = item.partition("=")
+        if _INTERPOLATION in text:
+            out[key] = text
+            continue
+        try:
+            value: Any = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+            for part in key.split("."):
+                value = value[int(part)] if isinstance(value, list) else value[part]
+        except Exception:  # noqa: BLE001 - YAML, OmegaConf and lookup errors alike: keep the written text
+            value = text
+        out[key] = value
     return out
 
 
