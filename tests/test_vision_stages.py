@@ -9,11 +9,9 @@ hand); a pipeline may prune in the tower, before the LLM and inside it in one ca
 from __future__ import annotations
 
 import functools
-from importlib import resources
 
 import pytest
 import torch
-from PIL import Image
 
 import resprune
 from resprune.costs import vision_dims, vision_flops
@@ -21,17 +19,10 @@ from resprune.errors import ConfigError, IncompatibleBackboneError
 from resprune.selection import make_selector
 from resprune.stages import Stage
 from resprune.testing.tiny import tiny_inputs, tiny_lvlm
+from test_backbones import photos
 
 PROMPTS = ["What is shown in the picture?", "Describe the colours of the sky, please.", "Is it a dog?"]
 DEPTH = 4  # encoder layers of the tiny towers here: features from hidden_states[3]
-
-
-@functools.cache
-def photos() -> list[Image.Image]:
-    folder = resources.files("resprune") / "data" / "photos"
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(".jpg"))
-    sizes = [(120, 90), (84, 112), (100, 100), (140, 70)]
-    return [Image.open(f).convert("RGB").resize(s) for f, s in zip(files, sizes)]
 
 
 @functools.cache
