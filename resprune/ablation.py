@@ -207,7 +207,7 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         if name:
             params = {"base": name, **params}
         try:
-            cfg = load_config(base, [f"{k}={_yaml_value(v)}" for k, v in applied.items()])
+            cfg = load_config(base, applied)  # the values as given: never re-parsed from text
         except ConfigError as exc:
             raise AblationError(f"cell '{label}' ({_fmt(params)}): {exc}") from None
         key = to_yaml(cfg)
@@ -223,10 +223,6 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         seen[key] = cell
         cells.append(cell)
     return cells
-
-
-def _yaml_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def _fmt(params: Mapping[str, Any]) -> str:

@@ -176,8 +176,51 @@ def shipped_configs() -> dict[str, str]:
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
-_RESOLVER = re.compile(r"\$\{\s*[A-Za-z_][\w.\-]*\s*:")
-"""A resolver interpolation (``${oc.env:HOME}``), as opposed to a key interpolation (``${budget}``)."""
+_RESOLVER = re.compile(r"(?<!\\)(?:\\\\)*\$\{\s*[A-Za-z_][\w.\-]*\s*:")
+"""A resolver interpolation (``${oc.env:HOME}``), as opposed to a key interpolation (``${budget}``)
+or escaped text (``\\${oc.env:HOME}``, an odd number of backslashes before ``${``)."""
+
+_DOLLAR = re.compile(r"(\\*)\$\{")
+
+
+def escape_interpolations(value: Any) -> Any:
+    """``value`` (a container of plain values) with every ``${`` in its strings escaped, so that
+    OmegaConf keeps the text as written (``\\${oc.env:HOME}`` reads back as ``${oc.env:HOME}``)."""
+    if isinstance(value, str):
+        return _DOLLAR.sub(lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escape_interpolations(v) for v in value]
+    return value
+
+
+def parse_value(text: str, key: str, label: str = "override") -> Any:
+    """The YAML value of ``key=text`` as OmegaConf's dotlist parses it, never resolved;
+    ``ConfigError`` naming the key and how to quote the value when it is not YAML."""
+    import yaml
+
+    try:
+        node = OmegaConf.from_dotlist([f"v={text}"])
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise ConfigError(
+            f"{label} {excerpt(key)}={excerpt(text, 40)}: the value is not a YAML value ({problem}). Quote it as a "
+            f"YAML string: {excerpt(key)}='{excerpt(text, 40)}' (in a shell, inside double quotes: "
+            f"\"{excerpt(key)}='{excerpt(text, 40)}'\").") from None
+    except (OmegaConfBaseException, ValueError, TypeError) as exc:
+        raise ConfigError(f"{label} {excerpt(key)}={excerpt(text, 40)}: {excerpt(exc, 200)}") from None
+    return OmegaConf.to_container(node, resolve=False)["v"]
+
+
+def parse_override(item: Any, label: str = "override") -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)``: the value parsed as YAML and never resolved (see
+    ``parse_value``); ``ConfigError`` for anything that is not ``key=value``."""
+    if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+        raise ConfigError(f"{label} {excerpt(repr(item))} must look like key=value (e.g. budget=64, "
+                          f"selector.params.alpha=0.5)")
+    key, _, text = item.partition("=")
+    return key.strip(), parse_value(text, key.strip(), label)
 
 
 def excerpt(value: object, limit: int = 60) -> str:
@@ -320,14 +363,9 @@ def _overrides(overrides: Iterable[str] | Mapping[str, Any], kwargs: Mapping[str
     if isinstance(overrides, Mapping):
         items += list(overrides.items())
     else:
-        for item in overrides:
-            if not isinstance(item, str) or "=" not in item:
-                raise ConfigError(f"override {item!r} must look like key=value (e.g. budget=64, selector.params.alpha=0.5)")
-            key = item.split("=", 1)[0].strip()
-            try:
-                items.append((key, OmegaConf.select(OmegaConf.from_dotlist([item]), key)))
-            except OmegaConfBaseException as exc:
-                raise ConfigError(f"override {item!r}: {_msg(exc)}") from None
+        if isinstance(overrides, str):
+            raise ConfigError(f"overrides must be a list of key=value strings, got the string {excerpt(repr(overrides))}.")
+        items += [parse_override(item) for item in overrides]
     items += list(kwargs.items())
     # switching a strategy comes first, so that params given beside it apply to the new one
     return sorted(items, key=lambda kv: not _SWITCH.fullmatch(str(kv[0])))
@@ -350,11 +388,39 @@ def _apply(cfg: DictConfig, key: str, value: Any, label: str) -> None:
         if _canonical("scorers", value) != _canonical("scorers", entry.name):
             entry.name, entry.params = value, {}  # a new scorer starts from its defaults
         return
+    _check_path(cfg, key, value, label)
     try:
         OmegaConf.update(cfg, key, value, merge=True)
-    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+    except (OmegaConfBaseException, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
         msg = _msg(exc) if isinstance(exc, OmegaConfBaseException) else str(exc)
         raise ConfigError(f"{label}: override {key}={excerpt(repr(value))}: {msg}") from None
+
+
+def _check_path(cfg: DictConfig, key: Any, value: Any, label: str) -> None:
+    """``ConfigError`` for an override key that is not a dotted key, or that walks into a list
+    entry that does not exist (``stages.5.layer=3`` with two stages)."""
+    parts = key.split(".") if isinstance(key, str) else [""]
+    if not all(parts):
+        raise ConfigError(f"{label}: override key {excerpt(repr(key))} is not a dotted config key "
+                          f"(e.g. budget, selector.params.alpha, stages.0.layer).")
+    node: Any = cfg
+    for depth, part in enumerate(parts[:-1]):
+        parent = ".".join(parts[:depth])
+        if isinstance(node, ListConfig):
+            if not part.isdigit():
+                raise ConfigError(f"{label}: override {excerpt(key)}: {parent} is a list; index its entries by "
+                                  f"number ({parent}.0).")
+            if int(part) >= len(node):
+                entries = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
+                span = f" ({parent}.0 to {parent}.{len(node) - 1})" if len(node) else ""
+                raise ConfigError(
+                    f"{label}: override {excerpt(key)}={excerpt(repr(value))}: {parent} has {entries}{span}, so "
+                    f"{parent}.{part} does not exist. To add one, write the whole list in a YAML file with base:.")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node and not OmegaConf.is_missing(node, part):
+            node = node._get_node(part)
+        else:
+            return  # a new key: validation names it
 
 
 def _owner(cfg: DictConfig, stage: str | None) -> Any:
@@ -485,7 +551,7 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
         _validate_stage(stage, host, label, f"{where}.")
     _validate_backbone(container["backbone"], host, label)
     result = OmegaConf.structured(PipelineConfig)
-    result = OmegaConf.merge(result, container)
+    result = OmegaConf.merge(result, escape_interpolations(container))  # text reading `${...}` stays that text
     OmegaConf.set_readonly(result, True)
     return result
 
@@ -550,6 +616,8 @@ def selector_label(cfg: DictConfig) -> str:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML (what is saved beside results)."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML (what is saved beside results); text that reads ``${...}`` is
+    written escaped, so the file loads back as the same text, never as an interpolation."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    return OmegaConf.to_yaml(OmegaConf.create(escape_interpolations(container)))
 

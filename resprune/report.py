@@ -18,9 +18,15 @@ from typing import Any
 
 from .errors import InvalidInputError, MissingDependencyError
 from .metrics import finite_number
-from .runfiles import replace_with, slug, write_atomic
+from .runfiles import check_inside, replace_with, unique_slug, write_atomic
 
-__all__ = ["lower_is_better", "is_percent", "load_results", "results_table", "plot_metric_vs_budget", "write_report"]
+__all__ = ["lower_is_better", "is_percent", "load_results", "results_table", "plot_metric_vs_budget", "write_report",
+           "md_text"]
+
+
+def md_text(value: Any) -> str:
+    """``value`` as text that cannot break a markdown table or list: one line, ``|`` escaped."""
+    return " ".join(str(value).split()).replace("\\", "\\\\").replace("|", "\\|")
 
 def _declared(name: str, attr: str) -> bool:
     """Whether metric key ``name`` (``fidelity.kl``) is in its metric's ``attr`` set; metrics
@@ -59,6 +65,7 @@ def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
     if is_lmms_eval_dir(run):
         return load_lmms_eval(run)
     path = run / "results.jsonl"
+    check_inside(run, path)
     if not path.is_file():
         raise InvalidInputError(f"{path} not found: is '{run_dir}' a folder written by `resprune sweep` "
                                 "(or lmms-eval's --output_path)?")
@@ -119,9 +126,11 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
     rows, model = _one_model(rows, model)
     done = [r for r in rows if r["status"] == "done"]
     names = metrics or _metric_names(done)
-    header = "| method | " + " | ".join(names) + " | Rel. |"
-    lines = [f"**{model}**: {len(done)} rows; shares in % ({', '.join(sorted(filter(is_percent, names))) or 'none'}); "
-             f"lower is better for {', '.join(sorted(filter(lower_is_better, names))) or 'none'}; best per block in bold.",
+    header = "| method | " + " | ".join(md_text(n) for n in names) + " | Rel. |"
+    shares = ", ".join(md_text(n) for n in sorted(filter(is_percent, names))) or "none"
+    lower = ", ".join(md_text(n) for n in sorted(filter(lower_is_better, names))) or "none"
+    lines = [f"**{md_text(model)}**: {len(done)} rows; shares in % ({shares}); lower is better for {lower}; best per "
+             f"block in bold.",
              "", header, "|---|" + "---:|" * (len(names) + 1)]
 
     def line(row: dict[str, Any], best: dict[str, float]) -> str:
@@ -131,7 +140,7 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
             text = _fmt(name, value)
             cells.append(f"**{text}**" if finite_number(value) and best.get(name) == value else text)
         rel = f"{100 * row['rel']:.1f}" if finite_number(row.get("rel")) else "–"
-        return f"| {row['method']} | " + " | ".join(cells) + f" | {rel} |"
+        return f"| {md_text(row['method'])} | " + " | ".join(cells) + f" | {rel} |"
 
     for row in (r for r in done if r["method"] == "full"):
         lines.append(line(row, {}))
@@ -148,13 +157,17 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
                 vals = [r["metrics"][name] for r in block if finite_number(r["metrics"].get(name))]
                 if vals and len(set(vals)) > 1:  # no bold where every method ties
                     best[name] = min(vals) if lower_is_better(name) else max(vals)
-        lines.append(f"| **{_budget_title(budget)}** |" + " |" * (len(names) + 1))
+        lines.append(f"| **{md_text(_budget_title(budget))}** |" + " |" * (len(names) + 1))
         lines.extend(line(r, best) for r in block)
     other = [r for r in rows if r["status"] != "done"]
     if other:
         lines += ["", "Skipped and failed cells:", ""]
-        lines += [f"- {r.get('label') or r['method']}: {r['status']} ({r.get('reason') or 'no reason recorded'})"
-                  for r in other]
+        lines += [f"- {md_text(r.get('label') or r['method'])}: {md_text(r['status'])} "
+                  f"({md_text(r.get('reason') or 'no reason recorded')})" for r in other]
+    noted = [r for r in done if r.get("reason")]
+    if noted:
+        lines += ["", "Notes:", ""]
+        lines += [f"- {md_text(r.get('label') or r['method'])}: {md_text(r['reason'])}" for r in noted]
     return "\n".join(lines)
 
 
@@ -266,13 +279,15 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
     for model in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == model]
         names = metrics or (lmms_columns(mine) if lmms else None)
-        lines += [f"## {model}", "", results_table(rows, metrics=names, model=model), ""]
+        lines += [f"## {md_text(model)}", "", results_table(rows, metrics=names, model=model), ""]
         if plots:
             names = names or _metric_names(mine)
             for name in names:
-                for path in plot_metric_vs_budget(rows, name, run / "plots" / slug(f"{model}_{name}"), model=model):
+                stem = run / "plots" / unique_slug(f"{model}_{name}")  # org/m and org:m: two files
+                for path in plot_metric_vs_budget(rows, name, stem, model=model):
                     if path.suffix == ".png":
-                        lines.append(f"![{name}](plots/{path.name})")
+                        alt = md_text(name).replace("[", "(").replace("]", ")")
+                        lines.append(f"![{alt}](plots/{path.name})")
             lines.append("")
     out = run / "report.md"
     write_atomic(out, "\n".join(lines))

@@ -28,8 +28,7 @@ from typing import Any
 from .errors import ResPruneError
 
 __all__ = ["RunFileError", "RunLockedError", "RunLock", "write_atomic", "replace_with", "append_jsonl", "warn_once",
-           "slug",
-           "read_jsonl", "read_json"]
+           "slug", "unique_slug", "inside", "check_inside", "files_inside", "read_jsonl", "read_json"]
 
 
 class RunFileError(ResPruneError):
@@ -58,6 +57,63 @@ def _temp_for(path: Path) -> Path:
 def slug(name: str) -> str:
     """``name`` as a file or folder name: letters, digits, ``-``, ``_`` and ``.``; ``_`` elsewhere."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def unique_slug(name: str) -> str:
+    """``slug(name)``, plus a short hash of ``name`` when the slug changed it: names that differ
+    only in characters a file name cannot hold (``org/m``, ``org:m``) get different, stable slugs."""
+    import hashlib
+
+    plain = slug(name)
+    return plain if plain == name else f"{plain}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
+def inside(root: str | Path, path: str | Path) -> bool:
+    """Whether ``path``, symlinks followed, lies inside ``root`` (symlinks of ``root`` followed too)."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def check_inside(root: str | Path, path: str | Path, what: str = "run folder") -> None:
+    """``RunFileError`` if ``path`` is a symlink (or under one) whose target lies outside ``root``:
+    resprune neither reads nor writes through a link that leaves the folder it was given."""
+    if os.path.lexists(path) and not inside(root, path):
+        raise RunFileError(f"{path}: a symlink leading outside the {what} '{root}' (to {Path(path).resolve()}); "
+                           f"resprune reads and writes only inside the folder it is given. Replace the link with "
+                           f"a copy of what it points to, or remove it.")
+
+
+def files_inside(root: str | Path, pattern: str) -> list[Path]:
+    """The files under ``root`` (any depth) whose names match ``pattern``, sorted. Symlinks to files
+    and folders are followed when their target lies inside ``root``; one leading outside is
+    skipped with a warning (each folder is visited once, so a link loop ends)."""
+    import fnmatch
+
+    root = Path(root)
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = Path(folder).resolve()
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in list(dirs):
+            if not inside(root, Path(folder) / name):
+                warn_once(Path(folder) / name, f"skipped: a symlink leading outside '{root}' (see docs/footguns.md)")
+                dirs.remove(name)
+        for name in files:
+            path = Path(folder) / name
+            if not fnmatch.fnmatchcase(name, pattern) or not path.is_file():
+                continue
+            if inside(root, path):
+                out.append(path)
+            else:
+                warn_once(path, f"skipped: a symlink leading outside '{root}' (see docs/footguns.md)")
+    return sorted(out)
 
 
 def replace_with(path: str | Path, write: Callable[[Path], None]) -> Path:

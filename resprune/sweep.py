@@ -19,9 +19,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .ablation import Ablation, AblationError, ResultTable, write_results
-from .config import YAML_SUFFIXES, check_keys, excerpt, parse_yaml, read_yaml_text, refuse_resolvers
+from .config import YAML_SUFFIXES, check_keys, excerpt, parse_override, parse_yaml, read_yaml_text, refuse_resolvers
 from .errors import ConfigError, suggest
-from .runfiles import slug
+from .runfiles import unique_slug
 
 __all__ = ["SweepConfig", "load_sweep", "run_sweep", "DEFAULT_SWEEP"]
 
@@ -83,6 +83,7 @@ def load_sweep(source: str | Path | None = None, overrides: Iterable[str] = ()) 
             if key.split(".")[0] not in valid:
                 raise AblationError(f"override {item!r}: unknown key '{key.split('.')[0]}'."
                                     f"{suggest(key.split('.')[0], valid)}")
+            parse_override(item)  # a value that is not YAML: a ConfigError showing how to quote it
             cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {excerpt(item)!r}")
         spec: SweepConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -142,7 +143,7 @@ def run_sweep(spec: SweepConfig, *, out_dir: str | Path | None = None, progress:
                                        seed=spec.seed, limit=spec.limit, progress=progress)))
     table = ResultTable()
     for name, study in studies:
-        folder = root if len(studies) == 1 else root / slug(str(name))
+        folder = root if len(studies) == 1 else root / unique_slug(str(name))  # org/m, org:m: two folders
         if study.rank == 0:
             print_fn(f"sweep: {len(study.cells)} cells x {len(study.records)} examples on {name} -> {folder}")
         table.extend(study.run(folder))

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from ..errors import ConfigError, InvalidInputError, ResPruneError
 from ..metrics import finite_number
+from ..runfiles import files_inside
 from . import MODEL_ID, NO_PRUNING, STATS_PREFIX, parse_model_args
 
 __all__ = ["HEADLINE", "EFFICIENCY", "is_lmms_eval_dir", "load_lmms_eval", "lmms_columns", "result_files"]
@@ -60,9 +61,11 @@ _STATS = "avg_" + STATS_PREFIX
 
 
 def result_files(path: str | Path) -> list[Path]:
-    """lmms-eval's aggregated result files under ``path`` (``*_results.json``, any depth)."""
+    """lmms-eval's aggregated result files under ``path`` (``*_results.json``, any depth). A
+    symlinked file or folder is followed when its target is inside ``path``; one leading outside
+    is skipped with a warning."""
     root = Path(path)
-    return sorted(p for p in root.rglob("*_results.json") if p.is_file())
+    return files_inside(root, "*_results.json") if root.is_dir() else []
 
 
 def is_lmms_eval_dir(path: str | Path) -> bool:
@@ -78,7 +81,19 @@ def load_lmms_eval(path: str | Path) -> list[dict[str, Any]]:
     if not files:
         raise InvalidInputError(f"no lmms-eval result files (*_results.json) under '{path}': pass the folder given "
                                 "to lmms-eval's --output_path.")
-    runs = [run for run in (_read(f) for f in files) if run is not None]
+    runs, bad = [], []
+    for file in files:
+        try:
+            run = _read(file)
+        except InvalidInputError as exc:
+            bad.append(exc)
+            continue
+        if run is not None:
+            runs.append(run)
+    if bad and not runs:
+        raise bad[0]
+    for exc in bad:  # other files are fine: report them, skip this one
+        warnings.warn(f"skipped {exc}", RuntimeWarning, stacklevel=2)
     if not runs:
         raise InvalidInputError(f"the lmms-eval results under '{path}' are from other models; none has "
                                 f"--model {MODEL_ID}.")
@@ -117,6 +132,7 @@ def _read(path: Path) -> dict[str, Any] | None:
         raise InvalidInputError(f"{path}: no 'config' and 'results' blocks; not an lmms-eval result file.")
     if config.get("model") != MODEL_ID:
         return None
+    _check_types(path, data)
     raw_args = config.get("model_args") or ""
     try:
         args, overrides = parse_model_args(raw_args if isinstance(raw_args, str) else dict(raw_args))
@@ -137,6 +153,43 @@ def _read(path: Path) -> dict[str, Any] | None:
             "metrics": metrics, "tasks": tasks}
 
 
+def _check_types(path: Path, data: dict[str, Any]) -> None:
+    """``InvalidInputError`` naming the file, the key and what was expected, for the first block of
+    a result file whose type is not the one lmms-eval writes."""
+
+    def bad(key: str, expected: str, value: Any) -> InvalidInputError:
+        shown = json.dumps(value, default=str)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        return InvalidInputError(f"{path}: {key}: expected {expected}, got {type(value).__name__} {shown}; not what "
+                                 f"lmms-eval writes (an edited or damaged file): fix it or run that evaluation again.")
+
+    model_args = data["config"].get("model_args")
+    if model_args is not None and not isinstance(model_args, (str, dict)):
+        raise bad("config.model_args", "a 'key=value,...' string or a mapping", model_args)
+    for task, values in data["results"].items():
+        if not isinstance(values, dict):
+            raise bad(f"results.{task}", "a mapping of 'metric,filter' to values", values)
+    for block, inner in (("group_subtasks", "a list of task names"), ("higher_is_better", "a mapping"),
+                         ("n-samples", "a mapping such as {\"effective\": 100}"), ("throughput", None)):
+        value = data.get(block)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise bad(block, "a mapping", value)
+        if inner is None:
+            continue
+        for task, item in value.items():
+            ok = (isinstance(item, list) and all(isinstance(t, str) for t in item)) if block == "group_subtasks" \
+                else isinstance(item, dict)
+            if not ok:
+                raise bad(f"{block}.{task}", inner, item)
+    for task, counts in (data.get("n-samples") or {}).items():
+        effective = counts.get("effective", 0)
+        if isinstance(effective, bool) or not isinstance(effective, (int, float)) or not math.isfinite(effective) \
+                or effective < 0 or effective != int(effective):
+            raise bad(f"n-samples.{task}.effective", "a count (an int >= 0)", effective)
+
+
 def _scores(data: dict[str, Any], subtasks: set[str]) -> tuple[dict[str, float], dict[str, int]]:
     """Headline and detailed scores of the file's tasks, and each top-level task's examples."""
     metrics: dict[str, float] = {}
@@ -144,8 +197,6 @@ def _scores(data: dict[str, Any], subtasks: set[str]) -> tuple[dict[str, float],
     higher = data.get("higher_is_better") or {}
     counts = data.get("n-samples") or {}
     for task, values in data["results"].items():
-        if not isinstance(values, dict):
-            continue
         plain: dict[str, float] = {}
         for key, value in values.items():
             name, _, filt = key.partition(",")
@@ -178,24 +229,27 @@ def _new_row(run: dict[str, Any]) -> dict[str, Any]:
     # an override written as an interpolation is shown as the text that was written: resolving it
     # here would put the reader's environment (or a failing lookup) into the report
     literal = any(_INTERPOLATION in item for item in run["overrides"])
+    note = None
     if not full and not literal:
         try:
             from ..config import load_config, selector_label
 
             cfg = load_config(run["pipeline"], run["overrides"])
             budget, selector = cfg.budget, selector_label(cfg)
-        except ResPruneError:  # e.g. a pipeline YAML no longer there: keep what the run's model_args say
-            pass
+        except ResPruneError as exc:  # e.g. a pipeline YAML no longer there: keep what the run's model_args say
+            note = (f"pipeline {run['pipeline']!r} could not be read here ({exc}); budget and method are shown as "
+                    f"model_args wrote them")
+            warnings.warn(f"{run['file']}: {note}", RuntimeWarning, stacklevel=3)
     method = "full" if full else Path(run["pipeline"]).name.removesuffix(".yaml")
     extra = " ".join(f"{k}={v}" for k, v in params.items())
     settings = " ".join(f"{k}={v}" for k, v in run["settings"].items())
-    label = " ".join(x for x in (method, extra, None if full else f"budget={budget}",
+    label = " ".join(x for x in (method, extra, None if full else f"budget={'?' if budget is None else budget}",
                                  f"({settings})" if settings else "") if x)
     if extra:
         method = f"{method} {extra}"
     return {"model": run["model"], "cell": run["cell"], "label": label, "method": method, "selector": selector,
             "budget": budget, "params": {"pipeline": run["pipeline"], **params, **run["settings"]},
-            "status": "done", "reason": None, "examples": 0, "metrics": {}, "rel": None, "tasks": {},
+            "status": "done", "reason": note, "examples": 0, "metrics": {}, "rel": None, "tasks": {},
             "sources": []}
 
 
@@ -206,6 +260,8 @@ def _params(overrides: Iterable[str]) -> dict[str, Any]:
     """Dotlist overrides as ``{dotted key: value}``: values parsed the way the config parses them,
     never resolved (an interpolation stays the text that was written), the text itself when it
     is not a YAML value."""
+    from ..config import parse_value
+
     out: dict[str, Any] = {}
     for item in overrides:
         key, _, text = item.partition("=")
@@ -213,12 +269,9 @@ def _params(overrides: Iterable[str]) -> dict[str, Any]:
             out[key] = text
             continue
         try:
-            value: Any = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
-            for part in key.split("."):
-                value = value[int(part)] if isinstance(value, list) else value[part]
-        except Exception:  # noqa: BLE001 - YAML, OmegaConf and lookup errors alike: keep the written text
-            value = text
-        out[key] = value
+            out[key] = parse_value(text, key)
+        except ConfigError:  # not a YAML value: keep the written text
+            out[key] = text
     return out
 
 
