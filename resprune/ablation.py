@@ -48,7 +48,7 @@ from .config import load_config, selector_label, to_yaml
 from .costs import llm_dims, vision_dims
 from .data import describe_source, image_digest_of, load_records, open_image, record_digest
 from .errors import ConfigError, MissingDependencyError, ResPruneError, UnknownStrategyError, suggest
-from .metrics import Example, Metric, Reference
+from .metrics import Example, Metric, Reference, finite_number
 from .models import chat_inputs
 from .pipeline import Pipeline
 from .plugins import get_host
@@ -211,7 +211,9 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         except ConfigError as exc:
             raise AblationError(f"cell '{label}' ({_fmt(params)}): {exc}") from None
         key = to_yaml(cfg)
-        cell_id = hashlib.sha1((key + salt).encode()).hexdigest()[:10]
+        versions = plugin_versions(_strategies(cfg))  # an upgraded third-party plugin: new cells
+        cell_id = hashlib.sha1((key + salt + (json.dumps(versions, sort_keys=True) if versions else "")).encode()
+                               ).hexdigest()[:10]
         if key in seen:
             first = seen[key]
             why = (f"selector '{selector}' has no parameter {', '.join(repr(_short(k)) for k in dropped)}; "
@@ -223,6 +225,38 @@ def _expand_one(base: Any, values: dict[str, list[Any]], seen: dict[str, Cell], 
         seen[key] = cell
         cells.append(cell)
     return cells
+
+
+def _strategies(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(registry, name)`` of every scorer, selector and merger a config runs."""
+    out: list[tuple[str, str]] = []
+    for stage in [cfg, *cfg.vision_stages, *cfg.stages]:
+        if stage.selector.name:
+            out.append(("selectors", stage.selector.name))
+        out += [("scorers", sc.name) for sc in stage.scorers]
+        if stage.merger:
+            out.append(("mergers", stage.merger.name))
+    return out
+
+
+def plugin_versions(used: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """``{plugin: "distribution version"}`` of the third-party plugins providing ``used``
+    (``(registry, name)`` pairs, e.g. ``("selectors", "mine")``; ``("injectors", model_type)`` for
+    the injector of a model type). Built-in strategies are covered by resprune's own version."""
+    host = get_host()
+    info = {p["plugin"]: p for p in host.list_plugins()}
+    out: dict[str, str] = {}
+    for registry, name in used:
+        try:
+            entry = host.injector_entry(name) if registry == "injectors" else getattr(host, registry).entry(name)
+        except UnknownStrategyError:
+            continue
+        if entry is None:
+            continue
+        plugin = info.get(entry.plugin, {})
+        if plugin.get("distribution") != "resprune":
+            out[entry.plugin] = f"{plugin.get('distribution') or '-'} {plugin.get('version') or '-'}"
+    return dict(sorted(out.items()))
 
 
 def _fmt(params: Mapping[str, Any]) -> str:
@@ -289,17 +323,22 @@ class Ablation:
         self.record_keys = [record_digest(r, image_digest=h) for r, h in zip(self.records, images)]
         self.prompt_keys = [record_digest(r, ("image", "question"), image_digest=h) for r, h in zip(self.records, images)]
         self.dims = llm_dims(model.config)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab: int | None = int(head.weight.shape[0]) if getattr(head, "weight", None) is not None else None
         self.vision_dims = vision_dims(model.config) if getattr(model.config, "vision_config", None) else None
         self.rank, self.world, self._state = _distributed()
 
     def _identity(self) -> dict[str, Any]:
-        """Everything besides the pipeline config that changes a cell's numbers."""
+        """Everything besides the pipeline config that changes a cell's numbers (the versions of
+        third-party plugins providing the metrics and the injector included)."""
         config = getattr(self.model.config, "to_dict", dict)()
+        versions = plugin_versions([("metrics", m) for m in self.metrics]
+                                   + [("injectors", getattr(self.model.config, "model_type", None))])
         return {"model": self.model_name,
                 "model_config": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16],
                 "dtype": str(getattr(self.model, "dtype", "")), "device": self.model.device.type,
                 "max_new_tokens": self.max_new_tokens, "seed": self.seed, "metrics": sorted(self.metrics),
-                "resprune": __version__}
+                "resprune": __version__, **({"plugins": versions} if versions else {})}
 
     # --- running -----------------------------------------------------------------------
 
@@ -309,13 +348,29 @@ class Ablation:
         Raises ``RunLockedError`` if another process is writing ``out_dir``.
         """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        self.check_out_dir(out)
         lock = runfiles.RunLock(out)
         try:
             self._lock(lock)
             return self._run(out)
         finally:
             lock.release()
+
+    def check_out_dir(self, out_dir: str | Path) -> None:
+        """Check, before any model work, that the run folder and every folder of it this run writes
+        (``reference/``, each cell's) can be written, and that nothing in it is a symlink leading
+        outside it; ``OutputPathError`` / ``RunFileError`` naming the path otherwise."""
+        out = runfiles.writable_folder(out_dir, "run folder")
+        for name in ("results.jsonl", "sweep.json", "reference", "cells", runfiles.RunLock.FILENAME):
+            runfiles.check_inside(out, out / name)
+        folders = [(out / "reference", "reference folder")]
+        folders += [(out / "cells" / c.id, f"folder of cell '{c.label}'") for c in self.cells if not c.skip]
+        for folder, what in folders:
+            runfiles.check_inside(out, folder)
+            if os.path.lexists(folder):
+                runfiles.writable_folder(folder, what)
+                for path in folder.iterdir():
+                    runfiles.check_inside(out, path)
 
     def _lock(self, lock: runfiles.RunLock) -> None:
         """Rank 0 locks the folder (the other ranks own their files); every rank learns if it failed."""
@@ -412,7 +467,7 @@ class Ablation:
         for i in mine:
             key = self._reference_key(i)
             path = self._reference_path(out, key)
-            saved = load_reference(path, key)
+            saved = load_reference(path, key, vocab=self.vocab)
             if saved is not None:
                 refs[i] = saved
             else:
@@ -535,7 +590,7 @@ class Ablation:
         values = []
         for i, record in enumerate(self.records):
             key = self._reference_key(i)
-            ref = load_reference(self._reference_path(out, key), key)
+            ref = load_reference(self._reference_path(out, key), key, vocab=self.vocab)
             if ref is None:
                 continue
             per: dict[str, float] = {}
@@ -631,8 +686,11 @@ def save_reference(path: Path, key: Mapping[str, Any], ref: Reference) -> None:
     runfiles.replace_with(path, lambda tmp: save_file({"first_logits": logits}, str(tmp), metadata=meta))
 
 
-def load_reference(path: Path, key: Mapping[str, Any]) -> Reference | None:
-    """The stored outputs for ``key``; ``None`` if absent, for another key, or damaged (then recomputed)."""
+def load_reference(path: Path, key: Mapping[str, Any], *, vocab: int | None = None) -> Reference | None:
+    """The stored outputs for ``key``; ``None`` if absent or for another key. A file that is damaged
+    or holds what ``save_reference`` never writes (logits that are not one finite float32 row of
+    ``vocab`` values, a token count that is not a positive int) is warned about and ``None``: the
+    caller recomputes it."""
     if not path.is_file():
         return None
     from safetensors import safe_open
@@ -644,11 +702,34 @@ def load_reference(path: Path, key: Mapping[str, Any]) -> Reference | None:
                 return None
             info = json.loads(meta["reference"])
             logits = fh.get_tensor("first_logits")
-        return Reference(str(info["answer"]), logits.float(), int(info["tokens"]), info.get("prefill_ms"),
-                         info.get("peak_mib"))
     except Exception as exc:  # noqa: BLE001 - a damaged file (truncated, empty, edited) is recomputed
         runfiles.warn_once(path, f"ignored a damaged reference file ({type(exc).__name__}); it is recomputed")
         return None
+    problem = _reference_problem(info, logits, vocab)
+    if problem:
+        runfiles.warn_once(path, f"ignored a reference file whose {problem}; it is recomputed")
+        return None
+    return Reference(info["answer"], logits, info["tokens"], info.get("prefill_ms"), info.get("peak_mib"))
+
+
+def _reference_problem(info: Any, logits: torch.Tensor, vocab: int | None) -> str | None:
+    """What is wrong with a stored reference (``None``: nothing)."""
+    if logits.dtype != torch.float32:
+        return f"logits are {logits.dtype}, not the float32 that is written"
+    if logits.dim() != 1 or (vocab is not None and logits.shape[0] != vocab):
+        return f"logits have shape {tuple(logits.shape)}, not ({vocab if vocab is not None else 'vocabulary'},)"
+    if not bool(torch.isfinite(logits).all()):
+        return "logits hold NaN or infinite values"
+    if not isinstance(info, dict) or not isinstance(info.get("answer"), str):
+        return "answer is missing or not text"
+    tokens = info.get("tokens")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        return f"token count {tokens!r} is not an int >= 1"
+    for name in ("prefill_ms", "peak_mib"):
+        value = info.get(name)
+        if value is not None and not finite_number(value):
+            return f"{name} {value!r} is not a finite number"
+    return None
 
 
 def _mean(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:

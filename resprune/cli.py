@@ -228,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would raise again
         return 0
+    except OSError as exc:  # a path the checks up front could not foresee (a disk filling up, a file removed)
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"resprune: error: {exc.strerror or type(exc).__name__}{where}; nothing was left half-written "
+              f"(results are written atomically), so a rerun resumes.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

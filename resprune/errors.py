@@ -24,6 +24,7 @@ __all__ = [
     "MissingContextError",
     "IncompatibleBackboneError",
     "MissingDependencyError",
+    "OutputPathError",
     "suggest",
 ]
 
@@ -86,3 +87,8 @@ class IncompatibleBackboneError(ResPruneError):
 
 class MissingDependencyError(ResPruneError, ImportError):
     """An optional package needed by the chosen option is not installed."""
+
+
+class OutputPathError(ResPruneError):
+    """An output path resprune cannot write (a file where a folder belongs, a read-only folder...),
+    found before any model work."""

@@ -159,7 +159,7 @@ class PluginHost:
             self._load_entry_points()
         for plugin in plugins:
             name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin)}"
-            self._register(plugin, name, None, None)
+            self._register(plugin, name, None, getattr(plugin, "__version__", None))  # a module's own version
         self._check_pending()
         self._fill_registries()
 
@@ -286,6 +286,10 @@ class PluginHost:
                 f"no injector supports model_type '{model_type}'{what}. Supported: {supported}. Third-party "
                 f"backbones register one through the resprune_register_injectors hook.")
         return entry.cls
+
+    def injector_entry(self, model_type: Any) -> Any:
+        """The registry ``Entry`` (class and providing plugin) of ``model_type``'s injector, or ``None``."""
+        return self._model_types.get(model_type)
 
     @property
     def model_types(self) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import InvalidInputError, MissingDependencyError
 from .metrics import finite_number
-from .runfiles import check_inside, replace_with, unique_slug, write_atomic
+from .runfiles import check_inside, replace_with, unique_slug, writable_file, writable_folder, write_atomic
 
 __all__ = ["lower_is_better", "is_percent", "load_results", "results_table", "plot_metric_vs_budget", "write_report",
            "md_text"]
@@ -268,6 +268,13 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
 
     run = Path(run_dir)
     rows = load_results(run)
+    check_inside(run, run / "report.md")
+    writable_file(run / "report.md", "report")  # every output checked before the first is written
+    if csv_path is not None:
+        writable_file(csv_path, "--csv")
+    if plots:
+        check_inside(run, run / "plots")
+        writable_folder(run / "plots", "plots folder")
     if csv_path is not None:
         write_csv(rows, csv_path)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}

@@ -15,6 +15,7 @@ from .data import open_image
 from .models import chat_inputs, load_model
 from .pipeline import Pipeline, load_pipeline
 from .prompts import tokenizer_of
+from .runfiles import writable_file
 from .visualize import overlay_selection, overlay_stages
 
 __all__ = ["run_one", "visualize_one"]
@@ -33,6 +34,8 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
             max_new_tokens: int = 64, device: str | None = None, out: str | Path | None = None,
             compare: bool = False, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prune with ``config`` and generate an answer; print it with the token counts and FLOPs."""
+    if out is not None:
+        writable_file(out, "--out")  # before any model work
     pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
     tokenizer = tokenizer_of(processor)
     prompt_len = inputs["input_ids"].shape[1]
@@ -82,6 +85,7 @@ def visualize_one(config: str, overrides: Iterable[str] = (), *, model: str, ima
                   prompt: str = "Describe the picture.", device: str | None = None,
                   out: str | Path = "resprune-overlay.png", print_fn: Callable[[str], Any] = print) -> Path:
     """Write the kept-token overlay (no generation: only the vision tower and selection run)."""
+    writable_file(out, "--out")  # before any model work
     pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
     with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
         if pipe.llm_stages:

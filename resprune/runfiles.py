@@ -25,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ResPruneError
+from .errors import OutputPathError, ResPruneError
 
 __all__ = ["RunFileError", "RunLockedError", "RunLock", "write_atomic", "replace_with", "append_jsonl", "warn_once",
-           "slug", "unique_slug", "inside", "check_inside", "files_inside", "read_jsonl", "read_json"]
+           "slug", "unique_slug", "inside", "check_inside", "files_inside", "writable_folder", "writable_file", "read_jsonl", "read_json"]
 
 
 class RunFileError(ResPruneError):
@@ -114,6 +114,41 @@ def files_inside(root: str | Path, pattern: str) -> list[Path]:
             else:
                 warn_once(path, f"skipped: a symlink leading outside '{root}' (see docs/footguns.md)")
     return sorted(out)
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def writable_folder(path: str | Path, what: str = "output folder") -> Path:
+    """Create ``path`` if needed and check that a file can be written in it; ``OutputPathError``
+    naming the path and why otherwise (a file in its place, a read-only folder or disk...)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} '{path}' is a file, not a folder: name a folder (it is created if missing).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputPathError(f"cannot create {what} '{path}': {_why(exc)} ({exc.filename or path}). Name a folder "
+                              f"you can write.") from None
+    probe = path / f".resprune-write-check.{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputPathError(f"cannot write in {what} '{path}': {_why(exc)}. Make it writable or name another "
+                              f"folder.") from None
+    return path
+
+
+def writable_file(path: str | Path, what: str = "output file") -> Path:
+    """Check that ``path`` can be written (replaced) as a file, creating its folder if needed;
+    ``OutputPathError`` naming the path and why otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{what} '{path}' is a folder: name a file (e.g. {path / 'out'}).")
+    writable_folder(path.parent, f"{what}'s folder")
+    return path
 
 
 def replace_with(path: str | Path, write: Callable[[Path], None]) -> Path:

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .ablation import Ablation, AblationError, ResultTable, write_results
 from .config import YAML_SUFFIXES, check_keys, excerpt, parse_override, parse_yaml, read_yaml_text, refuse_resolvers
 from .errors import ConfigError, suggest
-from .runfiles import unique_slug
+from .runfiles import unique_slug, writable_folder
 
 __all__ = ["SweepConfig", "load_sweep", "run_sweep", "DEFAULT_SWEEP"]
 
@@ -135,15 +135,18 @@ def run_sweep(spec: SweepConfig, *, out_dir: str | Path | None = None, progress:
     device = spec.device
     if device is None and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per process
+    writable_folder(root, "run folder")  # before any model is loaded
     studies = []
     for name in models:  # build and validate every study before running any
         model, processor = load_model(str(name), device=device)
         studies.append((name, Ablation(spec.base, spec.grid, model=model, processor=processor, dataset=spec.dataset,
                                        metrics=spec.metrics, model_name=str(name), max_new_tokens=spec.max_new_tokens,
                                        seed=spec.seed, limit=spec.limit, progress=progress)))
+    folders = [root if len(studies) == 1 else root / unique_slug(str(name)) for name, _ in studies]  # org/m, org:m
+    for folder, (_, study) in zip(folders, studies):
+        study.check_out_dir(folder)  # every output checked before the first cell runs
     table = ResultTable()
-    for name, study in studies:
-        folder = root if len(studies) == 1 else root / unique_slug(str(name))  # org/m, org:m: two folders
+    for folder, (name, study) in zip(folders, studies):
         if study.rank == 0:
             print_fn(f"sweep: {len(study.cells)} cells x {len(study.records)} examples on {name} -> {folder}")
         table.extend(study.run(folder))

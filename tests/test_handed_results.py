@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from resprune.cli import main as cli
 from resprune.config import load_config, to_yaml
+from resprune.data import photo_path
 from resprune.errors import ConfigError, InvalidInputError, ResPruneError
 from resprune.lmms.results import load_lmms_eval, result_files
-from resprune.report import load_results, results_table, write_report
+from resprune.report import load_results, write_report
 from resprune.runfiles import RunFileError, unique_slug
 
 from test_lmms_results import FULL, MODEL, write_result
@@ -162,7 +163,7 @@ def test_two_models_whose_names_slug_alike_get_two_plots(tmp_path):
 
 @pytest.mark.parametrize("value", ["@x", "`x", "[1", "{", "*x", "%x"])
 def test_an_override_that_is_not_yaml_names_the_key_and_shows_how_to_quote_it(value, capsys):
-    with pytest.raises(ConfigError, match=rf"description=.*not a YAML value.*description='"):
+    with pytest.raises(ConfigError, match=r"description=.*not a YAML value.*description='"):
         load_config("resprune-llava15", [f"description={value}"])
     assert load_config("resprune-llava15", [f"description='{value}'"]).description == value  # the quoting shown
     assert cli(["config", "resprune-llava15", f"description={value}"]) == 2
@@ -228,3 +229,84 @@ def test_any_grid_value_is_a_named_error_or_a_grid(key, values):
         expand_grid("resprune-llava15", {key: values})
     except ResPruneError:
         pass
+
+
+# --- outputs that cannot be written ------------------------------------------------------------------
+
+
+def _unwritable_cases(tmp_path):
+    photo = str(photo_path("astronaut"))
+    afile, adir = tmp_path / "afile", tmp_path / "adir"
+    afile.write_text("x")
+    adir.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text(json.dumps({"model": "m", "status": "done", "method": "full", "budget": None,
+                                                   "metrics": {"flops.ratio": 1.0}}) + "\n")
+    (tmp_path / "run_md" / "report.md").mkdir(parents=True)
+    (tmp_path / "run_md" / "results.jsonl").write_text((run / "results.jsonl").read_text())
+    image = ["--model", "tiny:llava", "--image", photo]
+    return {
+        "sweep --out a file": (["sweep", "--out", str(afile), "limit=1"], "is a file, not a folder"),
+        "sweep --out /proc/x": (["sweep", "--out", "/proc/x", "limit=1"], "cannot create run folder '/proc/x'"),
+        "report --csv a folder": (["report", str(run), "--no-plots", "--csv", str(adir)], "--csv .* is a folder"),
+        "report --csv /proc/x/t.csv": (["report", str(run), "--no-plots", "--csv", "/proc/x/t.csv"],
+                                       "cannot create --csv's folder '/proc/x'"),
+        "report.md a folder": (["report", str(tmp_path / "run_md"), "--no-plots"], "report .*report.md' is a folder"),
+        "demo --out a folder": (["demo", "--out", str(adir)], "--out .* is a folder"),
+        "demo --out /proc/x/y.png": (["demo", "--out", "/proc/x/y.png"], "cannot create --out's folder"),
+        "run --out a folder": (["run", "resprune-llava15", *image, "--prompt", "hi", "--out", str(adir)],
+                               "--out .* is a folder"),
+        "visualize --out /proc/x.png": (["visualize", "resprune-llava15", *image, "--out", "/proc/x/o.png"],
+                                        "cannot create --out's folder"),
+    }
+
+
+def test_every_unwritable_output_is_named_before_any_model_work(tmp_path, monkeypatch, capsys):
+    import resprune.demo
+    import resprune.models
+    import resprune.run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the outputs were checked")
+
+    for module in (resprune.models, resprune.run, resprune.demo):
+        monkeypatch.setattr(module, "load_model", no_model)
+    for case, (argv, message) in _unwritable_cases(tmp_path).items():
+        assert cli(argv) == 2, case
+        err = capsys.readouterr().err
+        assert err.startswith("resprune: error: ") and "Traceback" not in err, case
+        assert re.search(message, err), (case, err)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_run_folder_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    try:
+        assert cli(["sweep", "--out", str(run), "limit=1"]) == 2
+        assert "cannot write in run folder" in capsys.readouterr().err
+    finally:
+        run.chmod(0o755)
+
+
+def test_a_cell_folder_that_cannot_be_written_stops_the_sweep_before_it_starts(tmp_path, tiny_llava):
+    import resprune
+    from resprune.errors import OutputPathError
+
+    model, processor = tiny_llava
+    study = resprune.Ablation("resprune-llava15", {"budget": [16, 32]}, model=model, processor=processor,
+                              metrics=["flops"], limit=1, progress=False)
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    (cells / study.cells[1].id).write_text("not a folder")
+    with pytest.raises(OutputPathError, match=f"folder of cell '{study.cells[1].label}'.*is a file"):
+        study.run(tmp_path)
+    assert not (tmp_path / "reference").exists() and not (cells / study.cells[0].id).exists()  # nothing ran
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (cells / study.cells[1].id).unlink()
+    (cells / study.cells[1].id).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(RunFileError, match="symlink leading outside the run folder"):
+        study.run(tmp_path)

@@ -30,9 +30,9 @@ def tiny():
     return load_model("tiny:llava")
 
 
-def study(grid=GRID, *, limit=2, metrics=METRICS, max_new_tokens=3, dataset=None, **kw):
+def study(grid=GRID, *, limit=2, metrics=METRICS, max_new_tokens=3, dataset=None, base="resprune-llava15", **kw):
     model, processor = tiny()
-    return resprune.Ablation("resprune-llava15", grid, model=model, processor=processor, metrics=metrics,
+    return resprune.Ablation(base, grid, model=model, processor=processor, metrics=metrics,
                              limit=limit, model_name="tiny:llava", max_new_tokens=max_new_tokens, dataset=dataset,
                              progress=False, **kw)
 
@@ -294,3 +294,72 @@ def test_a_sweep_killed_at_several_points_resumes_to_the_uninterrupted_results(t
     assert not (killed / "report.md").exists()
     assert cli("report", "--no-plots", str(killed)).returncode == 0
     assert (killed / "report.md").read_text() == (clean / "report.md").read_text().replace(str(clean), str(killed))
+
+
+# --- what a handed run folder holds is checked, not trusted ---------------------------------------
+
+
+def _poison(path, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta, logits = fh.metadata(), fh.get_tensor("first_logits")
+    save_file({"first_logits": change(logits).contiguous()}, str(path), metadata=meta)
+
+
+POISONS = {
+    "int64": (lambda t: t.round().to(torch.int64), "torch.int64"),
+    "bool": (lambda t: t > 0, "torch.bool"),
+    "bf16": (lambda t: t.to(torch.bfloat16), "torch.bfloat16"),
+    "nan": (lambda t: torch.where(t > t.median(), torch.nan, t), "NaN"),
+    "short": (lambda t: t[:-1], "shape"),
+    "2-d": (lambda t: t[None], "shape"),
+}
+
+
+@pytest.mark.parametrize("poison", sorted(POISONS))
+def test_a_reference_that_was_never_written_so_is_recomputed_not_used(tmp_path, poison):
+    import shutil
+
+    change, named = POISONS[poison]
+    study().run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a" / "reference", tmp_path / "b" / "reference")
+    for path in (tmp_path / "b" / "reference").iterdir():
+        _poison(path, change)
+    with pytest.warns(RuntimeWarning, match=f"ignored a reference file whose .*{named}.*recomputed"):
+        table = study().run(tmp_path / "b")
+    assert numbers(table) == fresh()
+
+
+def test_an_upgraded_third_party_plugin_recomputes_its_cells(tmp_path, plugin_host):
+    import types
+
+    import resprune.backbones.llava as llava
+    import resprune.strategies.metrics as metrics
+    import resprune.strategies.random_choice as random_choice
+
+    def plugin(version):
+        module = types.ModuleType("acme_selectors")
+        module.__version__ = version
+
+        class Acme(random_choice.RandomSelector):
+            name = "acme"
+
+        @resprune.hookimpl
+        def resprune_register_selectors(register):
+            register(Acme)
+
+        module.resprune_register_selectors = resprune_register_selectors
+        return module
+
+    ids = []
+    for version in ("1.0", "1.0", "1.1"):
+        plugin_host(llava, metrics, random_choice, plugin(version))
+        s = study({"selector": ["acme"], "budget": [16]}, base="random", metrics=["flops"], limit=1)
+        table = s.run(tmp_path)
+        ids.append(table[1]["cell"])
+        meta = json.loads((tmp_path / "cells" / ids[-1] / "meta.rank0.json").read_text())
+        assert meta["plugins"]["acme_selectors"] == version
+    assert ids[0] == ids[1] != ids[2]  # the same version reuses the cell; an upgrade recomputes it
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == sorted({ids[0], ids[2]})
