@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/bench_selection.py            # the paper's sizes (CPU: ~1 min)
     python benchmarks/bench_selection.py --smoke    # tiny sizes, seconds (CI)
     python benchmarks/bench_selection.py --device cuda --markdown docs/bench.md
+    python benchmarks/bench_selection.py --auto     # `auto` against each method at Table I's budgets
 
 The naive reference is greedy residual selection that keeps the whole residual matrix
 ``R = V - P_S V`` and updates all of it every step (``R <- R - (R q) q^T``), in float32 on
@@ -15,13 +16,15 @@ process, so the speed-up column is a same-machine ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import resprune
-from resprune.linalg import choose_method
+from resprune.linalg import choose_method, greedy_residual_select
 
 from common import device_name, emit, timed
 
@@ -160,6 +163,34 @@ def growth(device: torch.device, repeats: int, ns: tuple[int, ...] = (576, 2880,
     return "\n".join(lines)
 
 
+AUTO_NS = (576, 2880)  # LLaVA-1.5; LLaVA-NeXT with 5 tiles
+AUTO_KS = (64, 128, 192)  # the paper's Table I budgets
+METHODS = ("incremental", "gram", "blocked")
+
+
+def auto_table(device: torch.device, repeats: int, ns: tuple[int, ...] = AUTO_NS, ks: tuple[int, ...] = AUTO_KS,
+               d: int = 4096) -> tuple[str, list[dict]]:
+    """residual_energy's ``auto`` against each method at the Table I budgets (correlated tokens,
+    one image): the table, and one record per shape (``{"n", "d", "k", "auto", "ms": {method: ms}}``,
+    what ``tests/test_selection_auto.py`` checks ``choose_method`` against)."""
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    lines = [f"`auto` against each method, residual_energy, d={d}, correlated tokens — {device_name(device)}; "
+             "median ms", "", "| N | k | auto picks | auto ms | " + " | ".join(f"{m} ms" for m in METHODS)
+             + " | auto / best |", "|---:|---:|---|---:|" + "---:|" * (len(METHODS) + 1)]
+    for n in ns:
+        tokens = make_tokens("correlated", 1, n, d, gen).to(device)
+        for k in ks:
+            ms = {m: timed(lambda: greedy_residual_select(tokens, k, method=m), device, repeats) for m in METHODS}
+            auto = choose_method(n, d, k, device=device)
+            auto_ms = timed(lambda: greedy_residual_select(tokens, k), device, repeats)
+            best = min(ms.values())
+            records.append({"n": n, "d": d, "k": k, "auto": auto, "ms": ms})
+            lines.append(f"| {n} | {k} | {auto} | {auto_ms:.1f} | " + " | ".join(f"{ms[m]:.1f}" for m in METHODS)
+                         + f" | {ms[auto] / best:.2f} |")
+    return "\n".join(lines), records
+
+
 def markdown(rows: list[dict], device: torch.device) -> str:
     lines = [
         f"Selection time, median ms — {device_name(device)}, torch {torch.__version__}, float32.",
@@ -187,10 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
     parser.add_argument("--growth", action="store_true", help="also time residual_energy over N in "
                         "{576, 2880, 10000} and k in {64, 320} (d=3584; slow on CPU)")
+    parser.add_argument("--auto", action="store_true", help="only `auto` against each method at the Table I "
+                        "budgets (k=64/128/192 at N=576 and 2880, d=4096)")
+    parser.add_argument("--calibration", metavar="FILE", help="with --auto: also write the measured times as JSON "
+                        "(tests check choose_method against the committed one)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.auto:
+        table, records = (auto_table(device, args.repeats or 2, ns=(96, 192), ks=(8, 48), d=64) if args.smoke
+                          else auto_table(device, args.repeats or 5))
+        emit(table, args.markdown)
+        if args.calibration:
+            info = {"device": device_name(device), "torch": torch.__version__, "command": " ".join(sys.argv),
+                    "shapes": records}
+            Path(args.calibration).write_text(json.dumps(info, indent=1) + "\n")
+        return 0
     cases = SMOKE_CASES if args.smoke else PAPER_CASES + (LARGE_CASES if args.large else [])
     repeats = args.repeats or (2 if args.smoke else 5)
     rows = run(cases, device, repeats, with_reference=not args.no_reference)

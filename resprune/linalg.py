@@ -101,16 +101,19 @@ def choose_method(n: int, d: int, k: int, *, batch: int = 1,
     On a CUDA device with Triton installed: ``triton`` (``resprune.kernels``: the Gram
     matrix from one GEMM, then the whole loop in fused kernels).
 
-    On CPU: ``gram`` when ``3k > N``; for narrow tokens (``d < NARROW``, tiny models) the
+    On CPU: ``gram`` when ``4k > N``; for narrow tokens (``d < NARROW``, tiny models) the
     cheaper of the Gram GEMM (``2 N^2 d``) and one product per step over the at most ``d``
-    steps before the rank runs out; else ``blocked`` (the measured crossover at N = 576,
-    d = 4096: a block of ``BLOCK`` columns is needed every 5-10 picks, so blocks cost about
-    ``6-12 k N d`` FLOPs against ``2 N^2 d`` for the Gram matrix). Elsewhere (no host checks in the loop): a rough cost model calibrated on a
-    2-core CPU, the Gram GEMM at about 150 GFLOP/s against per-step matrix-vector products
+    steps before the rank runs out; else ``blocked``. The crossover is measured at the paper's
+    budgets (``python benchmarks/bench_selection.py --auto``; committed in
+    ``benchmarks/results/auto-cpu.json`` and checked by a test): at N = 576, d = 4096 ``blocked``
+    costs about 0.23 ms a pick against about 30 ms for the whole ``gram`` path, so they cross
+    between k = N/5 and N/4 (at N = 2880 ``blocked`` stays ahead up to k = 192 at least).
+
+    Elsewhere (no host checks in the loop): a rough cost model calibrated on a 2-core CPU, the Gram GEMM at about 150 GFLOP/s against per-step matrix-vector products
     at memory speed (about 60 GB/s while ``V`` fits in cache, 20 GB/s beyond).
     """
     if torch.device(device).type == "cpu":
-        if 3 * k > n:
+        if 4 * k > n:
             return "gram"
         if d < NARROW:  # tiny models: blocks do not pay, and at most d steps run (the rank)
             return "gram" if n < 20 * min(k, d) else "incremental"
