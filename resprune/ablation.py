@@ -98,11 +98,20 @@ class ResultTable(list):
     (the paper's relative score, or ``None``).
     """
 
+    @classmethod
+    def load(cls, run_dir: str | Path) -> ResultTable:
+        """The results of a run folder written by ``resprune sweep`` / ``Ablation.run`` (or of a folder
+        of lmms-eval results): ``ResultTable.load("runs/sweep").to_pandas()``."""
+        from .report import load_results
+
+        return cls(load_results(run_dir))
+
     def to_pandas(self) -> Any:
         """A ``pandas.DataFrame``, one row per cell: the flat columns of
         ``resprune.report.flat_table`` (``selector``, ``budget``, each grid parameter, each metric
-        key such as ``fidelity.kl``) and ``row``, the full result row. Needs pandas
-        (``pip install "resprune[pandas]"``)."""
+        key such as ``fidelity.kl``) and ``row``, the full result row. ``budget`` holds ints
+        (pandas' nullable ``Int64``: the full row has none) when every budget is an int. Needs
+        pandas (``pip install "resprune[pandas]"``)."""
         try:
             import pandas as pd
         except ImportError:
@@ -112,6 +121,11 @@ class ResultTable(list):
 
         columns, records = flat_table(list(self))
         frame = pd.DataFrame.from_records(records, columns=columns)
+        budgets = [r["budget"] for r in records if r["budget"] is not None]
+        if budgets and all(isinstance(b, int) and not isinstance(b, bool) for b in budgets):
+            frame["budget"] = frame["budget"].astype("Int64")  # 16, not 16.0 beside the full row's missing one
+        elif budgets:
+            frame["budget"] = pd.Series([r["budget"] for r in records], dtype=object)  # 16 and 0.25 stay apart
         frame["row"] = list(self)
         return frame
 

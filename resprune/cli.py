@@ -47,6 +47,14 @@ def _configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweeps(args: argparse.Namespace) -> int:
+    from .sweep import shipped_sweeps
+
+    for name, description in shipped_sweeps().items():
+        print(f"{name:<12} {description}")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from .config import load_config, to_yaml
 
@@ -76,8 +84,11 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .run import run_one
 
-    run_one(args.config, args.overrides, model=args.model, image=args.image, prompt=args.prompt,
-            max_new_tokens=args.max_new_tokens, device=args.device, out=args.out, compare=args.compare)
+    result = run_one(args.config, args.overrides, model=args.model, image=args.image, prompt=args.prompt,
+                     max_new_tokens=args.max_new_tokens, device=args.device, out=args.out, compare=args.compare,
+                     print_fn=(lambda line: None) if args.json else print)
+    if args.json:
+        print(json.dumps(result["summary"], indent=2))
     return 0
 
 
@@ -135,7 +146,8 @@ def _config_image_args(p: argparse.ArgumentParser, *, prompt: str | None) -> Non
 def _model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> None:
     p.add_argument("--model", default=default_model, required=default_model is None,
                    help="hub id, local checkpoint folder, or tiny:llava | tiny:llava_next | tiny:qwen2_5_vl[:LAYERS] "
-                        "(a random tiny model built offline)")
+                        "(a random tiny model built offline, with 2 LLM decoder layers unless LAYERS says more: "
+                        "tiny:llava:32 for configs with stages inside the LLM)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
 
 
@@ -145,12 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resprune", description="Training-free visual token pruning for LVLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plugins", help="list every scorer, selector and injector and the plugin providing it")
+    p = sub.add_parser("plugins", help="list every scorer, selector, merger, injector and metric, and the plugin "
+                                       "providing it")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_plugins)
 
     p = sub.add_parser("configs", help="list the shipped pipeline configs")
     p.set_defaults(func=_configs)
+
+    p = sub.add_parser("sweeps", help="list the shipped sweeps (resprune sweep NAME runs one)")
+    p.set_defaults(func=_sweeps)
 
     p = sub.add_parser("config", help="print a resolved pipeline config (validates it)")
     p.add_argument("source", help="shipped config name or YAML path")
@@ -174,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--compare", action="store_true", help="also generate without pruning")
     p.add_argument("--out", default=None, help="also write the overlay PNG here")
+    p.add_argument("--json", action="store_true", help="print the kept indices, token counts, merged tokens and "
+                                                       "FLOPs as JSON instead of the lines")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("sweep", help="run an ablation sweep (default: 4 selectors x 3 budgets, tiny model, "

@@ -530,7 +530,9 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
         stage_budget(stage["budget"], container["budget"], where=f"{label}: {where}.budget")
         if stage["selector"]["name"] is None:
             raise ConfigError(f"{label}: {where}.selector.name: missing. Every stage needs a selector.")
-        _validate_stage(stage, host, label, f"{where}.")
+        from .backbones.vision_stages import VISION_FIELDS
+
+        _validate_stage(stage, host, label, f"{where}.", VISION_FIELDS, "inside the vision tower")
     last = 0
     for i, stage in enumerate(container["stages"]):
         where = f"stages[{i}]"
@@ -548,7 +550,9 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
         if stage["positions"] not in POSITIONS:
             raise ConfigError(f"{label}: {where}.positions={stage['positions']!r}: must be one of "
                               f"{', '.join(POSITIONS)}.")
-        _validate_stage(stage, host, label, f"{where}.")
+        from .llm_pruning import LLM_FIELDS
+
+        _validate_stage(stage, host, label, f"{where}.", frozenset(LLM_FIELDS) | {"text"}, "inside the LLM")
     _validate_backbone(container["backbone"], host, label)
     result = OmegaConf.structured(PipelineConfig)
     result = OmegaConf.merge(result, escape_interpolations(container))  # text reading `${...}` stays that text
@@ -556,16 +560,21 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
     return result
 
 
-def _validate_stage(stage: dict[str, Any], host: Any, label: str, prefix: str) -> None:
-    """Check one stage's strategies against the registries and fill their params' defaults."""
+def _validate_stage(stage: dict[str, Any], host: Any, label: str, prefix: str,
+                    offered: frozenset[str] | None = None, place: str = "") -> None:
+    """Check one stage's strategies against the registries and fill their params' defaults;
+    ``offered``: the context fields every backbone offers there (a stage inside the LLM or the
+    tower), so a strategy that needs another is refused here rather than when it runs."""
     sel = stage["selector"]
     selector_cls = _lookup(host.selectors, sel["name"], f"{label}: {prefix}selector.name")
     sel["params"] = dataclasses.asdict(build_params(selector_cls, sel["params"], where=f"{label}: {prefix}selector.params"))
     outputs: dict[str, str] = {}
+    needs: list[tuple[str, frozenset[str]]] = []
     for i, sc in enumerate(stage["scorers"]):
         where = f"{label}: {prefix}scorers[{i}]"
         scorer_cls = _lookup(host.scorers, sc["name"], f"{where}.name")
         sc["params"] = dataclasses.asdict(build_params(scorer_cls, sc["params"], where=f"{where}.params"))
+        needs.append((f"{prefix}scorers[{i}] '{sc['name']}'", frozenset(scorer_cls(sc["params"]).requires)))
         out = sc["output"] or scorer_cls.output
         if out in outputs:
             raise ConfigError(f"{where}: score '{out}' is already written by scorer '{outputs[out]}'; "
@@ -578,13 +587,28 @@ def _validate_stage(stage: dict[str, Any], host: Any, label: str, prefix: str) -
         merger["params"] = dataclasses.asdict(build_params(merger_cls, merger["params"],
                                                            where=f"{label}: {prefix}merger.params"))
         readers.append((f"{prefix}merger '{merger['name']}'", merger_cls(merger["params"])))
+    needs += [(who, frozenset(strategy.requires)) for who, strategy in readers]
+    for who, fields in needs if offered is not None else ():
+        absent = sorted(fields - offered)
+        if absent:
+            why = (" (text-conditioned scorers read the instruction's word embeddings, which only the input stage "
+                   "has)" if absent[0] in ("text", "text_embedder") else "")
+            raise ConfigError(f"{label}: {who} needs context '{absent[0]}', which a stage {place} does not have"
+                              f"{why}. A stage there offers: {', '.join(sorted(offered))}.")
     for who, strategy in readers:
         missing = sorted(strategy.required_scores() - set(outputs))
         if missing:
             writers = [e.name for e in host.scorers.entries() if getattr(e.cls, "output", None) == missing[0]]
+            if not writers:  # no installed scorer writes it: most likely a misspelt score name
+                known = {str(getattr(e.cls, "output", "")) for e in host.scorers.entries()} | set(outputs)
+                written = ", ".join(sorted(outputs)) or "none"
+                raise ConfigError(
+                    f"{label}: {who} ({strategy!r}) reads score '{missing[0]}', which no installed scorer writes."
+                    f"{suggest(missing[0], known)} The scores `{prefix}scorers` write: {written}; every score a "
+                    f"scorer can write is in `resprune plugins` (a scorer's output, or its `output:` in the config).")
             raise ConfigError(
                 f"{label}: {who} ({strategy!r}) needs score '{missing[0]}', which no scorer in `{prefix}scorers` "
-                f"writes. Add one ({', '.join(writers) or 'a scorer with output: ' + missing[0]}).")
+                f"writes. Add one ({', '.join(writers)}).")
 
 
 def _validate_backbone(backbone: dict[str, Any], host: Any, label: str) -> None:
@@ -606,6 +630,22 @@ def _lookup(registry: Any, name: Any, where: str) -> Any:
         return registry.get(name)
     except KeyError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+MODEL_SUFFIXES = {"llava15": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl"}
+"""How shipped config names end for a backbone (``visionzip-qwen2.5-vl``) -> its ``model_type``."""
+
+
+def shipped_variants(name: Any, model_type: Any) -> list[str]:
+    """Shipped configs that are ``name`` for ``model_type`` models (``visionzip`` on ``qwen2_5_vl``:
+    ``visionzip-qwen2.5-vl``), by the name suffixes of ``MODEL_SUFFIXES``."""
+    if not isinstance(name, str):
+        return []
+    stem = name
+    for suffix in MODEL_SUFFIXES:
+        stem = stem.removesuffix(f"-{suffix}")
+    return [f"{stem}-{suffix}" for suffix, mt in MODEL_SUFFIXES.items()
+            if mt == model_type and f"{stem}-{suffix}" != name and (_config_dir() / f"{stem}-{suffix}.yaml").is_file()]
 
 
 def selector_label(cfg: DictConfig) -> str:

@@ -105,6 +105,7 @@ class ImageSelection:
             (``None``: the kept tokens' own features).
         sources: int64 ``[k]`` the token each kept place holds when a merger ran (it may put
             its tokens in another order than their places; ``None``: ``kept``).
+        merged: how many of the ``k`` tokens a merger made from dropped ones (``0``: none).
     """
 
     row: int
@@ -118,6 +119,7 @@ class ImageSelection:
     geometry: EncodedImage | None = None
     features: Tensor | None = None
     sources: Tensor | None = None
+    merged: int = 0
 
     def mask(self) -> Tensor:
         """Boolean ``[N]``: True where a token is kept."""
@@ -160,6 +162,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
         merged_all: list[list[Tensor | None]] = [[] for _ in members]  # a merger's features per subset
         held_all: list[list[Tensor]] = [[] for _ in members]  # the token each kept place holds
         score_all: list[dict[str, Tensor]] = [{} for _ in members]
+        merged_count = 0  # tokens a merger made, over the subsets (the same for every member)
         for idx, k in subsets(pipeline):
             if k == 0:
                 continue
@@ -176,6 +179,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                 positions=None if first.positions is None else (first.positions if whole else first.positions[idx]),
             )
             sel = pipeline.run(ctx, k=k)
+            merged_count += sel.merged
             kept, order, held = idx[sel.kept.cpu()], idx[sel.order.cpu()], idx[sel.held.cpu()]  # one copy per subset
             scores = {name: value.detach().float().cpu() for name, value in sel.scores.items()}
             for j in range(len(members)):
@@ -206,7 +210,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                                     layout=images[i].layout)
             out[i] = ImageSelection(row=rows[i], image=i, kept=kept, order=order, k=int(kept.numel()), n=first.n,
                                     text=texts[j] if texts else "", scores=score_all[j], geometry=geometry,
-                                    features=features, sources=sources)
+                                    features=features, sources=sources, merged=merged_count)
     return [s for s in out if s is not None]
 
 

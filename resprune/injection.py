@@ -578,7 +578,7 @@ def _in_full_image(sel: ImageSelection, present: Tensor, img: EncodedImage) -> I
         scores[name] = full
     return ImageSelection(row=sel.row, image=sel.image, kept=present[sel.kept], order=present[sel.order], k=sel.k,
                           n=img.n, text=sel.text, scores=scores, geometry=_geometry(img), features=sel.features,
-                          sources=None if sel.sources is None else present[sel.sources])
+                          sources=None if sel.sources is None else present[sel.sources], merged=sel.merged)
 
 
 def _tower_selections(pipeline: Pipeline, images: list[EncodedImage],

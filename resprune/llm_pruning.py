@@ -180,9 +180,16 @@ class LLMPruner:
         self.layers = list(self.lm.layers)
         for stage in self.stages:
             if not 1 <= stage.layer < len(self.layers):
+                name = str(getattr(model.config, "_name_or_path", "") or "")
+                tiny = ""
+                if name.startswith("tiny:"):
+                    base = ":".join(name.split(":")[:2])
+                    tiny = (f" {name} is a tiny random model with {len(self.layers)} decoder layers; give it more with "
+                            f"{base}:<layers> (e.g. {base}:32).")
                 raise InvalidInputError(
                     f"{source}: stage at layer {stage.layer}: the language model has {len(self.layers)} decoder "
-                    f"layers; an in-LLM stage acts on layer 1..{len(self.layers) - 1} (scores come from layer K-1).")
+                    f"layers; an in-LLM stage acts on layer 1..{len(self.layers) - 1} (scores come from layer "
+                    f"K-1).{tiny}")
         self.capture_at = {s.layer - 1: s for s in self.stages if s.requires & {"llm_attention", "llm_keys"}}
         self._wants_raters = any(getattr(getattr(scorer, "params", None), "query", None) == "raters"
                                  for s in self.stages for _, scorer in s.scorers)
@@ -468,7 +475,7 @@ class LLMPruner:
                 records.append(ImageSelection(row=span.row, image=span.image, kept=new_alive.sort().values,
                                               order=alive[sel.order[j]],
                                               k=k, n=span.n, scores={n: v[j].detach() for n, v in sel.scores.items()},
-                                              geometry=span.geometry))
+                                              geometry=span.geometry, merged=sel.merged))
                 keep[span.row, cols[j, kept[j]]] = True
                 if sel.features is not None:
                     replace.append((span.row, cols[j, kept[j]], sel.features[j]))

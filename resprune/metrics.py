@@ -20,7 +20,7 @@ from torch import Tensor
 from .costs import LLMDims
 from .interfaces import Strategy
 
-__all__ = ["Metric", "Example", "Reference", "NEEDS", "finite_number", "normalize_answer", "vqa_score"]
+__all__ = ["Metric", "Example", "Reference", "NEEDS", "finite_number", "normalize_answer", "same_answer", "vqa_score"]
 
 NEEDS = {
     "reference": "the unpruned model's outputs on the same input",
@@ -135,13 +135,24 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub("", " ".join(words)).split())
 
 
+def same_answer(a: str, b: str) -> bool:
+    """Whether two answers are the same after ``normalize_answer``. Two answers that normalise to
+    nothing (punctuation, articles or stray tokens, as random tiny models emit) are not the same
+    answer: they say nothing, so they never count as a match."""
+    na = normalize_answer(a)
+    return bool(na) and na == normalize_answer(b)
+
+
 def vqa_score(answer: str, answers: list[str]) -> float:
     """VQA soft accuracy: ``min(1, matches / 3)``, averaged over leave-one-out subsets.
 
-    With fewer than 10 reference answers it is the same rule over what there is.
+    With fewer than 10 reference answers it is the same rule over what there is; an answer that
+    normalises to nothing matches nothing (``same_answer``).
     """
     pred = normalize_answer(answer)
     refs = [normalize_answer(a) for a in answers]
+    if not pred:
+        return 0.0
     if len(refs) == 1:
         return float(pred == refs[0])
     scores = []

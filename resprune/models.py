@@ -46,6 +46,7 @@ def load_model(spec: str, *, device: str | None = None, dtype: str = "auto", see
         model, processor = tiny_lvlm(model_type, seed=seed, image_size=_TINY_IMAGE_SIZE[model_type],
                                      text_layers=int(depth) if depth else 2,
                                      vision_layers=_TINY_VISION_LAYERS.get(model_type, 2))
+        model.config._name_or_path = spec  # errors about depth can point at tiny:<type>:<layers>
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from .budget import Budget, check_budget, resolve_budget, stage_budget
-from .config import load_config, to_yaml
+from .config import load_config, shipped_variants, to_yaml
 from .context import PruneContext
-from .errors import ConfigError
+from .errors import ConfigError, IncompatibleBackboneError, MissingContextError
 from .interfaces import Injector, Merger, Scorer, Selector
 from .plugins import get_host
 from .selection import Selection, check_tokens, make_merger, make_scorer, make_selector
@@ -59,6 +59,7 @@ class Pipeline:
         config: DictConfig | None = None,
     ) -> None:
         self.budget = check_budget(budget)
+        self.source: str | None = None  # the shipped config name or path it was loaded from, if any
         scorers = list(scorers)
         self.input_stage: Stage | None = None
         if selector is not None:
@@ -131,8 +132,10 @@ class Pipeline:
                          merger=_merger(st.merger), layer=st.layer, positions=st.positions)
                    for st in cfg.stages]
         selector = None if cfg.selector.name is None else _selector(cfg.selector)
-        return cls(selector, budget=cfg.budget, scorers=_scorers(cfg.scorers), merger=_merger(cfg.merger),
+        pipe = cls(selector, budget=cfg.budget, scorers=_scorers(cfg.scorers), merger=_merger(cfg.merger),
                    stages=stages, config=cfg)
+        pipe.source = config if isinstance(config, str) else None  # a shipped name: errors can point at variants
+        return pipe
 
     @property
     def score_names(self) -> list[str]:
@@ -192,7 +195,14 @@ class Pipeline:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         injector_cls = get_host().injector_for(model_type, model=model)
         injector = injector_cls({**self.backbone_params(injector_cls), **params})
-        return injector.attach(model, self, processor, text=text)
+        try:
+            return injector.attach(model, self, processor, text=text)
+        except (MissingContextError, IncompatibleBackboneError) as exc:
+            variants = shipped_variants(self.source, model_type)
+            if not variants:
+                raise
+            raise type(exc)(f"{exc} For {model_type} models, resprune ships "
+                            f"{' and '.join(repr(v) for v in variants)}: run that config instead.") from None
 
     def backbone_params(self, injector_cls: type[Injector]) -> dict[str, Any]:
         """The config's ``backbone.params`` if they are meant for ``injector_cls`` (its

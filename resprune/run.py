@@ -33,7 +33,11 @@ def _setup(config: str, overrides: Iterable[str], model: str, image: str | Path,
 def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: str | Path, prompt: str,
             max_new_tokens: int = 64, device: str | None = None, out: str | Path | None = None,
             compare: bool = False, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Prune with ``config`` and generate an answer; print it with the token counts and FLOPs."""
+    """Prune with ``config`` and generate an answer; print it with the token counts and FLOPs.
+
+    Returns the answer, the selections and, under ``summary``, what is printed as plain JSON
+    values (``resprune run --json``): the kept indices, counts entering and kept, merged tokens
+    per stage and image, the token schedule and the FLOPs."""
     if out is not None:
         writable_file(out, "--out")  # before any model work
     pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
@@ -49,27 +53,44 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
     t_full = int(inputs["attention_mask"].sum())
     schedule = batch.token_schedule
     t_pruned = schedule[-1][1]
+    kept_records = []
+    entering: dict[int, int] = {}  # image -> tokens entering its next stage
     for where, sels in stages:
         for sel in sels:
-            print_fn(f"{where} stage, image {sel.image}: kept {sel.k} of {sel.n} visual tokens")
+            before = entering.get(sel.image, sel.n)
+            of = f"the {before} visual tokens" + (f" entering it ({sel.n} in the image)" if before != sel.n else "")
+            merged = f"; {sel.merged} of them merged from dropped tokens" if sel.merged else ""
+            print_fn(f"{where} stage, image {sel.image}: kept {sel.k} of {of}{merged}")
+            kept_records.append({"stage": where, "image": sel.image, "entering": before, "image_tokens": sel.n,
+                                 "kept": sel.k, "merged": sel.merged, "indices": sel.kept.tolist()})
+            entering[sel.image] = sel.k
     after = " -> ".join(f"{t} (layer {layer}+)" if layer else str(t) for layer, t in schedule)
-    print_fn(f"prompt tokens {t_full} -> {after}; prefill FLOPs (Eq. 18) {prefill_flops(dims, t_full):.3g} -> "
-             f"{prefill_flops(dims, schedule):.3g}; generate {seconds:.2f} s")
+    flops = (prefill_flops(dims, t_full), prefill_flops(dims, schedule))
+    print_fn(f"prompt tokens {t_full} -> {after}; prefill FLOPs (Eq. 18) {flops[0]:.3g} -> {flops[1]:.3g}; "
+             f"generate {seconds:.2f} s")
     tower = batch.tower_schedule
+    vflops = None
     if len(tower) > 1:  # stages inside the vision tower
         vdims = vision_dims(lvlm.config)
         shrunk = " -> ".join(f"{t} (vision layer {layer}+)" for layer, t in tower[1:])
-        print_fn(f"vision tower tokens {tower[0][1]} -> {shrunk}; vision FLOPs "
-                 f"{vision_flops(vdims, tower[0][1], batch.tower_tiles):.3g} -> "
-                 f"{vision_flops(vdims, tower, batch.tower_tiles):.3g}")
+        vflops = (vision_flops(vdims, tower[0][1], batch.tower_tiles), vision_flops(vdims, tower, batch.tower_tiles))
+        print_fn(f"vision tower tokens {tower[0][1]} -> {shrunk}; vision FLOPs {vflops[0]:.3g} -> {vflops[1]:.3g}")
     print_fn(f"answer: {answer}")
     result: dict[str, Any] = {"answer": answer, "selections": selections, "stages": batch.stages,
                               "tokens_full": t_full, "tokens_pruned": t_pruned, "token_schedule": schedule,
-                              "tower_schedule": tower, "seconds": seconds}
+                              "tower_schedule": tower, "seconds": seconds,
+                              "summary": {"answer": answer, "kept": kept_records, "prompt_tokens": t_full,
+                                          "token_schedule": [list(x) for x in schedule],
+                                          "prefill_flops": {"full": flops[0], "pruned": flops[1]},
+                                          "tower_schedule": [list(x) for x in tower],
+                                          "vision_flops": None if vflops is None
+                                          else {"full": vflops[0], "pruned": vflops[1]},
+                                          "generate_s": seconds}}
     if compare:
         with torch.no_grad():
             full = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         result["answer_full"] = tokenizer.decode(full[0, prompt_len:], skip_special_tokens=True)
+        result["summary"]["answer_full"] = result["answer_full"]
         print_fn(f"answer without pruning: {result['answer_full']}")
     if out is not None:
         if len(stages) > 1:
@@ -78,6 +99,7 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
             overlay_selection(img, selections[0], processor=processor, path=out)
         print_fn(f"overlay: {Path(out).resolve()}")
         result["overlay"] = Path(out).resolve()
+        result["summary"]["overlay"] = str(result["overlay"])
     return result
 
 

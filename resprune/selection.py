@@ -36,6 +36,7 @@ class Selection:
             (``None``: the kept tokens unchanged).
         sources: int64 ``[B, k]`` the token each kept place holds, when a merger ran (it may put
             its tokens in another order than their places; ``None``: each place its own token).
+        merged: how many of the ``k`` tokens a merger made from dropped ones (``0``: none).
     """
 
     kept: Tensor
@@ -45,6 +46,7 @@ class Selection:
     scores: dict[str, Tensor] = field(default_factory=dict)
     features: Tensor | None = None
     sources: Tensor | None = None
+    merged: int = 0
 
     @property
     def held(self) -> Tensor:

@@ -56,14 +56,19 @@ class Stage:
     def __init__(self, selector: str | Selector, *, budget: Budget, scorers: Iterable[ScorerSpec] = (),
                  merger: str | Merger | None = None, layer: int | None = None, positions: str = "keep",
                  vision_layer: int | None = None) -> None:
+        for name, value in (("layer", layer), ("vision_layer", vision_layer)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                hint = f" ({name}={int(value)})" if isinstance(value, str) and value.strip().isdigit() else ""
+                raise ConfigError(f"stage {name}={value!r}: a layer number must be an int, got a "
+                                  f"{type(value).__name__}{hint}.")
         if vision_layer is not None:
-            if isinstance(vision_layer, bool) or not isinstance(vision_layer, int) or vision_layer < 0:
+            if vision_layer < 0:
                 raise ConfigError(f"stage vision_layer={vision_layer!r}: a stage inside the vision tower acts on "
                                   f"hidden_states[K] of the tower, K >= 0 (0: the embeddings).")
             if layer is not None or positions != "keep":
                 raise ConfigError(f"stage vision_layer={vision_layer}: a stage is inside the vision tower or inside the "
                                   f"LLM (layer=, positions=), not both.")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
+        if layer is not None and layer < 1:
             raise ConfigError(f"stage layer={layer!r}: an in-LLM stage acts on decoder layer K >= 1 (scores come "
                               f"from layer K-1); use layer=None for the input stage.")
         if positions not in POSITIONS or (positions == "reindex" and layer is None):
@@ -165,7 +170,7 @@ class Stage:
         places = indices.sort(dim=1).values
         merged = _added(indices, kept, n)  # the carriers of merged tokens come after the picks, in order
         return Selection(kept=places, order=torch.cat([order, merged], dim=1), k=k + extra, n=n, scores=computed,
-                         features=features, sources=indices)  # the merger's order: the sequence's
+                         features=features, sources=indices, merged=slots + extra)  # the merger's order
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -23,7 +23,7 @@ from .config import YAML_SUFFIXES, check_keys, excerpt, parse_override, parse_ya
 from .errors import ConfigError, suggest
 from .runfiles import unique_slug, writable_folder
 
-__all__ = ["SweepConfig", "load_sweep", "run_sweep", "DEFAULT_SWEEP"]
+__all__ = ["SweepConfig", "load_sweep", "run_sweep", "shipped_sweeps", "DEFAULT_SWEEP"]
 
 DEFAULT_SWEEP = "default"
 
@@ -58,6 +58,22 @@ def _default_path() -> Path:
     return Path(str(resources.files("resprune") / "configs" / "sweeps" / f"{DEFAULT_SWEEP}.yaml"))
 
 
+def shipped_sweeps() -> dict[str, str]:
+    """Names of the sweeps shipped with resprune (``resprune sweep NAME``) -> the first sentence
+    of their leading comment."""
+    out = {}
+    for path in sorted(_default_path().parent.glob("*.yaml")):
+        lines = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("# ").strip())
+        text = " ".join(lines)
+        cut = text.find(". ")
+        out[path.stem] = text[: cut + 1] if cut >= 0 else text
+    return out
+
+
 def load_sweep(source: str | Path | None = None, overrides: Iterable[str] = ()) -> SweepConfig:
     """Read a sweep file or shipped sweep name (``None``: the default sweep); apply dotlist overrides.
 
@@ -69,7 +85,9 @@ def load_sweep(source: str | Path | None = None, overrides: Iterable[str] = ()) 
     if source is not None and not path.exists() and (_default_path().parent / f"{source}.yaml").is_file():
         path = _default_path().parent / f"{source}.yaml"  # a shipped sweep by name: `resprune sweep table-iv`
     if not path.exists() and path.suffix not in YAML_SUFFIXES:
-        raise AblationError(f"sweep file not found: {path}")
+        names = list(shipped_sweeps())
+        raise AblationError(f"unknown sweep '{source}': neither a sweep file nor a shipped sweep."
+                            f"{suggest(str(source), names)} Shipped sweeps (`resprune sweeps`): {', '.join(names)}.")
     valid = [f.name for f in dataclasses.fields(SweepConfig)]
     try:
         raw = parse_yaml(read_yaml_text(path, "sweep"), str(path), "sweep file")

@@ -10,16 +10,18 @@ import torch
 from resprune import hookimpl
 from resprune.costs import LLMDims, kv_cache_bytes, prefill_flops, vision_flops
 from resprune.linalg import optimal_residual, span_residual
-from resprune.metrics import Example, Metric, Reference, normalize_answer, vqa_score
+from resprune.metrics import Example, Metric, Reference, same_answer, vqa_score
 
 
 class Fidelity(Metric):
-    """Agreement with the unpruned model: KL of the first answer token, top-1, exact answer."""
+    """Agreement with the unpruned model: KL of the first answer token, top-1 agreement of it, and
+    ``exact_match``: the greedy answers are the same after ``normalize_answer`` (case, punctuation,
+    articles, number words), and not empty there (``same_answer``)."""
 
     name = "fidelity"
     lower_is_better = frozenset({"kl"})
     percent = frozenset({"top1_agree", "exact_match"})
-    description = "KL divergence / top-1 agreement / exact match against the unpruned model"
+    description = "KL divergence / top-1 agreement / same normalised answer as the unpruned model"
     needs = frozenset({"reference"})
 
     def compute(self, example: Example) -> dict[str, float]:
@@ -29,7 +31,7 @@ class Fidelity(Metric):
         q = torch.log_softmax(example.first_logits.float(), -1)
         kl = float((p.exp() * (p - q)).sum())
         return {"kl": max(kl, 0.0), "top1_agree": float(ref.first_logits.argmax() == example.first_logits.argmax()),
-                "exact_match": float(normalize_answer(ref.answer) == normalize_answer(example.answer))}
+                "exact_match": float(same_answer(ref.answer, example.answer))}
 
 
 class Accuracy(Metric):
@@ -51,8 +53,7 @@ def _accuracy(answer: str, record: dict[str, Any]) -> dict[str, float]:
     answers = record.get("answers") or []
     if not answers:
         return {}
-    normalized = {normalize_answer(a) for a in answers}
-    return {"exact_match": float(normalize_answer(answer) in normalized), "vqa_score": vqa_score(answer, answers)}
+    return {"exact_match": float(any(same_answer(answer, a) for a in answers)), "vqa_score": vqa_score(answer, answers)}
 
 
 class Reconstruction(Metric):

@@ -320,7 +320,6 @@ def test_unknown_selector_and_config_names():
     ({"name": "residual_energy", "params": {"seed": "cls_attention"}}, [{"name": "norm"}], "cls_attention",
      "cls_attention"),
     ({"name": "topk"}, [], "relevance", "text_relevance"),
-    ({"name": "topk", "params": {"score": "depth"}}, [], "depth", "a scorer with output: depth"),
 ])
 def test_seed_or_rank_score_that_no_scorer_writes(selector, scorers, missing, writer):
     with pytest.raises(ConfigError) as info:
@@ -328,6 +327,17 @@ def test_seed_or_rank_score_that_no_scorer_writes(selector, scorers, missing, wr
     message = str(info.value)
     assert f"needs score '{missing}', which no scorer in `scorers` writes" in message
     assert f"Add one ({writer})" in message
+
+
+@pytest.mark.parametrize(("score", "hint"), [("depth", ""), ("llm_atention", " Did you mean 'llm_attention'?"),
+                                             ("relevanse", " Did you mean 'relevance'?")])
+def test_a_score_no_installed_scorer_writes_is_named_with_a_did_you_mean(score, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config({"budget": 3, "selector": {"name": "topk", "params": {"score": score}}, "scorers": []})
+    message = str(info.value)
+    assert f"reads score '{score}', which no installed scorer writes.{hint} The scores `scorers` write: none" \
+        in message
+    assert "Add one" not in message  # no advice to write a scorer named after a typo
 
 
 def test_seed_override_is_checked_against_the_scorers():

@@ -197,6 +197,19 @@ def _lmms_eval(out, model_args, *extra):
     return done
 
 
+def test_a_misspelt_model_args_key_stops_python_m_lmms_eval_with_an_error(tmp_path):
+    """lmms-eval logs an exception raised while it builds the model and exits 0; the loops of
+    docs/lmms-eval.md would skip that cell in silence, so the resprune model stops the process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", MODEL_ID, "--model_args",
+           "pretrained=tiny:llava,pipeline=resprune-llava15,budgte=64", "--tasks", "resprune_samples",
+           "--include_path", str(TASKS_DIR), "--device", "cpu", "--output_path", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "resprune: error:" in done.stderr and "budgte" in done.stderr
+    assert not list(tmp_path.rglob("*_results.json"))
+
+
 @pytest.mark.slow
 def test_python_m_lmms_eval_end_to_end_then_report(tmp_path):
     """The real CLI on the bundled task: the unpruned baseline, ResPrune (chat interface,

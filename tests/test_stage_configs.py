@@ -72,7 +72,7 @@ def test_tome_runs_inside_the_tower_from_the_command_line(model_type, tmp_path, 
     assert "vision layer 0 stage, image 0: kept" in text
     assert "vision tower tokens" in text and "(vision layer 23+)" in text  # the tower's schedule is printed
     if model_type == "llava":
-        assert "kept 64 of 576" in text
+        assert "kept 64 of the 576 visual tokens" in text
 
 
 def test_tome_on_qwen_is_refused_with_the_layers_it_allows(capsys):

@@ -12,6 +12,7 @@ go to lmms-eval's ``throughput`` block as ``avg_resprune.<metric>.<key>`` (e.g.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..costs import LLMDims, kv_cache_bytes, llm_dims, prefill_flops
-from ..errors import ConfigError, InvalidInputError
+from ..errors import ConfigError, InvalidInputError, ResPruneError
 from ..injection import config_image_token_id
 from ..models import load_model, render_chats
 from ..pipeline import Pipeline, load_pipeline
@@ -58,6 +59,12 @@ class RequestStats:
     selection_ms: float | None
 
 
+def _under_lmms_eval_cli() -> bool:
+    """Whether this process is ``python -m lmms_eval`` (which turns exceptions into a log line)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "lmms_eval.__main__"
+
+
 class ResPrune(lmms):
     """``--model resprune``: lmms-eval's chat interface (``doc_to_messages``).
 
@@ -80,6 +87,18 @@ class ResPrune(lmms):
                  device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
                  max_batch_size: int | None = None, seed: int = 0, **overrides: Any) -> None:
         super().__init__()
+        try:
+            self._setup(pretrained, pipeline, device, dtype, batch_size, seed, overrides)
+        except ResPruneError as exc:
+            if _under_lmms_eval_cli():
+                # `python -m lmms_eval` logs an exception raised here and exits 0, so a misspelt
+                # model_args key would skip the evaluation in silence: stop the process instead
+                print(f"resprune: error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+
+    def _setup(self, pretrained: str, pipeline: str, device: str | None, dtype: str, batch_size: int | str, seed: int,
+               overrides: dict[str, Any]) -> None:
         _, dotlist = parse_model_args(overrides)
         self.batch_size_per_gpu = _positive_int(batch_size, "batch_size")
         self._rank = int(os.environ.get("RANK", 0))
