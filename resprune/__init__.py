@@ -22,6 +22,7 @@ from .errors import (
     InvalidInputError,
     MissingContextError,
     MissingDependencyError,
+    OutputPathError,
     PluginContractError,
     PluginError,
     PluginLoadError,
@@ -71,5 +72,6 @@ __all__ = [
     "InvalidInputError",
     "MissingContextError",
     "MissingDependencyError",
+    "OutputPathError",
     "IncompatibleBackboneError",
 ]
