@@ -25,7 +25,7 @@ from .linalg import optimal_residual, span_residual
 from .models import chat_inputs, is_tiny, load_model
 from .pipeline import load_pipeline
 from .prompts import tokenizer_of
-from .runfiles import writable_file
+from .runfiles import writable_image
 from .selection import select
 from .timing import median_ms
 from .visualize import overlay_selection, overlay_stages
@@ -91,7 +91,7 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
              out: str | Path = "resprune-demo.png", max_new_tokens: int = 12, device: str | None = None,
              print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prune a bundled photo (or an image path) on ``model``; print costs; write an overlay PNG."""
-    writable_file(out, "--out")  # before any model work
+    writable_image(out, "--out")  # before any model work
     path = photo_path(photo) if photo in PHOTOS else Path(photo)
     if not path.is_file():
         raise InvalidInputError(f"photo '{photo}' is neither a bundled photo ({', '.join(PHOTOS)}) nor an image file.")

@@ -15,7 +15,7 @@ from .data import open_image
 from .models import chat_inputs, load_model
 from .pipeline import Pipeline, load_pipeline
 from .prompts import tokenizer_of
-from .runfiles import writable_file
+from .runfiles import writable_image
 from .visualize import overlay_selection, overlay_stages
 
 __all__ = ["run_one", "visualize_one"]
@@ -39,7 +39,7 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
     values (``resprune run --json``): the kept indices, counts entering and kept, merged tokens
     per stage and image, the token schedule and the FLOPs."""
     if out is not None:
-        writable_file(out, "--out")  # before any model work
+        writable_image(out, "--out")  # before any model work
     pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
     tokenizer = tokenizer_of(processor)
     prompt_len = inputs["input_ids"].shape[1]
@@ -107,7 +107,7 @@ def visualize_one(config: str, overrides: Iterable[str] = (), *, model: str, ima
                   prompt: str = "Describe the picture.", device: str | None = None,
                   out: str | Path = "resprune-overlay.png", print_fn: Callable[[str], Any] = print) -> Path:
     """Write the kept-token overlay (no generation: only the vision tower and selection run)."""
-    writable_file(out, "--out")  # before any model work
+    writable_image(out, "--out")  # before any model work
     pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
     with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
         if pipe.llm_stages:

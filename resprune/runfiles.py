@@ -28,7 +28,7 @@ from typing import Any
 from .errors import OutputPathError, ResPruneError
 
 __all__ = ["RunFileError", "RunLockedError", "RunLock", "write_atomic", "replace_with", "append_jsonl", "warn_once",
-           "slug", "unique_slug", "inside", "check_inside", "files_inside", "writable_folder", "writable_file", "read_jsonl", "read_json"]
+           "slug", "unique_slug", "inside", "check_inside", "files_inside", "writable_folder", "writable_file", "writable_image", "read_jsonl", "read_json"]
 
 
 class RunFileError(ResPruneError):
@@ -149,6 +149,19 @@ def writable_file(path: str | Path, what: str = "output file") -> Path:
         raise OutputPathError(f"{what} '{path}' is a folder: name a file (e.g. {path / 'out'}).")
     writable_folder(path.parent, f"{what}'s folder")
     return path
+
+
+def writable_image(path: str | Path, what: str = "--out") -> Path:
+    """``writable_file`` for an image: its suffix must be a format PIL writes (``.png``, ``.jpg``...)."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.is_dir():
+        return writable_file(path, what)  # names the folder
+    if path.suffix.lower() not in Image.registered_extensions():
+        why = "has no file suffix" if not path.suffix else f"ends in {path.suffix!r}, which is not an image format"
+        raise OutputPathError(f"{what} '{path}' {why}: name a .png (or .jpg, .webp) file.")
+    return writable_file(path, what)
 
 
 def replace_with(path: str | Path, write: Callable[[Path], None]) -> Path:

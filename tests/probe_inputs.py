@@ -502,6 +502,9 @@ def output_cases() -> dict[str, Callable[[Path], None]]:
         "run --out a folder": cli_case(lambda f: ["run", "resprune-llava15", *image, "--out", str(folder_(f))]),
         "visualize --out /proc": cli_case(["visualize", "resprune-llava15", "--model", "tiny:llava", "--image", photo,
                                            "--out", "/proc/x/o.png"]),
+        "visualize --out without a suffix": cli_case(lambda f: ["visualize", "resprune-llava15", "--model",
+                                                                "tiny:llava", "--image", photo, "--out", str(f / "o")]),
+        "demo --out .xyz": cli_case(lambda f: ["demo", "--out", str(f / "o.xyz")]),
         "visualize --out under a file": cli_case(lambda f: ["visualize", "resprune-llava15", "--model", "tiny:llava",
                                                             "--image", photo, "--out", str(file(f) / "o.png")]),
     }

@@ -257,6 +257,10 @@ def _unwritable_cases(tmp_path):
         "demo --out /proc/x/y.png": (["demo", "--out", "/proc/x/y.png"], "cannot create --out's folder"),
         "run --out a folder": (["run", "resprune-llava15", *image, "--prompt", "hi", "--out", str(adir)],
                                "--out .* is a folder"),
+        "demo --out not an image": (["demo", "--out", str(tmp_path / "o.xyz")], "ends in '.xyz', which is not an "
+                                                                                 "image format"),
+        "visualize --out without a suffix": (["visualize", "resprune-llava15", *image, "--out", str(tmp_path / "o")],
+                                             "has no file suffix"),
         "visualize --out /proc/x.png": (["visualize", "resprune-llava15", *image, "--out", "/proc/x/o.png"],
                                         "cannot create --out's folder"),
     }
