@@ -81,8 +81,41 @@ def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
             missing = [key for key in _REQUIRED if key not in row]
             if missing:
                 raise InvalidInputError(f"{path}:{n}: row lacks {', '.join(repr(k) for k in missing)}.")
+            problem = _row_problem(row)
+            if problem:
+                raise InvalidInputError(f"{path}:{n}: {problem}; not a row resprune writes (an edited or damaged "
+                                        f"file): fix the line or run the sweep again.")
             rows.append(row)
     return rows
+
+
+_ROW_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": ((str,), "text"),
+    "method": ((str,), "text"),
+    "status": ((str,), "done, skipped or failed"),
+    "budget": ((int, float, str, type(None)), "a number, text or null"),
+    "metrics": ((dict,), "a mapping of metric keys to numbers"),
+    "params": ((dict, type(None)), "a mapping"),
+    "label": ((str, type(None)), "text"),
+    "reason": ((str, type(None)), "text"),
+    "selector": ((str, type(None)), "text"),
+    "cell": ((str, type(None)), "text"),
+    "examples": ((int, type(None)), "an int"),
+    "rel": ((int, float, type(None)), "a number or null"),
+}
+
+
+def _row_problem(row: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a ``results.jsonl`` row (``None``: nothing)."""
+    for key, (types, expected) in _ROW_TYPES.items():
+        if key in row and (not isinstance(row[key], types) or isinstance(row[key], bool)):
+            return f"'{key}' is {type(row[key]).__name__} {json.dumps(row[key])[:40]}, expected {expected}"
+    if row["status"] not in ("done", "skipped", "failed"):
+        return f"'status' is {row['status']!r}, expected done, skipped or failed"
+    for key, value in row["metrics"].items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"metric '{key}' is {type(value).__name__} {json.dumps(value)[:40]}, expected a number"
+    return None
 
 
 def _one_model(rows: Sequence[dict[str, Any]], model: str | None) -> tuple[list[dict[str, Any]], str]:

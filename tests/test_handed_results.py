@@ -314,3 +314,25 @@ def test_a_cell_folder_that_cannot_be_written_stops_the_sweep_before_it_starts(t
     (cells / study.cells[1].id).symlink_to(outside, target_is_directory=True)
     with pytest.raises(RunFileError, match="symlink leading outside the run folder"):
         study.run(tmp_path)
+
+
+BAD_ROWS = {
+    "metrics a list": ({"metrics": [1, 2]}, "'metrics' is list"),
+    "model a number": ({"model": 3}, "'model' is int"),
+    "method a list": ({"method": ["x"]}, "'method' is list"),
+    "params a list": ({"params": [1]}, "'params' is list"),
+    "a metric text": ({"metrics": {"k": "v"}}, "metric 'k' is str"),
+    "unknown status": ({"status": "great"}, "'status' is 'great'"),
+    "budget a list": ({"budget": [8]}, "'budget' is list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_results_row_of_the_wrong_types_names_its_line_and_key(tmp_path, case, capsys):
+    change, message = BAD_ROWS[case]
+    good = {"model": "m", "status": "done", "method": "x", "budget": 8, "metrics": {"k": 1.0}}
+    (tmp_path / "results.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
+    with pytest.raises(InvalidInputError, match=rf"results\.jsonl:2: {re.escape(message)}"):
+        load_results(tmp_path)
+    assert cli(["report", str(tmp_path), "--no-plots"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
