@@ -5,6 +5,12 @@ their original 3-D M-RoPE positions: the positions of the unpruned prompt are co
 with the model's own ``get_rope_index`` and gathered at the kept columns, and the model's
 ``rope_deltas`` is set for the shorter sequence so decoding continues at the right place.
 There is no CLS token, so CLS-attention scorers are refused at attach time.
+
+Videos (``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``; built by the
+processor, or by ``resprune.video.video_chat_inputs`` where torchvision is missing) are pruned
+like images: a video is one ``EncodedImage`` of ``t x rows x cols`` tokens (``t`` temporal
+patches of 2 frames), whose kept tokens keep their time, row and column positions. Images and
+videos may be mixed in one prompt and one batch.
 """
 
 from __future__ import annotations
@@ -15,36 +21,46 @@ from typing import Any
 import torch
 
 from resprune import hookimpl
+from resprune.errors import InvalidInputError
 from resprune.injection import EncodedImage, PlaceholderInjector, PrunedBatch
 
 __all__ = ["Qwen25VLInjector"]
 
 
 class Qwen25VLInjector(PlaceholderInjector):
-    """Qwen2.5-VL: per-image grids after the 2x2 merge; original M-RoPE positions kept."""
+    """Qwen2.5-VL: per-image grids after the 2x2 merge, videos as ``t`` frame pairs of such grids;
+    original M-RoPE positions (time included) kept."""
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
-    description = "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), M-RoPE positions kept"
-    vision_inputs = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+    description = "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): images and videos, M-RoPE positions kept"
+    pixel_inputs = ("pixel_values", "pixel_values_videos")
+    vision_inputs = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+                     "second_per_grid_ts")
     vision_refusal = (" (its blocks attend within windows listed by cu_seqlens and its 2x2 patch merger needs "
                       "every patch of each 2x2 group, so no layer of it can drop a patch: allowed vision layers: "
                       "none)")
 
-    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
-        grid_thw = inputs.get("image_grid_thw")
-        if grid_thw is None:
-            from resprune.errors import InvalidInputError
+    def placeholder_ids(self, model: Any) -> tuple[int, ...]:
+        return (self.image_token_id(model), int(model.config.video_token_id))
 
-            raise InvalidInputError("injector 'qwen2_5_vl': image_grid_thw is required with pixel_values "
-                                    "(pass the processor's output unchanged).")
-        out = model.model.get_image_features(inputs["pixel_values"], grid_thw)
+    def encode(self, model: Any, inputs: Mapping[str, Any], need: frozenset[str]) -> list[EncodedImage]:
         merge = model.config.vision_config.spatial_merge_size
-        images = []
-        for feats, (t, h, w) in zip(out.pooler_output, grid_thw.tolist()):
-            grid = (h // merge, w // merge) if t == 1 else None
-            images.append(EncodedImage(feats, grid=grid, layout={"kind": "grid", "grid": grid, "temporal": t}))
-        return images
+        media: dict[int, list[EncodedImage]] = {}
+        for kind, pixels, grids in (("image", "pixel_values", "image_grid_thw"),
+                                    ("video", "pixel_values_videos", "video_grid_thw")):
+            if inputs.get(pixels) is None:
+                continue
+            grid_thw = inputs.get(grids)
+            if grid_thw is None:
+                raise InvalidInputError(f"injector 'qwen2_5_vl': {grids} is required with {pixels} (pass the "
+                                        f"processor's output unchanged).")
+            encode = model.model.get_image_features if kind == "image" else model.model.get_video_features
+            out = encode(inputs[pixels], grid_thw)
+            token = self.image_token_id(model) if kind == "image" else int(model.config.video_token_id)
+            media[token] = [_encoded(feats, t, h // merge, w // merge, kind)
+                            for feats, (t, h, w) in zip(out.pooler_output, grid_thw.tolist())]
+        return _in_sequence_order(inputs, media)
 
     def extra_inputs(self, model: Any, inputs: Mapping[str, Any], batch: PrunedBatch, call: str) -> dict[str, Any]:
         ids = inputs["input_ids"]
@@ -52,8 +68,9 @@ class Qwen25VLInjector(PlaceholderInjector):
         mask = torch.ones_like(ids) if mask is None else mask
         types = inputs.get("mm_token_type_ids")
         if types is None:
-            types = (ids == self.image_token_id(model)).int()
-        pos3, _ = model.model.get_rope_index(ids, types, inputs["image_grid_thw"], attention_mask=mask)
+            types = (ids == self.image_token_id(model)).int() + 2 * (ids == model.config.video_token_id).int()
+        pos3, _ = model.model.get_rope_index(ids, types, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                             inputs.get("second_per_grid_ts"), attention_mask=mask)
         columns = batch.columns.to(pos3.device)
         kept = torch.gather(pos3, 2, columns.clamp_min(0).unsqueeze(0).expand(3, -1, -1))
         kept = kept.masked_fill(columns.unsqueeze(0) < 0, 0)
@@ -70,6 +87,43 @@ class Qwen25VLInjector(PlaceholderInjector):
 
     def restore_state(self, model: Any, state: dict[str, Any]) -> None:
         model.model.rope_deltas = state["rope_deltas"]
+
+
+def _encoded(features: Any, t: int, rows: int, cols: int, kind: str) -> EncodedImage:
+    """One image (``t == 1``) or video (``t`` temporal patches of ``rows x cols`` tokens, frame by
+    frame): its tokens, grid (images only) and per-token (row, col) positions."""
+    if kind == "image" and t == 1:
+        return EncodedImage(features, grid=(rows, cols), layout={"kind": "grid", "grid": (rows, cols), "temporal": t})
+    frame = torch.stack([torch.arange(rows, dtype=torch.float32).repeat_interleave(cols),
+                         torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
+    return EncodedImage(features, positions=frame.repeat(t, 1),
+                        layout={"kind": kind, "grid": (rows, cols), "temporal": t})
+
+
+def _in_sequence_order(inputs: Mapping[str, Any], media: dict[int, list[EncodedImage]]) -> list[EncodedImage]:
+    """The images and videos of ``media`` (by placeholder token) in the order their placeholder runs
+    appear in the batch, row by row: the order ``prune_inputs`` scatters features in."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    present = torch.isin(ids, torch.tensor(list(media), device=ids.device))
+    if mask is not None:
+        present &= mask.bool()
+    sequence = ids[present].tolist()  # one host read
+    queues = {token: iter(items) for token, items in media.items()}
+    out: list[EncodedImage] = []
+    pos = 0
+    while pos < len(sequence):
+        item = next(queues[sequence[pos]], None)
+        if item is None or sequence[pos: pos + item.n] != [sequence[pos]] * item.n:
+            raise InvalidInputError(
+                "injector 'qwen2_5_vl': the prompts' image and video tokens do not match the images and videos "
+                "given (count, length or order); build the batch with the processor or resprune.video.")
+        out.append(item)
+        pos += item.n
+    if any(next(q, None) is not None for q in queues.values()):
+        raise InvalidInputError("injector 'qwen2_5_vl': more images or videos were given than the prompts have "
+                                "placeholders for.")
+    return out
 
 
 @hookimpl

@@ -283,7 +283,8 @@ class Attached:
             return original(**kwargs)
         # each image's kept tokens in the rewritten sequence, in order (row-major like the features);
         # only stages inside the LLM need them, so an input-only pipeline does not pay for the lookup
-        slots = ((batch.input_ids == self.injector.image_token_id(self.model)) & batch.attention_mask.bool()).nonzero()
+        ids = torch.tensor(self.injector.placeholder_ids(self.model), device=batch.input_ids.device)
+        slots = (torch.isin(batch.input_ids, ids) & batch.attention_mask.bool()).nonzero()
         columns = slots[:, 1].split([sel.k for sel in batch.selections])
         spans = [Span(image=sel.image, row=sel.row, n=sel.n,
                       alive=(sel.kept if sel.sources is None else sel.sources).clone(), columns=cols,
@@ -417,6 +418,12 @@ class PlaceholderInjector(Injector):
             raise IncompatibleBackboneError(f"injector '{self.name}': model config has no image_token_id.")
         return token
 
+    def placeholder_ids(self, model: Any) -> tuple[int, ...]:
+        """The token ids whose places visual features take (default: the image token; a backbone
+        that takes videos adds its video token). ``encode`` returns one ``EncodedImage`` per run of
+        them, in the order the runs appear in the batch (row-major)."""
+        return (self.image_token_id(model),)
+
     def check_pipeline(self, pipeline: Pipeline, processor: Any, text: Any) -> None:
         """Fail before patching if a stage needs context this backbone (or the LLM) cannot supply."""
         can_read_text = tokenizer_of(processor) is not None or text is not None
@@ -491,12 +498,14 @@ class PlaceholderInjector(Injector):
         b, length = input_ids.shape
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask.to(input_ids.device)
-        token_id = self.image_token_id(model)
-        placeholder = (input_ids == token_id) & mask.bool()
+        token_ids = self.placeholder_ids(model)
+        ids = torch.tensor(token_ids, device=input_ids.device)
+        placeholder = torch.isin(input_ids, ids) & mask.bool()
         if not bool(placeholder.any()):
             raise InvalidInputError(
                 f"injector '{self.name}': pixel inputs were given but the prompt has no image token "
-                f"(id {token_id}); build prompts with the processor (its chat template inserts it).")
+                f"(id {', '.join(map(str, token_ids))}); build prompts with the processor (its chat template "
+                f"inserts it).")
         vision = {"vision_stages": pipeline.vision_stages} if pipeline.vision_stages else {}
         images = self.encode(model, inputs, pipeline.requires, **vision)
         counts = placeholder.sum(dim=1).tolist()
@@ -507,7 +516,7 @@ class PlaceholderInjector(Injector):
                 f"give {sum(img.n for img in images)} features ({[img.n for img in images]}); each image needs "
                 f"exactly its N placeholders. Use the processor that matches the model.")
         rows = _rows_of_images(placeholder, [img.n for img in images], self.name)
-        texts = row_texts(input_ids, mask, token_id, processor, text, self.instruction_patterns)
+        texts = row_texts(input_ids, mask, token_ids, processor, text, self.instruction_patterns)
         embedder = word_embedder(model, processor)
         present = [img.present() for img in images]  # None: no token was pruned inside the vision tower
         with torch.no_grad():  # selection yields indices; the kept features keep their autograd graph
@@ -549,7 +558,7 @@ class PlaceholderInjector(Injector):
         inputs_embeds = embed(new_ids)
         if kept_feats:
             feats = torch.cat(kept_feats).to(inputs_embeds.device, inputs_embeds.dtype)
-            image_slots = (new_ids == token_id) & new_mask.bool()
+            image_slots = torch.isin(new_ids, ids) & new_mask.bool()
             inputs_embeds = inputs_embeds.masked_scatter(image_slots.unsqueeze(-1), feats)
         batch = PrunedBatch(new_ids, new_mask, inputs_embeds, columns, selections,
                             features=[img.features for img in images], row_text=texts,

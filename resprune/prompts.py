@@ -23,11 +23,12 @@ def tokenizer_of(processor: Any) -> Any:
                                                      else None)
 
 
-def row_texts(input_ids: Tensor, mask: Tensor, token_id: int, processor: Any, text: str | Sequence[str] | None,
-              patterns: Sequence[str]) -> Callable[[int], str]:
+def row_texts(input_ids: Tensor, mask: Tensor, token_id: int | Sequence[int], processor: Any,
+              text: str | Sequence[str] | None, patterns: Sequence[str]) -> Callable[[int], str]:
     """A lazy ``row -> instruction`` function over a batch of prompts (decoding only happens
     if a scorer wants text): ``text`` given by the caller, else the last user turn
-    (``patterns``) of each decoded prompt, without its image tokens (``token_id``)."""
+    (``patterns``) of each decoded prompt, without its image (and video) tokens (``token_id``)."""
+    placeholders = torch.tensor([token_id] if isinstance(token_id, int) else list(token_id), device=input_ids.device)
     b = input_ids.shape[0]
     if text is not None:
         texts = [text] * b if isinstance(text, str) else list(text)
@@ -42,7 +43,7 @@ def row_texts(input_ids: Tensor, mask: Tensor, token_id: int, processor: Any, te
             if tok is None:
                 raise MissingContextError("the instruction text is needed but no processor/tokenizer was given "
                                           "to attach(); pass processor=... or text=...")
-            ids = input_ids[r][mask[r].bool() & (input_ids[r] != token_id)].tolist()
+            ids = input_ids[r][mask[r].bool() & ~torch.isin(input_ids[r], placeholders)].tolist()
             cache[r] = instruction_text(tok.decode(ids, skip_special_tokens=False), patterns,
                                         getattr(tok, "all_special_tokens", []))
         return cache[r]

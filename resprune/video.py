@@ -1,0 +1,128 @@
+"""Videos as model inputs, built without torchvision.
+
+Transformers' video processors import torchvision, whose registry wheels do not load next to
+the CPU torch this project runs on. ``qwen_video_inputs`` packs frames the way
+``Qwen2VLVideoProcessor`` does:
+- resize every frame to the size ``smart_resize`` gives, a multiple of ``patch * merge``;
+- rescale and normalise with the image processor's mean and std;
+- repeat the last frame up to a multiple of the temporal patch (2 frames);
+- cut the clip into ``[grid_t * grid_h * grid_w, C * 2 * patch * patch]`` rows, in the
+  processor's order (2x2 merge groups together).
+
+Where torchvision imports, the real video processor can be used instead. The frames are
+resized with PIL's bicubic filter, which can differ by a grey level from torchvision's.
+
+``video_chat_inputs`` renders one chat per prompt whose user turn holds images and videos in
+the order given. It expands each video's placeholder to its token count and returns the batch
+a Qwen2.5-VL model takes: ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, the
+image inputs, ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InvalidInputError
+
+__all__ = ["Video", "qwen_video_inputs", "video_chat_inputs"]
+
+
+@dataclass
+class Video:
+    """A clip: its frames (PIL images of one size, in time order) and the rate they were sampled at."""
+
+    frames: list[Image.Image]
+    fps: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            raise InvalidInputError("a video needs at least one frame.")
+        sizes = {f.size for f in self.frames}
+        if len(sizes) > 1:
+            raise InvalidInputError(f"every frame of a video must have one size, got {sorted(sizes)}.")
+        if not self.fps > 0:
+            raise InvalidInputError(f"a video's fps must be > 0, got {self.fps!r}.")
+
+
+def _settings(processor: Any) -> dict[str, Any]:
+    ip = getattr(processor, "image_processor", processor)
+    size = getattr(ip, "size", None) or {}
+    return {"patch": int(getattr(ip, "patch_size", 14)), "merge": int(getattr(ip, "merge_size", 2)),
+            "temporal": int(getattr(ip, "temporal_patch_size", 2)),
+            "min_pixels": int(size.get("shortest_edge", getattr(ip, "min_pixels", 56 * 56))),
+            "max_pixels": int(size.get("longest_edge", getattr(ip, "max_pixels", 28 * 28 * 1280))),
+            "mean": np.asarray(ip.image_mean, dtype=np.float32), "std": np.asarray(ip.image_std, dtype=np.float32)}
+
+
+def qwen_video_inputs(videos: Sequence[Video], processor: Any) -> dict[str, torch.Tensor]:
+    """``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts`` of ``videos`` for a
+    Qwen2.5-VL model whose processor (or image processor) is ``processor``."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # no torchvision
+
+    s = _settings(processor)
+    patch, merge, temporal = s["patch"], s["merge"], s["temporal"]
+    rows, grids, seconds = [], [], []
+    for video in videos:
+        width, height = video.frames[0].size
+        rh, rw = smart_resize(height, width, factor=patch * merge, min_pixels=s["min_pixels"],
+                              max_pixels=s["max_pixels"])
+        frames = [np.asarray(f.convert("RGB").resize((rw, rh), Image.BICUBIC), dtype=np.float32) / 255.0
+                  for f in video.frames]
+        clip = (np.stack(frames) - s["mean"]) / s["std"]  # [T, H, W, C]
+        clip = torch.from_numpy(clip).permute(0, 3, 1, 2)  # [T, C, H, W]
+        if pad := -clip.shape[0] % temporal:
+            clip = torch.cat([clip, clip[-1:].expand(pad, -1, -1, -1)])
+        t, c = clip.shape[0] // temporal, clip.shape[1]
+        gh, gw = rh // patch, rw // patch
+        patches = clip.reshape(t, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h-groups, w-groups, merge, merge, C, temporal, p, p
+        rows.append(patches.reshape(t * gh * gw, c * temporal * patch * patch))
+        grids.append([t, gh, gw])
+        seconds.append(temporal / video.fps)
+    return {"pixel_values_videos": torch.cat(rows).float(), "video_grid_thw": torch.tensor(grids, dtype=torch.long),
+            "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32)}
+
+
+def video_chat_inputs(processor: Any, media: Sequence[Sequence[Image.Image | Video]], prompts: Sequence[str], *,
+                      device: Any = None) -> Any:
+    """A left-padded batch of one-turn chats: prompt ``i`` shows ``media[i]`` (images and
+    videos, in that order), then asks ``prompts[i]``. Qwen2.5-VL processors only."""
+    if len(media) != len(prompts):
+        raise InvalidInputError(f"video_chat_inputs: {len(media)} media lists for {len(prompts)} prompts.")
+    tok = getattr(processor, "tokenizer", None)
+    video_token = getattr(processor, "video_token", None)
+    if tok is None or video_token is None:
+        raise InvalidInputError("video_chat_inputs needs a Qwen2.5-VL processor (its tokenizer and video token).")
+    images = [m for items in media for m in items if isinstance(m, Image.Image)]
+    videos = [m for items in media for m in items if isinstance(m, Video)]
+    bad = [type(m).__name__ for items in media for m in items if not isinstance(m, (Image.Image, Video))]
+    if bad:
+        raise InvalidInputError(f"video_chat_inputs: media must be PIL images or resprune.video.Video, got {bad[0]}.")
+    packed = qwen_video_inputs(videos, processor) if videos else {}
+    merge = _settings(processor)["merge"]
+    counts = iter([int(t * h * w) // merge**2 for t, h, w in packed.get("video_grid_thw", torch.zeros(0, 3)).tolist()])
+    texts = []
+    for items, prompt in zip(media, prompts):
+        content = [{"type": "video" if isinstance(m, Video) else "image"} for m in items] + [
+            {"type": "text", "text": prompt}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        pieces = text.split(video_token)
+        if len(pieces) - 1 != sum(isinstance(m, Video) for m in items):
+            raise InvalidInputError("video_chat_inputs: the chat template did not place one video token per video.")
+        text = pieces[0] + "".join(video_token * next(counts) + rest for rest in pieces[1:])
+        texts.append(text)
+    old_side = getattr(tok, "padding_side", "left")
+    tok.padding_side = "left"
+    try:
+        batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old_side
+    batch.update(packed)
+    return batch.to(device) if device is not None else batch
