@@ -33,6 +33,7 @@ class Qwen25VLInjector(PlaceholderInjector):
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    provides = frozenset({"tokens", "text", "text_embedder", "grid", "positions", "frames"})
     description = "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): images and videos, M-RoPE positions kept"
     pixel_inputs = ("pixel_values", "pixel_values_videos")
     vision_inputs = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
@@ -96,7 +97,7 @@ def _encoded(features: Any, t: int, rows: int, cols: int, kind: str) -> EncodedI
         return EncodedImage(features, grid=(rows, cols), layout={"kind": "grid", "grid": (rows, cols), "temporal": t})
     frame = torch.stack([torch.arange(rows, dtype=torch.float32).repeat_interleave(cols),
                          torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
-    return EncodedImage(features, positions=frame.repeat(t, 1),
+    return EncodedImage(features, positions=frame.repeat(t, 1), frames=torch.arange(t).repeat_interleave(rows * cols),
                         layout={"kind": kind, "grid": (rows, cols), "temporal": t})
 
 

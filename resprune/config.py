@@ -133,6 +133,18 @@ class BackboneConfig:
     """Injector params (e.g. `scope: per_tile` for `llava_next`), merged under keywords given to `attach`."""
 
 
+VIDEO_ALLOCATIONS = ("global", "uniform")
+"""How the input stage spends a video's budget over its frames."""
+
+
+@dataclass
+class VideoConfig:
+    """How videos are pruned (images ignore it)."""
+
+    allocation: str = "global"
+    """How a video's budget is spent over its frames: `global`, one selection over every token of every frame (ResPrune's subspace across frames: a frame the earlier ones explain gets few tokens); `uniform`, an equal share per frame (largest remainder)."""
+
+
 @dataclass
 class PipelineConfig:
     """A whole pruning pipeline: the input stage (scorers, selector, merger, budget) and the
@@ -150,6 +162,8 @@ class PipelineConfig:
     """Stages inside the vision tower, at increasing `layer`s, before the input stage."""
     stages: list[StageConfig] = field(default_factory=list)
     """Stages inside the LLM, at increasing `layer`s, each with its own scorers, selector, budget and merger."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """How videos are pruned: `allocation` of a video's budget over its frames."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """Backbone hint and injector params."""
     description: str = ""
@@ -328,6 +342,7 @@ _SHAPES: dict[str, Any] = {
     "merger": {"params": dict},
     "stages": [{"selector": {"params": dict}, "scorers": [{"params": dict}], "merger": {"params": dict}}],
     "vision_stages": [{"selector": {"params": dict}, "scorers": [{"params": dict}], "merger": {"params": dict}}],
+    "video": {},
     "backbone": {"params": dict},
 }
 """The nesting every config must have: a mapping where ``{}``, a list where ``[]``."""
@@ -554,6 +569,10 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
 
         _validate_stage(stage, host, label, f"{where}.", frozenset(LLM_FIELDS) | {"text"}, "inside the LLM")
     _validate_backbone(container["backbone"], host, label)
+    allocation = container["video"]["allocation"]
+    if allocation not in VIDEO_ALLOCATIONS:
+        raise ConfigError(f"{label}: video.allocation={excerpt(repr(allocation))}: must be one of "
+                          f"{', '.join(VIDEO_ALLOCATIONS)}.{suggest(str(allocation), VIDEO_ALLOCATIONS)}")
     result = OmegaConf.structured(PipelineConfig)
     result = OmegaConf.merge(result, escape_interpolations(container))  # text reading `${...}` stays that text
     OmegaConf.set_readonly(result, True)

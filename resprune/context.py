@@ -42,6 +42,8 @@ CONTEXT_FIELDS: dict[str, str] = {
                         "visual projection reads)",
     "tiles": "the tile of each token, int [N]: 0 the base image, 1.. the crops in raster order, -1 none "
              "(LLaVA-NeXT newlines)",
+    "frames": "the frame of each token of a video (its temporal patch), int [N], 0, 1, ... in time order "
+              "(videos only)",
     "grid": "(rows, cols) when the N tokens form one raster-ordered grid",
     "positions": "token centres as (row, col) in grid units, [N, 2]; NaN for non-spatial tokens",
 }

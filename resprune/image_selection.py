@@ -30,6 +30,8 @@ class EncodedImage:
         cls_attention: ``[N]`` vision-tower CLS->patch attention, if requested and available.
         tiles: int ``[N]`` the tile of each token when an image is split into tiles: 0 the
             base (overview) image, 1.. the crops in raster order, -1 tokens of no tile (newlines).
+        frames: int ``[N]`` the frame of each token of a video (its temporal patch: Qwen2.5-VL puts
+            2 frames in one), ``0, 1, ...`` in time order; ``None`` for an image.
         extra: further per-token context fields by name, each ``[N, ...]`` (e.g.
             ``vision_features`` ``[N, C]``), only those the pipeline asked for.
         image_extra: per-image context fields by name (e.g. ``vision_cls`` ``[C]``), stacked
@@ -49,6 +51,7 @@ class EncodedImage:
     positions: Tensor | None = None
     cls_attention: Tensor | None = None
     tiles: Tensor | None = None
+    frames: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
     image_extra: dict[str, Tensor] = field(default_factory=dict)
     candidates: Tensor | None = None
@@ -82,7 +85,8 @@ class EncodedImage:
             positions = torch.stack([torch.arange(rows, dtype=torch.float32).repeat_interleave(cols),
                                      torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
         return EncodedImage(take(self.features), positions=take(positions), cls_attention=take(self.cls_attention),
-                            tiles=take(self.tiles), extra={k: v[idx.to(v.device)] for k, v in self.extra.items()},
+                            tiles=take(self.tiles), frames=take(self.frames),
+                            extra={k: v[idx.to(v.device)] for k, v in self.extra.items()},
                             image_extra=self.image_extra, candidates=take(self.candidates), always=take(self.always),
                             groups=take(self.groups), layout=self.layout)
 
@@ -132,7 +136,7 @@ def _geometry_key(img: EncodedImage) -> tuple[Any, ...]:
         return None if t is None else (tuple(t.shape), hash(t.cpu().numpy().tobytes()))
 
     return (img.n, img.grid, key(img.positions), key(img.candidates), key(img.always), key(img.groups),
-            key(img.tiles), img.cls_attention is not None, tuple(sorted(img.extra)), tuple(sorted(img.image_extra)))
+            key(img.tiles), key(img.frames), img.cls_attention is not None, tuple(sorted(img.extra)), tuple(sorted(img.image_extra)))
 
 
 def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int], row_text: Callable[[int], str],
@@ -173,6 +177,7 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                 text_embedder=embedder,
                 cls_attention=None if cls is None else (cls if whole else cls[:, idx]),
                 tiles=None if first.tiles is None else (first.tiles if whole else first.tiles[idx]),
+                frames=None if first.frames is None else (first.frames if whole else first.frames[idx]),
                 **{name: value if whole else value[:, idx] for name, value in extra.items()},
                 **per_image, **(fields or {}),
                 grid=first.grid if whole else None,
@@ -206,7 +211,8 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
                 sources = torch.cat(held_all[j] + ([forced] if forced is not None else []))[place]
             order = torch.cat(order_all[j] + ([forced] if forced is not None else []))
             geometry = EncodedImage(features=images[i].features[:0], grid=first.grid, positions=first.positions,
-                                    tiles=first.tiles, candidates=first.candidates, always=first.always, groups=first.groups,
+                                    tiles=first.tiles, frames=first.frames, candidates=first.candidates,
+                                    always=first.always, groups=first.groups,
                                     layout=images[i].layout)
             out[i] = ImageSelection(row=rows[i], image=i, kept=kept, order=order, k=int(kept.numel()), n=first.n,
                                     text=texts[j] if texts else "", scores=score_all[j], geometry=geometry,
@@ -218,8 +224,9 @@ def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]
     """The token subsets selection runs over, with the budget of each.
 
     The budget counts every token the LLM receives from the image: tokens that are always
-    kept use up budget first; the rest is split over the groups (tiles) in proportion to
-    their sizes (largest remainder), or spent on all candidates at once.
+    kept use up budget first; the rest is split over the groups (tiles; a video's frames under
+    ``video.allocation: uniform``) in proportion to their sizes (largest remainder), or spent on
+    all candidates at once.
     """
 
     def plan(pipeline: Pipeline) -> list[tuple[Tensor, int]]:
@@ -229,9 +236,12 @@ def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]
         always = torch.zeros(n, dtype=torch.bool) if img.always is None else img.always.cpu()
         cand &= ~always
         k = min(int(cand.sum()), max(k_total - int(always.sum()), 0))
-        if img.groups is None:
+        groups = img.groups
+        if groups is None and img.frames is not None and pipeline.video_allocation == "uniform":
+            groups = img.frames  # each frame its share of the video's budget
+        if groups is None:
             return [(cand.nonzero().squeeze(1), k)]
-        groups = img.groups.cpu()
+        groups = groups.cpu()
         ids = sorted(set(groups[cand].tolist()))
         sizes = [int((cand & (groups == g)).sum()) for g in ids]
         total = sum(sizes)

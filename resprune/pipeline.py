@@ -57,8 +57,15 @@ class Pipeline:
         merger: str | Merger | None = None,
         stages: Iterable[Stage] = (),
         config: DictConfig | None = None,
+        video_allocation: str = "global",
     ) -> None:
         self.budget = check_budget(budget)
+        from .config import VIDEO_ALLOCATIONS
+
+        if video_allocation not in VIDEO_ALLOCATIONS:
+            raise ConfigError(f"video_allocation={video_allocation!r}: must be one of {', '.join(VIDEO_ALLOCATIONS)}.")
+        self.video_allocation = video_allocation
+        """How the input stage spends a video's budget over its frames (``global`` or ``uniform``)."""
         self.source: str | None = None  # the shipped config name or path it was loaded from, if any
         scorers = list(scorers)
         self.input_stage: Stage | None = None
@@ -133,7 +140,7 @@ class Pipeline:
                    for st in cfg.stages]
         selector = None if cfg.selector.name is None else _selector(cfg.selector)
         pipe = cls(selector, budget=cfg.budget, scorers=_scorers(cfg.scorers), merger=_merger(cfg.merger),
-                   stages=stages, config=cfg)
+                   stages=stages, config=cfg, video_allocation=cfg.video.allocation)
         pipe.source = config if isinstance(config, str) else None  # a shipped name: errors can point at variants
         return pipe
 
@@ -229,6 +236,8 @@ class Pipeline:
             out["vision_stages"] = [stage.describe() for stage in self.vision_stages]
         if self.llm_stages:
             out["stages"] = [stage.describe() for stage in self.llm_stages]
+        if self.video_allocation != "global":  # only then: runs recorded before the option keep their keys
+            out["video"] = {"allocation": self.video_allocation}
         return out
 
     def to_yaml(self) -> str:

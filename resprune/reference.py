@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BackboneConfig, MergerConfig, PipelineConfig, ScorerConfig, SelectorConfig, StageConfig, \
-    VisionStageConfig
+    VideoConfig, VisionStageConfig
 from .plugins import KINDS, PluginHost, get_host
 from .sweep import SweepConfig
 
@@ -166,6 +166,7 @@ _SCHEMAS: list[tuple[str, type, str, str]] = [
     ("`merger`", MergerConfig, "merger.", "The input stage's merger (optional): turns dropped tokens into tokens within the budget."),
     ("`stages[i]`", StageConfig, "stages[i].", "Each item of the `stages:` list: a stage inside the LLM, at increasing layers; see [Stages](stages.md)."),
     ("`vision_stages[i]`", VisionStageConfig, "vision_stages[i].", "Each item of the `vision_stages:` list: a stage inside the vision tower, at increasing layers; see [Stages](stages.md#stages-inside-the-vision-tower)."),
+    ("`video`", VideoConfig, "video.", "How the input stage prunes videos (images ignore it)."),
     ("`backbone`", BackboneConfig, "backbone.", "Injector hints, used when the pipeline is attached to a model."),
 ]
 

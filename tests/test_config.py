@@ -162,7 +162,8 @@ def test_unknown_top_level_key_names_the_file(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: unknown key 'bugdet'.")
     assert "Did you mean 'budget'?" in message
-    assert "Valid keys: budget, selector, scorers, merger, vision_stages, stages, backbone, description, reproduces." in message
+    assert ("Valid keys: budget, selector, scorers, merger, vision_stages, stages, video, backbone, description, "
+            "reproduces.") in message
 
 
 def test_unknown_selector_param_lists_valid_ones_and_suggests(tmp_path):

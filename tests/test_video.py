@@ -9,6 +9,8 @@ import functools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import resprune
@@ -180,3 +182,91 @@ def test_videos_that_do_not_match_the_prompt_are_named():
         Video([still(size=(112, 84)), still(size=(84, 112))])
     with pytest.raises(InvalidInputError, match="PIL images or resprune.video.Video"):
         video_chat_inputs(proc, [["not media"]], ["hi"])
+
+
+# --- budgets over time -------------------------------------------------------------------------------
+
+
+def encoded_video(t: int, rows: int, cols: int, d: int = 16, seed: int = 0):
+    from resprune.image_selection import EncodedImage
+
+    gen = torch.Generator().manual_seed(seed)
+    frame = torch.stack([torch.arange(rows, dtype=torch.float32).repeat_interleave(cols),
+                         torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
+    return EncodedImage(torch.randn(t * rows * cols, d, generator=gen), positions=frame.repeat(t, 1),
+                        frames=torch.arange(t).repeat_interleave(rows * cols),
+                        layout={"kind": "video", "grid": (rows, cols), "temporal": t})
+
+
+def select(pipe, video):
+    from resprune.image_selection import select_images
+
+    (sel,) = select_images(pipe, [video], [0], lambda r: "", None)
+    return sel
+
+
+@settings(max_examples=60, deadline=None)
+@given(t=st.integers(1, 8), rows=st.integers(1, 4), cols=st.integers(1, 4), budget=st.integers(1, 200),
+       selector=st.sampled_from(["residual_energy", "divprune", "random"]))
+def test_uniform_allocation_spends_the_budget_exactly_and_evenly_over_frames(t, rows, cols, budget, selector):
+    video = encoded_video(t, rows, cols)
+    sel = select(resprune.Pipeline(selector, budget=budget, video_allocation="uniform"), video)
+    per_frame = torch.bincount(video.frames[sel.kept], minlength=t)
+    assert sel.k == int(per_frame.sum()) == min(budget, video.n)  # adds up exactly
+    assert int(per_frame.max()) - int(per_frame.min()) <= 1  # equal shares, largest remainder
+    assert per_frame.tolist() == sorted(per_frame.tolist(), reverse=True)  # the remainder goes to earlier frames
+
+
+def test_global_allocation_is_one_selection_over_every_frame():
+    video = encoded_video(4, 3, 3)
+    sel = select(resprune.Pipeline("residual_energy", budget=12), video)
+    alone = resprune.select(video.features[None], 12)  # the whole clip as one set of tokens, [1, k] sorted
+    assert sel.kept.tolist() == alone[0].tolist()
+
+
+def test_a_plugin_reads_each_tokens_frame():
+    from resprune import PruneContext, Selector
+
+    class LatestFrames(Selector):
+        name = "latest_frames"
+        requires = frozenset({"frames"})
+
+        def select(self, tokens, k, scores, context: PruneContext):
+            frames = context.get("frames")  # int [N], shared by the images of the batch, like tiles
+            order = torch.argsort(-frames.float() * tokens.shape[1] + torch.arange(tokens.shape[1]))
+            return order[:k].expand(tokens.shape[0], k)
+
+    video = encoded_video(3, 2, 2)
+    sel = select(resprune.Pipeline(LatestFrames(), budget=4), video)
+    assert video.frames[sel.kept].tolist() == [2, 2, 2, 2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 12), d=st.integers(2, 12), t=st.integers(2, 5), k=st.integers(1, 30), seed=st.integers(0, 99))
+def test_on_a_static_clip_resprune_keeps_one_copy_of_each_token_until_the_frame_span_is_exhausted(n, d, t, k, seed):
+    frame = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    clip_tokens = frame.repeat(t, 1)  # t identical frames
+    k = min(k, n * t)
+    picks = resprune.select(clip_tokens[None], k, order="selection")[0]
+    rank = int(torch.linalg.matrix_rank(frame.double()))
+    live = picks[: min(k, rank)] % n  # the place in the frame of each pick while the span is not exhausted
+    assert len(set(live.tolist())) == len(live)
+
+
+def test_a_static_video_keeps_distinct_places_end_to_end():
+    model, proc = qwen()
+    frame = still("astronaut")
+    video = Video([frame] * 6, fps=2.0)  # 3 identical temporal patches of 12 tokens
+    inputs = video_chat_inputs(proc, [[video]], ["What moves?"])
+    with resprune.load_pipeline("resprune-qwen2.5-vl", budget=8).attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    (sel,) = attached.selections
+    places = (sel.kept % 12).tolist()
+    assert sel.k == 8 and len(set(places)) == 8  # no place of the frame kept twice
+
+
+def test_video_allocation_is_a_config_key():
+    cfg = resprune.load_config("resprune-qwen2.5-vl", ["video.allocation=uniform"])
+    assert resprune.Pipeline.from_config(cfg).video_allocation == "uniform"
+    with pytest.raises(resprune.ConfigError, match="video.allocation='unifrom'.*Did you mean 'uniform'"):
+        resprune.load_config("resprune-qwen2.5-vl", ["video.allocation=unifrom"])
