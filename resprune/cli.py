@@ -74,9 +74,15 @@ def _budget(text: str | None) -> int | float | None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo, run_video_demo
 
-    run_demo(args.model, config=args.config, photo=args.photo, prompt=args.prompt, budget=_budget(args.budget),
+    if args.video is not None:
+        out = args.out if args.out != DEMO_OUT else "resprune-video.png"
+        run_video_demo(args.video, model=args.model or "tiny:qwen2_5_vl", config=args.config or "resprune-video",
+                       prompt=args.prompt or "What happens in the video?", budget=_budget(args.budget),
+                       overrides=args.overrides, out=out, max_new_tokens=args.max_new_tokens, device=args.device)
+        return 0
+    run_demo(args.model or "tiny:llava", config=args.config, photo=args.photo, prompt=args.prompt, budget=_budget(args.budget),
              overrides=args.overrides, out=args.out, max_new_tokens=args.max_new_tokens, device=args.device)
     return 0
 
@@ -143,12 +149,16 @@ def _config_image_args(p: argparse.ArgumentParser, *, prompt: str | None) -> Non
     p.add_argument("--prompt", default=prompt, required=prompt is None, help="the instruction")
 
 
-def _model_args(p: argparse.ArgumentParser, *, default_model: str | None) -> None:
-    p.add_argument("--model", default=default_model, required=default_model is None,
+def _model_args(p: argparse.ArgumentParser, *, default_model: str | None, required: bool | None = None) -> None:
+    p.add_argument("--model", default=default_model, required=default_model is None if required is None else required,
                    help="hub id, local checkpoint folder, or tiny:llava | tiny:llava_next | tiny:qwen2_5_vl[:LAYERS] "
                         "(a random tiny model built offline, with 2 LLM decoder layers unless LAYERS says more: "
                         "tiny:llava:32 for configs with stages inside the LLM)")
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: where the model loads)")
+
+
+DEMO_OUT = "resprune-demo.png"
+DEMO_CLIPS = ("pan", "cut", "still")  # resprune.video.DEMO_CLIPS, without importing torch for --help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,13 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prune a bundled photo on a (tiny, offline by default) LVLM; "
                                     "print costs, write an overlay PNG")
-    _model_args(p, default_model="tiny:llava")
-    p.add_argument("--config", default=None, help="pipeline config (default: the paper's for the model type)")
+    _model_args(p, default_model=None, required=False)  # tiny:llava, or tiny:qwen2_5_vl with --video
+    p.add_argument("--config", default=None, help="pipeline config (default: the paper's for the model type; "
+                                                  "resprune-video with --video)")
+    p.add_argument("--video", default=None, choices=DEMO_CLIPS, help="prune a clip built from the bundled photos "
+                   "(a pan and zoom, a cut between two photos, or a still) on a Qwen2.5-VL model (default "
+                   "tiny:qwen2_5_vl) and write a contact sheet")
     p.add_argument("--photo", default="astronaut", help=f"bundled photo ({', '.join(PHOTOS)}) or an image path")
     p.add_argument("--prompt", default=None, help="instruction (default: a bundled sample question)")
     p.add_argument("--budget", default=None, help="tokens kept per image (int) or share kept (float in (0, 1])")
     p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--out", default="resprune-demo.png", help="where the overlay PNG goes")
+    p.add_argument("--out", default=DEMO_OUT, help="where the overlay PNG goes (resprune-video.png with --video)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. selector.params.alpha=0.3")
     p.set_defaults(func=_demo)
 

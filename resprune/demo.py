@@ -30,7 +30,7 @@ from .selection import select
 from .timing import median_ms
 from .visualize import overlay_selection, overlay_stages
 
-__all__ = ["DEFAULT_CONFIGS", "pixel_tokens", "compare_selectors", "run_demo"]
+__all__ = ["DEFAULT_CONFIGS", "pixel_tokens", "compare_selectors", "run_demo", "run_video_demo"]
 
 DEFAULT_CONFIGS = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next",
                    "qwen2_5_vl": "resprune-qwen2.5-vl"}
@@ -191,3 +191,51 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
             "prefill_ms_full": full_ms, "prefill_ms_pruned": pruned_ms, "overlay": out.resolve(),
             "comparison": comparison}
 
+
+
+def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config: str = "resprune-video",
+                   frames: int = 8, prompt: str = "What happens in the video?", budget: int | float | None = None,
+                   overrides: Iterable[str] = (), out: str | Path = "resprune-video.png", max_new_tokens: int = 12,
+                   device: str | None = None, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Prune a clip built from the bundled photos (``resprune.video.demo_clip``) on a Qwen2.5-VL
+    model; print what each frame kept and the costs; write a contact sheet."""
+    from .video import demo_clip, video_chat_inputs
+    from .visualize import overlay_video
+
+    writable_image(out, "--out")  # before any model work
+    video = demo_clip(clip, frames=frames)
+    kwargs = {} if budget is None else {"budget": budget}
+    pipe = load_pipeline(config, list(overrides), **kwargs)
+    lvlm, processor = load_model(model, device=device)
+    if lvlm.config.model_type != "qwen2_5_vl":
+        raise InvalidInputError(f"resprune demo --video runs on Qwen2.5-VL models (videos of other backbones are "
+                                f"not supported yet); '{model}' is a {lvlm.config.model_type} model.")
+    inputs = video_chat_inputs(processor, [[video]], [prompt], device=lvlm.device)
+    tokenizer = tokenizer_of(processor)
+    if is_tiny(model):
+        print_fn("resprune demo --video: a tiny randomly initialised qwen2_5_vl model (random weights: its answers are "
+                 "noise; the token selection and FLOPs are real)")
+    print_fn(f"pipeline '{config}': {pipe.summary()}; video.allocation: {pipe.video_allocation}")
+    print_fn(f"clip '{clip}': {len(video.frames)} frames of {video.frames[0].size[0]}x{video.frames[0].size[1]} at "
+             f"{video.fps:g} fps   prompt: {prompt!r}\n")
+    with torch.no_grad():
+        full_answer = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        with pipe.attach(lvlm, processor) as attached:
+            pruned_answer = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            batch, (sel,) = attached.last, attached.selections
+    t, (rows, cols) = sel.geometry.layout["temporal"], sel.geometry.layout["grid"]
+    per_frame = torch.bincount(sel.kept.cpu() // (rows * cols), minlength=t).tolist()
+    print_fn(f"kept {sel.k} of the video's {sel.n} tokens ({t} frame pairs of {rows}x{cols}); per frame pair: "
+             f"{per_frame}")
+    dims = llm_dims(lvlm.config)
+    t_full, t_pruned = int(inputs["attention_mask"].sum()), batch.token_schedule
+    print_fn(f"prompt tokens {t_full} -> {t_pruned[-1][1]}; prefill FLOPs (Eq. 18) this model "
+             f"{_si(prefill_flops(dims, t_full))} -> {_si(prefill_flops(dims, t_pruned))}; at 7B size "
+             f"{_si(prefill_flops(VICUNA_7B, t_full))} -> {_si(prefill_flops(VICUNA_7B, t_pruned))}")
+    length = inputs["input_ids"].shape[1]
+    print_fn(f"\nanswer, full:   {tokenizer.decode(full_answer[0, length:], skip_special_tokens=True)!r}")
+    print_fn(f"answer, pruned: {tokenizer.decode(pruned_answer[0, length:], skip_special_tokens=True)!r}")
+    overlay_video(video.frames, sel, path=out)
+    print_fn(f"\ncontact sheet of the kept tokens, one panel per frame pair (dropped ones dimmed): {Path(out).resolve()}")
+    return {"selection": sel, "per_frame": per_frame, "tokens_full": t_full, "tokens_pruned": t_pruned[-1][1],
+            "overlay": Path(out).resolve()}

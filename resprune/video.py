@@ -30,7 +30,7 @@ from PIL import Image
 
 from .errors import InvalidInputError
 
-__all__ = ["Video", "qwen_video_inputs", "video_chat_inputs"]
+__all__ = ["Video", "demo_clip", "DEMO_CLIPS", "qwen_video_inputs", "video_chat_inputs"]
 
 
 @dataclass
@@ -48,6 +48,43 @@ class Video:
             raise InvalidInputError(f"every frame of a video must have one size, got {sorted(sizes)}.")
         if not self.fps > 0:
             raise InvalidInputError(f"a video's fps must be > 0, got {self.fps!r}.")
+
+
+DEMO_CLIPS = ("pan", "cut", "still")
+"""The clips ``demo_clip`` builds from the bundled photos."""
+
+
+def demo_clip(kind: str = "pan", frames: int = 8, size: tuple[int, int] = (224, 168), fps: float = 2.0) -> Video:
+    """A short clip built offline from the bundled photos: ``pan`` (a slow pan and zoom across the
+    astronaut photo), ``cut`` (the coffee photo, then a hard cut to the rocket half-way) or
+    ``still`` (one photo held: every frame the same). ``size`` is (width, height)."""
+    from .data import photo_path
+
+    if kind not in DEMO_CLIPS:
+        raise InvalidInputError(f"unknown demo clip '{kind}': one of {', '.join(DEMO_CLIPS)}.")
+    if frames < 1:
+        raise InvalidInputError(f"a demo clip needs at least one frame, got {frames}.")
+    aspect = size[0] / size[1]
+
+    def view(photo: Image.Image, x: float, zoom: float) -> Image.Image:
+        h = photo.height / zoom
+        w = min(photo.width, h * aspect)
+        left = x * (photo.width - w)
+        top = (photo.height - h) / 2
+        return photo.crop((round(left), round(top), round(left + w), round(top + h))).resize(size, Image.BICUBIC)
+
+    first = Image.open(photo_path("astronaut" if kind == "pan" else "coffee")).convert("RGB")
+    second = Image.open(photo_path("rocket")).convert("RGB")
+    out = []
+    for i in range(frames):
+        f = i / max(frames - 1, 1)
+        if kind == "pan":
+            out.append(view(first, f, 1.0 + 0.3 * f))
+        elif kind == "cut":
+            out.append(view(first if i < frames // 2 else second, 0.5, 1.0))
+        else:
+            out.append(view(first, 0.5, 1.0))
+    return Video(out, fps=fps)
 
 
 def _settings(processor: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["overlay_grid", "overlay_selection", "overlay_stages"]
+__all__ = ["overlay_grid", "overlay_selection", "overlay_stages", "overlay_video"]
 
 
 def overlay_grid(image: Image.Image, kept: Tensor | list[int], grid: tuple[int, int], *,
@@ -110,6 +111,44 @@ def overlay_selection(image: Image.Image, selection: Any, *, processor: Any = No
     if path is not None:
         out.save(path)
     return out
+
+
+def overlay_video(frames: Sequence[Image.Image], selection: Any, *, dim: float = 0.25,
+                  outline: tuple[int, int, int] | None = (255, 255, 255), panel: int = 168, gap: int = 4,
+                  path: str | Path | None = None) -> Image.Image:
+    """Contact sheet of what one video kept: one panel per frame group the model encodes together
+    (Qwen2.5-VL: 2 frames; its first frame is drawn), kept patches shown, dropped ones dimmed,
+    the kept count under each panel.
+
+    Args:
+        frames: the video's frames, in time order (``Video.frames``).
+        selection: an ``ImageSelection`` of that video (``attached.selections[i]``).
+        panel: height in pixels of each frame.
+    """
+    layout = getattr(selection.geometry, "layout", {}) or {}
+    if layout.get("kind") != "video":
+        raise ValueError("this selection is not of a video (layout kind 'video'); use overlay_selection")
+    t, (rows, cols) = int(layout["temporal"]), layout["grid"]
+    keep = selection.mask().cpu().numpy().reshape(t, rows * cols)
+    per_group = -(-len(frames) // t)  # frames per temporal patch
+    rc = np.stack(np.divmod(np.arange(rows * cols), cols), axis=1)
+    panels = []
+    for i in range(t):
+        frame = frames[min(i * per_group, len(frames) - 1)].convert("RGB")
+        frame = frame.resize((max(1, round(frame.width * panel / frame.height)), panel), Image.BICUBIC)
+        panels.append(_cells(frame, rc, keep[i], (rows, cols), dim, outline))
+    label = 14
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    sheet = Image.new("RGB", (width, panel + label), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    x = 0
+    for i, p in enumerate(panels):
+        sheet.paste(p, (x, 0))
+        draw.text((x + 2, panel + 1), f"t{i}: {int(keep[i].sum())}", fill=(255, 255, 255))
+        x += p.width + gap
+    if path is not None:
+        sheet.save(path)
+    return sheet
 
 
 def _anyres(img: Image.Image, keep: np.ndarray, layout: dict, dim: float, outline: Any, panel: int,

@@ -270,3 +270,52 @@ def test_video_allocation_is_a_config_key():
     assert resprune.Pipeline.from_config(cfg).video_allocation == "uniform"
     with pytest.raises(resprune.ConfigError, match="video.allocation='unifrom'.*Did you mean 'uniform'"):
         resprune.load_config("resprune-qwen2.5-vl", ["video.allocation=unifrom"])
+
+
+# --- demo clips and pictures ---------------------------------------------------------------------------
+
+
+def test_on_a_cut_resprune_spends_nothing_on_repeated_frames(tmp_path, capsys):
+    from resprune.cli import main
+
+    out = tmp_path / "sheet.png"
+    assert main(["demo", "--video", "cut", "--out", str(out), "--max-new-tokens", "2"]) == 0
+    text = capsys.readouterr().out
+    found = [line for line in text.splitlines() if line.startswith("kept ")]
+    assert found and "4 frame pairs of 6x8" in found[0]
+    per_pair = [int(x) for x in found[0].split("[")[1].rstrip("]").split(",")]
+    # frames 0-3 show one photo, 4-7 another: the second pair of each shot repeats the first
+    assert per_pair[1] == per_pair[3] == 0 and per_pair[0] > 0 and per_pair[2] > 0 and sum(per_pair) == 48
+    sheet = Image.open(out)
+    assert sheet.height == 168 + 14 and sheet.width > 4 * 200
+
+
+def test_demo_clips_and_the_contact_sheet():
+    from resprune.video import demo_clip
+    from resprune.visualize import overlay_video
+
+    for kind in ("pan", "cut", "still"):
+        video = demo_clip(kind, frames=5, size=(112, 84))
+        assert len(video.frames) == 5 and all(f.size == (112, 84) for f in video.frames)
+    still_clip = demo_clip("still", frames=3)
+    assert all(np.array_equal(np.asarray(still_clip.frames[0]), np.asarray(f)) for f in still_clip.frames)
+    with pytest.raises(InvalidInputError, match="unknown demo clip 'zoom'"):
+        demo_clip("zoom")
+    model, proc = qwen()
+    video = demo_clip("pan", frames=4, size=(112, 84))
+    with resprune.load_pipeline("resprune-video", budget=5).attach(model, proc) as attached, torch.no_grad():
+        model(**video_chat_inputs(proc, [[video]], ["What moves?"]))
+    sheet = np.asarray(overlay_video(video.frames, attached.selections[0], panel=84))
+    assert sheet.shape[0] == 84 + 14
+    with pytest.raises(ValueError, match="not of a video"):
+        image_inputs = video_chat_inputs(proc, [[still()]], ["hi"])
+        with resprune.load_pipeline("resprune-video", budget=5).attach(model, proc) as attached, torch.no_grad():
+            model(**image_inputs)
+        overlay_video(video.frames, attached.selections[0])
+
+
+def test_the_video_demo_refuses_a_backbone_without_videos(capsys):
+    from resprune.cli import main
+
+    assert main(["demo", "--video", "pan", "--model", "tiny:llava"]) == 2
+    assert "runs on Qwen2.5-VL models" in capsys.readouterr().err
