@@ -58,6 +58,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.vispruner",
     "resprune.strategies.scope",
     "resprune.strategies.hired",
+    "resprune.strategies.temporal",
     "resprune.strategies.tome",
     "resprune.strategies.sparsevlm",
     "resprune.strategies.clip_relevance",

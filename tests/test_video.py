@@ -319,3 +319,53 @@ def test_the_video_demo_refuses_a_backbone_without_videos(capsys):
 
     assert main(["demo", "--video", "pan", "--model", "tiny:llava"]) == 2
     assert "runs on Qwen2.5-VL models" in capsys.readouterr().err
+
+
+# --- EVS (vLLM's efficient video sampling) ------------------------------------------------------------
+
+
+def evs_transcription(embeds: torch.Tensor, thw: tuple[int, int, int], q: float) -> torch.Tensor:
+    """vllm/multimodal/evs.py @ 094f117, compute_retention_mask, transcribed literally (merge 1)."""
+    t, h, w = thw
+    x = embeds.reshape(t, h, w, embeds.size(-1))
+    per = h * w
+    dissimilarity = 1 - torch.nn.functional.cosine_similarity(x[1:], x[:-1], dim=-1)
+    dissimilarity = torch.cat([255 * torch.ones_like(x[:1, :, :, 0]), dissimilarity], dim=0)
+    flat = dissimilarity.view(-1)
+    order = torch.argsort(flat, dim=-1, descending=True, stable=True)
+    keep = max(per, int(per * t * (1 - q)))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(t=st.integers(1, 6), h=st.integers(1, 4), w=st.integers(1, 4), q=st.floats(0.0, 0.95),
+       repeat=st.booleans(), seed=st.integers(0, 999))
+def test_evs_keeps_what_vllm_keeps(t, h, w, q, repeat, seed):
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(t * h * w, 8, generator=gen)
+    if repeat and t > 1:  # a frame that repeats the one before: exact ties, broken by index in both
+        embeds[h * w: 2 * h * w] = embeds[: h * w]
+    want = evs_transcription(embeds, (t, h, w), q)
+    k = int(want.sum())
+    video = encoded_video(t, h, w)
+    video.features = embeds
+    sel = select(resprune.load_pipeline("evs", budget=k), video)
+    assert sel.kept.tolist() == want.nonzero().squeeze(1).tolist()
+
+
+def test_evs_on_a_cut_keeps_the_first_frame_and_the_cut():
+    from resprune.video import demo_clip
+
+    model, proc = qwen()
+    video = demo_clip("cut", frames=8)  # frame pairs: A, A, B, B
+    with resprune.load_pipeline("evs", budget=96).attach(model, proc) as attached, torch.no_grad():
+        model(**video_chat_inputs(proc, [[video]], ["What changes?"]))
+    (sel,) = attached.selections
+    per_pair = torch.bincount(sel.kept // 48, minlength=4).tolist()
+    assert per_pair == [48, 0, 48, 0]  # the first frame, then the cut; the repeats score 0
+    with pytest.raises(resprune.MissingContextError, match="temporal_change.*needs context 'frames'"), \
+            torch.no_grad():
+        with resprune.load_pipeline("evs", budget=8).attach(model, proc):
+            model(**video_chat_inputs(proc, [[still()]], ["hi"]))
