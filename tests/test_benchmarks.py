@@ -101,3 +101,16 @@ def test_llm_scoring_benchmark_runs(bench, capsys):
     assert bench_llm_stages.main(["--smoke"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 256 |")]
     assert len(rows) == 1 and rows[0].count("%") == 2
+
+
+def test_video_benchmark_keeps_its_budget_of_every_frame_count(bench, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_video
+    finally:
+        sys.path.remove(str(BENCH))
+    assert bench_video.main(["--smoke", "--frames", "4", "8", "--repeats", "1"]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if re.match(r"\| \d", line)]
+    assert [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows] == [  # N = 8 F, k = N / 4
+        (4, "global", 32, 8), (4, "uniform", 32, 8), (8, "global", 64, 16), (8, "uniform", 64, 16)]

@@ -108,7 +108,8 @@ def test_shipped_config_runs_on_random_tokens(name, budget):
         assert torch.equal(sel.order[:, 0], sel.scores[params.seed].argmax(dim=-1))
     if k < n and cfg.selector.name == "topk":
         slots = pipe.merger.slots(budget, n) if pipe.merger is not None else 0
-        expected = sel.scores[params.score].topk(budget - slots, dim=-1).indices.sort(dim=-1).values
+        ranked = torch.sort(sel.scores[params.score], dim=-1, descending=True, stable=True).indices  # ties: lower index
+        expected = ranked[:, : budget - slots].sort(dim=-1).values
         if slots or pipe.merger is not None:  # the picks, plus the places of the merged tokens
             assert sel.features is not None and sel.features.shape == (2, k, context.tokens.shape[-1])
             assert all(set(e.tolist()) <= set(r.tolist()) for e, r in zip(expected, sel.kept))
