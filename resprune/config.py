@@ -136,6 +136,9 @@ class BackboneConfig:
 VIDEO_ALLOCATIONS = ("global", "uniform")
 """How the input stage spends a video's budget over its frames."""
 
+VIDEO_BUDGETS = ("video", "frame")
+"""What an int budget counts for a video: tokens per video, or per frame (pair)."""
+
 
 @dataclass
 class VideoConfig:
@@ -143,6 +146,8 @@ class VideoConfig:
 
     allocation: str = "global"
     """How a video's budget is spent over its frames: `global`, one selection over every token of every frame (ResPrune's subspace across frames: a frame the earlier ones explain gets few tokens); `uniform`, an equal share per frame (largest remainder)."""
+    budget_per: str = "video"
+    """What an int `budget` counts for a video: `video`, tokens per video; `frame`, tokens per frame (pair), so a video of t frame pairs keeps up to t x budget. A ratio is the same share either way."""
 
 
 @dataclass
@@ -569,10 +574,11 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
 
         _validate_stage(stage, host, label, f"{where}.", frozenset(LLM_FIELDS) | {"text"}, "inside the LLM")
     _validate_backbone(container["backbone"], host, label)
-    allocation = container["video"]["allocation"]
-    if allocation not in VIDEO_ALLOCATIONS:
-        raise ConfigError(f"{label}: video.allocation={excerpt(repr(allocation))}: must be one of "
-                          f"{', '.join(VIDEO_ALLOCATIONS)}.{suggest(str(allocation), VIDEO_ALLOCATIONS)}")
+    for key, choices in (("allocation", VIDEO_ALLOCATIONS), ("budget_per", VIDEO_BUDGETS)):
+        value = container["video"][key]
+        if value not in choices:
+            raise ConfigError(f"{label}: video.{key}={excerpt(repr(value))}: must be one of "
+                              f"{', '.join(choices)}.{suggest(str(value), choices)}")
     result = OmegaConf.structured(PipelineConfig)
     result = OmegaConf.merge(result, escape_interpolations(container))  # text reading `${...}` stays that text
     OmegaConf.set_readonly(result, True)

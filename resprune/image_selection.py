@@ -232,6 +232,9 @@ def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]
     def plan(pipeline: Pipeline) -> list[tuple[Tensor, int]]:
         n = img.n
         k_total = pipeline.budget_for(n)
+        if (img.frames is not None and pipeline.video_budget_per == "frame" and pipeline.input_stage is not None
+                and isinstance(pipeline.budget, int)):
+            k_total = min(n, pipeline.budget * (int(img.frames.max()) + 1))  # the budget of every frame (pair)
         cand = torch.ones(n, dtype=torch.bool) if img.candidates is None else img.candidates.cpu().clone()
         always = torch.zeros(n, dtype=torch.bool) if img.always is None else img.always.cpu()
         cand &= ~always

@@ -58,14 +58,19 @@ class Pipeline:
         stages: Iterable[Stage] = (),
         config: DictConfig | None = None,
         video_allocation: str = "global",
+        video_budget_per: str = "video",
     ) -> None:
         self.budget = check_budget(budget)
-        from .config import VIDEO_ALLOCATIONS
+        from .config import VIDEO_ALLOCATIONS, VIDEO_BUDGETS
 
         if video_allocation not in VIDEO_ALLOCATIONS:
             raise ConfigError(f"video_allocation={video_allocation!r}: must be one of {', '.join(VIDEO_ALLOCATIONS)}.")
+        if video_budget_per not in VIDEO_BUDGETS:
+            raise ConfigError(f"video_budget_per={video_budget_per!r}: must be one of {', '.join(VIDEO_BUDGETS)}.")
         self.video_allocation = video_allocation
         """How the input stage spends a video's budget over its frames (``global`` or ``uniform``)."""
+        self.video_budget_per = video_budget_per
+        """What an int budget counts for a video: tokens per ``video`` or per ``frame`` (pair)."""
         self.source: str | None = None  # the shipped config name or path it was loaded from, if any
         scorers = list(scorers)
         self.input_stage: Stage | None = None
@@ -140,7 +145,8 @@ class Pipeline:
                    for st in cfg.stages]
         selector = None if cfg.selector.name is None else _selector(cfg.selector)
         pipe = cls(selector, budget=cfg.budget, scorers=_scorers(cfg.scorers), merger=_merger(cfg.merger),
-                   stages=stages, config=cfg, video_allocation=cfg.video.allocation)
+                   stages=stages, config=cfg, video_allocation=cfg.video.allocation,
+                   video_budget_per=cfg.video.budget_per)
         pipe.source = config if isinstance(config, str) else None  # a shipped name: errors can point at variants
         return pipe
 
@@ -236,8 +242,11 @@ class Pipeline:
             out["vision_stages"] = [stage.describe() for stage in self.vision_stages]
         if self.llm_stages:
             out["stages"] = [stage.describe() for stage in self.llm_stages]
-        if self.video_allocation != "global":  # only then: runs recorded before the option keep their keys
-            out["video"] = {"allocation": self.video_allocation}
+        video = {key: value for key, value, default in (("allocation", self.video_allocation, "global"),
+                                                        ("budget_per", self.video_budget_per, "video"))
+                 if value != default}
+        if video:  # only then: runs recorded before the options keep their keys
+            out["video"] = video
         return out
 
     def to_yaml(self) -> str:

@@ -369,3 +369,30 @@ def test_evs_on_a_cut_keeps_the_first_frame_and_the_cut():
             torch.no_grad():
         with resprune.load_pipeline("evs", budget=8).attach(model, proc):
             model(**video_chat_inputs(proc, [[still()]], ["hi"]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.integers(1, 6), rows=st.integers(1, 4), cols=st.integers(1, 4), per_frame=st.integers(1, 20),
+       allocation=st.sampled_from(["global", "uniform"]))
+def test_a_budget_per_frame_keeps_that_many_tokens_of_every_frame_pair(t, rows, cols, per_frame, allocation):
+    video = encoded_video(t, rows, cols)
+    pipe = resprune.Pipeline("residual_energy", budget=per_frame, video_allocation=allocation,
+                             video_budget_per="frame")
+    sel = select(pipe, video)
+    assert sel.k == min(video.n, per_frame * t)
+    if allocation == "uniform":  # every frame pair its budget (or all of its tokens)
+        assert torch.bincount(video.frames[sel.kept], minlength=t).tolist() == [min(per_frame, rows * cols)] * t
+    ratio = resprune.Pipeline("residual_energy", budget=0.5, video_budget_per="frame")
+    assert select(ratio, video).k == resprune.resolve_budget(0.5, video.n)  # a ratio is the same share either way
+
+
+def test_budget_per_frame_on_the_model_and_in_the_config():
+    model, proc = qwen()
+    cfg = resprune.load_config("resprune-video", ["budget=5", "video.budget_per=frame", "video.allocation=uniform"])
+    inputs = video_chat_inputs(proc, [[clip(6)]], ["What moves?"])  # 3 frame pairs of 12 tokens
+    with resprune.Pipeline.from_config(cfg).attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    (sel,) = attached.selections
+    assert sel.k == 15 and torch.bincount(sel.kept // 12, minlength=3).tolist() == [5, 5, 5]
+    with pytest.raises(resprune.ConfigError, match="video.budget_per='frames'.*Did you mean 'frame'"):
+        resprune.load_config("resprune-video", ["video.budget_per=frames"])
