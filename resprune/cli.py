@@ -101,8 +101,8 @@ def _run(args: argparse.Namespace) -> int:
 def _visualize(args: argparse.Namespace) -> int:
     from .run import visualize_one
 
-    visualize_one(args.config, args.overrides, model=args.model, image=args.image, prompt=args.prompt,
-                  device=args.device, out=args.out)
+    visualize_one(args.config, args.overrides, model=args.model, image=args.image, video=args.video,
+                  prompt=args.prompt, device=args.device, out=args.out)
     return 0
 
 
@@ -140,12 +140,17 @@ def _lmms_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_image_args(p: argparse.ArgumentParser, *, prompt: str | None) -> None:
-    """CONFIG [overrides] --model M --image IMG --prompt TEXT (``run`` and ``visualize``)."""
+def _config_image_args(p: argparse.ArgumentParser, *, prompt: str | None, video: bool = False) -> None:
+    """CONFIG [overrides] --model M --image IMG --prompt TEXT (``run`` and ``visualize``; with
+    ``video``, ``--video CLIP`` instead of ``--image``)."""
     p.add_argument("config", help="shipped config name or YAML path")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. budget=64")
     _model_args(p, default_model=None)
-    p.add_argument("--image", required=True, help="image path")
+    media = p.add_mutually_exclusive_group(required=True) if video else p
+    media.add_argument("--image", required=not video, help="image path")
+    if video:
+        media.add_argument("--video", help=f"a video: a folder of its frames, or a demo clip ({', '.join(DEMO_CLIPS)}); "
+                                           "Qwen2.5-VL models; writes a contact sheet")
     p.add_argument("--prompt", default=prompt, required=prompt is None, help="the instruction")
 
 
@@ -227,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lmms_tasks)
 
     p = sub.add_parser("visualize", help="write the kept-token overlay for a config, image and prompt")
-    _config_image_args(p, prompt="Describe the picture.")
+    _config_image_args(p, prompt="Describe the picture.", video=True)
     p.add_argument("--out", default="resprune-overlay.png", help="where the PNG goes")
     p.set_defaults(func=_visualize)
     return parser

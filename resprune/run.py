@@ -21,6 +21,30 @@ from .visualize import overlay_selection, overlay_stages
 __all__ = ["run_one", "visualize_one"]
 
 
+def _visualize_video(config: str, overrides: Iterable[str], *, model: str, video: str, prompt: str,
+                     device: str | None, out: str | Path, print_fn: Callable[[str], Any]) -> Path:
+    from .errors import InvalidInputError
+    from .video import load_video, video_chat_inputs
+    from .visualize import overlay_video
+
+    clip = load_video(video)
+    pipe = load_pipeline(config, list(overrides))
+    lvlm, processor = load_model(model, device=device)
+    if lvlm.config.model_type != "qwen2_5_vl":
+        raise InvalidInputError(f"--video runs on Qwen2.5-VL models (videos of other backbones are not supported "
+                                f"yet); '{model}' is a {lvlm.config.model_type} model.")
+    inputs = video_chat_inputs(processor, [[clip]], [prompt], device=lvlm.device)
+    with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
+        attached.prune(inputs)
+        (sel,) = attached.selections
+    t, (rows, cols) = sel.geometry.layout["temporal"], sel.geometry.layout["grid"]
+    per_pair = torch.bincount(sel.kept.cpu() // (rows * cols), minlength=t).tolist()
+    overlay_video(clip.frames, sel, path=out)
+    print_fn(f"kept {sel.k} of the video's {sel.n} tokens ({len(clip.frames)} frames, {t} frame pairs of {rows}x{cols}); "
+             f"per frame pair {per_pair}; contact sheet: {Path(out).resolve()}")
+    return Path(out).resolve()
+
+
 def _setup(config: str, overrides: Iterable[str], model: str, image: str | Path, prompt: str,
            device: str | None) -> tuple[Pipeline, Any, Any, Image.Image, Any]:
     pipe = load_pipeline(config, list(overrides))
@@ -103,11 +127,15 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
     return result
 
 
-def visualize_one(config: str, overrides: Iterable[str] = (), *, model: str, image: str | Path,
-                  prompt: str = "Describe the picture.", device: str | None = None,
+def visualize_one(config: str, overrides: Iterable[str] = (), *, model: str, image: str | Path | None = None,
+                  video: str | None = None, prompt: str = "Describe the picture.", device: str | None = None,
                   out: str | Path = "resprune-overlay.png", print_fn: Callable[[str], Any] = print) -> Path:
-    """Write the kept-token overlay (no generation: only the vision tower and selection run)."""
+    """Write the kept-token overlay (no generation: only the vision tower and selection run); for
+    a ``video`` (a folder of frames or a demo clip, ``resprune.video.load_video``) a contact sheet."""
     writable_image(out, "--out")  # before any model work
+    if video is not None:
+        return _visualize_video(config, overrides, model=model, video=video, prompt=prompt, device=device, out=out,
+                                print_fn=print_fn)
     pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
     with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
         if pipe.llm_stages:

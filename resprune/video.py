@@ -30,7 +30,7 @@ from PIL import Image
 
 from .errors import InvalidInputError
 
-__all__ = ["Video", "demo_clip", "DEMO_CLIPS", "qwen_video_inputs", "video_chat_inputs"]
+__all__ = ["Video", "demo_clip", "DEMO_CLIPS", "load_video", "qwen_video_inputs", "video_chat_inputs"]
 
 
 @dataclass
@@ -85,6 +85,37 @@ def demo_clip(kind: str = "pan", frames: int = 8, size: tuple[int, int] = (224, 
         else:
             out.append(view(first, 0.5, 1.0))
     return Video(out, fps=fps)
+
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_video(spec: str, fps: float = 2.0) -> Video:
+    """A video from ``spec``: a demo clip name (``DEMO_CLIPS``), or a folder of frame images (one
+    size; in file-name order) sampled at ``fps``."""
+    from pathlib import Path
+
+    if spec in DEMO_CLIPS:
+        return demo_clip(spec, fps=fps)
+    folder = Path(spec)
+    if folder.is_file():
+        raise InvalidInputError(f"video '{spec}' is a file: resprune reads a video as a folder of its frames. "
+                                f"Extract them first, e.g. ffmpeg -i {folder.name} -vf fps={fps:g} frames/%04d.png, "
+                                f"then pass the folder.")
+    if not folder.is_dir():
+        raise InvalidInputError(f"video '{spec}' is neither a demo clip ({', '.join(DEMO_CLIPS)}) nor a folder of "
+                                f"frames.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
+    if not files:
+        raise InvalidInputError(f"video folder '{spec}' holds no frames ({', '.join(FRAME_SUFFIXES)} files).")
+    frames = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                frames.append(img.convert("RGB"))
+        except OSError as exc:
+            raise InvalidInputError(f"frame '{path}' is not a readable image ({exc}).") from None
+    return Video(frames, fps=fps)
 
 
 def _settings(processor: Any) -> dict[str, Any]:

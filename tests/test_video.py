@@ -396,3 +396,24 @@ def test_budget_per_frame_on_the_model_and_in_the_config():
     assert sel.k == 15 and torch.bincount(sel.kept // 12, minlength=3).tolist() == [5, 5, 5]
     with pytest.raises(resprune.ConfigError, match="video.budget_per='frames'.*Did you mean 'frame'"):
         resprune.load_config("resprune-video", ["video.budget_per=frames"])
+
+
+def test_visualize_writes_a_contact_sheet_of_a_clip_or_a_folder_of_frames(tmp_path, capsys):
+    from resprune.cli import main
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, f in enumerate(clip(4).frames):
+        f.save(frames / f"{i:03d}.png")
+    (frames / "notes.txt").write_text("not a frame")
+    for spec, pairs in (("cut", 4), (str(frames), 2)):
+        out = tmp_path / "sheet.png"
+        assert main(["visualize", "resprune-video", "--model", "tiny:qwen2_5_vl", "--video", spec, "--out",
+                     str(out)]) == 0
+        assert f"{pairs} frame pairs" in capsys.readouterr().out and Image.open(out).width > pairs * 50
+    (tmp_path / "empty").mkdir()
+    for spec, message in ((str(frames / "000.png"), "is a file: resprune reads a video as a folder"),
+                          (str(tmp_path / "none"), "neither a demo clip"),
+                          (str(tmp_path / "empty"), "holds no frames")):
+        assert main(["visualize", "resprune-video", "--model", "tiny:qwen2_5_vl", "--video", spec]) == 2
+        assert message in capsys.readouterr().err
