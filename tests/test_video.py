@@ -247,10 +247,15 @@ def test_on_a_static_clip_resprune_keeps_one_copy_of_each_token_until_the_frame_
     frame = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
     clip_tokens = frame.repeat(t, 1)  # t identical frames
     k = min(k, n * t)
-    picks = resprune.select(clip_tokens[None], k, order="selection")[0]
-    rank = int(torch.linalg.matrix_rank(frame.double()))
-    live = picks[: min(k, rank)] % n  # the place in the frame of each pick while the span is not exhausted
-    assert len(set(live.tolist())) == len(live)
+    from resprune.linalg import DEFAULT_TOL, greedy_residual_select
+
+    trace: list[torch.Tensor] = []  # residual energies after each pick
+    picks = greedy_residual_select(clip_tokens[None], k, trace=trace)[0]
+    floor = DEFAULT_TOL * clip_tokens.pow(2).sum(-1)  # the selector's own "inside the kept span"
+    # the span is exhausted once no token's residual is above its floor (then the fixed fallback order runs)
+    live = 1 + sum(1 for energy in trace[:-1] if bool((energy[0] > floor).any()))
+    places = (picks[:live] % n).tolist()  # the place in the frame of each pick while the span is not exhausted
+    assert len(set(places)) == len(places)
 
 
 def test_a_static_video_keeps_distinct_places_end_to_end():
@@ -417,3 +422,9 @@ def test_visualize_writes_a_contact_sheet_of_a_clip_or_a_folder_of_frames(tmp_pa
                           (str(tmp_path / "empty"), "holds no frames")):
         assert main(["visualize", "resprune-video", "--model", "tiny:qwen2_5_vl", "--video", spec]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_command_line_offers_every_demo_clip():
+    from resprune import cli, video
+
+    assert cli.DEMO_CLIPS == video.DEMO_CLIPS  # cli keeps its own copy so that --help does not import torch
