@@ -82,8 +82,8 @@ def _demo(args: argparse.Namespace) -> int:
                        prompt=args.prompt or "What happens in the video?", budget=_budget(args.budget),
                        overrides=args.overrides, out=out, max_new_tokens=args.max_new_tokens, device=args.device)
         return 0
-    run_demo(args.model or "tiny:llava", config=args.config, photo=args.photo, prompt=args.prompt, budget=_budget(args.budget),
-             overrides=args.overrides, out=args.out, max_new_tokens=args.max_new_tokens, device=args.device)
+    run_demo(args.model or "tiny:llava", config=args.config, photo=args.photo, prompt=args.prompt,
+             budget=_budget(args.budget), overrides=args.overrides, out=args.out, max_new_tokens=args.max_new_tokens, device=args.device)
     return 0
 
 

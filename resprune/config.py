@@ -140,6 +140,15 @@ VIDEO_BUDGETS = ("video", "frame")
 """What an int budget counts for a video: tokens per video, or per frame (pair)."""
 
 
+def check_video_option(key: str, value: Any, where: str) -> None:
+    """``ConfigError`` (``where``: the key as the caller wrote it) unless ``value`` is a choice of
+    the video option ``key`` (``allocation``: ``VIDEO_ALLOCATIONS``; ``budget_per``: ``VIDEO_BUDGETS``)."""
+    choices = {"allocation": VIDEO_ALLOCATIONS, "budget_per": VIDEO_BUDGETS}[key]
+    if value not in choices:
+        raise ConfigError(f"{where}={excerpt(repr(value))}: must be one of {', '.join(choices)}."
+                          f"{suggest(str(value), choices)}")
+
+
 @dataclass
 class VideoConfig:
     """How videos are pruned (images ignore it)."""
@@ -536,6 +545,9 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
             raise ConfigError(f"{label}: selector.params need selector.name.")
     else:
         _validate_stage(container, host, label, "")
+    from .backbones.vision_stages import VISION_FIELDS  # here: both modules import this one
+    from .llm_pruning import LLM_STAGE_FIELDS
+
     last = -1
     for i, stage in enumerate(container["vision_stages"]):
         where = f"vision_stages[{i}]"
@@ -550,8 +562,6 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
         stage_budget(stage["budget"], container["budget"], where=f"{label}: {where}.budget")
         if stage["selector"]["name"] is None:
             raise ConfigError(f"{label}: {where}.selector.name: missing. Every stage needs a selector.")
-        from .backbones.vision_stages import VISION_FIELDS
-
         _validate_stage(stage, host, label, f"{where}.", VISION_FIELDS, "inside the vision tower")
     last = 0
     for i, stage in enumerate(container["stages"]):
@@ -570,15 +580,10 @@ def validate_config(cfg: DictConfig, label: str = "<config>") -> DictConfig:
         if stage["positions"] not in POSITIONS:
             raise ConfigError(f"{label}: {where}.positions={stage['positions']!r}: must be one of "
                               f"{', '.join(POSITIONS)}.")
-        from .llm_pruning import LLM_FIELDS
-
-        _validate_stage(stage, host, label, f"{where}.", frozenset(LLM_FIELDS) | {"text"}, "inside the LLM")
+        _validate_stage(stage, host, label, f"{where}.", LLM_STAGE_FIELDS, "inside the LLM")
     _validate_backbone(container["backbone"], host, label)
-    for key, choices in (("allocation", VIDEO_ALLOCATIONS), ("budget_per", VIDEO_BUDGETS)):
-        value = container["video"][key]
-        if value not in choices:
-            raise ConfigError(f"{label}: video.{key}={excerpt(repr(value))}: must be one of "
-                              f"{', '.join(choices)}.{suggest(str(value), choices)}")
+    for key in ("allocation", "budget_per"):
+        check_video_option(key, container["video"][key], f"{label}: video.{key}")
     result = OmegaConf.structured(PipelineConfig)
     result = OmegaConf.merge(result, escape_interpolations(container))  # text reading `${...}` stays that text
     OmegaConf.set_readonly(result, True)

@@ -199,7 +199,7 @@ def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config:
                    device: str | None = None, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prune a clip built from the bundled photos (``resprune.video.demo_clip``) on a Qwen2.5-VL
     model; print what each frame kept and the costs; write a contact sheet."""
-    from .video import demo_clip, video_chat_inputs
+    from .video import demo_clip, frame_counts, require_videos, video_chat_inputs
     from .visualize import overlay_video
 
     writable_image(out, "--out")  # before any model work
@@ -207,9 +207,7 @@ def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config:
     kwargs = {} if budget is None else {"budget": budget}
     pipe = load_pipeline(config, list(overrides), **kwargs)
     lvlm, processor = load_model(model, device=device)
-    if lvlm.config.model_type != "qwen2_5_vl":
-        raise InvalidInputError(f"resprune demo --video runs on Qwen2.5-VL models (videos of other backbones are "
-                                f"not supported yet); '{model}' is a {lvlm.config.model_type} model.")
+    require_videos(lvlm, model, "resprune demo --video")
     inputs = video_chat_inputs(processor, [[video]], [prompt], device=lvlm.device)
     tokenizer = tokenizer_of(processor)
     if is_tiny(model):
@@ -224,7 +222,7 @@ def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config:
             pruned_answer = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             batch, (sel,) = attached.last, attached.selections
     t, (rows, cols) = sel.geometry.layout["temporal"], sel.geometry.layout["grid"]
-    per_frame = torch.bincount(sel.kept.cpu() // (rows * cols), minlength=t).tolist()
+    per_frame = frame_counts(sel)
     print_fn(f"kept {sel.k} of the video's {sel.n} tokens ({t} frame pairs of {rows}x{cols}); per frame pair: "
              f"{per_frame}")
     dims = llm_dims(lvlm.config)

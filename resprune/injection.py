@@ -40,7 +40,7 @@ from torch import Tensor
 from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError, PluginError
 from .image_selection import EncodedImage, ImageSelection, select_images
 from .interfaces import Injector
-from .llm_pruning import LLM_FIELDS, LLMPruner, StageRecord, Span
+from .llm_pruning import LLM_STAGE_FIELDS, LLMPruner, StageRecord, Span
 from .prompts import row_texts, tokenizer_of, word_embedder
 from .timing import clock
 
@@ -439,7 +439,7 @@ class PlaceholderInjector(Injector):
                 offered = set(self.provides)
                 supplier = f"the '{self.name}' injector cannot supply for {', '.join(self.model_types)} models"
             else:
-                offered = set(LLM_FIELDS) | {"text"}
+                offered = set(LLM_STAGE_FIELDS)
                 supplier = f"a stage inside the LLM does not have"
             if tokenizer_of(processor) is None:
                 offered.discard("text_embedder")

@@ -38,7 +38,7 @@ from .selection import DeferredChecks
 if TYPE_CHECKING:
     from .stages import Stage
 
-__all__ = ["LLMPruner", "LLM_FIELDS", "Span", "StageRecord", "attention_rows", "text_model_of"]
+__all__ = ["LLMPruner", "LLM_FIELDS", "LLM_STAGE_FIELDS", "Span", "StageRecord", "attention_rows", "text_model_of"]
 
 LLM_FIELDS: dict[str, str] = {
     "tokens": "hidden states entering decoder layer K, float32 [B, N, D]",
@@ -54,6 +54,10 @@ LLM_FIELDS: dict[str, str] = {
     "positions": "token centres as (row, col) in grid units, [N, 2] (when the image has a grid)",
 }
 """Context fields an in-LLM stage offers its scorers and selector."""
+
+LLM_STAGE_FIELDS = frozenset(LLM_FIELDS) | {"text"}
+"""Everything a stage inside the LLM can read: ``LLM_FIELDS`` and the instruction text (when a
+processor or ``text=`` supplies it)."""
 
 _WRAPPED = ("sdpa", "eager")
 _PREFIX = "resprune_"

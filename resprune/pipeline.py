@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from .budget import Budget, check_budget, resolve_budget, stage_budget
-from .config import load_config, shipped_variants, to_yaml
+from .config import check_video_option, load_config, shipped_variants, to_yaml
 from .context import PruneContext
 from .errors import ConfigError, IncompatibleBackboneError, MissingContextError
 from .interfaces import Injector, Merger, Scorer, Selector
@@ -61,12 +61,8 @@ class Pipeline:
         video_budget_per: str = "video",
     ) -> None:
         self.budget = check_budget(budget)
-        from .config import VIDEO_ALLOCATIONS, VIDEO_BUDGETS
-
-        if video_allocation not in VIDEO_ALLOCATIONS:
-            raise ConfigError(f"video_allocation={video_allocation!r}: must be one of {', '.join(VIDEO_ALLOCATIONS)}.")
-        if video_budget_per not in VIDEO_BUDGETS:
-            raise ConfigError(f"video_budget_per={video_budget_per!r}: must be one of {', '.join(VIDEO_BUDGETS)}.")
+        check_video_option("allocation", video_allocation, "video_allocation")
+        check_video_option("budget_per", video_budget_per, "video_budget_per")
         self.video_allocation = video_allocation
         """How the input stage spends a video's budget over its frames (``global`` or ``uniform``)."""
         self.video_budget_per = video_budget_per

@@ -28,6 +28,7 @@ def md_text(value: Any) -> str:
     """``value`` as text that cannot break a markdown table or list: one line, ``|`` escaped."""
     return " ".join(str(value).split()).replace("\\", "\\\\").replace("|", "\\|")
 
+
 def _declared(name: str, attr: str) -> bool:
     """Whether metric key ``name`` (``fidelity.kl``) is in its metric's ``attr`` set; metrics
     not installed where the report is written read as higher-is-better plain numbers."""

@@ -23,22 +23,19 @@ __all__ = ["run_one", "visualize_one"]
 
 def _visualize_video(config: str, overrides: Iterable[str], *, model: str, video: str, prompt: str,
                      device: str | None, out: str | Path, print_fn: Callable[[str], Any]) -> Path:
-    from .errors import InvalidInputError
-    from .video import load_video, video_chat_inputs
+    from .video import frame_counts, load_video, require_videos, video_chat_inputs
     from .visualize import overlay_video
 
     clip = load_video(video)
     pipe = load_pipeline(config, list(overrides))
     lvlm, processor = load_model(model, device=device)
-    if lvlm.config.model_type != "qwen2_5_vl":
-        raise InvalidInputError(f"--video runs on Qwen2.5-VL models (videos of other backbones are not supported "
-                                f"yet); '{model}' is a {lvlm.config.model_type} model.")
+    require_videos(lvlm, model, "--video")
     inputs = video_chat_inputs(processor, [[clip]], [prompt], device=lvlm.device)
     with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
         attached.prune(inputs)
         (sel,) = attached.selections
     t, (rows, cols) = sel.geometry.layout["temporal"], sel.geometry.layout["grid"]
-    per_pair = torch.bincount(sel.kept.cpu() // (rows * cols), minlength=t).tolist()
+    per_pair = frame_counts(sel)
     overlay_video(clip.frames, sel, path=out)
     print_fn(f"kept {sel.k} of the video's {sel.n} tokens ({len(clip.frames)} frames, {t} frame pairs of {rows}x{cols}); "
              f"per frame pair {per_pair}; contact sheet: {Path(out).resolve()}")

@@ -28,7 +28,8 @@ from typing import Any
 from .errors import OutputPathError, ResPruneError
 
 __all__ = ["RunFileError", "RunLockedError", "RunLock", "write_atomic", "replace_with", "append_jsonl", "warn_once",
-           "slug", "unique_slug", "inside", "check_inside", "files_inside", "writable_folder", "writable_file", "writable_image", "read_jsonl", "read_json"]
+           "slug", "unique_slug", "inside", "check_inside", "files_inside", "writable_folder", "writable_file",
+           "writable_image", "read_jsonl", "read_json"]
 
 
 class RunFileError(ResPruneError):

@@ -30,7 +30,8 @@ from PIL import Image
 
 from .errors import InvalidInputError
 
-__all__ = ["Video", "demo_clip", "DEMO_CLIPS", "load_video", "qwen_video_inputs", "video_chat_inputs"]
+__all__ = ["Video", "demo_clip", "DEMO_CLIPS", "frame_counts", "load_video", "qwen_video_inputs", "require_videos",
+           "video_chat_inputs"]
 
 
 @dataclass
@@ -116,6 +117,22 @@ def load_video(spec: str, fps: float = 2.0) -> Video:
         except OSError as exc:
             raise InvalidInputError(f"frame '{path}' is not a readable image ({exc}).") from None
     return Video(frames, fps=fps)
+
+
+def require_videos(model: Any, name: str, what: str) -> None:
+    """``InvalidInputError`` unless ``model`` is a backbone resprune prunes videos of (Qwen2.5-VL);
+    ``what`` names the command or option asking (``--video``)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type != "qwen2_5_vl":
+        raise InvalidInputError(f"{what} runs on Qwen2.5-VL models (videos of other backbones are not supported "
+                                f"yet); '{name}' is a {model_type} model.")
+
+
+def frame_counts(selection: Any) -> list[int]:
+    """How many tokens a video's ``ImageSelection`` kept of each frame pair, in time order."""
+    layout = selection.geometry.layout
+    rows, cols = layout["grid"]
+    return torch.bincount(selection.kept.cpu() // (rows * cols), minlength=layout["temporal"]).tolist()
 
 
 def _settings(processor: Any) -> dict[str, Any]:
