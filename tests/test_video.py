@@ -428,3 +428,20 @@ def test_the_command_line_offers_every_demo_clip():
     from resprune import cli, video
 
     assert cli.DEMO_CLIPS == video.DEMO_CLIPS  # cli keeps its own copy so that --help does not import torch
+
+
+@pytest.mark.parametrize("kind", ["pan", "cut"])
+def test_evs_on_the_bundled_photo_clips_keeps_what_vllm_keeps(kind):
+    """The tiny model's own video features of a clip built from the bundled photos."""
+    from resprune.video import demo_clip
+
+    model, proc = qwen()
+    inputs = video_chat_inputs(proc, [[demo_clip(kind, frames=8)]], ["What happens?"])
+    with resprune.load_pipeline("evs").attach(model, proc) as attached, torch.no_grad():
+        (video,) = attached.injector.encode(model, inputs, frozenset())  # the features the LLM would get
+    t, (rows, cols) = video.layout["temporal"], video.layout["grid"]
+    for q in (0.5, 0.75, 0.9):
+        want = evs_transcription(video.features.float(), (t, rows, cols), q)
+        with resprune.load_pipeline("evs", budget=int(want.sum())).attach(model, proc) as attached, torch.no_grad():
+            model(**inputs)
+        assert attached.selections[0].kept.tolist() == want.nonzero().squeeze(1).tolist()
