@@ -159,6 +159,23 @@ def targets(sel_rows: list[dict[str, Any]], e2e_rows: list[Any]) -> list[tuple[s
     return out
 
 
+def write_report(out: Path, parts: list[str], sel_rows: list[dict[str, Any]], e2e_rows: list[Any],
+                 checks: list[tuple[str, str, bool]]) -> str:
+    """Write ``gpu-check.md`` and ``gpu-check.json`` (each through a temporary file and a rename)
+    with what has been measured so far and the targets it decides; return the markdown."""
+    passed = sum(ok for *_, ok in checks)
+    table = "\n".join([f"Targets: {passed} of {len(checks)} pass", "", "| target | measured | |", "|---|---|---|"]
+                      + [f"| {name} | {value} | {'PASS' if ok else 'FAIL'} |" for name, value, ok in checks])
+    report = "\n\n".join([*parts, table])
+    raw = {"selection": [{k: v for k, v in r.items() if k != "key"} for r in sel_rows],
+           "end_to_end": [vars(r) for r in e2e_rows], "targets": checks}
+    for name, text in (("gpu-check.md", report + "\n"), ("gpu-check.json", json.dumps(raw, indent=1, default=str))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and tiny models, any device")
@@ -172,26 +189,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: {torch.cuda.get_device_name(device)}; Triton kernels: "
               f"{'yes' if kernels.available(device) else 'NO (pip install triton)'}", file=sys.stderr)
     repeats = args.repeats or (1 if args.smoke else 10)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     sel_rows = selection(SMOKE_CASES if args.smoke else CASES, device, repeats)
-    e2e_rows, e2e_args = ([], None) if args.no_e2e else end_to_end(args.smoke, device)
-    checks = targets(sel_rows, e2e_rows)
     parts = [selection_table(sel_rows, device)]
+    write_report(out, parts, sel_rows, [], targets(sel_rows, []))  # each part lands as soon as it is measured
     parts.append(bench_llm_stages.run(argparse.Namespace(
         device=str(device), dtype="float32" if device.type == "cpu" else "bfloat16", batch=1,
         heads=8 if args.smoke else 32, kv_heads=4 if args.smoke else 32, head_dim=128, instruction=40,
         lengths=[256] if args.smoke else [640, 1360, 2944], repeats=repeats, eager_max=4096)))
+    write_report(out, parts, sel_rows, [], targets(sel_rows, []))
+    e2e_rows, e2e_args = ([], None) if args.no_e2e else end_to_end(args.smoke, device)
     if e2e_rows:
         parts.append(bench_e2e.markdown(e2e_rows, e2e_args))
-    passed = sum(ok for *_, ok in checks)
-    parts.append("\n".join([f"Targets: {passed} of {len(checks)} pass", "", "| target | measured | |", "|---|---|---|"]
-                           + [f"| {name} | {value} | {'PASS' if ok else 'FAIL'} |" for name, value, ok in checks]))
-    report = "\n\n".join(parts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu-check.md").write_text(report + "\n")
-    raw = {"selection": [{k: v for k, v in r.items() if k != "key"} for r in sel_rows],
-           "end_to_end": [vars(r) for r in e2e_rows], "targets": checks}
-    (out / "gpu-check.json").write_text(json.dumps(raw, indent=1, default=str))
+    report = write_report(out, parts, sel_rows, e2e_rows, targets(sel_rows, e2e_rows))
     print(report)
     return 0
 
