@@ -21,8 +21,9 @@ out="${OUT:-.}"
 mkdir -p "$out"
 # The CUDA tests, and the video packing against transformers' own video processor (the GPU image has
 # torchvision; the CPU machines do not). A failing test is reported, and the timings still run.
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_residual_energy_properties.py \
+python3 -P -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_residual_energy_properties.py \
     tests/test_video.py -k "cuda or real_video_processor" >"$out/gpu-tests.log" 2>&1 \
     && echo "GPU tests: passed" || echo "GPU tests: FAILED (rc $?)"
 tail -5 "$out/gpu-tests.log"
+python3 -P -m resprune.kernels.compile --arch 90 || echo "kernel compile: FAILED"
 python3 benchmarks/gpu_check.py --out "$out" "$@"

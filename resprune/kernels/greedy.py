@@ -65,7 +65,7 @@ def _residual_persistent(G, E, W, FLOOR, FB, FIRST, F, OUT, N, K,
                 pick = tl.load(FIRST + b).to(tl.int32)
         e_pick = tl.load(e_row + pick)
         fl_pick = tl.load(fl_row + pick)
-        scale = tl.where(e_pick > fl_pick, tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(e_pick, 1e-38))), 0.0)
+        scale = tl.where(e_pick > fl_pick, tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(e_pick, 1.1754943508222875e-38))), 0.0)
         tl.store(OUT + b * s_ob + t, pick.to(tl.int64))
         tl.store(fb_row + pick, -float("inf"))
         for start in range(0, N, BLOCK_N):
@@ -121,7 +121,7 @@ def _residual_step(G, E0, E, W, FLOOR, FB, FIRST, F, OUT, PART_V, PART_I, PART_E
                 pick = tl.load(FIRST + b).to(tl.int32)
                 e_pick = tl.load(E0 + b * s_eb + pick)
         fl_pick = tl.load(fl_row + pick)
-        scale = tl.where(e_pick > fl_pick, tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(e_pick, 1e-38))), 0.0)
+        scale = tl.where(e_pick > fl_pick, tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(e_pick, 1.1754943508222875e-38))), 0.0)
         if j == 0:
             tl.store(OUT + b * s_ob + t, pick.to(tl.int64))
         col = tl.load(G + b * s_gb + pick * s_gn + idx, mask=m, other=0.0)
