@@ -22,7 +22,7 @@ import torch
 
 from resprune import hookimpl
 from resprune.errors import InvalidInputError
-from resprune.injection import EncodedImage, PlaceholderInjector, PrunedBatch
+from resprune.injection import EncodedImage, PlaceholderInjector, PrunedBatch, in_sequence_order
 
 __all__ = ["Qwen25VLInjector"]
 
@@ -61,7 +61,7 @@ class Qwen25VLInjector(PlaceholderInjector):
             token = self.image_token_id(model) if kind == "image" else int(model.config.video_token_id)
             media[token] = [_encoded(feats, t, h // merge, w // merge, kind)
                             for feats, (t, h, w) in zip(out.pooler_output, grid_thw.tolist())]
-        return _in_sequence_order(inputs, media)
+        return in_sequence_order(inputs, media, self.name)
 
     def extra_inputs(self, model: Any, inputs: Mapping[str, Any], batch: PrunedBatch, call: str) -> dict[str, Any]:
         ids = inputs["input_ids"]
@@ -99,32 +99,6 @@ def _encoded(features: Any, t: int, rows: int, cols: int, kind: str) -> EncodedI
                          torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
     return EncodedImage(features, positions=frame.repeat(t, 1), frames=torch.arange(t).repeat_interleave(rows * cols),
                         layout={"kind": kind, "grid": (rows, cols), "temporal": t})
-
-
-def _in_sequence_order(inputs: Mapping[str, Any], media: dict[int, list[EncodedImage]]) -> list[EncodedImage]:
-    """The images and videos of ``media`` (by placeholder token) in the order their placeholder runs
-    appear in the batch, row by row: the order ``prune_inputs`` scatters features in."""
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    present = torch.isin(ids, torch.tensor(list(media), device=ids.device))
-    if mask is not None:
-        present &= mask.bool()
-    sequence = ids[present].tolist()  # one host read
-    queues = {token: iter(items) for token, items in media.items()}
-    out: list[EncodedImage] = []
-    pos = 0
-    while pos < len(sequence):
-        item = next(queues[sequence[pos]], None)
-        if item is None or sequence[pos: pos + item.n] != [sequence[pos]] * item.n:
-            raise InvalidInputError(
-                "injector 'qwen2_5_vl': the prompts' image and video tokens do not match the images and videos "
-                "given (count, length or order); build the batch with the processor or resprune.video.")
-        out.append(item)
-        pos += item.n
-    if any(next(q, None) is not None for q in queues.values()):
-        raise InvalidInputError("injector 'qwen2_5_vl': more images or videos were given than the prompts have "
-                                "placeholders for.")
-    return out
 
 
 @hookimpl

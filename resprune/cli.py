@@ -78,7 +78,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.video is not None:
         out = args.out if args.out != DEMO_OUT else "resprune-video.png"
-        run_video_demo(args.video, model=args.model or "tiny:qwen2_5_vl", config=args.config or "resprune-video",
+        run_video_demo(args.video, model=args.model or "tiny:qwen2_5_vl", config=args.config,
                        prompt=args.prompt or "What happens in the video?", budget=_budget(args.budget),
                        overrides=args.overrides, out=out, max_new_tokens=args.max_new_tokens, device=args.device)
         return 0
@@ -192,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "print costs, write an overlay PNG")
     _model_args(p, default_model=None, required=False)  # tiny:llava, or tiny:qwen2_5_vl with --video
     p.add_argument("--config", default=None, help="pipeline config (default: the paper's for the model type; "
-                                                  "resprune-video with --video)")
+                                                  "with --video resprune-video on Qwen2.5-VL, "
+                                                  "resprune-llava-onevision on LLaVA-OneVision)")
     p.add_argument("--video", default=None, choices=DEMO_CLIPS, help="prune a clip built from the bundled photos "
-                   "(a pan and zoom, a cut between two photos, or a still) on a Qwen2.5-VL model (default "
-                   "tiny:qwen2_5_vl) and write a contact sheet")
+                   "(a pan and zoom, a cut between two photos, or a still) on a Qwen2.5-VL or LLaVA-OneVision "
+                   "model (default tiny:qwen2_5_vl) and write a contact sheet")
     p.add_argument("--photo", default="astronaut", help=f"bundled photo ({', '.join(PHOTOS)}) or an image path")
     p.add_argument("--prompt", default=None, help="instruction (default: a bundled sample question)")
     p.add_argument("--budget", default=None, help="tokens kept per image (int) or share kept (float in (0, 1])")

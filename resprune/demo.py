@@ -33,7 +33,9 @@ from .visualize import overlay_selection, overlay_stages
 __all__ = ["DEFAULT_CONFIGS", "pixel_tokens", "compare_selectors", "run_demo", "run_video_demo"]
 
 DEFAULT_CONFIGS = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next",
-                   "qwen2_5_vl": "resprune-qwen2.5-vl"}
+                   "qwen2_5_vl": "resprune-qwen2.5-vl", "llava_onevision": "resprune-llava-onevision"}
+VIDEO_CONFIGS = {"qwen2_5_vl": "resprune-video", "llava_onevision": "resprune-llava-onevision"}
+"""The default pipeline of ``resprune demo --video`` per model type."""
 """The paper's setting for each backbone (shipped configs)."""
 
 VICUNA_7B = LLMDims(hidden=4096, intermediate=11008, layers=32, kv_heads=32, head_dim=128)
@@ -193,26 +195,31 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
 
 
 
-def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config: str = "resprune-video",
+def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config: str | None = None,
                    frames: int = 8, prompt: str = "What happens in the video?", budget: int | float | None = None,
                    overrides: Iterable[str] = (), out: str | Path = "resprune-video.png", max_new_tokens: int = 12,
                    device: str | None = None, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Prune a clip built from the bundled photos (``resprune.video.demo_clip``) on a Qwen2.5-VL
-    model; print what each frame kept and the costs; write a contact sheet."""
+    """Prune a clip built from the bundled photos (``resprune.video.demo_clip``) on a Qwen2.5-VL or
+    LLaVA-OneVision model; print what each frame kept and the costs; write a contact sheet.
+    ``config``: default ``VIDEO_CONFIGS`` of the model's type."""
     from .video import demo_clip, frame_counts, require_videos, video_chat_inputs
     from .visualize import overlay_video
 
     writable_image(out, "--out")  # before any model work
     video = demo_clip(clip, frames=frames)
     kwargs = {} if budget is None else {"budget": budget}
-    pipe = load_pipeline(config, list(overrides), **kwargs)
+    if config is not None:
+        pipe = load_pipeline(config, list(overrides), **kwargs)  # a bad config fails before the model loads
     lvlm, processor = load_model(model, device=device)
     require_videos(lvlm, model, "resprune demo --video")
+    if config is None:
+        config = VIDEO_CONFIGS[lvlm.config.model_type]
+        pipe = load_pipeline(config, list(overrides), **kwargs)
     inputs = video_chat_inputs(processor, [[video]], [prompt], device=lvlm.device)
     tokenizer = tokenizer_of(processor)
     if is_tiny(model):
-        print_fn("resprune demo --video: a tiny randomly initialised qwen2_5_vl model (random weights: its answers are "
-                 "noise; the token selection and FLOPs are real)")
+        print_fn(f"resprune demo --video: a tiny randomly initialised {lvlm.config.model_type} model (random weights: its "
+                 f"answers are noise; the token selection and FLOPs are real)")
     print_fn(f"pipeline '{config}': {pipe.summary()}; video.allocation: {pipe.video_allocation}")
     print_fn(f"clip '{clip}': {len(video.frames)} frames of {video.frames[0].size[0]}x{video.frames[0].size[1]} at "
              f"{video.fps:g} fps   prompt: {prompt!r}\n")
@@ -223,8 +230,8 @@ def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config:
             batch, (sel,) = attached.last, attached.selections
     t, (rows, cols) = sel.geometry.layout["temporal"], sel.geometry.layout["grid"]
     per_frame = frame_counts(sel)
-    print_fn(f"kept {sel.k} of the video's {sel.n} tokens ({t} frame pairs of {rows}x{cols}); per frame pair: "
-             f"{per_frame}")
+    unit = "frame pair" if lvlm.config.model_type == "qwen2_5_vl" else "frame"  # Qwen2.5-VL encodes 2 frames as one
+    print_fn(f"kept {sel.k} of the video's {sel.n} tokens ({t} {unit}s of {rows}x{cols}); per {unit}: {per_frame}")
     dims = llm_dims(lvlm.config)
     t_full, t_pruned = int(inputs["attention_mask"].sum()), batch.token_schedule
     print_fn(f"prompt tokens {t_full} -> {t_pruned[-1][1]}; prefill FLOPs (Eq. 18) this model "
@@ -234,6 +241,6 @@ def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config:
     print_fn(f"\nanswer, full:   {tokenizer.decode(full_answer[0, length:], skip_special_tokens=True)!r}")
     print_fn(f"answer, pruned: {tokenizer.decode(pruned_answer[0, length:], skip_special_tokens=True)!r}")
     overlay_video(video.frames, sel, path=out)
-    print_fn(f"\ncontact sheet of the kept tokens, one panel per frame pair (dropped ones dimmed): {Path(out).resolve()}")
+    print_fn(f"\ncontact sheet of the kept tokens, one panel per {unit} (dropped ones dimmed): {Path(out).resolve()}")
     return {"selection": sel, "per_frame": per_frame, "tokens_full": t_full, "tokens_pruned": t_pruned[-1][1],
             "overlay": Path(out).resolve()}

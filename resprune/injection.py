@@ -47,7 +47,8 @@ from .timing import clock
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector", "config_image_token_id"]
+__all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector", "config_image_token_id",
+           "in_sequence_order"]
 
 
 @dataclass
@@ -350,6 +351,33 @@ def config_image_token_id(config: Any) -> int | None:
     if token is None:
         token = getattr(config, "image_token_index", None)
     return None if token is None else int(token)
+
+
+def in_sequence_order(inputs: Mapping[str, Any], media: dict[int, list[EncodedImage]], who: str) -> list[EncodedImage]:
+    """The images and videos of ``media`` (by placeholder token) in the order their placeholder runs
+    appear in the batch, row by row: the order ``prune_inputs`` scatters features in. ``who``: the
+    injector's name, for the errors."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    present = torch.isin(ids, torch.tensor(list(media), device=ids.device))
+    if mask is not None:
+        present &= mask.bool()
+    sequence = ids[present].tolist()  # one host read
+    queues = {token: iter(items) for token, items in media.items()}
+    out: list[EncodedImage] = []
+    pos = 0
+    while pos < len(sequence):
+        item = next(queues[sequence[pos]], None)
+        if item is None or sequence[pos: pos + item.n] != [sequence[pos]] * item.n:
+            raise InvalidInputError(
+                f"injector '{who}': the prompts' image and video tokens do not match the images and videos "
+                "given (count, length or order); build the batch with the processor or resprune.video.")
+        out.append(item)
+        pos += item.n
+    if any(next(q, None) is not None for q in queues.values()):
+        raise InvalidInputError(f"injector '{who}': more images or videos were given than the prompts have "
+                                "placeholders for.")
+    return out
 
 
 class PlaceholderInjector(Injector):

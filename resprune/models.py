@@ -11,12 +11,13 @@ from .prompts import tokenizer_of
 __all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "render_chats", "is_tiny"]
 
 TINY_PREFIX = "tiny:"
-"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``: random tiny models built offline
+"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``, ``tiny:llava_onevision``: random tiny models built offline
 (2 decoder layers; ``tiny:llava:32`` gives the LLM 32, deep enough for in-LLM stages at the
 shipped layers; the LLaVA towers have CLIP-L's 24 layers)."""
 
-_TINY_IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 448}
-"""Tiny models see images at the real token counts (LLaVA-1.5: 576; LLaVA-NeXT: up to ~2900)."""
+_TINY_IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 448, "llava_onevision": 378}
+"""Tiny models see images at the real token counts (LLaVA-1.5: 576; LLaVA-NeXT: up to ~2900;
+LLaVA-OneVision: 729 per tile as SigLIP at 384 px, 196 per video frame)."""
 
 _TINY_VISION_LAYERS = {"llava": 24, "llava_next": 24}
 """Tiny LLaVA towers are as deep as CLIP ViT-L/14 (24 layers, features from the 23rd), so stages

@@ -67,6 +67,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",
+    "resprune.backbones.llava_onevision",
     "resprune.strategies.metrics",
 )
 """Modules registered as plugins before any entry point, under their module names."""

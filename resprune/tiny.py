@@ -14,6 +14,10 @@ Default sizes and image-token counts ``N`` per image:
   (e.g. 51 for a square photo).
 - ``"qwen2_5_vl"``: patch 14, 2x2 merge, 56*56 <= pixels <= 224*224; a 112x84 image gives
   12 tokens, a 448x448 photo 64.
+- ``"llava_onevision"``: SigLIP tower (no CLS), 84 px tiles (6x6 patches), LLaVA-NeXT-style
+  pinpoints of 1-3 tiles, Qwen2 LLM; an image is its base tile plus the unpadded crops with a
+  newline per row (e.g. 192 for a square photo), a video frame is the 3x3 bilinear pooling of
+  its tile, plus one newline per video (``N = 9 t + 1``).
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_TYPES", "tiny_inputs", "tiny_lvlm"]
 
-ModelType = Literal["llava", "llava_next", "qwen2_5_vl"]
-MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl")
+ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision"]
+MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")
 
 _PATCH = 14
-_DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224}
+_DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224, "llava_onevision": 84}
 
 _LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+_ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 _QWEN_SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -77,6 +82,27 @@ _QWEN_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
 )
 
+# "<|im_start|>user <image>\n{text}<|im_end|>\n<|im_start|>assistant\n" (llava-onevision-qwen2-hf's template,
+# without the system turn)
+_ONEVISION_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for c in message['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{ '<image>\n' }}"
+    "{%- elif c['type'] == 'video' -%}{{ '<video>\n' }}"
+    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+_CHAT_TEMPLATES = {"llava": _LLAVA_CHAT_TEMPLATE, "llava_next": _LLAVA_CHAT_TEMPLATE,
+                   "qwen2_5_vl": _QWEN_CHAT_TEMPLATE, "llava_onevision": _ONEVISION_CHAT_TEMPLATE}
+
 
 def _check_type(model_type: str) -> None:
     if model_type not in MODEL_TYPES:
@@ -104,6 +130,14 @@ def _tokenizer(model_type: str) -> PreTrainedTokenizerFast:
                 "vision_bos_token": "<|vision_start|>",
                 "vision_eos_token": "<|vision_end|>",
             },
+        )
+    elif model_type == "llava_onevision":
+        tok.add_special_tokens(_ONEVISION_SPECIALS)
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            pad_token="<|endoftext|>",
+            eos_token="<|im_end|>",
+            extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
         )
     else:
         tok.add_special_tokens(_LLAVA_SPECIALS)
@@ -150,6 +184,17 @@ def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -
             num_additional_image_tokens=1,
             chat_template=_LLAVA_CHAT_TEMPLATE,
         )
+    if model_type == "llava_onevision":
+        cls = transformers.LlavaOnevisionImageProcessor if tv else transformers.LlavaOnevisionImageProcessorPil
+        ip = cls(size=crop, image_grid_pinpoints=_pinpoints(image_size))
+        common = dict(image_processor=ip, tokenizer=tok, num_image_tokens=(image_size // _PATCH) ** 2,
+                      vision_feature_select_strategy="full", chat_template=_ONEVISION_CHAT_TEMPLATE)
+        if tv:
+            return transformers.LlavaOnevisionProcessor(
+                **common, video_processor=transformers.LlavaOnevisionVideoProcessor(size=crop))
+        from transformers.video_processing_utils import BaseVideoProcessor
+
+        return _image_only_processor_cls("LlavaOnevisionProcessor")(**common, video_processor=BaseVideoProcessor())
     cls = transformers.Qwen2VLImageProcessor if tv else transformers.Qwen2VLImageProcessorPil
     ip = cls(min_pixels=4 * 28 * 28, max_pixels=image_size * image_size)
     if tv:
@@ -163,24 +208,26 @@ def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -
 
     vp = BaseVideoProcessor()
     vp.merge_size = 2
-    return _image_only_qwen_processor_cls()(
+    return _image_only_processor_cls("Qwen2_5_VLProcessor")(
         image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=_QWEN_CHAT_TEMPLATE
     )
 
 
 @functools.cache
-def _image_only_qwen_processor_cls() -> type:
-    from transformers import Qwen2_5_VLProcessor
+def _image_only_processor_cls(name: str) -> type:
+    """The processor class ``name`` of transformers, accepting a bare video processor so that it
+    builds without torchvision (its videos come from ``resprune.video`` instead)."""
+    import transformers
 
-    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-        """Qwen2_5_VLProcessor that builds without torchvision (images only)."""
+    base = getattr(transformers, name)
 
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> type:
-            if argument_name == "video_processor":
-                return type(argument)
-            return super().check_argument_for_proper_class(argument_name, argument)
+    def check_argument_for_proper_class(self: Any, argument_name: str, argument: Any) -> type:
+        if argument_name == "video_processor":
+            return type(argument)
+        return base.check_argument_for_proper_class(self, argument_name, argument)
 
-    return ImageOnlyQwen2_5_VLProcessor
+    return type(f"ImageOnly{name}", (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
+                                               "__doc__": f"{name} that builds without torchvision."})
 
 
 def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn: str, layers: int = 2,
@@ -226,6 +273,16 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
             vision_start_token_id=ids("<|vision_start|>"),
             vision_end_token_id=ids("<|vision_end|>"),
         )
+    elif model_type == "llava_onevision":
+        text_config = transformers.Qwen2Config(**text, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                                               pad_token_id=ids("<|endoftext|>"))
+        vision_config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=vision_layers, num_attention_heads=2,
+                                                        image_size=image_size, patch_size=_PATCH)
+        cfg = transformers.LlavaOnevisionConfig(
+            vision_config=vision_config, text_config=text_config, image_token_index=ids("<image>"),
+            video_token_index=ids("<video>"), vision_feature_layer=-1, vision_feature_select_strategy="full",
+            image_grid_pinpoints=_pinpoints(image_size))
     else:
         text_config = transformers.LlamaConfig(
             **text, bos_token_id=ids("<s>"), eos_token_id=ids("</s>"), pad_token_id=ids("<pad>")
@@ -282,7 +339,8 @@ def tiny_lvlm(
     """A tiny randomly initialised LVLM and an offline processor (no download).
 
     model_type: ``"llava"`` (LlavaForConditionalGeneration, CLIP tower), ``"llava_next"``
-    (LlavaNextForConditionalGeneration), ``"qwen2_5_vl"`` (Qwen2_5_VLForConditionalGeneration).
+    (LlavaNextForConditionalGeneration), ``"qwen2_5_vl"`` (Qwen2_5_VLForConditionalGeneration),
+    ``"llava_onevision"`` (LlavaOnevisionForConditionalGeneration, SigLIP tower, Qwen2 LLM).
     Same ``seed`` -> bit-identical weights; the caller's RNG state is left untouched. The model
     is float32, on CPU, in eval mode, with ``attn_implementation`` for all sub-models.
     ``image_size``: LLaVA input side (multiple of 14, default 84), LLaVA-NeXT base tile side
@@ -306,7 +364,7 @@ def tiny_lvlm(
         raise ValueError(f"image_size must be a positive multiple of {_PATCH} for {model_type}, got {size}")
 
     tok = _tokenizer(model_type)
-    tok.chat_template = _QWEN_CHAT_TEMPLATE if model_type == "qwen2_5_vl" else _LLAVA_CHAT_TEMPLATE
+    tok.chat_template = _CHAT_TEMPLATES[model_type]
     processor = _processor(model_type, tok, size)
     if isinstance(text_layers, bool) or not isinstance(text_layers, int) or text_layers < 1:
         raise ValueError(f"text_layers must be an int >= 1, got {text_layers!r}")
@@ -319,6 +377,7 @@ def tiny_lvlm(
         "llava": transformers.LlavaForConditionalGeneration,
         "llava_next": transformers.LlavaNextForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+        "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
     }[model_type]
     with _seeded(seed):
         model = cls(config)
@@ -330,7 +389,7 @@ def tiny_lvlm(
     gen.bos_token_id = text_cfg.bos_token_id
     gen.eos_token_id = (
         [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-        if model_type == "qwen2_5_vl"
+        if model_type in ("qwen2_5_vl", "llava_onevision")
         else text_cfg.eos_token_id
     )
     gen.do_sample = False
@@ -352,8 +411,9 @@ def tiny_inputs(
         content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
         if image is not None:
             content.insert(0, {"type": "image"})
-        elif model_type != "qwen2_5_vl":
-            raise ValueError(f"text-only rows (image None) are only supported for qwen2_5_vl, not {model_type}")
+        elif model_type not in ("qwen2_5_vl", "llava_onevision"):
+            raise ValueError(f"text-only rows (image None) are only supported for qwen2_5_vl and llava_onevision, "
+                             f"not {model_type}")
         messages = [{"role": "user", "content": content}]
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     present = [image for image in images if image is not None]

@@ -12,14 +12,20 @@ the CPU torch this project runs on. ``qwen_video_inputs`` packs frames the way
 Where torchvision imports, the real video processor can be used instead. The frames are
 resized with PIL's bicubic filter, which can differ by a grey level from torchvision's.
 
+``onevision_video_inputs`` packs frames the way ``LlavaOnevisionVideoProcessor`` does: every
+frame resized to the image processor's tile size, rescaled and normalised, stacked as
+``[videos, frames, C, H, W]``.
+
 ``video_chat_inputs`` renders one chat per prompt whose user turn holds images and videos in
 the order given. It expands each video's placeholder to its token count and returns the batch
-a Qwen2.5-VL model takes: ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, the
-image inputs, ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts``.
+the model takes: for Qwen2.5-VL ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, the
+image inputs, ``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts``; for
+LLaVA-OneVision ``input_ids``, ``attention_mask``, the image inputs and ``pixel_values_videos``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +36,8 @@ from PIL import Image
 
 from .errors import InvalidInputError
 
-__all__ = ["Video", "demo_clip", "DEMO_CLIPS", "frame_counts", "load_video", "qwen_video_inputs", "require_videos",
-           "video_chat_inputs"]
+__all__ = ["Video", "demo_clip", "DEMO_CLIPS", "frame_counts", "load_video", "onevision_video_inputs", "VIDEO_MODEL_TYPES",
+           "qwen_video_inputs", "require_videos", "video_chat_inputs"]
 
 
 @dataclass
@@ -119,20 +125,28 @@ def load_video(spec: str, fps: float = 2.0) -> Video:
     return Video(frames, fps=fps)
 
 
+VIDEO_MODEL_TYPES = ("qwen2_5_vl", "llava_onevision")
+"""The backbones resprune prunes videos of."""
+
+
 def require_videos(model: Any, name: str, what: str) -> None:
-    """``InvalidInputError`` unless ``model`` is a backbone resprune prunes videos of (Qwen2.5-VL);
-    ``what`` names the command or option asking (``--video``)."""
+    """``InvalidInputError`` unless ``model`` is a backbone resprune prunes videos of
+    (``VIDEO_MODEL_TYPES``); ``what`` names the command or option asking (``--video``)."""
     model_type = getattr(model.config, "model_type", None)
-    if model_type != "qwen2_5_vl":
-        raise InvalidInputError(f"{what} runs on Qwen2.5-VL models (videos of other backbones are not supported "
-                                f"yet); '{name}' is a {model_type} model.")
+    if model_type not in VIDEO_MODEL_TYPES:
+        raise InvalidInputError(f"{what} runs on Qwen2.5-VL and LLaVA-OneVision models (videos of other backbones "
+                                f"are not supported yet); '{name}' is a {model_type} model.")
 
 
 def frame_counts(selection: Any) -> list[int]:
-    """How many tokens a video's ``ImageSelection`` kept of each frame pair, in time order."""
+    """How many tokens a video's ``ImageSelection`` kept of each frame (Qwen2.5-VL: frame pair) of
+    its grid, in time order (a token after the grid, such as LLaVA-OneVision's newline, is not
+    counted)."""
     layout = selection.geometry.layout
     rows, cols = layout["grid"]
-    return torch.bincount(selection.kept.cpu() // (rows * cols), minlength=layout["temporal"]).tolist()
+    t = layout["temporal"]
+    kept = selection.kept.cpu()
+    return torch.bincount(kept[kept < t * rows * cols] // (rows * cols), minlength=t).tolist()
 
 
 def _settings(processor: Any) -> dict[str, Any]:
@@ -174,24 +188,61 @@ def qwen_video_inputs(videos: Sequence[Video], processor: Any) -> dict[str, torc
             "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32)}
 
 
+def onevision_video_inputs(videos: Sequence[Video], processor: Any) -> dict[str, torch.Tensor]:
+    """``pixel_values_videos`` ``[videos, frames, C, H, W]`` of ``videos`` for a LLaVA-OneVision
+    model whose processor (or image processor) is ``processor``: each frame resized (bicubic) to
+    the tile size, rescaled and normalised. The videos of one batch need one frame count."""
+    ip = getattr(processor, "image_processor", processor)
+    size = getattr(ip, "size", None) or {}
+    if "height" not in size or "width" not in size:
+        raise InvalidInputError(f"onevision_video_inputs needs a LLaVA-OneVision image processor (size with height "
+                                f"and width), got size {dict(size)!r}.")
+    counts = sorted({len(v.frames) for v in videos})
+    if len(counts) > 1:
+        raise InvalidInputError(f"LLaVA-OneVision takes the videos of one batch as one tensor: give them one frame "
+                                f"count (got {counts}; sample each to the same number of frames).")
+    mean = np.asarray(ip.image_mean, dtype=np.float32)
+    std = np.asarray(ip.image_std, dtype=np.float32)
+    clips = []
+    for video in videos:
+        frames = [np.asarray(f.convert("RGB").resize((int(size["width"]), int(size["height"])), Image.BICUBIC),
+                             dtype=np.float32) / 255.0 for f in video.frames]
+        clips.append(torch.from_numpy((np.stack(frames) - mean) / std).permute(0, 3, 1, 2))  # [T, C, H, W]
+    return {"pixel_values_videos": torch.stack(clips).float()}
+
+
+def _onevision_video_tokens(processor: Any, video: torch.Tensor) -> int:
+    """Placeholder tokens of one packed video: its frames' pooled grids and one newline (the
+    processor's own count)."""
+    side = int(math.isqrt(int(processor.num_image_tokens)))
+    return video.shape[0] * (-(-side // 2)) ** 2 + 1
+
+
 def video_chat_inputs(processor: Any, media: Sequence[Sequence[Image.Image | Video]], prompts: Sequence[str], *,
                       device: Any = None) -> Any:
     """A left-padded batch of one-turn chats: prompt ``i`` shows ``media[i]`` (images and
-    videos, in that order), then asks ``prompts[i]``. Qwen2.5-VL processors only."""
+    videos, in that order), then asks ``prompts[i]``. Qwen2.5-VL and LLaVA-OneVision processors."""
     if len(media) != len(prompts):
         raise InvalidInputError(f"video_chat_inputs: {len(media)} media lists for {len(prompts)} prompts.")
     tok = getattr(processor, "tokenizer", None)
     video_token = getattr(processor, "video_token", None)
     if tok is None or video_token is None:
-        raise InvalidInputError("video_chat_inputs needs a Qwen2.5-VL processor (its tokenizer and video token).")
+        raise InvalidInputError("video_chat_inputs needs a Qwen2.5-VL or LLaVA-OneVision processor (its tokenizer "
+                                "and video token).")
+    onevision = hasattr(processor, "num_image_tokens") and hasattr(processor, "vision_aspect_ratio")
     images = [m for items in media for m in items if isinstance(m, Image.Image)]
     videos = [m for items in media for m in items if isinstance(m, Video)]
     bad = [type(m).__name__ for items in media for m in items if not isinstance(m, (Image.Image, Video))]
     if bad:
         raise InvalidInputError(f"video_chat_inputs: media must be PIL images or resprune.video.Video, got {bad[0]}.")
-    packed = qwen_video_inputs(videos, processor) if videos else {}
-    merge = _settings(processor)["merge"]
-    counts = iter([int(t * h * w) // merge**2 for t, h, w in packed.get("video_grid_thw", torch.zeros(0, 3)).tolist()])
+    if onevision:
+        packed = onevision_video_inputs(videos, processor) if videos else {}
+        counts = iter([_onevision_video_tokens(processor, v) for v in packed.get("pixel_values_videos", [])])
+    else:
+        packed = qwen_video_inputs(videos, processor) if videos else {}
+        merge = _settings(processor)["merge"]
+        counts = iter([int(t * h * w) // merge**2
+                       for t, h, w in packed.get("video_grid_thw", torch.zeros(0, 3)).tolist()])
     texts = []
     for items, prompt in zip(media, prompts):
         content = [{"type": "video" if isinstance(m, Video) else "image"} for m in items] + [
@@ -206,7 +257,10 @@ def video_chat_inputs(processor: Any, media: Sequence[Sequence[Image.Image | Vid
     old_side = getattr(tok, "padding_side", "left")
     tok.padding_side = "left"
     try:
-        batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        # LLaVA-OneVision tells one image alone in its prompt (AnyRes) from several (base tile only) by nesting
+        nested = [[m for m in items if isinstance(m, Image.Image)] for items in media] if onevision else images
+        batch = processor(text=texts, images=[n for n in nested if n] if images else None, return_tensors="pt",
+                          padding=True)
     finally:
         tok.padding_side = old_side
     batch.update(packed)

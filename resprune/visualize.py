@@ -117,8 +117,8 @@ def overlay_video(frames: Sequence[Image.Image], selection: Any, *, dim: float =
                   outline: tuple[int, int, int] | None = (255, 255, 255), panel: int = 168, gap: int = 4,
                   path: str | Path | None = None) -> Image.Image:
     """Contact sheet of what one video kept: one panel per frame group the model encodes together
-    (Qwen2.5-VL: 2 frames; its first frame is drawn), kept patches shown, dropped ones dimmed,
-    the kept count under each panel.
+    (Qwen2.5-VL: 2 frames, its first frame drawn; LLaVA-OneVision: 1), kept patches shown,
+    dropped ones dimmed, the kept count under each panel.
 
     Args:
         frames: the video's frames, in time order (``Video.frames``).
@@ -129,7 +129,7 @@ def overlay_video(frames: Sequence[Image.Image], selection: Any, *, dim: float =
     if layout.get("kind") != "video":
         raise ValueError("this selection is not of a video (layout kind 'video'); use overlay_selection")
     t, (rows, cols) = int(layout["temporal"]), layout["grid"]
-    keep = selection.mask().cpu().numpy().reshape(t, rows * cols)
+    keep = selection.mask().cpu().numpy()[: t * rows * cols].reshape(t, rows * cols)  # a trailing newline: no cell
     per_group = -(-len(frames) // t)  # frames per temporal patch
     rc = np.stack(np.divmod(np.arange(rows * cols), cols), axis=1)
     panels = []

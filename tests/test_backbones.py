@@ -19,8 +19,9 @@ from PIL import Image
 import resprune
 from resprune.testing.tiny import tiny_inputs, tiny_lvlm
 
-TYPES = ("llava", "llava_next", "qwen2_5_vl")
-CONFIG = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next", "qwen2_5_vl": "resprune-qwen2.5-vl"}
+TYPES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")
+CONFIG = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next", "qwen2_5_vl": "resprune-qwen2.5-vl",
+          "llava_onevision": "resprune-llava-onevision"}
 PROMPTS = ["What is shown in the picture?", "Describe the colours of the sky, please."]
 
 

@@ -323,7 +323,23 @@ def test_the_video_demo_refuses_a_backbone_without_videos(capsys):
     from resprune.cli import main
 
     assert main(["demo", "--video", "pan", "--model", "tiny:llava"]) == 2
-    assert "runs on Qwen2.5-VL models" in capsys.readouterr().err
+    assert "runs on Qwen2.5-VL and LLaVA-OneVision models" in capsys.readouterr().err
+
+
+def test_the_video_demo_on_llava_onevision_keeps_nothing_of_a_repeated_frame(tmp_path, capsys):
+    """The cut clip is 4 copies of one photo, then 4 of another: with a budget inside the tiny
+    LLM's width, ResPrune keeps tokens of the first frame of each shot only; the contact sheet
+    has one panel per frame."""
+    from resprune.demo import run_video_demo
+
+    out = run_video_demo("cut", model="tiny:llava_onevision", budget=48, out=tmp_path / "ov.png", max_new_tokens=2,
+                         print_fn=lambda *_: None)
+    per_frame = out["per_frame"]
+    assert len(per_frame) == 8 and per_frame[0] > 0 and per_frame[4] > 0
+    assert per_frame[1:4] == [0, 0, 0] and per_frame[5:] == [0, 0, 0]
+    assert out["selection"].k == 48
+    sheet = Image.open(out["overlay"])
+    assert sheet.width > 7 * sheet.height  # 8 panels side by side
 
 
 # --- EVS (vLLM's efficient video sampling) ------------------------------------------------------------
@@ -445,3 +461,150 @@ def test_evs_on_the_bundled_photo_clips_keeps_what_vllm_keeps(kind):
         with resprune.load_pipeline("evs", budget=int(want.sum())).attach(model, proc) as attached, torch.no_grad():
             model(**inputs)
         assert attached.selections[0].kept.tolist() == want.nonzero().squeeze(1).tolist()
+
+
+# --- LLaVA-OneVision: pooled frames and one newline per video, plain 1-D positions ---------------------
+
+
+@functools.cache
+def onevision():
+    return load_model("tiny:llava_onevision")
+
+
+ONEVISION_BATCHES = {
+    "one video": ([[clip(4)]], ["What happens in the video?"]),
+    "video and image in one prompt": ([[still(), clip(4)]], ["Compare the picture and the video."]),
+    "two prompts, padded": ([[clip(4)], [still(), still("chelsea"), clip(4, "chelsea")]],
+                            ["What moves?", "Describe all three, please."]),
+    "a video and a text-only row": ([[clip(4)], []], ["What moves?", "Say hello."]),
+}
+
+
+def onevision_inputs(case: str):
+    media, prompts = ONEVISION_BATCHES[case]
+    return video_chat_inputs(onevision()[1], media, prompts)
+
+
+def test_onevision_frames_are_resized_and_normalised_as_its_video_processor_does():
+    from resprune.video import onevision_video_inputs
+
+    _, proc = onevision()
+    ip = proc.image_processor
+    packed = onevision_video_inputs([clip(3), clip(3, "chelsea")], proc)["pixel_values_videos"]
+    assert packed.shape == (2, 3, 3, ip.size["height"], ip.size["width"])
+    frame = np.asarray(clip(3).frames[1].resize((ip.size["width"], ip.size["height"]), Image.BICUBIC), np.float32)
+    expected = (torch.from_numpy(frame) / 255.0 - torch.tensor(ip.image_mean)) / torch.tensor(ip.image_std)
+    torch.testing.assert_close(packed[0, 1], expected.permute(2, 0, 1), rtol=0, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="one frame count"):
+        onevision_video_inputs([clip(3), clip(4)], proc)
+
+
+@pytest.mark.parametrize("case", sorted(ONEVISION_BATCHES))
+def test_onevision_keep_all_is_bit_identical(case):
+    model, proc = onevision()
+    inputs = onevision_inputs(case)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with resprune.load_pipeline("resprune-llava-onevision", budget=1.0).attach(model, proc) as attached, \
+            torch.no_grad():
+        assert torch.equal(model(**inputs).logits, logits)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    videos = [s for s in attached.selections if s.geometry.layout["kind"] == "video"]
+    assert [s.n for s in videos] == [t * (-(-side // 2)) ** 2 + 1 for t in
+                                     [v.shape[0] for v in inputs["pixel_values_videos"]]]
+
+
+def onevision_masked_reference(model, inputs, attached, call: str) -> dict:
+    """The unpruned inputs with every dropped image or video token masked out; the pruned forward
+    numbers its kept tokens 0..L'-1 (LLaVA's 1-D positions), generate lets the mask number them."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
+    cols = attached.last.columns
+    kept = torch.zeros_like(mask, dtype=torch.bool)
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(cols)
+    kept[rows[cols >= 0], cols[cols >= 0]] = True
+    visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
+    mask[visual & ~kept] = 0
+    ref = {**inputs, "attention_mask": mask}
+    if call == "forward":
+        pos = torch.zeros_like(ids)
+        for r in range(ids.shape[0]):
+            valid = cols[r] >= 0
+            pos[r, cols[r][valid]] = torch.arange(cols.shape[1])[valid]
+        ref["position_ids"] = pos
+    return ref
+
+
+@pytest.mark.parametrize("case", sorted(ONEVISION_BATCHES))
+@pytest.mark.parametrize("config", ["resprune-llava-onevision", "divprune", "evs"])
+def test_onevision_pruned_videos_equal_the_masked_unpruned_model(case, config):
+    if config == "evs" and any(isinstance(m, Image.Image) for items in ONEVISION_BATCHES[case][0] for m in items):
+        pytest.skip("EVS scores videos only (an image has no frames: a named MissingContextError)")
+    model, proc = onevision()
+    inputs = onevision_inputs(case)
+    with resprune.load_pipeline(config, budget=0.3).attach(model, proc) as attached, torch.no_grad():
+        logits = model(**inputs).logits
+        fwd_ref = onevision_masked_reference(model, inputs, attached, "forward")
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        gen_ref = onevision_masked_reference(model, inputs, attached, "generate")
+    with torch.no_grad():
+        ref_logits = model(**fwd_ref).logits
+        ref = model.generate(**gen_ref, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    cols = attached.last.columns
+    for r in range(cols.shape[0]):
+        valid = cols[r] >= 0
+        torch.testing.assert_close(logits[r, valid], ref_logits[r, cols[r][valid]], rtol=0, atol=1e-5)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for sel in attached.selections:
+        assert sel.k == resprune.resolve_budget(0.3, sel.n)
+
+
+@pytest.mark.parametrize("policy", ["candidate", "keep", "drop"])
+def test_onevision_video_newline_follows_the_newline_policy(policy):
+    model, proc = onevision()
+    inputs = onevision_inputs("one video")
+    pipe = resprune.load_pipeline("resprune-llava-onevision", budget=3,
+                                  overrides=[f"backbone.params.image_newline={policy}"])
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    (video,) = attached.selections
+    newline = video.n - 1
+    assert video.geometry.layout["newline"][newline] and int(video.geometry.frames[newline]) == 3
+    assert video.k == 3
+    if policy == "keep":
+        assert newline in video.kept.tolist()
+    if policy == "drop":
+        assert newline not in video.kept.tolist()
+
+
+def test_onevision_uniform_allocation_counts_its_pooled_frames():
+    model, proc = onevision()
+    inputs = onevision_inputs("one video")
+    pipe = resprune.load_pipeline("resprune-llava-onevision", budget=8, overrides=["video.allocation=uniform",
+                                                                                   "backbone.params.image_newline=drop"])
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    (video,) = attached.selections
+    assert torch.bincount(video.geometry.frames[video.kept], minlength=4).tolist() == [2, 2, 2, 2]
+
+
+def test_evs_scores_the_onevision_newline_like_the_first_frame():
+    """The newline after a OneVision video has no place in the frame grid: it scores 255 like the
+    first frame's tokens; the grid's tokens score as on Qwen."""
+    from resprune.context import PruneContext
+    from resprune.strategies.temporal import FIRST_FRAME, TemporalChange
+
+    gen = torch.Generator().manual_seed(0)
+    t, per, d = 3, 4, 8
+    tokens = torch.randn(1, t * per + 1, d, generator=gen)
+    frames = torch.cat([torch.arange(t).repeat_interleave(per), torch.tensor([t - 1])])
+    score = TemporalChange().score(PruneContext(tokens=tokens, frames=frames))[0]
+    grid = TemporalChange().score(PruneContext(tokens=tokens[:, :-1], frames=frames[:-1]))[0]
+    assert float(score[-1]) == FIRST_FRAME and torch.equal(score[:-1], grid)
+    with pytest.raises(InvalidInputError, match="frame by frame"):  # a token of an earlier frame after the grid
+        TemporalChange().score(PruneContext(tokens=tokens, frames=torch.cat([frames[:-1], torch.tensor([0])])))

@@ -2,8 +2,8 @@
 
 Fixtures (nothing heavy is imported until a fixture is used):
 
-- ``tiny_llava``, ``tiny_llava_next``, ``tiny_qwen2_5_vl``: ``(model, processor)`` of a
-  tiny randomly initialised backbone, built offline once per session;
+- ``tiny_llava``, ``tiny_llava_next``, ``tiny_qwen2_5_vl``, ``tiny_llava_onevision``:
+  ``(model, processor)`` of a tiny randomly initialised backbone, built offline once per session;
 - ``tiny_lvlm_factory``: ``make(model_type, seed=0)`` for other seeds;
 - ``resprune_context``: a ``PruneContext`` with every standard field;
 - ``resprune_plugin_host``: ``install(*plugins)`` registers plugin modules or objects in a
@@ -47,6 +47,11 @@ def tiny_llava_next():
 @pytest.fixture(scope="session")
 def tiny_qwen2_5_vl():
     return _tiny("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision():
+    return _tiny("llava_onevision")
 
 
 @pytest.fixture
