@@ -10,7 +10,8 @@ A video of ``F`` frames at 448x448 px is ``F/2`` frame pairs of 16x16 tokens on 
 (256 per pair, ``N = 128 F``). Per frame count the benchmark times, in one run:
 - the selection the ``resprune-video`` pipeline makes: residual energy weighted by text
   relevance to the prompt's keywords, seeded by the norm, over every token of the clip
-  (``video.allocation: global``) and frame pair by frame pair (``uniform``);
+  (``video.allocation: global``), frame pair by frame pair with equal shares (``uniform``)
+  and with shares by residual energy after the previous pair (``energy``);
 - the prefill of the LLM on the pruned sequence (the kept tokens plus a prompt of text).
 
 Both use the LLM of ``bench_e2e --size small``: Qwen2.5-VL's geometry with 32 layers of width
@@ -64,7 +65,7 @@ def build_llm(width: int, layers: int, intermediate: int, heads: int, kv_heads: 
 
 def run(frames_list: list[int], device: torch.device, repeats: int, *, width: int, layers: int, intermediate: int,
         heads: int, kv_heads: int, per_pair: int, budget: float, text_tokens: int,
-        allocations: tuple[str, ...] = ("global", "uniform")) -> list[dict]:
+        allocations: tuple[str, ...] = ("global", "uniform", "energy")) -> list[dict]:
     llm = build_llm(width, layers, intermediate, heads, kv_heads, device)
     table = llm.get_input_embeddings().weight.detach()
 

@@ -133,7 +133,7 @@ class BackboneConfig:
     """Injector params (e.g. `scope: per_tile` for `llava_next`), merged under keywords given to `attach`."""
 
 
-VIDEO_ALLOCATIONS = ("global", "uniform")
+VIDEO_ALLOCATIONS = ("global", "uniform", "energy")
 """How the input stage spends a video's budget over its frames."""
 
 VIDEO_BUDGETS = ("video", "frame")
@@ -154,7 +154,7 @@ class VideoConfig:
     """How videos are pruned (images ignore it)."""
 
     allocation: str = "global"
-    """How a video's budget is spent over its frames: `global`, one selection over every token of every frame (ResPrune's subspace across frames: a frame the earlier ones explain gets few tokens); `uniform`, an equal share per frame (largest remainder)."""
+    """How a video's budget is spent over its frames: `global`, one selection over every token of every frame (ResPrune's subspace across frames: a frame the earlier ones explain gets few tokens); `uniform`, an equal share per frame (largest remainder); `energy`, a share per frame in proportion to its residual energy outside the span of the frame before it (all of the first frame's energy), each frame selected on its own."""
     budget_per: str = "video"
     """What an int `budget` counts for a video: `video`, tokens per video; `frame`, tokens per frame (pair), so a video of t frame pairs keeps up to t x budget. A ratio is the same share either way."""
 

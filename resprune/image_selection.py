@@ -16,7 +16,7 @@ from .context import PruneContext
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["EncodedImage", "ImageSelection", "select_images"]
+__all__ = ["EncodedImage", "ImageSelection", "select_images", "proportional_shares", "frame_residual_energy"]
 
 
 @dataclass
@@ -148,7 +148,8 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
     groups: dict[tuple[Any, ...], list[int]] = {}
     alone = pipeline.input_stage is not None and pipeline.input_stage.selector.adaptive  # a count per image
     for i, img in enumerate(images):
-        groups.setdefault((i,) if alone else _geometry_key(img), []).append(i)
+        by_energy = img.frames is not None and pipeline.video_allocation == "energy"  # shares of its own features
+        groups.setdefault((i,) if alone or by_energy else _geometry_key(img), []).append(i)
     out: list[ImageSelection | None] = [None] * len(images)
     needs_text = bool({"text", "text_embedder"} & pipeline.requires)
     for members in groups.values():
@@ -220,13 +221,71 @@ def select_images(pipeline: Pipeline, images: list[EncodedImage], rows: list[int
     return [s for s in out if s is not None]
 
 
+def proportional_shares(k: int, weights: list[float], caps: list[int]) -> list[int]:
+    """``k`` split over groups in proportion to ``weights`` (largest remainder, ties to the earlier
+    group), no group above its cap: a group whose share would pass its cap gets the cap and the
+    rest is split again over the others. All weights zero: in proportion to the caps. The shares
+    add up to ``min(k, sum(caps))``."""
+    share = [0] * len(caps)
+    open_ = [i for i, c in enumerate(caps) if c > 0]
+    left = min(k, sum(caps))
+    while open_ and left > 0:
+        w = [max(float(weights[i]), 0.0) for i in open_]
+        if not sum(w) > 0:
+            w = [float(caps[i]) for i in open_]
+        total = sum(w)
+        exact = {i: left * wi / total for i, wi in zip(open_, w)}
+        over = [i for i in open_ if exact[i] > caps[i]]
+        if over:  # these get their caps; split the rest again
+            for i in over:
+                share[i] = caps[i]
+                left -= caps[i]
+            open_ = [i for i in open_ if i not in over]
+            continue
+        floor = {i: int(exact[i]) for i in open_}
+        for i in open_:
+            share[i] = floor[i]
+        for i in sorted(open_, key=lambda i: (-(exact[i] - floor[i]), i))[: left - sum(floor.values())]:
+            share[i] += 1
+        break
+    return share
+
+
+def frame_residual_energy(features: Tensor, frames: Tensor, rtol: float = 1e-6) -> Tensor:
+    """``[N]`` each token's energy outside the span of the frame before its own (all of its energy
+    in the first frame): ``|x|^2 - |P x|^2`` with ``P`` the projection onto the span of the previous
+    frame's tokens, whose directions below ``rtol`` of the largest are dropped. In float32, one
+    batched Gram, eigendecomposition and cross product over the frames; a token of no frame grid
+    (after the last full frame) keeps its whole energy."""
+    x = features.detach().float()
+    f = frames.to(x.device).long()
+    energy = x.pow(2).sum(-1)
+    t = int(f.max()) + 1 if f.numel() else 0
+    per = int((f == 0).sum())
+    grid = t * per
+    if t < 2 or grid > x.shape[0] or not torch.equal(f[:grid], torch.arange(t, device=x.device).repeat_interleave(per)):
+        return energy
+    v = x[:grid].view(t, per, -1)
+    gram = v[:-1] @ v[:-1].transpose(1, 2)  # [t-1, per, per] of the previous frames
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > rtol * evals.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    inv_sqrt = torch.where(keep, evals.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), torch.zeros_like(evals))
+    cross = v[1:] @ v[:-1].transpose(1, 2)  # [t-1, per, per]: each token against the previous frame's
+    coeff = (cross @ evecs) * inv_sqrt[:, None, :]  # coordinates in the previous frame's orthonormal basis
+    residual = (energy[:grid].view(t, per)[1:] - coeff.pow(2).sum(-1)).clamp_min(0.0)
+    out = energy.clone()
+    out[per:grid] = residual.reshape(-1)
+    return out
+
+
 def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]]:
     """The token subsets selection runs over, with the budget of each.
 
     The budget counts every token the LLM receives from the image: tokens that are always
     kept use up budget first; the rest is split over the groups (tiles; a video's frames under
-    ``video.allocation: uniform``) in proportion to their sizes (largest remainder), or spent on
-    all candidates at once.
+    ``video.allocation: uniform``) in proportion to their sizes (largest remainder), over a
+    video's frames in proportion to their residual energy (``energy``), or spent on all
+    candidates at once.
     """
 
     def plan(pipeline: Pipeline) -> list[tuple[Tensor, int]]:
@@ -240,18 +299,19 @@ def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]
         cand &= ~always
         k = min(int(cand.sum()), max(k_total - int(always.sum()), 0))
         groups = img.groups
-        if groups is None and img.frames is not None and pipeline.video_allocation == "uniform":
+        if groups is None and img.frames is not None and pipeline.video_allocation in ("uniform", "energy"):
             groups = img.frames  # each frame its share of the video's budget
         if groups is None:
             return [(cand.nonzero().squeeze(1), k)]
         groups = groups.cpu()
         ids = sorted(set(groups[cand].tolist()))
-        sizes = [int((cand & (groups == g)).sum()) for g in ids]
-        total = sum(sizes)
-        exact = [k * s / total for s in sizes] if total else [0.0] * len(sizes)
-        share = [int(e) for e in exact]
-        for i in sorted(range(len(ids)), key=lambda i: (-(exact[i] - share[i]), i))[: k - sum(share)]:
-            share[i] += 1
-        return [((cand & (groups == g)).nonzero().squeeze(1), s) for g, s in zip(ids, share)]
+        members = [(cand & (groups == g)).nonzero().squeeze(1) for g in ids]
+        sizes = [int(m.numel()) for m in members]
+        weights: list[float] = [float(s) for s in sizes]
+        if img.groups is None and img.frames is not None and pipeline.video_allocation == "energy":
+            energy = frame_residual_energy(img.features, img.frames)
+            weights = [float(energy[m].sum()) for m in members]
+        share = proportional_shares(k, weights, sizes)
+        return list(zip(members, share))
 
     return plan

@@ -64,7 +64,8 @@ class Pipeline:
         check_video_option("allocation", video_allocation, "video_allocation")
         check_video_option("budget_per", video_budget_per, "video_budget_per")
         self.video_allocation = video_allocation
-        """How the input stage spends a video's budget over its frames (``global`` or ``uniform``)."""
+        """How the input stage spends a video's budget over its frames (``global``, ``uniform`` or
+        ``energy``)."""
         self.video_budget_per = video_budget_per
         """What an int budget counts for a video: tokens per ``video`` or per ``frame`` (pair)."""
         self.source: str | None = None  # the shipped config name or path it was loaded from, if any
