@@ -59,6 +59,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.scope",
     "resprune.strategies.hired",
     "resprune.strategies.temporal",
+    "resprune.strategies.dycoke",
     "resprune.strategies.tome",
     "resprune.strategies.sparsevlm",
     "resprune.strategies.clip_relevance",

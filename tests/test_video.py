@@ -608,3 +608,155 @@ def test_evs_scores_the_onevision_newline_like_the_first_frame():
     assert float(score[-1]) == FIRST_FRAME and torch.equal(score[:-1], grid)
     with pytest.raises(InvalidInputError, match="frame by frame"):  # a token of an earlier frame after the grid
         TemporalChange().score(PruneContext(tokens=tokens, frames=torch.cat([frames[:-1], torch.tensor([0])])))
+
+
+# --- energy allocation -------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(k=st.integers(0, 300), parts=st.lists(st.tuples(st.floats(0, 1e6, allow_nan=False), st.integers(0, 40)),
+                                             min_size=1, max_size=12))
+def test_proportional_shares_add_up_exactly_within_caps(k, parts):
+    from resprune.image_selection import proportional_shares
+
+    weights, caps = [w for w, _ in parts], [c for _, c in parts]
+    share = proportional_shares(k, weights, caps)
+    assert sum(share) == min(k, sum(caps))
+    assert all(0 <= s <= c for s, c in zip(share, caps))
+    for i in range(len(caps)):  # more weight, same cap: never a smaller share
+        for j in range(len(caps)):
+            if weights[i] > weights[j] and caps[i] == caps[j]:
+                assert share[i] >= share[j]
+    if sum(c for w, c in parts if w > 0) >= k:  # enough room where there is weight: none goes where there is none
+        assert all(s == 0 for s, w in zip(share, weights) if w == 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(1, 5), per=st.integers(1, 6), d=st.integers(1, 12), seed=st.integers(0, 999),
+       repeat=st.booleans())
+def test_frame_residual_energy_is_the_energy_outside_the_previous_frames_span(t, per, d, seed, repeat):
+    """Against float64 least squares, frame by frame."""
+    from resprune.image_selection import frame_residual_energy
+
+    gen = torch.Generator().manual_seed(seed)
+    frames = [torch.randn(per, d, generator=gen, dtype=torch.float64) for _ in range(t)]
+    if repeat and t > 1:
+        frames[1] = frames[0].clone()  # an exact repeat: nothing outside the span
+    x = torch.cat(frames)
+    got = frame_residual_energy(x.float(), torch.arange(t).repeat_interleave(per)).double()
+    expected = [frames[0].pow(2).sum(-1)]
+    for prev, cur in zip(frames, frames[1:]):
+        coef = torch.linalg.lstsq(prev.T, cur.T, driver="gelsd").solution  # cur ~ coef^T prev
+        expected.append((cur - coef.T @ prev).pow(2).sum(-1))
+    expected = torch.cat(expected)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(x.pow(2).sum(-1).max()))
+
+
+def test_energy_allocation_gives_a_repeated_frame_nothing_and_a_cut_its_share():
+    """Frames A, A, B, B of random tokens in a wide space: the repeats explain nothing new, so the
+    budget goes to the first frame and the cut, in proportion to their energy, and adds up."""
+    from resprune.image_selection import EncodedImage
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 64, generator=gen), 2 * torch.randn(6, 64, generator=gen)
+    video = EncodedImage(torch.cat([a, a, b, b]), frames=torch.arange(4).repeat_interleave(6),
+                         layout={"kind": "video", "grid": (2, 3), "temporal": 4})
+    sel = select(resprune.Pipeline("residual_energy", budget=10, video_allocation="energy"), video)
+    per_frame = torch.bincount(video.frames[sel.kept], minlength=4).tolist()
+    assert per_frame[1] == per_frame[3] == 0 and sum(per_frame) == 10
+    assert per_frame[2] > per_frame[0]  # the cut's tokens carry 4x the energy (1 - 6/64 of it outside A)
+    with pytest.raises(resprune.ConfigError, match="energy"):
+        resprune.Pipeline("residual_energy", budget=10, video_allocation="energetic")
+
+
+# --- DyCoke (temporal token merging) -------------------------------------------------------------------
+
+
+def dycoke_transcription(image_feature: torch.Tensor, num_tokens_per_frame: int, merging_ratio: float) -> torch.Tensor:
+    """KD-TAO/DyCoke @ dd74634, llava/model/llava_arch.py, dycole_ttm, transcribed literally."""
+    num_frames = image_feature.shape[0] // num_tokens_per_frame
+    merging_ratio = 1 - merging_ratio
+    similarities = []
+    for i in range(0, num_frames - 1, 2):
+        frame1_tokens = image_feature[i * num_tokens_per_frame: (i + 1) * num_tokens_per_frame]
+        frame2_tokens = image_feature[(i + 1) * num_tokens_per_frame: (i + 2) * num_tokens_per_frame]
+        frame1_norm = torch.nn.functional.normalize(frame1_tokens, p=2, dim=1)
+        frame2_norm = torch.nn.functional.normalize(frame2_tokens, p=2, dim=1)
+        similarities.append(torch.nn.functional.cosine_similarity(frame1_norm, frame2_norm, dim=1))
+    similarities = torch.stack(similarities)
+    modified_image_feature = []
+    for i in range(0, num_frames - 1, 2):
+        frame1_tokens = image_feature[i * num_tokens_per_frame: (i + 1) * num_tokens_per_frame]
+        frame2_tokens = image_feature[(i + 1) * num_tokens_per_frame: (i + 2) * num_tokens_per_frame]
+        avg_similarity = similarities[i // 2]
+        num_tokens_to_keep = int(merging_ratio * num_tokens_per_frame)
+        tokens_to_keep = avg_similarity.topk(num_tokens_to_keep, largest=False).indices
+        modified_image_feature.append(frame1_tokens)
+        modified_image_feature.append(frame2_tokens[tokens_to_keep])
+    odd_similarities = []
+    for i in range(0, num_frames - 4, 4):
+        frame1_tokens = image_feature[i * num_tokens_per_frame: (i + 1) * num_tokens_per_frame]
+        frame2_tokens = image_feature[(i + 2) * num_tokens_per_frame: (i + 3) * num_tokens_per_frame]
+        odd_similarities.append(torch.nn.functional.cosine_similarity(frame1_tokens, frame2_tokens, dim=1))
+    if odd_similarities:  # the official torch.stack of an empty list raises below 5 frames
+        odd_similarities = torch.stack(odd_similarities)
+    for i in range(0, num_frames - 4, 4):
+        frame2_tokens = image_feature[(i + 2) * num_tokens_per_frame: (i + 3) * num_tokens_per_frame]
+        avg_similarity = odd_similarities[i // 4]
+        num_tokens_to_keep = int(merging_ratio * num_tokens_per_frame)
+        tokens_to_keep = avg_similarity.topk(num_tokens_to_keep, largest=False).indices
+        modified_image_feature[i + 2] = frame2_tokens[tokens_to_keep]
+    return torch.cat(modified_image_feature, dim=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.sampled_from([2, 4, 6, 8, 10, 16]), per=st.integers(1, 12), d=st.integers(2, 16),
+       k=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9]), seed=st.integers(0, 999))
+def test_dycoke_keeps_what_the_official_ttm_keeps(t, per, d, k, seed):
+    """The same kept tokens as the official function on random clips (its output rows matched back
+    to the input's), and DyCoke's count through a pipeline at budget 1.0."""
+    from resprune.strategies.dycoke import dycoke_order
+
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(t * per, d, generator=gen)
+    theirs = dycoke_transcription(feats, per, k)
+    rows = [int(torch.nonzero((feats == row).all(-1)).squeeze()) for row in theirs]
+    frames = torch.arange(t).repeat_interleave(per)
+    order, count = dycoke_order(feats[None], frames, k)
+    assert count == len(rows) and sorted(order[0, :count].tolist()) == sorted(rows)
+    video = encoded_video(t, 1, per, d=d)
+    video.features = feats
+    sel = select(resprune.load_pipeline("dycoke", ["selector.params.merging_ratio=" + str(k)]), video)
+    assert sel.kept.tolist() == sorted(rows)
+
+
+def test_dycoke_under_a_smaller_budget_keeps_whole_frames_first_and_keeps_the_onevision_newline():
+    from resprune.strategies.dycoke import dycoke_order
+
+    gen = torch.Generator().manual_seed(1)
+    t, per = 4, 6
+    feats = torch.randn(t * per + 1, 8, generator=gen)  # a OneVision video: a newline after the grid
+    frames = torch.cat([torch.arange(t).repeat_interleave(per), torch.tensor([t - 1])])
+    order, count = dycoke_order(feats[None], frames, 0.5)
+    assert count == 1 + 2 * per + 2 * 3  # the newline, frames 0 and 2 whole, half of frames 1 and 3
+    assert order[0, 0] == t * per and sorted(order[0, 1:1 + 2 * per].tolist()) == list(range(per)) + list(
+        range(2 * per, 3 * per))
+    assert sorted(order[0].tolist()) == list(range(t * per + 1))  # every token once: DyCoke's, then the dropped
+    with pytest.raises(InvalidInputError, match="frame by frame"):
+        dycoke_order(feats[None], torch.cat([frames[:-1], torch.tensor([0])]), 0.5)
+
+
+def test_dycoke_on_llava_onevision_keeps_its_count_and_equals_the_masked_model():
+    model, proc = onevision()
+    inputs = onevision_inputs("one video")
+    with resprune.load_pipeline("dycoke").attach(model, proc) as attached, torch.no_grad():
+        logits = model(**inputs).logits
+        fwd_ref = onevision_masked_reference(model, inputs, attached, "forward")
+    with torch.no_grad():
+        ref_logits = model(**fwd_ref).logits
+    (video,) = attached.selections
+    per = 14 * 14
+    assert video.k == 1 + per * 2 + int(0.3 * per) * 2  # 4 frames: 0 and 2 whole (no second pass below 5)
+    cols = attached.last.columns
+    valid = cols[0] >= 0
+    torch.testing.assert_close(logits[0, valid], ref_logits[0, cols[0][valid]], rtol=0, atol=1e-5)
