@@ -149,8 +149,9 @@ def _config_image_args(p: argparse.ArgumentParser, *, prompt: str | None, video:
     media = p.add_mutually_exclusive_group(required=True) if video else p
     media.add_argument("--image", required=not video, help="image path")
     if video:
-        media.add_argument("--video", help=f"a video: a folder of its frames, or a demo clip ({', '.join(DEMO_CLIPS)}); "
-                                           "Qwen2.5-VL models; writes a contact sheet")
+        media.add_argument("--video", help=f"a video: a file (PyAV; 32 frames spread over it), a folder of its frames, "
+                                           f"or a demo clip ({', '.join(DEMO_CLIPS)}); Qwen2.5-VL and LLaVA-OneVision "
+                                           "models; writes a contact sheet")
     p.add_argument("--prompt", default=prompt, required=prompt is None, help="the instruction")
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .errors import InvalidInputError, MissingDependencyError
 
-__all__ = ["load_records", "open_image", "describe_source", "record_digest", "image_digest_of", "PHOTOS", "photo_path",
+__all__ = ["load_records", "open_image", "describe_source", "record_digest", "image_digest_of", "PHOTOS", "photo_path", "VIDEOS", "video_path",
            "sample_questions"]
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -37,6 +37,19 @@ def photo_path(name: str) -> Path:
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; bundled photos: {', '.join(PHOTOS)}")
     return Path(str(resources.files("resprune") / "data" / "photos" / f"{name}.jpg"))
+
+
+VIDEOS = ("cut",)
+"""Bundled video files (``data/videos/<name>.mp4``): ``cut``, 8 frames at 2 fps of
+``resprune.video.demo_clip("cut")`` (the coffee photo, then the rocket), for the lmms-eval task
+``resprune_video_samples``."""
+
+
+def video_path(name: str) -> Path:
+    """Path of a bundled video file by name (``cut``)."""
+    if name not in VIDEOS:
+        raise ValueError(f"unknown video {name!r}; bundled videos: {', '.join(VIDEOS)}")
+    return Path(str(resources.files("resprune") / "data" / "videos" / f"{name}.mp4"))
 
 
 def sample_questions() -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,8 @@ from PIL import Image
 from .errors import InvalidInputError
 
 __all__ = ["Video", "demo_clip", "DEMO_CLIPS", "frame_counts", "load_video", "onevision_video_inputs", "VIDEO_MODEL_TYPES",
-           "qwen_video_inputs", "require_videos", "video_chat_inputs"]
+           "VIDEO_SUFFIXES", "qwen_video_inputs", "read_video_file", "render_media_chats", "require_videos",
+           "video_chat_inputs"]
 
 
 @dataclass
@@ -97,18 +99,52 @@ def demo_clip(kind: str = "pan", frames: int = 8, size: tuple[int, int] = (224, 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def load_video(spec: str, fps: float = 2.0) -> Video:
-    """A video from ``spec``: a demo clip name (``DEMO_CLIPS``), or a folder of frame images (one
-    size; in file-name order) sampled at ``fps``."""
-    from pathlib import Path
+def read_video_file(path: str | Path, max_frames: int = 32) -> Video:
+    """``max_frames`` frames of a video file spread evenly over it (the first and the last
+    included; all of them if it has fewer), decoded with PyAV (``pip install av``, in the
+    ``video`` and ``lmms-eval`` extras): lmms-eval's own sampling (``np.linspace`` over the
+    frame indices). The clip's ``fps`` is the rate of the sampled frames over the video's
+    duration."""
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise InvalidInputError(f"max_frames must be a positive int, got {max_frames!r}.")
+    try:
+        import av
+    except ImportError:
+        raise InvalidInputError(f"video '{path}': reading a video file needs PyAV: pip install av (or "
+                                f"'resprune[video]'); or pass a folder of its frames.") from None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_image().convert("RGB") for frame in container.decode(stream)]
+            duration = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
+                        else None)
+            rate = float(stream.average_rate) if stream.average_rate else None
+    except (av.FFmpegError, IndexError, OSError) as exc:
+        raise InvalidInputError(f"video '{path}' could not be decoded ({type(exc).__name__}: {exc}).") from None
+    if not frames:
+        raise InvalidInputError(f"video '{path}' has no frames.")
+    if duration is None:
+        duration = len(frames) / rate if rate else float(len(frames))
+    picks = np.linspace(0, len(frames) - 1, min(max_frames, len(frames))).round().astype(int)
+    sampled = [frames[i] for i in picks]
+    return Video(sampled, fps=len(sampled) / duration if duration > 0 else 2.0)
 
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
+
+
+def load_video(spec: str, fps: float = 2.0, max_frames: int = 32) -> Video:
+    """A video from ``spec``: a demo clip name (``DEMO_CLIPS``), a video file (``read_video_file``:
+    ``max_frames`` evenly spread), or a folder of frame images (one size; in file-name order)
+    sampled at ``fps``."""
     if spec in DEMO_CLIPS:
         return demo_clip(spec, fps=fps)
     folder = Path(spec)
     if folder.is_file():
-        raise InvalidInputError(f"video '{spec}' is a file: resprune reads a video as a folder of its frames. "
-                                f"Extract them first, e.g. ffmpeg -i {folder.name} -vf fps={fps:g} frames/%04d.png, "
-                                f"then pass the folder.")
+        if folder.suffix.lower() not in VIDEO_SUFFIXES:
+            raise InvalidInputError(f"video '{spec}' is a file but not a video ({', '.join(VIDEO_SUFFIXES)}); pass a "
+                                    f"video file, a folder of frames or a demo clip ({', '.join(DEMO_CLIPS)}).")
+        return read_video_file(folder, max_frames)
     if not folder.is_dir():
         raise InvalidInputError(f"video '{spec}' is neither a demo clip ({', '.join(DEMO_CLIPS)}) nor a folder of "
                                 f"frames.")
@@ -224,17 +260,38 @@ def video_chat_inputs(processor: Any, media: Sequence[Sequence[Image.Image | Vid
     videos, in that order), then asks ``prompts[i]``. Qwen2.5-VL and LLaVA-OneVision processors."""
     if len(media) != len(prompts):
         raise InvalidInputError(f"video_chat_inputs: {len(media)} media lists for {len(prompts)} prompts.")
+    chats = [[{"role": "user", "content": [{"type": "video" if isinstance(m, Video) else "image"} for m in items]
+               + [{"type": "text", "text": prompt}]}] for items, prompt in zip(media, prompts)]
+    return render_media_chats(processor, chats, [m for items in media for m in items], device=device)
+
+
+def render_media_chats(processor: Any, chats: Sequence[Sequence[dict[str, Any]]],
+                       media: Sequence[Image.Image | Video], *, suffixes: Sequence[str] | None = None,
+                       device: Any = None, dtype: Any = None) -> Any:
+    """A left-padded batch of conversations with images and videos, rendered with the processor's
+    chat template and the generation prompt (then ``suffixes``): ``media`` fill the chats'
+    ``{"type": "image"}`` and ``{"type": "video"}`` parts in order. Each video's placeholder is
+    expanded to its token count and its frames packed as the model's video processor packs them
+    (no torchvision). Floating tensors go to ``dtype`` if given. Qwen2.5-VL and LLaVA-OneVision
+    processors."""
     tok = getattr(processor, "tokenizer", None)
     video_token = getattr(processor, "video_token", None)
     if tok is None or video_token is None:
-        raise InvalidInputError("video_chat_inputs needs a Qwen2.5-VL or LLaVA-OneVision processor (its tokenizer "
-                                "and video token).")
-    onevision = hasattr(processor, "num_image_tokens") and hasattr(processor, "vision_aspect_ratio")
-    images = [m for items in media for m in items if isinstance(m, Image.Image)]
-    videos = [m for items in media for m in items if isinstance(m, Video)]
-    bad = [type(m).__name__ for items in media for m in items if not isinstance(m, (Image.Image, Video))]
+        raise InvalidInputError("videos need a Qwen2.5-VL or LLaVA-OneVision processor (its tokenizer and video "
+                                "token).")
+    bad = [type(m).__name__ for m in media if not isinstance(m, (Image.Image, Video))]
     if bad:
         raise InvalidInputError(f"video_chat_inputs: media must be PIL images or resprune.video.Video, got {bad[0]}.")
+    kinds = [[part.get("type") for message in chat for part in (message.get("content") or [])
+              if isinstance(part, dict) and part.get("type") in ("image", "video")] for chat in chats]
+    wanted = [kind for chat in kinds for kind in chat]
+    given = ["video" if isinstance(m, Video) else "image" for m in media]
+    if wanted != given:
+        raise InvalidInputError(f"the chats' image and video parts ({wanted}) do not match the media given "
+                                f"({given}).")
+    onevision = hasattr(processor, "num_image_tokens") and hasattr(processor, "vision_aspect_ratio")
+    images = [m for m in media if isinstance(m, Image.Image)]
+    videos = [m for m in media if isinstance(m, Video)]
     if onevision:
         packed = onevision_video_inputs(videos, processor) if videos else {}
         counts = iter([_onevision_video_tokens(processor, v) for v in packed.get("pixel_values_videos", [])])
@@ -244,24 +301,25 @@ def video_chat_inputs(processor: Any, media: Sequence[Sequence[Image.Image | Vid
         counts = iter([int(t * h * w) // merge**2
                        for t, h, w in packed.get("video_grid_thw", torch.zeros(0, 3)).tolist()])
     texts = []
-    for items, prompt in zip(media, prompts):
-        content = [{"type": "video" if isinstance(m, Video) else "image"} for m in items] + [
-            {"type": "text", "text": prompt}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+    for chat, chat_kinds in zip(chats, kinds):
+        text = processor.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True)
         pieces = text.split(video_token)
-        if len(pieces) - 1 != sum(isinstance(m, Video) for m in items):
-            raise InvalidInputError("video_chat_inputs: the chat template did not place one video token per video.")
-        text = pieces[0] + "".join(video_token * next(counts) + rest for rest in pieces[1:])
-        texts.append(text)
+        if len(pieces) - 1 != chat_kinds.count("video"):
+            raise InvalidInputError("the chat template did not place one video token per video.")
+        texts.append(pieces[0] + "".join(video_token * next(counts) + rest for rest in pieces[1:]))
+    if suffixes is not None:
+        texts = [text + suffix for text, suffix in zip(texts, suffixes, strict=True)]
     old_side = getattr(tok, "padding_side", "left")
     tok.padding_side = "left"
     try:
         # LLaVA-OneVision tells one image alone in its prompt (AnyRes) from several (base tile only) by nesting
-        nested = [[m for m in items if isinstance(m, Image.Image)] for items in media] if onevision else images
+        it = iter(media)
+        per_chat = [[next(it) for _ in chat_kinds] for chat_kinds in kinds]
+        nested = [[m for m in items if isinstance(m, Image.Image)] for items in per_chat] if onevision else images
         batch = processor(text=texts, images=[n for n in nested if n] if images else None, return_tensors="pt",
                           padding=True)
     finally:
         tok.padding_side = old_side
     batch.update(packed)
-    return batch.to(device) if device is not None else batch
+    moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    return batch.to(**moves) if moves else batch

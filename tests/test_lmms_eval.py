@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+import resprune
 from resprune.costs import llm_dims, prefill_flops
 from resprune.data import sample_questions
 from resprune.errors import ConfigError
@@ -187,10 +188,10 @@ def test_loglikelihood_against_a_plain_forward_and_generate(docs):
         assert greedy == (int(logp.argmax()) == token[0])
 
 
-def _lmms_eval(out, model_args, *extra):
+def _lmms_eval(out, model_args, *extra, tasks="resprune_samples"):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "lmms_eval", "--model", MODEL_ID, "--model_args", model_args,
-           "--tasks", "resprune_samples", "--include_path", str(TASKS_DIR), "--device", "cpu",
+           "--tasks", tasks, "--include_path", str(TASKS_DIR), "--device", "cpu",
            "--output_path", str(out), "--log_samples", "--verbosity", "WARNING", *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -259,3 +260,34 @@ def test_batches_share_settings_and_cover_every_request_once():
     assert all(len(b) <= 2 and len({repr(settings[i]) for i in b}) == 1 for b in batches)
     eights = [i for b in batches for i in b if settings[i]["max_new_tokens"] == 8]
     assert eights == [1, 5, 3, 0, 6]  # longest first within the same settings
+
+
+def test_python_m_lmms_eval_on_the_bundled_video_questions(tmp_path):
+    """A video task through the real CLI: the bundled clip read with PyAV (8 frames), pruned on
+    Qwen2.5-VL (chat interface, batched) and LLaVA-OneVision with DyCoke (simple interface); the
+    visual tokens in and kept are the clip's."""
+    pytest.importorskip("av", reason="video files need PyAV (the lmms-eval extra)")
+    from resprune.data import video_path
+    from resprune.models import load_model
+    from resprune.video import read_video_file, video_chat_inputs
+
+    clip = read_video_file(video_path("cut"), 8)
+    _, qwen_proc = load_model("tiny:qwen2_5_vl")
+    n = int((video_chat_inputs(qwen_proc, [[clip]], ["?"])["input_ids"] == qwen_proc.video_token_id).sum())
+    out = tmp_path / "lmms"
+    _lmms_eval(out, "pretrained=tiny:qwen2_5_vl,pipeline=resprune-video,budget=0.25,max_frames=8", "--batch_size", "2",
+               tasks="resprune_video_samples")
+    _lmms_eval(out, "pretrained=tiny:llava_onevision,pipeline=dycoke,max_frames=8", "--force_simple",
+               tasks="resprune_video_samples")
+    runs = {json.loads(f.read_text())["config"]["model_args"]: json.loads(f.read_text())
+            for f in sorted(out.rglob("*_results.json"))}
+    qwen = runs["pretrained=tiny:qwen2_5_vl,pipeline=resprune-video,budget=0.25,max_frames=8"]
+    assert qwen["n-samples"]["resprune_video_samples"]["effective"] == 2
+    assert set(qwen["results"]["resprune_video_samples"]) >= {"exact_match,none", "vqa_score,none"}
+    assert qwen["throughput"]["avg_resprune.tokens.visual"] == n
+    assert qwen["throughput"]["avg_resprune.tokens.visual_kept"] == resprune.resolve_budget(0.25, n)
+    ov = runs["pretrained=tiny:llava_onevision,pipeline=dycoke,max_frames=8"]
+    assert ov["config"]["model_backend"].endswith("ResPruneSimple (simple)")
+    per = 14 * 14  # 8 frames of 14 x 14 pooled tokens and a newline; DyCoke keeps frames 0, 4, 6 whole
+    assert ov["throughput"]["avg_resprune.tokens.visual"] == 8 * per + 1
+    assert ov["throughput"]["avg_resprune.tokens.visual_kept"] == 1 + 3 * per + 5 * int(0.3 * per)

@@ -433,7 +433,7 @@ def test_visualize_writes_a_contact_sheet_of_a_clip_or_a_folder_of_frames(tmp_pa
                      str(out)]) == 0
         assert f"{pairs} frame pairs" in capsys.readouterr().out and Image.open(out).width > pairs * 50
     (tmp_path / "empty").mkdir()
-    for spec, message in ((str(frames / "000.png"), "is a file: resprune reads a video as a folder"),
+    for spec, message in ((str(frames / "000.png"), "is a file but not a video"),
                           (str(tmp_path / "none"), "neither a demo clip"),
                           (str(tmp_path / "empty"), "holds no frames")):
         assert main(["visualize", "resprune-video", "--model", "tiny:qwen2_5_vl", "--video", spec]) == 2
@@ -760,3 +760,52 @@ def test_dycoke_on_llava_onevision_keeps_its_count_and_equals_the_masked_model()
     cols = attached.last.columns
     valid = cols[0] >= 0
     torch.testing.assert_close(logits[0, valid], ref_logits[0, cols[0][valid]], rtol=0, atol=1e-5)
+
+
+# --- video files (PyAV) --------------------------------------------------------------------------------
+
+
+def write_mp4(path, frames, fps: int = 4) -> None:
+    av = pytest.importorskip("av", reason="writing a test video needs PyAV")
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_image(f)))
+        out.mux(stream.encode())
+
+
+def test_a_video_file_is_read_with_frames_spread_evenly_over_it(tmp_path):
+    """Twelve frames, each a flat grey a step lighter: sampling 4 keeps frames 0, 4, 7 and 11 (lmms-eval's
+    linspace), in order, and the sampled rate over the 3 s clip."""
+    from resprune.video import load_video, read_video_file
+
+    frames = [Image.new("RGB", (64, 48), (20 * i, 20 * i, 20 * i)) for i in range(12)]
+    path = tmp_path / "ramp.mp4"
+    write_mp4(path, frames, fps=4)
+    video = read_video_file(path, max_frames=4)
+    grey = [float(np.asarray(f, dtype=np.float32).mean()) for f in video.frames]
+    assert len(video.frames) == 4 and video.frames[0].size == (64, 48)
+    assert [round(g / 20) for g in grey] == [0, 4, 7, 11]  # lossy codec: within a grey step
+    assert video.fps == pytest.approx(4 / 3, rel=0.05)
+    assert len(load_video(str(path), max_frames=32).frames) == 12  # fewer than asked: every frame
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(InvalidInputError, match="could not be decoded"):
+        read_video_file(tmp_path / "broken.mp4")
+    with pytest.raises(InvalidInputError, match="max_frames must be a positive int"):
+        read_video_file(path, max_frames=0)
+
+
+def test_render_media_chats_checks_the_parts_against_the_media():
+    from resprune.video import render_media_chats
+
+    _, proc = qwen()
+    chat = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(InvalidInputError, match="do not match the media given"):
+        render_media_chats(proc, [chat], [still()])
+    system = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *chat]
+    batch = render_media_chats(proc, [system], [clip(4)])
+    plain = video_chat_inputs(proc, [[clip(4)]], ["hi"])
+    assert batch["input_ids"].shape[1] > plain["input_ids"].shape[1]  # the system turn, the same video tokens
+    assert int((batch["input_ids"] == proc.video_token_id).sum()) == int((plain["input_ids"] == proc.video_token_id).sum())

@@ -26,7 +26,7 @@ __all__ = ["MODEL_ID", "MODEL_ARGS", "NO_PRUNING", "STATS_PREFIX", "TASKS_DIR", 
 MODEL_ID = "resprune"
 """The name lmms-eval knows the model by (``--model resprune``)."""
 
-MODEL_ARGS = ("pretrained", "pipeline", "device", "dtype", "batch_size", "max_batch_size", "seed")
+MODEL_ARGS = ("pretrained", "pipeline", "device", "dtype", "batch_size", "max_batch_size", "seed", "max_frames")
 """``model_args`` keys that are arguments of the model; any other key overrides the pipeline."""
 
 NO_PRUNING = "none"

@@ -32,6 +32,7 @@ from ..injection import config_image_token_id
 from ..models import load_model, render_chats
 from ..pipeline import Pipeline, load_pipeline
 from ..prompts import tokenizer_of
+from ..video import VIDEO_SUFFIXES, Video, read_video_file, render_media_chats
 from . import MODEL_ARGS, NO_PRUNING, STATS_PREFIX, parse_model_args
 
 __all__ = ["ResPrune", "ResPruneSimple", "Request", "RequestStats"]
@@ -39,10 +40,11 @@ __all__ = ["ResPrune", "ResPruneSimple", "Request", "RequestStats"]
 @dataclass
 class Request:
     """One request, ready for the processor: the chat ``messages`` (images as
-    ``{"type": "image"}``), the ``images`` in order, the task and the generation settings."""
+    ``{"type": "image"}``, videos as ``{"type": "video"}``), the ``images`` (PIL images and
+    ``resprune.video.Video`` clips) in order, the task and the generation settings."""
 
     messages: list[dict[str, Any]]
-    images: list[Image.Image]
+    images: list[Image.Image | Video]
     task: str
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
     continuation: str | None = None  # loglikelihood requests
@@ -76,6 +78,8 @@ class ResPrune(lmms):
         dtype: ``auto`` (the checkpoint's), ``bfloat16``, ``float16``, ``float32``.
         batch_size: prompts per ``generate`` call (left-padded).
         seed: the seed of a tiny model's random weights.
+        max_frames: frames read from each video file, spread evenly over it (lmms-eval's own
+            sampling; Qwen2.5-VL and LLaVA-OneVision take videos).
         **overrides: dotlist overrides of the pipeline config (``budget=64``).
     """
 
@@ -85,9 +89,11 @@ class ResPrune(lmms):
 
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", pipeline: str = "resprune-llava15",
                  device: str | None = None, dtype: str = "auto", batch_size: int | str = 1,
-                 max_batch_size: int | None = None, seed: int = 0, **overrides: Any) -> None:
+                 max_batch_size: int | None = None, seed: int = 0, max_frames: int | str = 32,
+                 **overrides: Any) -> None:
         super().__init__()
         try:
+            self.max_frames = _positive_int(max_frames, "max_frames")
             self._setup(pretrained, pipeline, device, dtype, batch_size, seed, overrides)
         except ResPruneError as exc:
             if _under_lmms_eval_cli():
@@ -110,6 +116,8 @@ class ResPrune(lmms):
         self.tokenizer = tokenizer_of(self.processor)
         self.dims: LLMDims = llm_dims(self._model.config)
         self.image_token_id = config_image_token_id(self._model.config)
+        video = getattr(self._model.config, "video_token_id", None)
+        self.placeholder_ids = [t for t in (self.image_token_id, video) if t is not None]
         self.attached = None
         if self.pipeline is not None:
             self.attached = self.pipeline.attach(self._model, self.processor)
@@ -144,9 +152,12 @@ class ResPrune(lmms):
                 elif part.type == "image":
                     content.append({"type": "image"})
                     images.append(_image(part.url, task))
+                elif part.type == "video":
+                    content.append({"type": "video"})
+                    images.append(self._video(part.url, task))
                 else:
                     raise InvalidInputError(f"lmms-eval task '{task}': a {part.type} input; resprune prunes the "
-                                            "visual tokens of images (videos and audio are not supported).")
+                                            "visual tokens of images and videos (audio is not supported).")
             turns.append({"role": message.role, "content": content})
         return Request(turns, images, task, dict(gen_kwargs or {}))
 
@@ -183,9 +194,25 @@ class ResPrune(lmms):
     def inputs(self, items: Sequence[Request], suffixes: Sequence[str] | None = None) -> Any:
         """The processor's left-padded batch of ``items`` (chat template, generation prompt
         appended, then ``suffixes`` if given), on the model's device and dtype."""
-        return render_chats(self.processor, [it.messages for it in items], [im for it in items for im in it.images],
-                            suffixes=None if suffixes is None else list(suffixes), device=self._model.device,
-                            dtype=self._model.dtype)
+        media = [im for it in items for im in it.images]
+        render = render_media_chats if any(isinstance(m, Video) for m in media) else render_chats
+        return render(self.processor, [it.messages for it in items], media,
+                      suffixes=None if suffixes is None else list(suffixes), device=self._model.device,
+                      dtype=self._model.dtype)
+
+    def _video(self, value: Any, task: str) -> Video:
+        """A task's video (a file path, as lmms-eval's video tasks give them), ``max_frames`` frames of
+        it; refused on a backbone without videos."""
+        from ..video import require_videos
+
+        require_videos(self._model, str(getattr(self._model.config, "_name_or_path", "")),
+                       f"lmms-eval task '{task}' (a video)")
+        if isinstance(value, Video):
+            return value
+        if isinstance(value, (str, os.PathLike)):
+            return read_video_file(value, self.max_frames)
+        raise InvalidInputError(f"lmms-eval task '{task}': expected a video file path from the task, got "
+                                f"{type(value).__name__}.")
 
     def _generate(self, items: list[Request]) -> tuple[list[str], list[int], list[RequestStats], float]:
         settings = _generation_settings(items[0].gen_kwargs, self.tokenizer)
@@ -212,8 +239,9 @@ class ResPrune(lmms):
         rows = len(full)
         pruned = self.attached is not None and self.attached.calls > calls_before
         if not pruned:  # no pruning (pipeline=none, or a prompt without images)
-            visual = ((inputs["input_ids"] == self.image_token_id) & mask.bool()).sum(dim=1).tolist() \
-                if self.image_token_id is not None else [0] * rows
+            ids = inputs["input_ids"]
+            placeholders = torch.tensor(self.placeholder_ids, device=ids.device)
+            visual = (torch.isin(ids, placeholders) & mask.bool()).sum(dim=1).tolist()
             return [RequestStats(v, v, t, [(0, t)], None) for v, t in zip(visual, full)]
         batch = self.attached.last
         per_row_ms = None if batch.prune_ms is None else batch.prune_ms / rows
@@ -252,9 +280,10 @@ class ResPruneSimple(ResPrune):
         context, second, doc_to_visual, doc_id, task, split = instance.args
         doc = self.task_dict[task][split][doc_id]
         visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-        images = [_image(v, task) for v in _flat(visuals)]
-        text = context.replace("<image>", " ").strip() if images else context
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        images = [self._video(v, task) if _is_video(v) else _image(v, task) for v in _flat(visuals)]
+        text = context.replace("<image>", " ").replace("<video>", " ").strip() if images else context
+        content = [{"type": "video" if isinstance(m, Video) else "image"} for m in images] + [
+            {"type": "text", "text": text}]
         req = Request([{"role": "user", "content": content}], images, task)
         if instance.request_type == "loglikelihood":
             req.continuation = second if isinstance(second, str) else second(doc)
@@ -343,8 +372,14 @@ def _positive_int(value: Any, name: str) -> int:
 def _image(value: Any, task: str) -> Image.Image:
     if isinstance(value, Image.Image):
         return value.convert("RGB")
-    raise InvalidInputError(f"lmms-eval task '{task}': expected PIL images from the task, got "
-                            f"{type(value).__name__} (videos and audio are not supported).")
+    raise InvalidInputError(f"lmms-eval task '{task}': expected PIL images or video file paths from the task, got "
+                            f"{type(value).__name__} (audio is not supported).")
+
+
+def _is_video(value: Any) -> bool:
+    """A video file path (what lmms-eval's video tasks' ``doc_to_visual`` returns) or a clip."""
+    return isinstance(value, Video) or (isinstance(value, (str, os.PathLike))
+                                        and os.fspath(value).lower().endswith(VIDEO_SUFFIXES))
 
 
 def _flat(values: Any) -> list[Any]:
