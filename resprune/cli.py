@@ -90,8 +90,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .run import run_one
 
-    result = run_one(args.config, args.overrides, model=args.model, image=args.image, prompt=args.prompt,
-                     max_new_tokens=args.max_new_tokens, device=args.device, out=args.out, compare=args.compare,
+    result = run_one(args.config, args.overrides, model=args.model, image=args.image, video=args.video,
+                     prompt=args.prompt, max_new_tokens=args.max_new_tokens, device=args.device, out=args.out,
+                     compare=args.compare,
                      print_fn=(lambda line: None) if args.json else print)
     if args.json:
         print(json.dumps(result["summary"], indent=2))
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("run", help="prune and generate with a config on any supported checkpoint")
-    _config_image_args(p, prompt=None)
+    _config_image_args(p, prompt=None, video=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--compare", action="store_true", help="also generate without pruning")
     p.add_argument("--out", default=None, help="also write the overlay PNG here")

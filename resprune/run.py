@@ -34,34 +34,51 @@ def _visualize_video(config: str, overrides: Iterable[str], *, model: str, video
     with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
         attached.prune(inputs)
         (sel,) = attached.selections
-    t, (rows, cols) = sel.geometry.layout["temporal"], sel.geometry.layout["grid"]
-    per_pair = frame_counts(sel)
     overlay_video(clip.frames, sel, path=out)
-    print_fn(f"kept {sel.k} of the video's {sel.n} tokens ({len(clip.frames)} frames, {t} frame pairs of {rows}x{cols}); "
-             f"per frame pair {per_pair}; contact sheet: {Path(out).resolve()}")
+    print_fn(f"{_per_frame(sel, len(clip.frames))}; contact sheet: {Path(out).resolve()}")
     return Path(out).resolve()
 
 
-def _setup(config: str, overrides: Iterable[str], model: str, image: str | Path, prompt: str,
-           device: str | None) -> tuple[Pipeline, Any, Any, Image.Image, Any]:
+def _per_frame(sel: Any, frames: int) -> str:
+    """What a video's selection kept, frame by frame (Qwen2.5-VL: frame pair by frame pair)."""
+    from .video import frame_counts
+
+    t, (rows, cols) = sel.geometry.layout["temporal"], sel.geometry.layout["grid"]
+    unit = "frame pair" if t < frames else "frame"
+    return (f"kept {sel.k} of the video's {sel.n} tokens ({frames} frames, {t} {unit}s of {rows}x{cols}); "
+            f"per {unit} {frame_counts(sel)}")
+
+
+def _setup(config: str, overrides: Iterable[str], model: str, image: str | Path | None, prompt: str,
+           device: str | None, video: str | None = None) -> tuple[Pipeline, Any, Any, Any, Any]:
+    """The pipeline, model, processor, the image (or ``Video``) and the model's inputs."""
+    from .video import load_video, require_videos, video_chat_inputs
+
     pipe = load_pipeline(config, list(overrides))
+    clip = load_video(video) if video is not None else None  # a bad video fails before the model loads
     lvlm, processor = load_model(model, device=device)
+    if clip is not None:
+        require_videos(lvlm, model, "--video")
+        return pipe, lvlm, processor, clip, video_chat_inputs(processor, [[clip]], [prompt], device=lvlm.device)
     img = open_image(str(image))
     inputs = chat_inputs(processor, [img], [prompt], device=lvlm.device)
     return pipe, lvlm, processor, img, inputs
 
 
-def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: str | Path, prompt: str,
-            max_new_tokens: int = 64, device: str | None = None, out: str | Path | None = None,
-            compare: bool = False, print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
+def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: str | Path | None = None,
+            prompt: str, max_new_tokens: int = 64, device: str | None = None, out: str | Path | None = None,
+            compare: bool = False, video: str | None = None,
+            print_fn: Callable[[str], Any] = print) -> dict[str, Any]:
     """Prune with ``config`` and generate an answer; print it with the token counts and FLOPs.
+    ``video`` (a file, a folder of frames or a demo clip) instead of ``image``: the overlay is a
+    contact sheet.
 
     Returns the answer, the selections and, under ``summary``, what is printed as plain JSON
     values (``resprune run --json``): the kept indices, counts entering and kept, merged tokens
     per stage and image, the token schedule and the FLOPs."""
     if out is not None:
         writable_image(out, "--out")  # before any model work
-    pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device)
+    pipe, lvlm, processor, img, inputs = _setup(config, overrides, model, image, prompt, device, video)
     tokenizer = tokenizer_of(processor)
     prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad(), pipe.attach(lvlm, processor) as attached:
@@ -84,6 +101,11 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
             print_fn(f"{where} stage, image {sel.image}: kept {sel.k} of {of}{merged}")
             kept_records.append({"stage": where, "image": sel.image, "entering": before, "image_tokens": sel.n,
                                  "kept": sel.k, "merged": sel.merged, "indices": sel.kept.tolist()})
+            if video is not None and where == "input" and sel.geometry.layout.get("kind") == "video":
+                from .video import frame_counts
+
+                print_fn(_per_frame(sel, len(img.frames)))
+                kept_records[-1]["per_frame"] = frame_counts(sel)
             entering[sel.image] = sel.k
     after = " -> ".join(f"{t} (layer {layer}+)" if layer else str(t) for layer, t in schedule)
     flops = (prefill_flops(dims, t_full), prefill_flops(dims, schedule))
@@ -114,7 +136,11 @@ def run_one(config: str, overrides: Iterable[str] = (), *, model: str, image: st
         result["summary"]["answer_full"] = result["answer_full"]
         print_fn(f"answer without pruning: {result['answer_full']}")
     if out is not None:
-        if len(stages) > 1:
+        if video is not None:
+            from .visualize import overlay_video
+
+            overlay_video(img.frames, selections[0], path=out)
+        elif len(stages) > 1:
             overlay_stages(img, [(where, sels[0]) for where, sels in stages], processor=processor, path=out)
         else:
             overlay_selection(img, selections[0], processor=processor, path=out)

@@ -5,6 +5,7 @@ every kept token at its original (time, row, column) M-RoPE position."""
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -809,3 +810,20 @@ def test_render_media_chats_checks_the_parts_against_the_media():
     plain = video_chat_inputs(proc, [[clip(4)]], ["hi"])
     assert batch["input_ids"].shape[1] > plain["input_ids"].shape[1]  # the system turn, the same video tokens
     assert int((batch["input_ids"] == proc.video_token_id).sum()) == int((plain["input_ids"] == proc.video_token_id).sum())
+
+
+def test_resprune_run_on_a_video_file_prints_each_frames_share_and_writes_a_contact_sheet(tmp_path, capsys):
+    from resprune.cli import main
+    from resprune.data import video_path
+
+    out = tmp_path / "run.png"
+    assert main(["run", "resprune-llava-onevision", "budget=48", "--model", "tiny:llava_onevision", "--video",
+                 str(video_path("cut")), "--prompt", "What changes?", "--max-new-tokens", "2", "--out", str(out),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    (kept,) = summary["kept"]
+    assert kept["kept"] == 48 and kept["image_tokens"] == 8 * 14 * 14 + 1
+    assert len(kept["per_frame"]) == 8 and sum(kept["per_frame"]) <= 48  # the newline is no frame's cell
+    assert Image.open(out).width > 7 * Image.open(out).height
+    assert main(["run", "resprune-llava15", "--model", "tiny:llava", "--video", "cut", "--prompt", "hi"]) == 2
+    assert "runs on Qwen2.5-VL and LLaVA-OneVision models" in capsys.readouterr().err
