@@ -20,7 +20,7 @@ BUILTIN_SELECTORS = {"residual_energy", "dpp", "divprune", "topk", "random", "un
                      "tome", "cdpruner", "dycoke"}
 BUILTIN_SCORERS = {"text_relevance", "cls_attention", "norm", "mean_similarity", "center", "llm_attention",
                    "key_norm", "hidden_similarity", "clip_relevance", "last_cls_attention", "temporal_change"}
-BUILTIN_MERGERS = {"contextual", "nearest", "visionzip", "recycle", "rest_mean", "prumerge"}
+BUILTIN_MERGERS = {"contextual", "nearest", "visionzip", "recycle", "rest_mean", "prumerge", "temporal"}
 
 
 # --- third-party strategies and fake installed distributions ----------------------------

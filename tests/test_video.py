@@ -827,3 +827,58 @@ def test_resprune_run_on_a_video_file_prints_each_frames_share_and_writes_a_cont
     assert Image.open(out).width > 7 * Image.open(out).height
     assert main(["run", "resprune-llava15", "--model", "tiny:llava", "--video", "cut", "--prompt", "hi"]) == 2
     assert "runs on Qwen2.5-VL and LLaVA-OneVision models" in capsys.readouterr().err
+
+
+# --- the temporal merger -------------------------------------------------------------------------------
+
+
+def temporal_merge_reference(tokens, kept, t, per, min_similarity=-1.0):
+    """Token by token: a dropped token of frame f at place p joins the kept token at p in the latest
+    frame before f that kept p, else the earliest after it; each kept token becomes the mean of
+    itself and its members."""
+    kept = set(kept)
+    groups = {k: [k] for k in kept}
+    for i in range(t * per):
+        if i in kept:
+            continue
+        f, p = divmod(i, per)
+        before = [g for g in range(f - 1, -1, -1) if g * per + p in kept]
+        after = [g for g in range(f + 1, t) if g * per + p in kept]
+        target = (before or after or [None])[0]
+        if target is None:
+            continue
+        j = target * per + p
+        if float(torch.nn.functional.cosine_similarity(tokens[i], tokens[j], dim=0)) >= min_similarity:
+            groups[j].append(i)
+    return {k: tokens[v].mean(0) for k, v in groups.items()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(t=st.integers(1, 6), per=st.integers(1, 6), newline=st.booleans(), k=st.integers(1, 40),
+       threshold=st.sampled_from([-1.0, 0.0, 0.3]), seed=st.integers(0, 999))
+def test_the_temporal_merger_averages_each_dropped_token_into_its_places_nearest_kept_copy(t, per, newline, k,
+                                                                                           threshold, seed):
+    from resprune.context import PruneContext
+    from resprune.strategies.temporal import TemporalMerge
+
+    gen = torch.Generator().manual_seed(seed)
+    n = t * per + int(newline)
+    tokens = torch.randn(n, 6, generator=gen)
+    frames = torch.cat([torch.arange(t).repeat_interleave(per), torch.full((int(newline),), t - 1)])
+    kept = torch.randperm(n, generator=gen)[: min(k, n)].sort().values
+    merger = TemporalMerge({"min_similarity": threshold})
+    idx, feats = merger.merge(tokens[None], kept[None], 0, {}, PruneContext(tokens[None], frames=frames))
+    assert torch.equal(idx[0], kept)
+    expected = temporal_merge_reference(tokens, kept.tolist(), t, per, threshold)
+    for j, f in zip(kept.tolist(), feats[0]):
+        torch.testing.assert_close(f, expected[j], rtol=1e-5, atol=1e-6)
+
+
+def test_the_temporal_merger_in_a_pipeline_on_a_static_clip_changes_nothing():
+    """Frames that repeat one frame: every merged token is the mean of copies of itself."""
+    video = encoded_video(4, 2, 3)
+    video.features = video.features[:6].repeat(4, 1)
+    plain = select(resprune.Pipeline("residual_energy", budget=6), video)
+    merged = select(resprune.Pipeline("residual_energy", budget=6, merger="temporal"), video)
+    assert torch.equal(plain.kept, merged.kept)
+    torch.testing.assert_close(merged.features, video.features[merged.kept], rtol=0, atol=1e-6)
