@@ -118,4 +118,5 @@ def test_video_benchmark_keeps_its_budget_of_every_frame_count(bench, capsys):
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
             if re.match(r"\| \d", line)]
     assert [(int(r[0]), r[1], int(r[2]), int(r[3])) for r in rows] == [  # N = 8 F, k = N / 4
-        (4, "global", 32, 8), (4, "uniform", 32, 8), (8, "global", 64, 16), (8, "uniform", 64, 16)]
+        (4, "global", 32, 8), (4, "uniform", 32, 8), (4, "energy", 32, 8),
+        (8, "global", 64, 16), (8, "uniform", 64, 16), (8, "energy", 64, 16)]
