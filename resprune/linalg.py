@@ -222,15 +222,19 @@ def greedy_residual_select(
         if gram is not None:
             col = gram.view(b * n, n).index_select(0, flat)  # [B, N] (G is symmetric)
         else:
-            if cache is not None:
-                col = cache.column(pick, flat, key, t)
+            if cache is not None:  # scaled, and corrected for the steps before `done`
+                col, done = cache.column(pick, flat, key, t, factor, rs)
             else:
                 col = torch.bmm(v, v.view(b * n, d).index_select(0, flat).unsqueeze(-1)).squeeze(-1)
-            if rs is not None:
-                col.mul_(rs).mul_(rs.take(flat).unsqueeze(-1))
-        if t > 0:  # minus the part along the columns so far: col -= L[pick, :t] @ L[:t, :]
-            prev = factor[:, :t]  # [B, t, N]
-            at_pick = prev.gather(2, pick.view(b, 1, 1).expand(b, t, 1))  # [B, t, 1]
+                if rs is not None:
+                    col.mul_(rs).mul_(rs.take(flat).unsqueeze(-1))
+        start = 0 if cache is None else done
+        if t > start:  # minus the part along the columns so far: col -= L[pick, start:t] @ L[start:t, :]
+            prev = factor[:, start:t]  # [B, t - start, N]
+            at_pick = prev.gather(2, pick.view(b, 1, 1).expand(b, t - start, 1))  # [B, t - start, 1]
+            if cache is not None and b > 1:  # a row whose block is younger is corrected up to its own start
+                at_pick = at_pick * (torch.arange(start, t, device=v.device).view(1, -1, 1)
+                                     >= cache.built.view(b, 1, 1))
             col = torch.baddbmm(col.unsqueeze(1), at_pick.transpose(1, 2), prev, alpha=-1.0).squeeze(1)
         # 1 / sqrt(e_pick), or 0 for a degenerate pick (at or below its floor): rsqrt(inf) = 0
         scale = e_pick.masked_fill_(e_pick <= floor.take(flat), float("inf")).rsqrt_()
@@ -243,17 +247,24 @@ def greedy_residual_select(
 
 
 class Block:
-    """The ``blocked`` method's cache: per row, Gram columns ``V v_j`` for a block of tokens ``j``."""
+    """The ``blocked`` method's cache: per row, Gram columns ``V v_j`` for a block of tokens ``j``,
+    already corrected for the picks made before the block was built."""
 
     def __init__(self, v: Tensor, k: int) -> None:
         self.v, self.k = v, k
         b, n, _ = v.shape
         self.slot = torch.full((b, n), -1, dtype=torch.long, device=v.device)  # token -> column, -1: absent
         self.cols = torch.empty(b, n, min(BLOCK, k, n), dtype=v.dtype, device=v.device)
+        self.built = torch.zeros(b, dtype=torch.long, device=v.device)  # the step each row's block was built at
+        self._built = [0] * b
 
-    def column(self, pick: Tensor, flat: Tensor, key: Tensor, t: int) -> Tensor:
-        """``V v_pick`` per row ``[B, N]``. A row whose pick is not cached gets a new block: the
-        pick and the next best tokens by ``key``, in one GEMM that reads that row's ``V`` once."""
+    def column(self, pick: Tensor, flat: Tensor, key: Tensor, t: int, factor: Tensor,
+               row_scale: Tensor | None) -> tuple[Tensor, int]:
+        """``(col, start)``: per row ``[B, N]`` the Gram column ``V v_pick`` (of the tokens scaled by
+        ``row_scale``) minus its part along the factor rows before the row's block was built, and
+        the first step not yet subtracted (the earliest over the rows). A row whose pick is not cached gets a new block: the pick and the
+        next best tokens by ``key``, in one GEMM that reads that row's ``V`` once and one that
+        subtracts the ``t`` factor rows so far (so each later step corrects only the picks since)."""
         b, n, _ = self.v.shape
         slot = self.slot.take(flat)
         missing = (slot < 0).nonzero().flatten().tolist()  # the host check that keeps this method on CPU
@@ -264,10 +275,18 @@ class Block:
                 others[pick[row]] = float("-inf")
                 cand = torch.cat([pick[row].view(1), others.topk(m - 1).indices])
                 vr = self.v[row]  # [N, d], a view
-                self.cols[row, :, :m] = vr @ vr.index_select(0, cand).T
+                cols = vr @ vr.index_select(0, cand).T  # [N, m]
+                if row_scale is not None:
+                    cols.mul_(row_scale[row].unsqueeze(1)).mul_(row_scale[row].index_select(0, cand))
+                if t:  # minus L[:t, :]^T L[:t, cand], one GEMM instead of one product per later step
+                    prev = factor[row, :t]  # [t, N]
+                    cols = torch.addmm(cols, prev.T, prev.index_select(1, cand), alpha=-1.0)
+                self.cols[row, :, :m] = cols
                 self.slot[row].fill_(-1).scatter_(0, cand, torch.arange(m, device=self.v.device))
+                self.built[row] = t
+                self._built[row] = t
             slot = self.slot.take(flat)
-        return self.cols.gather(2, slot.view(b, 1, 1).expand(b, n, 1)).squeeze(-1)
+        return self.cols.gather(2, slot.view(b, 1, 1).expand(b, n, 1)).squeeze(-1), min(self._built)
 
 
 def span_residual(tokens: Tensor, kept: Tensor | list[int]) -> float:
