@@ -146,8 +146,8 @@ def load_video(spec: str, fps: float = 2.0, max_frames: int = 32) -> Video:
                                     f"video file, a folder of frames or a demo clip ({', '.join(DEMO_CLIPS)}).")
         return read_video_file(folder, max_frames)
     if not folder.is_dir():
-        raise InvalidInputError(f"video '{spec}' is neither a demo clip ({', '.join(DEMO_CLIPS)}) nor a folder of "
-                                f"frames.")
+        raise InvalidInputError(f"video '{spec}' is neither a demo clip ({', '.join(DEMO_CLIPS)}), a video file nor a "
+                                f"folder of frames.")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
     if not files:
         raise InvalidInputError(f"video folder '{spec}' holds no frames ({', '.join(FRAME_SUFFIXES)} files).")

@@ -517,6 +517,96 @@ def output_cases() -> dict[str, Callable[[Path], None]]:
     }
 
 
+# --- videos: files, folders of frames, clips in batches --------------------------------------------
+
+
+def video_cases() -> dict[str, Callable[[Path], None]]:
+    """Hostile and careless videos through ``resprune run`` / ``visualize --video``, the file reader
+    and the batch builders. Accepted ones are checked: the frames read are the ones written."""
+    import numpy as np
+    from PIL import Image
+
+    from resprune.data import video_path
+    from resprune.models import load_model
+    from resprune.video import Video, load_video, read_video_file, video_chat_inputs
+
+    def run(video: Callable[[Path], str], model: str = "tiny:qwen2_5_vl", config: str = "resprune-video"):
+        return cli_case(lambda f: ["run", config, "--model", model, "--video", video(f), "--prompt", "hi",
+                                   "--max-new-tokens", "1"])
+
+    def write(name: str, data: bytes) -> Callable[[Path], str]:
+        def make(folder: Path) -> str:
+            (folder / name).write_bytes(data)
+            return str(folder / name)
+        return make
+
+    def frames(sizes: list[tuple[int, int]], extra: Callable[[Path], None] | None = None) -> Callable[[Path], str]:
+        def make(folder: Path) -> str:
+            d = folder / "frames"
+            d.mkdir()
+            for i, size in enumerate(sizes):
+                Image.new("RGB", size, (10 * i, 0, 0)).save(d / f"{i:03d}.png")
+            if extra is not None:
+                extra(d)
+            return str(d)
+        return make
+
+    def dir_named(name: str) -> Callable[[Path], str]:
+        def make(folder: Path) -> str:
+            (folder / name).mkdir()
+            return str(folder / name)
+        return make
+
+    def png_named_mp4(folder: Path) -> str:
+        Image.new("RGB", (32, 32)).save(folder / "x.png")
+        (folder / "x.png").rename(folder / "x.mp4")
+        return str(folder / "x.mp4")
+
+    def truncated(folder: Path) -> str:
+        data = video_path("cut").read_bytes()
+        (folder / "cut.mp4").write_bytes(data[: len(data) // 3])
+        return str(folder / "cut.mp4")
+
+    def frames_round_trip(folder: Path) -> None:
+        clip = read_video_file(video_path("cut"), 8)
+        greys = [float(np.asarray(f, dtype=np.float32).mean()) for f in clip.frames]
+        if len(clip.frames) != 8 or abs(greys[0] - greys[3]) > 2 or abs(greys[0] - greys[4]) < 2:
+            raise Wrong(f"the bundled clip read back as {len(clip.frames)} frames of means {greys}")
+
+    def max_frames(value: object) -> Callable[[Path], None]:
+        return lambda folder: read_video_file(video_path("cut"), value)  # type: ignore[arg-type]
+
+    def onevision_lengths(folder: Path) -> None:
+        _, proc = load_model("tiny:llava_onevision")
+        clip = load_video("cut")
+        video_chat_inputs(proc, [[clip], [Video(clip.frames[:3])]], ["a", "b"])
+
+    def media_mismatch(folder: Path) -> None:
+        _, proc = load_model("tiny:qwen2_5_vl")
+        video_chat_inputs(proc, [[load_video("cut")]], ["a", "b"])
+
+    return {
+        "an empty file named .mp4": run(write("empty.mp4", b"")),
+        "text named .mp4": run(write("notes.mp4", b"not a video at all")),
+        "a PNG named .mp4": run(png_named_mp4),
+        "a truncated MP4": run(truncated),
+        "a file that is no video": run(write("notes.txt", b"hello")),
+        "a folder named .mp4": run(dir_named("clip.mp4")),
+        "an empty folder": run(dir_named("empty")),
+        "frames of two sizes": run(frames([(64, 48), (48, 64)])),
+        "a folder with a broken frame": run(frames([(64, 48)] * 2, lambda d: (d / "002.png").write_bytes(b"x"))),
+        "a path that is not there": run(lambda f: str(f / "missing.mp4")),
+        "a video on a backbone without videos": run(lambda f: str(video_path("cut")), "tiny:llava", "resprune-llava15"),
+        "the bundled clip reads back": frames_round_trip,
+        "max_frames=0": max_frames(0),
+        "max_frames=-3": max_frames(-3),
+        "max_frames=True": max_frames(True),
+        "max_frames='8'": max_frames("8"),
+        "OneVision videos of two lengths in a batch": onevision_lengths,
+        "one media list for two prompts": media_mismatch,
+    }
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 
@@ -530,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
 
     areas = {"YAML config and sweep files": yaml_cases(), "overrides and grid values": override_cases(args.random),
              "lmms-eval result files": lmms_cases(), "run folders and references": run_folder_cases(
-                 load_model("tiny:llava")), "unwritable outputs": output_cases()}
+                 load_model("tiny:llava")), "unwritable outputs": output_cases(), "videos": video_cases()}
     counts: dict[str, Counter] = defaultdict(Counter)
     bad = []
     for area, cases in areas.items():
