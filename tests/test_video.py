@@ -882,3 +882,24 @@ def test_the_temporal_merger_in_a_pipeline_on_a_static_clip_changes_nothing():
     merged = select(resprune.Pipeline("residual_energy", budget=6, merger="temporal"), video)
     assert torch.equal(plain.kept, merged.kept)
     torch.testing.assert_close(merged.features, video.features[merged.kept], rtol=0, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(t=st.integers(2, 6), per=st.integers(1, 8), d=st.integers(2, 12), static=st.floats(0.1, 0.9),
+       seed=st.integers(0, 999))
+def test_evs_never_keeps_a_static_patch_twice(t, per, d, static, seed):
+    """A place that repeats the previous frame exactly is a static patch: with a budget of the
+    first frame and every changed token, EVS keeps none of its repeats (one copy, the first)."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = [torch.randn(per, d, generator=gen)]
+    for _ in range(t - 1):
+        nxt = torch.randn(per, d, generator=gen)
+        keep = torch.rand(per, generator=gen) < static
+        frames.append(torch.where(keep[:, None], frames[-1], nxt))
+    tokens = torch.cat(frames)
+    repeats = [f * per + p for f in range(1, t) for p in range(per) if torch.equal(frames[f][p], frames[f - 1][p])]
+    k = t * per - len(repeats)
+    video = encoded_video(t, 1, per, d=d)
+    video.features = tokens
+    sel = select(resprune.load_pipeline("evs", budget=k), video)
+    assert not set(sel.kept.tolist()) & set(repeats)
