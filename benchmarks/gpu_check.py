@@ -11,7 +11,8 @@ runs after a warm-up) beside the naive torch loop and one Gram GEMM, with the ag
 the GPU's picks with the CPU float32 reference; (2) the end-to-end table of
 ``bench_e2e.py --size 7b`` for the three backbones at batch 1 and 16 (ResPrune at both
 budgets; VisionZip, FastV, PyramidDrop and DART at the first), with the cost of in-LLM
-scoring beside one layer's attention (``bench_llm_stages.py``); (3) each target with
+scoring beside one layer's attention (``bench_llm_stages.py``) and the video selection against
+its pruned prefill at 8, 32 and 64 frames (``bench_video.py``); (3) each target with
 PASS or FAIL. Writes ``gpu-check.md`` (and the raw numbers as ``gpu-check.json``) to
 ``--out``. The exit status is 0 whatever the targets say: the table is the result.
 """
@@ -35,6 +36,7 @@ from resprune.testing.reference import residual_energies
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402
 import bench_llm_stages  # noqa: E402
+import bench_video  # noqa: E402
 from bench_selection import Case, make_tokens, naive_residual_select, word_embedder  # noqa: E402
 from common import device_name, timed  # noqa: E402
 
@@ -122,6 +124,23 @@ def selection_table(rows: list[dict[str, Any]], device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def video(smoke: bool, device: torch.device, repeats: int) -> str:
+    """``bench_video``'s table: the ``resprune-video`` selection (global, uniform, energy) against
+    the pruned prefill of its 0.5B-class LLM (tiny sizes under ``smoke``)."""
+    small = bench_e2e.SMALL_SIZE["qwen2_5_vl"]["text"]
+    args = argparse.Namespace(
+        frames=[4, 8] if smoke else [8, 32, 64], budget=0.25, per_pair=16 if smoke else bench_video.TOKENS_PER_PAIR,
+        text_tokens=8 if smoke else 40, width=64 if smoke else small["hidden_size"], layers=2 if smoke else 32,
+        intermediate=128 if smoke else small["intermediate_size"],
+        heads=4 if smoke else small["num_attention_heads"], kv_heads=2 if smoke else small["num_key_value_heads"])
+    start = time.perf_counter()
+    rows = bench_video.run(args.frames, device, max(1, repeats // 2), width=args.width, layers=args.layers,
+                           intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads,
+                           per_pair=args.per_pair, budget=args.budget, text_tokens=args.text_tokens)
+    print(f"  video: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return bench_video.markdown(rows, device, args)
+
+
 def end_to_end(smoke: bool, device: torch.device) -> tuple[list[Any], argparse.Namespace]:
     args = argparse.Namespace(size="tiny" if smoke else "7b", device=str(device), backbones=list(bench_e2e.FULL_SIZE),
                               batches=[1] if smoke else [1, 16], budgets=[0.1111] if smoke else None,
@@ -200,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         device=str(device), dtype="float32" if device.type == "cpu" else "bfloat16", batch=1,
         heads=8 if args.smoke else 32, kv_heads=4 if args.smoke else 32, head_dim=128, instruction=40,
         lengths=[256] if args.smoke else [640, 1360, 2944], repeats=repeats, eager_max=4096)))
+    write_report(out, parts, sel_rows, [], targets(sel_rows, []))
+    parts.append(video(args.smoke, device, repeats))
     write_report(out, parts, sel_rows, [], targets(sel_rows, []))
     e2e_rows, e2e_args = ([], None) if args.no_e2e else end_to_end(args.smoke, device)
     if e2e_rows:

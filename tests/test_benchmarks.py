@@ -84,6 +84,8 @@ def test_gpu_check_runs_and_reports_every_target(tmp_path, capsys):
         in report
     assert "| backbone | method | B | budget | run |" in report
     assert "| L | sdpa ms | last-row ms | last / sdpa |" in report  # the cost of scoring inside the LLM
+    assert "`resprune-video` (budget 0.25) selection against the pruned prefill" in report  # videos
+    assert all(f"| {a} |" in report for a in ("global", "uniform", "energy"))
     for backbone in ("llava", "llava_next", "qwen2_5_vl"):
         for method in ("resprune", "fastv"):  # before the LLM and inside it
             assert f"pruned / oracle prefill <= 1.05, {backbone} {method}, B=1" in report
