@@ -118,27 +118,16 @@ def _tokenizer(model_type: str) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    if model_type == "qwen2_5_vl":
-        tok.add_special_tokens(_QWEN_SPECIALS)
-        hf = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            pad_token="<|endoftext|>",
-            eos_token="<|im_end|>",
-            extra_special_tokens={
-                "image_token": "<|image_pad|>",
-                "video_token": "<|video_pad|>",
-                "vision_bos_token": "<|vision_start|>",
-                "vision_eos_token": "<|vision_end|>",
-            },
-        )
-    elif model_type == "llava_onevision":
-        tok.add_special_tokens(_ONEVISION_SPECIALS)
-        hf = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            pad_token="<|endoftext|>",
-            eos_token="<|im_end|>",
-            extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-        )
+    qwen_family = {  # (special tokens, the named ones) of the models with a Qwen2 LLM
+        "qwen2_5_vl": (_QWEN_SPECIALS, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                        "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}),
+        "llava_onevision": (_ONEVISION_SPECIALS, {"image_token": "<image>", "video_token": "<video>"}),
+    }
+    if model_type in qwen_family:
+        specials, named = qwen_family[model_type]
+        tok.add_special_tokens(specials)
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                     extra_special_tokens=named)
     else:
         tok.add_special_tokens(_LLAVA_SPECIALS)
         # Llama tokenizers prepend <s>; do the same.

@@ -31,22 +31,9 @@ from torch import Tensor
 
 from resprune import hookimpl
 from resprune.context import PruneContext
-from resprune.errors import InvalidInputError
 from resprune.interfaces import Selector
 
-
-def frame_grid(frames: Tensor, n: int, who: str) -> tuple[int, int]:
-    """``(t, P)`` of a video's tokens ordered frame by frame, ``P`` per frame; tokens after the
-    ``t * P`` of the grid must belong to the last frame (a newline)."""
-    frames = frames.long()
-    t = int(frames.max()) + 1 if frames.numel() else 0
-    per = int((frames == 0).sum()) if t else 0
-    grid = t * per
-    ordered = torch.arange(t, device=frames.device).repeat_interleave(per)
-    if t == 0 or grid > n or not torch.equal(frames[:grid], ordered) or bool((frames[grid:] != t - 1).any()):
-        raise InvalidInputError(f"{who} needs a video's tokens frame by frame, the same number in each ({n} tokens; "
-                                f"frames {frames[:8].tolist()}...).")
-    return t, per
+from resprune.strategies.temporal import frame_grid
 
 
 def dycoke_order(tokens: Tensor, frames: Tensor, merging_ratio: float) -> tuple[Tensor, int]:

@@ -39,6 +39,20 @@ FIRST_FRAME = 255.0
 """The score of every token of the first frame (vLLM's constant): above any dissimilarity (at most 2)."""
 
 
+def frame_grid(frames: Tensor, n: int, who: str) -> tuple[int, int]:
+    """``(t, P)`` of a video's tokens ordered frame by frame, ``P`` per frame; tokens after the
+    ``t * P`` of the grid must belong to the last frame (a newline)."""
+    frames = frames.long()
+    t = int(frames.max()) + 1 if frames.numel() else 0
+    per = int((frames == 0).sum()) if t else 0
+    grid = t * per
+    ordered = torch.arange(t, device=frames.device).repeat_interleave(per)
+    if t == 0 or grid > n or not torch.equal(frames[:grid], ordered) or bool((frames[grid:] != t - 1).any()):
+        raise InvalidInputError(f"{who} needs a video's tokens frame by frame, the same number in each ({n} tokens; "
+                                f"frames {frames[:8].tolist()}...).")
+    return t, per
+
+
 class TemporalChange(Scorer):
     """1 - cosine similarity to the same place in the previous frame; 255 for the first frame (EVS)."""
 
@@ -51,14 +65,8 @@ class TemporalChange(Scorer):
         tokens = context.tokens
         b, n, d = tokens.shape
         frames = torch.as_tensor(context.get("frames", requester="scorer 'temporal_change'")).to(tokens.device)
-        t = int(frames.max()) + 1 if frames.numel() else 0
-        per = int((frames == 0).sum()) if t else 0  # one frame's grid
+        t, per = frame_grid(frames, n, "scorer 'temporal_change'")
         grid = per * t
-        expected = torch.arange(t, device=tokens.device).repeat_interleave(per)
-        if t == 0 or grid > n or not torch.equal(frames[:grid].long(), expected) or \
-                bool((frames[grid:] != t - 1).any()):
-            raise InvalidInputError(f"scorer 'temporal_change' needs a video's tokens frame by frame, the same number "
-                                    f"in each ({n} tokens; frames {frames[:8].tolist()}...).")
         v = tokens[:, :grid].float().view(b, t, per, d)
         change = 1 - torch.nn.functional.cosine_similarity(v[:, 1:], v[:, :-1], dim=-1)
         first = torch.full((b, 1, per), FIRST_FRAME, device=tokens.device, dtype=change.dtype)
@@ -99,8 +107,6 @@ class TemporalMerge(Merger):
 
     def merge(self, tokens: Tensor, kept: Tensor, slots: int, scores: Mapping[str, Tensor],
               context: PruneContext) -> tuple[Tensor, Tensor]:
-        from resprune.strategies.dycoke import frame_grid
-
         b, n, d = tokens.shape
         frames = torch.as_tensor(context.get("frames", requester="merger 'temporal'")).to(tokens.device)
         t, per = frame_grid(frames, n, "merger 'temporal'")

@@ -92,24 +92,28 @@ def test_the_real_video_processor_agrees_where_torchvision_imports():
     torch.testing.assert_close(theirs["pixel_values_videos"], ours["pixel_values_videos"], rtol=0, atol=0.05)
 
 
-@pytest.mark.parametrize("case", sorted(BATCHES))
-def test_keep_all_on_videos_is_bit_identical(case):
-    model, proc = qwen()
-    inputs = inputs_of(case)
+def assert_keep_all_is_identical(model, proc, inputs, config: str) -> list:
+    """Keep-all forward and ``generate`` equal the unpruned model's, bit for bit; the videos' selections."""
     with torch.no_grad():
         logits = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    with resprune.load_pipeline("resprune-qwen2.5-vl", budget=1.0).attach(model, proc) as attached, torch.no_grad():
+    with resprune.load_pipeline(config, budget=1.0).attach(model, proc) as attached, torch.no_grad():
         assert torch.equal(model(**inputs).logits, logits)
         assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen)
+    return [s for s in attached.selections if s.geometry.layout["kind"] == "video"]
+
+
+@pytest.mark.parametrize("case", sorted(BATCHES))
+def test_keep_all_on_videos_is_bit_identical(case):
+    inputs = inputs_of(case)
+    selections = assert_keep_all_is_identical(*qwen(), inputs, "resprune-qwen2.5-vl")
     videos = inputs["video_grid_thw"].tolist()
-    assert sorted(s.n for s in attached.selections if s.geometry.layout["kind"] == "video") == \
+    assert sorted(s.n for s in selections) == \
         sorted(t * h * w // 4 for t, h, w in videos)
 
 
-def masked_reference(model, inputs, attached, call: str) -> dict:
-    """The unpruned inputs with every dropped image or video token masked out of attention and every
-    token at the position the unpruned prompt gives it (M-RoPE time, row and column)."""
+def dropped_masked_out(model, inputs, attached):
+    """``(input_ids, attention mask with every dropped image or video token at 0, kept columns)``."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
     cols = attached.last.columns
     kept = torch.zeros_like(mask, dtype=torch.bool)
@@ -117,6 +121,13 @@ def masked_reference(model, inputs, attached, call: str) -> dict:
     kept[rows[cols >= 0], cols[cols >= 0]] = True
     visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
     mask[visual & ~kept] = 0
+    return ids, mask, cols
+
+
+def masked_reference(model, inputs, attached, call: str) -> dict:
+    """The unpruned inputs with every dropped image or video token masked out of attention and every
+    token at the position the unpruned prompt gives it (M-RoPE time, row and column)."""
+    ids, mask, cols = dropped_masked_out(model, inputs, attached)
     pos3, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
                                          inputs["video_grid_thw"], inputs["second_per_grid_ts"],
                                          attention_mask=inputs["attention_mask"])
@@ -129,17 +140,15 @@ def masked_reference(model, inputs, attached, call: str) -> dict:
     return ref
 
 
-@pytest.mark.parametrize("case", sorted(BATCHES))
-@pytest.mark.parametrize("config", ["resprune-qwen2.5-vl", "divprune", "dpp"])
-def test_pruned_videos_equal_the_masked_unpruned_model(case, config):
-    model, proc = qwen()
-    inputs = inputs_of(case)
+def assert_pruned_equals_masked(model, proc, inputs, config: str, reference) -> None:
+    """Pruned forward and ``generate`` (budget 0.3) against the unpruned model on ``reference``'s
+    masked inputs: the logits at every kept column, the tokens and the per-step logits."""
     with resprune.load_pipeline(config, budget=0.3).attach(model, proc) as attached, torch.no_grad():
         logits = model(**inputs).logits
-        fwd_ref = masked_reference(model, inputs, attached, "forward")
+        fwd_ref = reference(model, inputs, attached, "forward")
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-        gen_ref = masked_reference(model, inputs, attached, "generate")
+        gen_ref = reference(model, inputs, attached, "generate")
     with torch.no_grad():
         ref_logits = model(**fwd_ref).logits
         ref = model.generate(**gen_ref, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
@@ -153,6 +162,12 @@ def test_pruned_videos_equal_the_masked_unpruned_model(case, config):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     for sel in attached.selections:
         assert sel.k == resprune.resolve_budget(0.3, sel.n)
+
+
+@pytest.mark.parametrize("case", sorted(BATCHES))
+@pytest.mark.parametrize("config", ["resprune-qwen2.5-vl", "divprune", "dpp"])
+def test_pruned_videos_equal_the_masked_unpruned_model(case, config):
+    assert_pruned_equals_masked(*qwen(), inputs_of(case), config, masked_reference)
 
 
 def test_kept_video_tokens_keep_their_time_positions():
@@ -504,15 +519,8 @@ def test_onevision_frames_are_resized_and_normalised_as_its_video_processor_does
 def test_onevision_keep_all_is_bit_identical(case):
     model, proc = onevision()
     inputs = onevision_inputs(case)
-    with torch.no_grad():
-        logits = model(**inputs).logits
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    with resprune.load_pipeline("resprune-llava-onevision", budget=1.0).attach(model, proc) as attached, \
-            torch.no_grad():
-        assert torch.equal(model(**inputs).logits, logits)
-        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), gen)
+    videos = assert_keep_all_is_identical(model, proc, inputs, "resprune-llava-onevision")
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    videos = [s for s in attached.selections if s.geometry.layout["kind"] == "video"]
     assert [s.n for s in videos] == [t * (-(-side // 2)) ** 2 + 1 for t in
                                      [v.shape[0] for v in inputs["pixel_values_videos"]]]
 
@@ -520,13 +528,7 @@ def test_onevision_keep_all_is_bit_identical(case):
 def onevision_masked_reference(model, inputs, attached, call: str) -> dict:
     """The unpruned inputs with every dropped image or video token masked out; the pruned forward
     numbers its kept tokens 0..L'-1 (LLaVA's 1-D positions), generate lets the mask number them."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
-    cols = attached.last.columns
-    kept = torch.zeros_like(mask, dtype=torch.bool)
-    rows = torch.arange(ids.shape[0])[:, None].expand_as(cols)
-    kept[rows[cols >= 0], cols[cols >= 0]] = True
-    visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
-    mask[visual & ~kept] = 0
+    ids, mask, cols = dropped_masked_out(model, inputs, attached)
     ref = {**inputs, "attention_mask": mask}
     if call == "forward":
         pos = torch.zeros_like(ids)
@@ -542,27 +544,7 @@ def onevision_masked_reference(model, inputs, attached, call: str) -> dict:
 def test_onevision_pruned_videos_equal_the_masked_unpruned_model(case, config):
     if config == "evs" and any(isinstance(m, Image.Image) for items in ONEVISION_BATCHES[case][0] for m in items):
         pytest.skip("EVS scores videos only (an image has no frames: a named MissingContextError)")
-    model, proc = onevision()
-    inputs = onevision_inputs(case)
-    with resprune.load_pipeline(config, budget=0.3).attach(model, proc) as attached, torch.no_grad():
-        logits = model(**inputs).logits
-        fwd_ref = onevision_masked_reference(model, inputs, attached, "forward")
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
-        gen_ref = onevision_masked_reference(model, inputs, attached, "generate")
-    with torch.no_grad():
-        ref_logits = model(**fwd_ref).logits
-        ref = model.generate(**gen_ref, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True)
-    cols = attached.last.columns
-    for r in range(cols.shape[0]):
-        valid = cols[r] >= 0
-        torch.testing.assert_close(logits[r, valid], ref_logits[r, cols[r][valid]], rtol=0, atol=1e-5)
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.logits, ref.logits):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    for sel in attached.selections:
-        assert sel.k == resprune.resolve_budget(0.3, sel.n)
+    assert_pruned_equals_masked(*onevision(), onevision_inputs(case), config, onevision_masked_reference)
 
 
 @pytest.mark.parametrize("policy", ["candidate", "keep", "drop"])
