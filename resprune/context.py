@@ -44,6 +44,10 @@ CONTEXT_FIELDS: dict[str, str] = {
              "(LLaVA-NeXT newlines)",
     "frames": "the frame of each token of a video (its temporal patch), int [N], 0, 1, ... in time order "
               "(videos only)",
+    "frame_attention": "a video token's share of its frame's attention-pooling (SigLIP MAP head) attention, pooled "
+                       "like the tokens, [B, N] (LLaVA-OneVision videos; FastVID)",
+    "frame_features": "the pooled feature of each token's frame (the SigLIP MAP head's output), [B, N, C] "
+                      "(LLaVA-OneVision videos; FastVID)",
     "grid": "(rows, cols) when the N tokens form one raster-ordered grid",
     "positions": "token centres as (row, col) in grid units, [N, 2]; NaN for non-spatial tokens",
 }

@@ -60,6 +60,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.hired",
     "resprune.strategies.temporal",
     "resprune.strategies.dycoke",
+    "resprune.strategies.fastvid",
     "resprune.strategies.tome",
     "resprune.strategies.sparsevlm",
     "resprune.strategies.clip_relevance",

@@ -268,6 +268,7 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
         vision_config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
                                                         num_hidden_layers=vision_layers, num_attention_heads=2,
                                                         image_size=image_size, patch_size=_PATCH)
+        vision_config.resprune_tiny = True  # siglip_head: auto uses the tiny tower's own (random) pooling head
         cfg = transformers.LlavaOnevisionConfig(
             vision_config=vision_config, text_config=text_config, image_token_index=ids("<image>"),
             video_token_index=ids("<video>"), vision_feature_layer=-1, vision_feature_select_strategy="full",

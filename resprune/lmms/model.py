@@ -32,7 +32,7 @@ from ..injection import config_image_token_id
 from ..models import load_model, render_chats
 from ..pipeline import Pipeline, load_pipeline
 from ..prompts import tokenizer_of
-from ..video import VIDEO_SUFFIXES, Video, read_video_file, render_media_chats
+from ..video import VIDEO_SUFFIXES, Video, read_video_file, render_media_chats, require_videos
 from . import MODEL_ARGS, NO_PRUNING, STATS_PREFIX, parse_model_args
 
 __all__ = ["ResPrune", "ResPruneSimple", "Request", "RequestStats"]
@@ -203,8 +203,6 @@ class ResPrune(lmms):
     def _video(self, value: Any, task: str) -> Video:
         """A task's video (a file path, as lmms-eval's video tasks give them), ``max_frames`` frames of
         it; refused on a backbone without videos."""
-        from ..video import require_videos
-
         require_videos(self._model, str(getattr(self._model.config, "_name_or_path", "")),
                        f"lmms-eval task '{task}' (a video)")
         if isinstance(value, Video):

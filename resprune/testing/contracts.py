@@ -73,6 +73,9 @@ def random_context(b: int = 2, rows: int = 3, cols: int = 4, d: int = 8, *, seed
                         cls_attention_layers=torch.softmax(torch.randn(b, n, 3, generator=gen), dim=1),
                         tiles=torch.arange(n) * 3 // n,  # a base tile and two crops
                         frames=torch.arange(rows).repeat_interleave(cols),  # each grid row a frame of a video
+                        frame_attention=torch.softmax(torch.randn(b, rows, cols, generator=gen), dim=-1).view(b, n),
+                        frame_features=torch.randn(b, rows, 1, d + 4, generator=gen).expand(b, rows, cols, d + 4)
+                        .reshape(b, n, d + 4),
                         vision_keys=torch.randn(b, n, 4, generator=gen),
                         vision_cls=torch.randn(b, d + 4, generator=gen),
                         projector=_projector(d + 4, d), vision_post_norm=_post_norm,
