@@ -140,6 +140,8 @@ def greedy_residual_select(
     trace: list[Tensor] | None = None,
     row_scale: Tensor | None = None,
     energy0: Tensor | None = None,
+    until_fraction: float | None = None,
+    counts: list[int] | None = None,
 ) -> Tensor:
     """Greedily pick ``k`` tokens maximising weighted residual energy.
 
@@ -160,9 +162,14 @@ def greedy_residual_select(
             known in closed form (``dpp``: ``r_i^2``), so that exact ties stay exact ties and
             go to the lower index whatever the memory layout. ``tokens`` must then already be
             in a safe range (``safe_scale``).
+        until_fraction: stop once the kept tokens' span holds this fraction of every row's
+            energy (the sum of the tokens' squared norms): the picks then number the most any row
+            needed, at most ``k`` (a PyTorch method: ``triton`` becomes ``gram``).
+        counts: with ``until_fraction``, each row's own count is appended to this list (``k``
+            for a row that never got there).
 
     Returns:
-        int64 ``[B, k]`` indices in the order picked.
+        int64 ``[B, k]`` indices in the order picked (``[B, t]``, ``t <= k``, with ``until_fraction``).
     """
     b, n, d = tokens.shape
     if not 1 <= k <= n:
@@ -170,6 +177,8 @@ def greedy_residual_select(
     v = tokens.float()
     if method == "auto":
         method = choose_method(n, d, k, batch=b, device=v.device)
+    if until_fraction is not None and method == "triton":
+        method = "gram"  # the fused kernels run all k steps
     v = v.contiguous()  # one layout, so equal values give equal sums whatever the caller's strides
     if energy0 is None:
         v, energy0 = safe_scale(v)  # [B, N]
@@ -202,6 +211,9 @@ def greedy_residual_select(
     picks: list[Tensor] = []
     cache = Block(v, k) if method == "blocked" else None
     on_cpu = v.device.type == "cpu"
+    if until_fraction is not None:
+        left = (1.0 - until_fraction) * energy0.sum(-1)  # [B]: the residual energy a row stops at
+        reached = torch.full((b,), -1, dtype=torch.long, device=v.device)
 
     # One step: about 20 tensor ops, no Python scalar turned into a tensor and, off the CPU, no
     # host synchronisation. A taken token's energy is set to exactly 0 (below every floor) and
@@ -243,6 +255,12 @@ def greedy_residual_select(
         energy.view(-1).index_fill_(0, flat, 0.0)
         if trace is not None:
             trace.append(energy.clone())
+        if until_fraction is not None:
+            reached = torch.where((reached < 0) & (energy.sum(-1) <= left), t + 1, reached)
+            if bool((reached >= 0).all()):  # a host read per step: only with an energy target
+                break
+    if until_fraction is not None and counts is not None:
+        counts.extend(torch.where(reached < 0, len(picks), reached).tolist())
     return torch.stack(picks, dim=1)
 
 

@@ -885,3 +885,44 @@ def test_evs_never_keeps_a_static_patch_twice(t, per, d, static, seed):
     video.features = tokens
     sel = select(resprune.load_pipeline("evs", budget=k), video)
     assert not set(sel.kept.tolist()) & set(repeats)
+
+
+# --- a budget as an energy fraction --------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 40), d=st.integers(1, 12), rank=st.integers(1, 12), f=st.floats(0.05, 0.95),
+       seed=st.integers(0, 999))
+def test_an_energy_fraction_keeps_the_fewest_greedy_picks_that_hold_it(n, d, rank, f, seed):
+    """The count is the first step at which the greedy picks' span holds the fraction f of the
+    tokens' energy (float64, within float32 rounding of the boundary)."""
+    from resprune.linalg import greedy_residual_select, span_residual
+
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(1, n, min(rank, d), generator=gen) @ torch.randn(min(rank, d), d, generator=gen)
+    counts: list[int] = []
+    picks = greedy_residual_select(tokens, n, until_fraction=f, counts=counts)
+    t = counts[0]
+    assert picks.shape == (1, t) and 1 <= t <= n
+    total = span_residual(tokens[0], [])
+    slack = 1e-4 * total
+    assert span_residual(tokens[0], picks[0, :t].tolist()) <= (1 - f) * total + slack
+    if t > 1:
+        assert span_residual(tokens[0], picks[0, : t - 1].tolist()) >= (1 - f) * total - slack
+    full = greedy_residual_select(tokens, n)  # the same greedy sequence, cut at t
+    assert torch.equal(full[0, :t], picks[0])
+
+
+def test_a_video_budget_as_an_energy_fraction_through_a_pipeline():
+    """``selector.params.energy_fraction`` with a budget of 1.0 as the cap: a static clip needs its
+    first frame's span only; the budget still caps the count."""
+    video = encoded_video(4, 2, 3, d=32)
+    video.features = video.features[:6].repeat(4, 1)  # 4 copies of one frame of 6 tokens
+    selector = resprune.get_host().selectors.get("residual_energy")
+    sel = select(resprune.Pipeline(selector({"energy_fraction": 0.99}), budget=1.0), video)
+    assert 1 <= sel.k <= 6 and bool((video.frames[sel.kept] == 0).all())
+    capped = select(resprune.Pipeline(selector({"energy_fraction": 0.99}), budget=2), video)
+    plain = select(resprune.Pipeline(selector(), budget=2), video)
+    assert capped.k == 2 and torch.equal(capped.kept, plain.kept)
+    with pytest.raises(resprune.ConfigError, match="energy_fraction must be below 1"):
+        resprune.load_pipeline("resprune-video", ["selector.params.energy_fraction=1.0"])
