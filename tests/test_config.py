@@ -185,7 +185,7 @@ def test_unknown_selector_param_lists_valid_ones_and_suggests(tmp_path):
     message = str(info.value)
     assert message.startswith(f"{path}: selector.params.alpah: unknown parameter of selector 'residual_energy'.")
     assert "Did you mean 'alpha'?" in message
-    assert "Valid parameters: alpha, eps, seed, relevance, tol, method." in message
+    assert "Valid parameters: alpha, eps, seed, relevance, tol, energy_fraction, method." in message
 
 
 def test_scorer_errors_name_the_list_index(tmp_path):

@@ -231,7 +231,7 @@ def test_unknown_selector_param_lists_valid_ones():
     message = str(info.value)
     assert "params.alpah: unknown parameter of selector 'residual_energy'" in message
     assert "Did you mean 'alpha'?" in message
-    assert "Valid parameters: alpha, eps, seed, relevance, tol, method." in message
+    assert "Valid parameters: alpha, eps, seed, relevance, tol, energy_fraction, method." in message
 
 
 def test_unknown_scorer_param_lists_valid_ones():
