@@ -64,42 +64,34 @@ _LLAVA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
-# "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
-_QWEN_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for c in message['content'] -%}"
-    "{%- if c['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif c['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{ '<|im_end|>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
 
+def _chatml_template(after_role: str, image: str, video: str) -> str:
+    """A ChatML chat template (``<|im_start|>role ... <|im_end|>``) that writes ``image`` and ``video``
+    for the media parts of a turn, in order."""
+    return (
+        "{%- for message in messages -%}"
+        f"{{{{ '<|im_start|>' + message['role'] + '{after_role}' }}}}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}"
+        "{%- for c in message['content'] -%}"
+        f"{{%- if c['type'] == 'image' -%}}{{{{ '{image}' }}}}"
+        f"{{%- elif c['type'] == 'video' -%}}{{{{ '{video}' }}}}"
+        "{%- elif c['type'] == 'text' -%}{{ c['text'] }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{{ '<|im_end|>\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    )
+
+
+# "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n"
+_QWEN_CHAT_TEMPLATE = _chatml_template("\n", "<|vision_start|><|image_pad|><|vision_end|>",
+                                       "<|vision_start|><|video_pad|><|vision_end|>")
 # "<|im_start|>user <image>\n{text}<|im_end|>\n<|im_start|>assistant\n" (llava-onevision-qwen2-hf's template,
 # without the system turn)
-_ONEVISION_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + ' ' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}"
-    "{%- for c in message['content'] -%}"
-    "{%- if c['type'] == 'image' -%}{{ '<image>\n' }}"
-    "{%- elif c['type'] == 'video' -%}{{ '<video>\n' }}"
-    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{ '<|im_end|>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
+_ONEVISION_CHAT_TEMPLATE = _chatml_template(" ", "<image>\n", "<video>\n")
 _CHAT_TEMPLATES = {"llava": _LLAVA_CHAT_TEMPLATE, "llava_next": _LLAVA_CHAT_TEMPLATE,
                    "qwen2_5_vl": _QWEN_CHAT_TEMPLATE, "llava_onevision": _ONEVISION_CHAT_TEMPLATE}
 
