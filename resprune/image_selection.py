@@ -12,11 +12,13 @@ import torch
 from torch import Tensor
 
 from .context import PruneContext
+from .errors import InvalidInputError
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["EncodedImage", "ImageSelection", "select_images", "proportional_shares", "frame_residual_energy"]
+__all__ = ["EncodedImage", "ImageSelection", "select_images", "proportional_shares", "frame_grid", "frame_grid_shape",
+           "frame_residual_energy"]
 
 
 @dataclass
@@ -251,20 +253,43 @@ def proportional_shares(k: int, weights: list[float], caps: list[int]) -> list[i
     return share
 
 
+def frame_grid_shape(frames: Tensor, n: int) -> tuple[int, int] | None:
+    """``(t, P)`` when a video's ``n`` tokens are ordered frame by frame, ``P`` in each of its ``t``
+    frames, any tokens after the ``t * P`` of the grid belonging to the last frame (a newline);
+    else ``None``."""
+    frames = frames.long()
+    t = int(frames.max()) + 1 if frames.numel() else 0
+    per = int((frames == 0).sum()) if t else 0
+    grid = t * per
+    ordered = torch.arange(t, device=frames.device).repeat_interleave(per)
+    if t == 0 or grid > n or not torch.equal(frames[:grid], ordered) or bool((frames[grid:] != t - 1).any()):
+        return None
+    return t, per
+
+
+def frame_grid(frames: Tensor, n: int, who: str) -> tuple[int, int]:
+    """``frame_grid_shape``, or ``InvalidInputError`` naming ``who`` (a strategy of videos)."""
+    shape = frame_grid_shape(frames, n)
+    if shape is None:
+        raise InvalidInputError(f"{who} needs a video's tokens frame by frame, the same number in each ({n} tokens; "
+                                f"frames {frames[:8].tolist()}...).")
+    return shape
+
+
 def frame_residual_energy(features: Tensor, frames: Tensor, rtol: float = 1e-6) -> Tensor:
     """``[N]`` each token's energy outside the span of the frame before its own (all of its energy
     in the first frame): ``|x|^2 - |P x|^2`` with ``P`` the projection onto the span of the previous
     frame's tokens, whose directions below ``rtol`` of the largest are dropped. In float32, one
     batched Gram, eigendecomposition and cross product over the frames; a token of no frame grid
-    (after the last full frame) keeps its whole energy."""
+    (after the last full frame) keeps its whole energy, and so does every token of frames that do
+    not form a grid (``frame_grid_shape``)."""
     x = features.detach().float()
-    f = frames.to(x.device).long()
     energy = x.pow(2).sum(-1)
-    t = int(f.max()) + 1 if f.numel() else 0
-    per = int((f == 0).sum())
-    grid = t * per
-    if t < 2 or grid > x.shape[0] or not torch.equal(f[:grid], torch.arange(t, device=x.device).repeat_interleave(per)):
+    shape = frame_grid_shape(frames.to(x.device), x.shape[0])
+    if shape is None or shape[0] < 2:
         return energy
+    t, per = shape
+    grid = t * per
     v = x[:grid].view(t, per, -1)
     gram = v[:-1] @ v[:-1].transpose(1, 2)  # [t-1, per, per] of the previous frames
     evals, evecs = torch.linalg.eigh(gram)

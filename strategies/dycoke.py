@@ -32,8 +32,9 @@ from torch import Tensor
 from resprune import hookimpl
 from resprune.context import PruneContext
 from resprune.interfaces import Selector
+from resprune.params import check_range
 
-from resprune.strategies.temporal import frame_grid
+from resprune.image_selection import frame_grid
 
 
 def dycoke_order(tokens: Tensor, frames: Tensor, merging_ratio: float) -> tuple[Tensor, int]:
@@ -87,8 +88,7 @@ class DyCoke(Selector):
         command: 0.7)."""
 
         def __post_init__(self) -> None:
-            if not 0.0 <= float(self.merging_ratio) <= 1.0:
-                raise ValueError(f"merging_ratio must be in [0, 1], got {self.merging_ratio!r}")
+            check_range("merging_ratio", self.merging_ratio, low=0.0, high=1.0)
 
     @property
     def adaptive(self) -> bool:

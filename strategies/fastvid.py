@@ -42,7 +42,7 @@ from resprune.context import PruneContext
 from resprune.errors import InvalidInputError
 from resprune.interfaces import Merger, Selector
 from resprune.params import check_range
-from resprune.strategies.temporal import frame_grid
+from resprune.image_selection import frame_grid
 
 FIELDS = frozenset({"frames", "frame_attention", "frame_features"})
 

@@ -31,26 +31,12 @@ from torch import Tensor
 
 from resprune import hookimpl
 from resprune.context import PruneContext
-from resprune.errors import InvalidInputError
+from resprune.image_selection import frame_grid
 from resprune.interfaces import Merger, Scorer
 from resprune.params import check_range
 
 FIRST_FRAME = 255.0
 """The score of every token of the first frame (vLLM's constant): above any dissimilarity (at most 2)."""
-
-
-def frame_grid(frames: Tensor, n: int, who: str) -> tuple[int, int]:
-    """``(t, P)`` of a video's tokens ordered frame by frame, ``P`` per frame; tokens after the
-    ``t * P`` of the grid must belong to the last frame (a newline)."""
-    frames = frames.long()
-    t = int(frames.max()) + 1 if frames.numel() else 0
-    per = int((frames == 0).sum()) if t else 0
-    grid = t * per
-    ordered = torch.arange(t, device=frames.device).repeat_interleave(per)
-    if t == 0 or grid > n or not torch.equal(frames[:grid], ordered) or bool((frames[grid:] != t - 1).any()):
-        raise InvalidInputError(f"{who} needs a video's tokens frame by frame, the same number in each ({n} tokens; "
-                                f"frames {frames[:8].tolist()}...).")
-    return t, per
 
 
 class TemporalChange(Scorer):
