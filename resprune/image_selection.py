@@ -279,11 +279,12 @@ def frame_grid(frames: Tensor, n: int, who: str) -> tuple[int, int]:
 def frame_residual_energy(features: Tensor, frames: Tensor, rtol: float = 1e-6) -> Tensor:
     """``[N]`` each token's energy outside the span of the frame before its own (all of its energy
     in the first frame): ``|x|^2 - |P x|^2`` with ``P`` the projection onto the span of the previous
-    frame's tokens, whose directions below ``rtol`` of the largest are dropped. In float32, one
-    batched Gram, eigendecomposition and cross product over the frames; a token of no frame grid
+    frame's tokens, whose directions below ``rtol`` of the largest are dropped. In float64 (the
+    Gram matrix of a frame that nearly spans its tokens' space loses the small residuals to float32
+    rounding), one batched Gram, eigendecomposition and cross product over the frames; a token of no frame grid
     (after the last full frame) keeps its whole energy, and so does every token of frames that do
     not form a grid (``frame_grid_shape``)."""
-    x = features.detach().float()
+    x = features.detach().double()
     energy = x.pow(2).sum(-1)
     shape = frame_grid_shape(frames.to(x.device), x.shape[0])
     if shape is None or shape[0] < 2:
