@@ -11,16 +11,19 @@ Three ways to get ``V v_i*``, with identical results up to float rounding:
 
 - ``incremental``: one matrix-vector product per step, ``O(k N d)`` memory-bound work;
 - ``gram``: ``G = V V^T`` once (one GEMM, ``O(N^2 d)`` compute-bound), then a row read;
-- ``blocked``: Gram columns for a block of likely picks at once: the pick and the next
-  ``BLOCK - 1`` tokens by current weighted energy, one small GEMM that reads ``V`` once.
-  Residual energies never grow, so later picks are mostly in the block; a pick outside it
-  computes a new block. Exact (the same columns, whichever tokens get picked), and on CPU
-  2-3x faster than the other two at the paper's sizes, because ``V`` is read a few times
-  instead of ``k`` times.
+- ``blocked`` (CPU): Gram columns for a block of ``BLOCK`` likely picks at once, one GEMM
+  that reads ``V`` once. The block is predicted by running the greedy ahead on the
+  ``LOOKAHEAD * BLOCK`` tokens of highest weighted energy (their residual Gram matrix is
+  small); a pick outside the block refills it, keeping the columns still predicted. Exact
+  (the same columns, whichever tokens get picked): a wrong prediction costs time, never a
+  different pick. About as many columns get computed as picks are made, so ``V`` is read
+  ``k / BLOCK`` times instead of ``k`` times, and the steps run on NumPy views, whose
+  per-op cost is a tenth of PyTorch's at these sizes.
 
-Everything is vectorised over the batch. ``incremental`` and ``gram`` never read a tensor
-value on the host, so on a GPU the loop queues without synchronising; ``blocked`` checks
-for a miss on the host each step, so ``auto`` picks it on CPU only.
+``incremental`` and ``gram`` are vectorised over the batch and never read a tensor value on
+the host, so on a GPU the loop queues without synchronising. ``blocked`` reads the pick on
+the host every step and runs row by row on the CPU (other devices' tensors are copied
+there), so ``auto`` picks it on CPU only.
 
 Scale: the selection does not change when every token of an image is multiplied by the
 same factor, but float32 squares overflow above about ``1e19`` and underflow below about
@@ -38,8 +41,10 @@ indices always come back.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,8 +59,16 @@ METHODS: tuple[str, ...] = ("auto", "incremental", "gram", "blocked", "triton")
 """The values of the ``method`` param of ``residual_energy`` and ``dpp``."""
 
 BLOCK = 32
-"""Gram columns computed per block by the ``blocked`` method (the best of 16/32/64 measured
-on a 2-core CPU over Gaussian, low-rank, clustered and spatially smooth tokens)."""
+"""Gram columns the ``blocked`` method computes per refill (32 with ``LOOKAHEAD = 4`` was the
+fastest of 16-128 and 1-8 on a 2-core CPU, on video clips of 4096 tokens and on images of
+576 and 2880)."""
+
+
+LOOKAHEAD = 4
+"""A ``blocked`` refill predicts its next picks from a pool of this many times ``BLOCK``."""
+
+GRAM_MAX_N = 1024
+"""On CPU ``auto`` forms the ``N x N`` Gram matrix (``gram``) only up to this many tokens."""
 
 
 NARROW = 512
@@ -101,19 +114,20 @@ def choose_method(n: int, d: int, k: int, *, batch: int = 1,
     On a CUDA device with Triton installed: ``triton`` (``resprune.kernels``: the Gram
     matrix from one GEMM, then the whole loop in fused kernels).
 
-    On CPU: ``gram`` when ``4k > N``; for narrow tokens (``d < NARROW``, tiny models) the
-    cheaper of the Gram GEMM (``2 N^2 d``) and one product per step over the at most ``d``
-    steps before the rank runs out; else ``blocked``. The crossover is measured at the paper's
-    budgets (``python benchmarks/bench_selection.py --auto``; committed in
-    ``benchmarks/results/auto-cpu.json`` and checked by a test): at N = 576, d = 4096 ``blocked``
-    costs about 0.23 ms a pick against about 30 ms for the whole ``gram`` path, so they cross
-    between k = N/5 and N/4 (at N = 2880 ``blocked`` stays ahead up to k = 192 at least).
+    On CPU: ``gram`` when ``4k > N`` and ``N <= GRAM_MAX_N``; for narrow tokens (``d < NARROW``,
+    tiny models) the cheaper of the Gram GEMM (``2 N^2 d``) and one product per step over the
+    at most ``d`` steps before the rank runs out; else ``blocked``. Measured
+    (``python benchmarks/bench_selection.py --auto``; committed in
+    ``benchmarks/results/auto-cpu.json`` and checked by a test): at N = 576, d = 4096 the two
+    are within a few percent from k = N/4 on, and ``blocked`` is ahead below; at N = 2880 and
+    on video clips of 2048 and 4096 tokens (d = 1024) ``blocked`` is ahead at every budget, by
+    1.5-1.8x at k = N/4, and it never forms an ``N x N`` matrix.
 
     Elsewhere (no host checks in the loop): a rough cost model calibrated on a 2-core CPU, the Gram GEMM at about 150 GFLOP/s against per-step matrix-vector products
     at memory speed (about 60 GB/s while ``V`` fits in cache, 20 GB/s beyond).
     """
     if torch.device(device).type == "cpu":
-        if 4 * k > n:
+        if 4 * k > n and n <= GRAM_MAX_N:
             return "gram"
         if d < NARROW:  # tiny models: blocks do not pay, and at most d steps run (the rank)
             return "gram" if n < 20 * min(k, d) else "incremental"
@@ -205,11 +219,13 @@ def greedy_residual_select(
 
         return kernels.residual_select(gram, energy0, w, floor, fallback, first, k)
 
+    if method == "blocked":
+        return _blocked_rows(v, k, energy0, w, floor, fallback, first, rs, trace, until_fraction, counts)
+
     rows_n = torch.arange(b, device=v.device) * n
     energy = energy0.clone()
     factor = torch.zeros(b, k, n, device=v.device, dtype=v.dtype)  # row t: the new column c of step t
     picks: list[Tensor] = []
-    cache = Block(v, k) if method == "blocked" else None
     on_cpu = v.device.type == "cpu"
     if until_fraction is not None:
         left = (1.0 - until_fraction) * energy0.sum(-1)  # [B]: the residual energy a row stops at
@@ -234,19 +250,12 @@ def greedy_residual_select(
         if gram is not None:
             col = gram.view(b * n, n).index_select(0, flat)  # [B, N] (G is symmetric)
         else:
-            if cache is not None:  # scaled, and corrected for the steps before `done`
-                col, done = cache.column(pick, flat, key, t, factor, rs)
-            else:
-                col = torch.bmm(v, v.view(b * n, d).index_select(0, flat).unsqueeze(-1)).squeeze(-1)
-                if rs is not None:
-                    col.mul_(rs).mul_(rs.take(flat).unsqueeze(-1))
-        start = 0 if cache is None else done
-        if t > start:  # minus the part along the columns so far: col -= L[pick, start:t] @ L[start:t, :]
-            prev = factor[:, start:t]  # [B, t - start, N]
-            at_pick = prev.gather(2, pick.view(b, 1, 1).expand(b, t - start, 1))  # [B, t - start, 1]
-            if cache is not None and b > 1:  # a row whose block is younger is corrected up to its own start
-                at_pick = at_pick * (torch.arange(start, t, device=v.device).view(1, -1, 1)
-                                     >= cache.built.view(b, 1, 1))
+            col = torch.bmm(v, v.view(b * n, d).index_select(0, flat).unsqueeze(-1)).squeeze(-1)
+            if rs is not None:
+                col.mul_(rs).mul_(rs.take(flat).unsqueeze(-1))
+        if t > 0:  # minus the part along the columns so far: col -= L[pick, :t] @ L[:t, :]
+            prev = factor[:, :t]  # [B, t, N]
+            at_pick = prev.gather(2, pick.view(b, 1, 1).expand(b, t, 1))  # [B, t, 1]
             col = torch.baddbmm(col.unsqueeze(1), at_pick.transpose(1, 2), prev, alpha=-1.0).squeeze(1)
         # 1 / sqrt(e_pick), or 0 for a degenerate pick (at or below its floor): rsqrt(inf) = 0
         scale = e_pick.masked_fill_(e_pick <= floor.take(flat), float("inf")).rsqrt_()
@@ -264,47 +273,181 @@ def greedy_residual_select(
     return torch.stack(picks, dim=1)
 
 
+def _blocked_rows(v: Tensor, k: int, energy0: Tensor, w: Tensor, floor: Tensor, fallback: Tensor,
+                  first: Tensor | None, row_scale: Tensor | None, trace: list[Tensor] | None,
+                  until_fraction: float | None, counts: list[int] | None) -> Tensor:
+    """The ``blocked`` method: each row on its own on the CPU (``_blocked_row``), the result on
+    ``v``'s device. Rows run one by one because each refills its cache at its own steps; on a
+    2-core CPU that is faster than the batched loop even for 16 images of 576 tokens."""
+    device = v.device
+    cpu = [None if x is None else x.cpu() for x in (v, energy0, w, floor, fallback, first, row_scale)]
+    v, energy0, w, floor, fallback, first, row_scale = cpu
+    b = v.shape[0]
+    rows, traces = [], []
+    for i in range(b):
+        row_trace: list[Tensor] | None = [] if trace is not None else None
+        args = (v[i], energy0[i], w[i], floor[i], fallback[i].clone(), None if first is None else int(first[i]),
+                None if row_scale is None else row_scale[i])
+        rows.append(_blocked_row(*args, k, until_fraction, row_trace))  # stops at the row's own count
+        traces.append(row_trace)
+    own = [len(r) for r in rows]
+    steps = max(len(r) for r in rows)
+    for i in range(b):  # with an energy target every row runs to the latest stop (as the batched loop)
+        if len(rows[i]) < steps:
+            args = (v[i], energy0[i], w[i], floor[i], fallback[i].clone(), None if first is None else int(first[i]),
+                    None if row_scale is None else row_scale[i])
+            traces[i] = [] if trace is not None else None
+            rows[i] = _blocked_row(*args, steps, None, traces[i])
+    if trace is not None:
+        trace.extend(torch.stack(step).to(device) for step in zip(*traces))
+    if until_fraction is not None and counts is not None:
+        counts.extend(own)
+    return torch.tensor(rows, dtype=torch.long, device=device).view(b, steps)
+
+
+def _blocked_row(v: Tensor, energy0: Tensor, w: Tensor, floor: Tensor, fallback: Tensor, first: int | None,
+                 row_scale: Tensor | None, k: int, until_fraction: float | None,
+                 trace: list[Tensor] | None) -> list[int]:
+    """One row ``[N, d]`` of the ``blocked`` method on CPU: the picks, up to the one that reaches
+    the energy target if there is one. The steps of the batched loop, run on NumPy views of the same memory
+    (a PyTorch op's dispatch costs more than its math on ``N`` numbers, a NumPy one about a tenth
+    of that); Gram columns come from a ``Block`` cache, refilled in PyTorch. ``fallback`` is
+    consumed."""
+    n = v.shape[0]
+    energy = energy0.clone()
+    cache = Block(v, k, energy, w, floor, row_scale)
+    factor = torch.zeros(k, n, dtype=v.dtype)  # row t: the new column c of step t
+    e, wt, fl, fb, f_np = energy.numpy(), w.numpy(), floor.numpy(), fallback.numpy(), factor.numpy()  # views
+    left = None if until_fraction is None else float((1.0 - until_fraction) * energy0.sum())
+    key, dead = np.empty_like(e), np.empty(n, dtype=bool)
+    picks: list[int] = []
+    for t in range(k):
+        np.multiply(e, wt, out=key)  # the live key w * e; a token at or below its floor gets its fallback key
+        np.less_equal(e, fl, out=dead)
+        np.copyto(key, fb, where=dead)
+        if t == 0 and first is not None:
+            p = first
+        else:
+            p = int(key.argmax())  # the first maximum: ties go to the lower index
+            if trace is None and t > 0 and key[p] < 0:  # live keys are >= 0: nothing left above the floors
+                picks.extend(fallback.topk(k - t).indices.tolist())  # what the next argmaxes would return
+                break
+        picks.append(p)
+        fb[p] = -np.inf
+        e_pick = float(e[p])
+        col, built = cache.column(p, key, t, factor)
+        if t > built:  # minus the part along the factor rows since the cache was corrected
+            col = col - f_np[built:t, p] @ f_np[built:t]
+        scale = 1.0 / math.sqrt(e_pick) if e_pick > fl[p] else 0.0  # 0: a degenerate pick
+        c = np.multiply(col, np.float32(scale), out=f_np[t])
+        e -= c * c
+        np.maximum(e, 0.0, out=e)
+        e[p] = 0.0
+        if trace is not None:
+            trace.append(energy.clone())
+        if left is not None and float(e.sum()) <= left:
+            break
+    return picks
+
+
 class Block:
-    """The ``blocked`` method's cache: per row, Gram columns ``V v_j`` for a block of tokens ``j``,
-    already corrected for the picks made before the block was built."""
+    """The ``blocked`` method's cache for one row: Gram columns ``V v_j`` (of the tokens scaled by
+    ``row_scale``) for up to ``BLOCK`` tokens ``j``, all corrected for the picks before step ``built``.
 
-    def __init__(self, v: Tensor, k: int) -> None:
-        self.v, self.k = v, k
-        b, n, _ = v.shape
-        self.slot = torch.full((b, n), -1, dtype=torch.long, device=v.device)  # token -> column, -1: absent
-        self.cols = torch.empty(b, n, min(BLOCK, k, n), dtype=v.dtype, device=v.device)
-        self.built = torch.zeros(b, dtype=torch.long, device=v.device)  # the step each row's block was built at
-        self._built = [0] * b
+    A pick that is not cached refills it with the tokens the next steps will most likely pick
+    (``_predict``). Columns of tokens still among them are kept, brought up to date with one small
+    GEMM over the picks since the last refill; each new token costs a column ``V v_j`` (one GEMM
+    reads ``V`` once for all of them) minus its part along every factor row so far (one more).
+    """
 
-    def column(self, pick: Tensor, flat: Tensor, key: Tensor, t: int, factor: Tensor,
-               row_scale: Tensor | None) -> tuple[Tensor, int]:
-        """``(col, start)``: per row ``[B, N]`` the Gram column ``V v_pick`` (of the tokens scaled by
-        ``row_scale``) minus its part along the factor rows before the row's block was built, and
-        the first step not yet subtracted (the earliest over the rows). A row whose pick is not cached gets a new block: the pick and the
-        next best tokens by ``key``, in one GEMM that reads that row's ``V`` once and one that
-        subtracts the ``t`` factor rows so far (so each later step corrects only the picks since)."""
-        b, n, _ = self.v.shape
-        slot = self.slot.take(flat)
-        missing = (slot < 0).nonzero().flatten().tolist()  # the host check that keeps this method on CPU
-        if missing:
-            m = min(self.cols.shape[-1], self.k - t, n - t)
-            for row in missing:
-                others = key[row].clone()
-                others[pick[row]] = float("-inf")
-                cand = torch.cat([pick[row].view(1), others.topk(m - 1).indices])
-                vr = self.v[row]  # [N, d], a view
-                cols = vr @ vr.index_select(0, cand).T  # [N, m]
-                if row_scale is not None:
-                    cols.mul_(row_scale[row].unsqueeze(1)).mul_(row_scale[row].index_select(0, cand))
-                if t:  # minus L[:t, :]^T L[:t, cand], one GEMM instead of one product per later step
-                    prev = factor[row, :t]  # [t, N]
-                    cols = torch.addmm(cols, prev.T, prev.index_select(1, cand), alpha=-1.0)
-                self.cols[row, :, :m] = cols
-                self.slot[row].fill_(-1).scatter_(0, cand, torch.arange(m, device=self.v.device))
-                self.built[row] = t
-                self._built[row] = t
-            slot = self.slot.take(flat)
-        return self.cols.gather(2, slot.view(b, 1, 1).expand(b, n, 1)).squeeze(-1), min(self._built)
+    def __init__(self, v: Tensor, k: int, energy: Tensor, weights: Tensor, floor: Tensor,
+                 row_scale: Tensor | None) -> None:
+        self.v, self.k, self.row_scale = v, k, row_scale
+        self.energy, self.weights, self.floor = energy, weights, floor  # energy: the loop's, updated in place
+        n = v.shape[0]
+        self.size = min(BLOCK, k, n)
+        self.slot = torch.full((n,), -1, dtype=torch.long)  # token -> column, -1: absent
+        self.tokens = torch.empty(0, dtype=torch.long)  # column -> token
+        self.cols = torch.empty(self.size, n, dtype=v.dtype)  # [column, token]
+        self.built = 0
+        self._slot, self._cols = self.slot.numpy(), self.cols.numpy()  # views, for the loop's reads
+
+    def column(self, pick: int, key: np.ndarray, t: int, factor: Tensor) -> tuple[np.ndarray, int]:
+        """``(col, built)``: the pick's Gram column (a view) and the step it is corrected up to."""
+        if self._slot[pick] < 0:
+            self._refill(pick, torch.from_numpy(key), t, factor)
+        return self._cols[self._slot[pick]], self.built
+
+    def _refill(self, pick: int, key: Tensor, t: int, factor: Tensor) -> None:
+        m = min(self.size, self.k - t, self.v.shape[0] - t)
+        cand, pool_factor = self._predict(pick, key, t, factor, m)
+        had = self.slot.index_select(0, cand)  # the column of each candidate already cached, or -1
+        kept, new = (had >= 0).nonzero().flatten(), (had < 0).nonzero().flatten()
+        cols = torch.empty(m, self.v.shape[0], dtype=self.v.dtype)
+        if kept.numel():  # cached columns, minus the factor rows since they were last corrected
+            old = self.cols.index_select(0, had.index_select(0, kept))
+            since = factor[self.built:t]  # [t - built, N]
+            if since.shape[0]:
+                old = torch.addmm(old, since.index_select(1, cand.index_select(0, kept)).T, since, alpha=-1.0)
+            cols.index_copy_(0, kept, old)
+        if new.numel():
+            fresh_tokens = cand.index_select(0, new)
+            fresh = self.v @ self.v.index_select(0, fresh_tokens).T  # [N, m_new]: reads V once
+            if self.row_scale is not None:
+                fresh.mul_(self.row_scale.unsqueeze(1)).mul_(self.row_scale.index_select(0, fresh_tokens))
+            if t:  # minus L[:t, :]^T L[:t, new], one GEMM instead of one product per later step
+                fresh = torch.addmm(fresh, factor[:t].T, pool_factor.index_select(1, new), alpha=-1.0)
+            cols.index_copy_(0, new, fresh.T)
+        self.cols[:m] = cols
+        self.slot.index_fill_(0, self.tokens, -1).index_copy_(0, cand, torch.arange(m))
+        self.tokens = cand
+        self.built = t
+
+    def _predict(self, pick: int, key: Tensor, t: int, factor: Tensor, m: int) -> tuple[Tensor, Tensor]:
+        """``(tokens, factor[:t, tokens])``: the ``m`` tokens the next steps will most likely pick,
+        ``pick`` first. The greedy runs ahead exactly on a pool of the ``LOOKAHEAD * m`` best tokens
+        by ``key`` (their residual Gram matrix is small), as if no token outside the pool could
+        overtake; a wrong guess only costs an earlier refill."""
+        n = self.v.shape[0]
+        others = key.clone()
+        others[pick] = float("-inf")
+        pool = torch.cat([torch.tensor([pick]), others.topk(min(LOOKAHEAD * m, n - t) - 1).indices])  # [P]
+        pool_factor = factor[:t].index_select(1, pool)  # [t, P]
+        if m == 1 or pool.numel() <= m:
+            return pool[:m], pool_factor[:, :m]
+        vp = self.v.index_select(0, pool)
+        gram = vp @ vp.T
+        if self.row_scale is not None:
+            rs = self.row_scale.index_select(0, pool)
+            gram.mul_(rs.unsqueeze(0)).mul_(rs.unsqueeze(1))
+        if t:
+            gram = torch.addmm(gram, pool_factor.T, pool_factor, alpha=-1.0)
+        # the run-ahead: a few dozen steps on P numbers, in NumPy, in float64
+        g = gram.double().numpy()
+        e = self.energy.index_select(0, pool).double().numpy()
+        w = self.weights.index_select(0, pool).double().numpy()
+        live_floor = self.floor.index_select(0, pool).double().numpy()
+        prev = np.zeros((m, pool.numel()))
+        chosen, out = [0], np.zeros(pool.numel(), dtype=bool)  # out: taken, or at or below its floor
+        keys = np.empty_like(e)
+        for j in range(m - 1):
+            p = chosen[-1]
+            out[p] = True
+            col = g[p] - prev[:j, p] @ prev[:j]
+            prev[j] = col / np.sqrt(e[p]) if e[p] > live_floor[p] else 0.0
+            e -= prev[j] ** 2
+            np.multiply(e, w, out=keys)
+            np.copyto(keys, -1.0, where=out | (e <= live_floor))
+            nxt = int(keys.argmax())
+            if keys[nxt] < 0:  # nothing live left in the pool: fill up with the best by key
+                break
+            chosen.append(nxt)
+        if len(chosen) < m:
+            rest = np.ones(pool.numel(), dtype=bool)
+            rest[chosen] = False
+            chosen += np.flatnonzero(rest)[: m - len(chosen)].tolist()
+        index = torch.tensor(chosen)
+        return pool.index_select(0, index), pool_factor.index_select(1, index)
 
 
 def span_residual(tokens: Tensor, kept: Tensor | list[int]) -> float:

@@ -63,6 +63,46 @@ def test_blocked_refills_on_every_kind_of_miss(block):
         assert_same_up_to_ties(tokens[i] * rs[i, :, None], ref[i].tolist(), got[i].tolist(), w[i])
 
 
+@pytest.mark.parametrize("predict", ["topk", "worst"])
+def test_blocked_predictions_change_the_time_never_the_picks(predict, monkeypatch):
+    """A refill's block is a guess: whatever it holds (the plain top by key, or the tokens of
+    lowest key), the picks are those of the incremental method."""
+    tokens = make_tokens(200, 24, seed=5, batch=2)
+    w = torch.rand(2, 200, generator=torch.Generator().manual_seed(3)) + 0.1
+    ref = greedy_residual_select(tokens, 60, weights=w, method="incremental")
+    real = linalg.Block._predict
+
+    def guess(self, pick, key, t, factor, m):
+        if predict == "topk":
+            monkeypatch.setattr(linalg, "LOOKAHEAD", 1)  # a pool of m: the run-ahead only reorders it
+            return real(self, pick, key, t, factor, m)
+        others = key.clone()
+        others[pick] = float("inf")
+        cand = torch.cat([torch.tensor([pick]), (-others).topk(m - 1).indices])
+        return cand, factor[:t].index_select(1, cand)
+
+    monkeypatch.setattr(linalg.Block, "_predict", guess)
+    monkeypatch.setattr(linalg, "BLOCK", 8)
+    got = greedy_residual_select(tokens, 60, weights=w, method="blocked")
+    for i in range(2):
+        assert_same_up_to_ties(tokens[i], ref[i].tolist(), got[i].tolist(), w[i])
+
+
+def test_blocked_rows_stop_together_at_an_energy_fraction_like_the_batched_loop():
+    """Rows reach an energy target at different steps; like the batched loop, every row runs to
+    the latest and each row's own count is reported. The trace holds every step of every row."""
+    tokens = make_tokens(80, 16, seed=9, batch=3, rank=12)
+    tokens[1] *= torch.linspace(0.01, 1, 16)  # a row that needs fewer picks
+    counts_gram: list[int] = []
+    counts_blocked: list[int] = []
+    a = greedy_residual_select(tokens, 40, method="gram", until_fraction=0.9, counts=counts_gram)
+    trace: list[torch.Tensor] = []
+    b = greedy_residual_select(tokens, 40, method="blocked", until_fraction=0.9, counts=counts_blocked, trace=trace)
+    assert counts_blocked == counts_gram and len(set(counts_gram)) > 1
+    assert torch.equal(a, b) and b.shape == (3, max(counts_gram))
+    assert len(trace) == b.shape[1] and trace[0].shape == (3, 80)
+
+
 def test_choose_method_by_device_budget_and_batch(monkeypatch):
     from resprune import kernels
 
@@ -74,6 +114,9 @@ def test_choose_method_by_device_budget_and_batch(monkeypatch):
     assert choose_method(576, 4096, 128) == "blocked"
     assert choose_method(576, 4096, 192) == "gram"  # k > N/4: measured (tests/test_selection_auto.py)
     assert choose_method(576, 4096, 400, batch=16) == "gram"
+    # beyond GRAM_MAX_N tokens no N x N matrix: 32 frames of a video, and N = 16k at any budget
+    assert choose_method(4096, 1024, 1024) == "blocked"
+    assert choose_method(16384, 3584, 8192) == "blocked"
     # other devices (no host check in the loop): incremental for small budgets, Gram for large
     assert choose_method(576, 4096, 8, device="cuda") == "incremental"
     assert choose_method(576, 4096, 400, device="cuda") == "gram"
