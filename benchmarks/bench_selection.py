@@ -165,29 +165,31 @@ def growth(device: torch.device, repeats: int, ns: tuple[int, ...] = (576, 2880,
 
 AUTO_NS = (576, 2880)  # LLaVA-1.5; LLaVA-NeXT with 5 tiles
 AUTO_KS = (64, 128, 192)  # the paper's Table I budgets
+AUTO_VIDEO = ((2048, 1024, 512), (4096, 1024, 1024))  # bench_video's 16 and 32 frames at budget 0.25
 METHODS = ("incremental", "gram", "blocked")
 
 
 def auto_table(device: torch.device, repeats: int, ns: tuple[int, ...] = AUTO_NS, ks: tuple[int, ...] = AUTO_KS,
-               d: int = 4096) -> tuple[str, list[dict]]:
+               d: int = 4096, extra: tuple[tuple[int, int, int], ...] = AUTO_VIDEO) -> tuple[str, list[dict]]:
     """residual_energy's ``auto`` against each method at the Table I budgets (correlated tokens,
-    one image): the table, and one record per shape (``{"n", "d", "k", "auto", "ms": {method: ms}}``,
-    what ``tests/test_selection_auto.py`` checks ``choose_method`` against)."""
+    one image), and at the ``extra`` shapes ``(N, d, k)`` (video clips): the table, and one record
+    per shape (``{"n", "d", "k", "auto", "ms": {method: ms}}``, what ``tests/test_selection_auto.py``
+    checks ``choose_method`` against)."""
     gen = torch.Generator().manual_seed(0)
     records = []
-    lines = [f"`auto` against each method, residual_energy, d={d}, correlated tokens — {device_name(device)}; "
-             "median ms", "", "| N | k | auto picks | auto ms | " + " | ".join(f"{m} ms" for m in METHODS)
-             + " | auto / best |", "|---:|---:|---|---:|" + "---:|" * (len(METHODS) + 1)]
-    for n in ns:
+    lines = [f"`auto` against each method, residual_energy, correlated tokens — {device_name(device)}; "
+             "median ms", "", "| N | d | k | auto picks | auto ms | " + " | ".join(f"{m} ms" for m in METHODS)
+             + " | auto / best |", "|---:|---:|---:|---|---:|" + "---:|" * (len(METHODS) + 1)]
+    shapes = [(n, d, k) for n in ns for k in ks] + list(extra)
+    for n, d, k in shapes:
         tokens = make_tokens("correlated", 1, n, d, gen).to(device)
-        for k in ks:
-            ms = {m: timed(lambda: greedy_residual_select(tokens, k, method=m), device, repeats) for m in METHODS}
-            auto = choose_method(n, d, k, device=device)
-            auto_ms = timed(lambda: greedy_residual_select(tokens, k), device, repeats)
-            best = min(ms.values())
-            records.append({"n": n, "d": d, "k": k, "auto": auto, "ms": ms})
-            lines.append(f"| {n} | {k} | {auto} | {auto_ms:.1f} | " + " | ".join(f"{ms[m]:.1f}" for m in METHODS)
-                         + f" | {ms[auto] / best:.2f} |")
+        ms = {m: timed(lambda: greedy_residual_select(tokens, k, method=m), device, repeats) for m in METHODS}
+        auto = choose_method(n, d, k, device=device)
+        auto_ms = timed(lambda: greedy_residual_select(tokens, k), device, repeats)
+        best = min(ms.values())
+        records.append({"n": n, "d": d, "k": k, "auto": auto, "ms": ms})
+        lines.append(f"| {n} | {d} | {k} | {auto} | {auto_ms:.1f} | " + " | ".join(f"{ms[m]:.1f}" for m in METHODS)
+                     + f" | {ms[auto] / best:.2f} |")
     return "\n".join(lines), records
 
 
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     if args.auto:
-        table, records = (auto_table(device, args.repeats or 2, ns=(96, 192), ks=(8, 48), d=64) if args.smoke
+        table, records = (auto_table(device, args.repeats or 2, ns=(96, 192), ks=(8, 48), d=64, extra=()) if args.smoke
                           else auto_table(device, args.repeats or 5))
         emit(table, args.markdown)
         if args.calibration:

@@ -68,7 +68,10 @@ LOOKAHEAD = 4
 """A ``blocked`` refill predicts its next picks from a pool of this many times ``BLOCK``."""
 
 GRAM_MAX_N = 1024
-"""On CPU ``auto`` forms the ``N x N`` Gram matrix (``gram``) only up to this many tokens."""
+"""On CPU ``auto`` forms the ``N x N`` Gram matrix (``gram``) only up to this many tokens..."""
+
+GRAM_MIN_BATCH = 4
+"""...and for a batch of at least this many images (``blocked`` runs image by image)."""
 
 
 NARROW = 512
@@ -114,20 +117,21 @@ def choose_method(n: int, d: int, k: int, *, batch: int = 1,
     On a CUDA device with Triton installed: ``triton`` (``resprune.kernels``: the Gram
     matrix from one GEMM, then the whole loop in fused kernels).
 
-    On CPU: ``gram`` when ``4k > N`` and ``N <= GRAM_MAX_N``; for narrow tokens (``d < NARROW``,
-    tiny models) the cheaper of the Gram GEMM (``2 N^2 d``) and one product per step over the
-    at most ``d`` steps before the rank runs out; else ``blocked``. Measured
-    (``python benchmarks/bench_selection.py --auto``; committed in
-    ``benchmarks/results/auto-cpu.json`` and checked by a test): at N = 576, d = 4096 the two
-    are within a few percent from k = N/4 on, and ``blocked`` is ahead below; at N = 2880 and
-    on video clips of 2048 and 4096 tokens (d = 1024) ``blocked`` is ahead at every budget, by
-    1.5-1.8x at k = N/4, and it never forms an ``N x N`` matrix.
+    On CPU: ``gram`` for a batch of at least ``GRAM_MIN_BATCH`` images of at most ``GRAM_MAX_N``
+    tokens when ``4k > N``; for narrow tokens (``d < NARROW``, tiny models) the cheaper of the
+    Gram GEMM (``2 N^2 d``) and one product per step over the at most ``d`` steps before the
+    rank runs out; else ``blocked``. Measured (``python benchmarks/bench_selection.py --auto``;
+    committed in ``benchmarks/results/auto-cpu.json`` and checked by a test): for one image
+    ``blocked`` is the fastest or within 5 % at every Table I budget at N = 576 and 2880 and on
+    video clips of 2048 and 4096 tokens (2x ``gram`` at N = 4096, k = 1024), and it never forms
+    an ``N x N`` matrix; ``gram`` shares its loop over a batch, and at N = 576, k = 192 it wins
+    from 4 images on (97 against 134 ms; 310 against 475 ms for 16).
 
     Elsewhere (no host checks in the loop): a rough cost model calibrated on a 2-core CPU, the Gram GEMM at about 150 GFLOP/s against per-step matrix-vector products
     at memory speed (about 60 GB/s while ``V`` fits in cache, 20 GB/s beyond).
     """
     if torch.device(device).type == "cpu":
-        if 4 * k > n and n <= GRAM_MAX_N:
+        if 4 * k > n and n <= GRAM_MAX_N and batch >= GRAM_MIN_BATCH:
             return "gram"
         if d < NARROW:  # tiny models: blocks do not pay, and at most d steps run (the rank)
             return "gram" if n < 20 * min(k, d) else "incremental"

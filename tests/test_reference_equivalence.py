@@ -107,13 +107,16 @@ def test_choose_method_by_device_budget_and_batch(monkeypatch):
     from resprune import kernels
 
     monkeypatch.setattr(kernels, "available", lambda device: False)  # the PyTorch methods (no Triton / no GPU)
-    # CPU: Gram columns in blocks unless the budget is more than a quarter of N
+    # CPU: Gram columns in blocks, unless a batch of small images has budgets above a quarter of N
     assert choose_method(576, 4096, 8) == "blocked"
     assert choose_method(576, 4096, 64) == "blocked"
     assert choose_method(2880, 4096, 320) == "blocked"
     assert choose_method(576, 4096, 128) == "blocked"
-    assert choose_method(576, 4096, 192) == "gram"  # k > N/4: measured (tests/test_selection_auto.py)
+    assert choose_method(576, 4096, 192) == "blocked"  # one image: measured (tests/test_selection_auto.py)
+    assert choose_method(576, 4096, 192, batch=3) == "blocked"
+    assert choose_method(576, 4096, 192, batch=4) == "gram"
     assert choose_method(576, 4096, 400, batch=16) == "gram"
+    assert choose_method(576, 4096, 128, batch=16) == "blocked"
     # beyond GRAM_MAX_N tokens no N x N matrix: 32 frames of a video, and N = 16k at any budget
     assert choose_method(4096, 1024, 1024) == "blocked"
     assert choose_method(16384, 3584, 8192) == "blocked"
