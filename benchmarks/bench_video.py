@@ -20,14 +20,16 @@ every frame with or without pruning, so it adds the same time to both sides. The
 correlated like image features (``bench_selection``'s ``correlated`` kind), frame after frame,
 with the next frame a small change of the previous one.
 
-The table gives selection ms, pruned prefill ms, their ratio (the target is under 5 % at
-32 frames), and selection time per 1000 tokens and per kept token, to read the growth in
+The table gives selection ms, pruned prefill ms (medians over ``--repeats`` rounds, each one
+selection per allocation and one prefill, so that both sides of the ratio see the same load),
+their ratio (the target is under 5 % at 32 frames), and selection time per 1000 tokens and per kept token, to read the growth in
 ``N`` and ``k``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -82,24 +84,31 @@ def run(frames_list: list[int], device: torch.device, repeats: int, *, width: in
         video = EncodedImage(tokens[0], frames=torch.arange(pairs).repeat_interleave(per_pair),
                              layout={"kind": "video", "temporal": pairs})
         text = torch.randn(1, text_tokens, width, generator=gen).to(device)
-        prefill_ms = None
-        for allocation in allocations:
-            pipe = resprune.load_pipeline("resprune-video", [f"video.allocation={allocation}"], budget=budget)
+        pipes = {a: resprune.load_pipeline("resprune-video", [f"video.allocation={a}"], budget=budget)
+                 for a in allocations}
 
-            def selection() -> list:
-                return select_images(pipe, [video], [0], lambda r: PROMPT, embed)
+        def selection(pipe) -> list:
+            return select_images(pipe, [video], [0], lambda r: PROMPT, embed)
 
-            with torch.no_grad():
-                select_ms = timed(selection, device, repeats)
-                (sel,) = selection()
-                k = sel.k
-                if prefill_ms is None:  # the same k under every allocation: one prefill per frame count
-                    pruned = torch.cat([tokens[:, sel.kept.to(device)], text], dim=1)
-                    prefill_ms = timed(lambda: llm(inputs_embeds=pruned), device, max(1, repeats // 2))
-            rows.append({"frames": frames, "allocation": allocation, "N": n, "k": k, "select_ms": select_ms,
-                         "prefill_ms": prefill_ms})
-            print(f"{frames} frames, {allocation}: N={n}, k={k}, selection {select_ms:.1f} ms, pruned prefill "
-                  f"{prefill_ms:.0f} ms", file=sys.stderr)
+        with torch.no_grad():
+            kept = {a: selection(pipe)[0] for a, pipe in pipes.items()}  # also the warm-up
+            ks = {sel.k for sel in kept.values()}
+            assert len(ks) == 1, f"the allocations kept different counts: {ks}"
+            pruned = torch.cat([tokens[:, kept[allocations[0]].kept.to(device)], text], dim=1)
+            llm(inputs_embeds=pruned)  # warm-up
+            select_ms: dict[str, list[float]] = {a: [] for a in allocations}
+            prefill_ms: list[float] = []
+            for _ in range(repeats):  # interleaved, so that both sides of the ratio see the same load
+                for a, pipe in pipes.items():
+                    select_ms[a].append(timed(lambda: selection(pipe), device, 1, warmup=0))
+                prefill_ms.append(timed(lambda: llm(inputs_embeds=pruned), device, 1, warmup=0))
+        prefill = statistics.median(prefill_ms)
+        for a in allocations:
+            sel_ms = statistics.median(select_ms[a])
+            rows.append({"frames": frames, "allocation": a, "N": n, "k": kept[a].k,
+                         "select_ms": sel_ms, "prefill_ms": prefill})
+            print(f"{frames} frames, {a}: N={n}, k={kept[a].k}, selection {sel_ms:.1f} ms, pruned prefill "
+                  f"{prefill:.0f} ms", file=sys.stderr)
     return rows
 
 
@@ -121,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=None, help="frame counts (default 8 16 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed selections per row (median; prefill: half)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per frame count, each one selection per "
+                        "allocation and one pruned prefill (medians)")
     parser.add_argument("--budget", type=float, default=0.25, help="share of each video's tokens kept")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (CI)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")

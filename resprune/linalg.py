@@ -356,12 +356,16 @@ def _blocked_row(v: Tensor, energy0: Tensor, w: Tensor, floor: Tensor, fallback:
 
 class Block:
     """The ``blocked`` method's cache for one row: Gram columns ``V v_j`` (of the tokens scaled by
-    ``row_scale``) for up to ``BLOCK`` tokens ``j``, all corrected for the picks before step ``built``.
+    ``row_scale``) for up to ``2 * BLOCK`` tokens ``j``, all corrected for the picks before step
+    ``built``.
 
     A pick that is not cached refills it with the tokens the next steps will most likely pick
-    (``_predict``). Columns of tokens still among them are kept, brought up to date with one small
-    GEMM over the picks since the last refill; each new token costs a column ``V v_j`` (one GEMM
-    reads ``V`` once for all of them) minus its part along every factor row so far (one more).
+    (``_predict``), up to ``BLOCK`` of them new to the cache. Columns of tokens still among them
+    are kept, brought up to date with one small GEMM over the picks since the last refill; the
+    new tokens cost a column ``V v_j`` each (one GEMM reads ``V`` once for all of them) minus its
+    part along every factor row so far (one more). A refill computes ``BLOCK`` new columns
+    whenever that many picks are left: MKL's GEMM runs 1.5-2x slower per column at 29-31
+    columns than at 32.
     """
 
     def __init__(self, v: Tensor, k: int, energy: Tensor, weights: Tensor, floor: Tensor,
@@ -369,7 +373,7 @@ class Block:
         self.v, self.k, self.row_scale = v, k, row_scale
         self.energy, self.weights, self.floor = energy, weights, floor  # energy: the loop's, updated in place
         n = v.shape[0]
-        self.size = min(BLOCK, k, n)
+        self.size = min(2 * BLOCK, k, n)
         self.slot = torch.full((n,), -1, dtype=torch.long)  # token -> column, -1: absent
         self.tokens = torch.empty(0, dtype=torch.long)  # column -> token
         self.cols = torch.empty(self.size, n, dtype=v.dtype)  # [column, token]
@@ -383,8 +387,9 @@ class Block:
         return self._cols[self._slot[pick]], self.built
 
     def _refill(self, pick: int, key: Tensor, t: int, factor: Tensor) -> None:
-        m = min(self.size, self.k - t, self.v.shape[0] - t)
-        cand, pool_factor = self._predict(pick, key, t, factor, m)
+        left = min(self.k - t, self.v.shape[0] - t)  # picks still to make
+        cand, pool_factor = self._predict(pick, key, t, factor, min(BLOCK, left), min(self.size, left))
+        m = cand.numel()
         had = self.slot.index_select(0, cand)  # the column of each candidate already cached, or -1
         kept, new = (had >= 0).nonzero().flatten(), (had < 0).nonzero().flatten()
         cols = torch.empty(m, self.v.shape[0], dtype=self.v.dtype)
@@ -407,18 +412,21 @@ class Block:
         self.tokens = cand
         self.built = t
 
-    def _predict(self, pick: int, key: Tensor, t: int, factor: Tensor, m: int) -> tuple[Tensor, Tensor]:
-        """``(tokens, factor[:t, tokens])``: the ``m`` tokens the next steps will most likely pick,
-        ``pick`` first. The greedy runs ahead exactly on a pool of the ``LOOKAHEAD * m`` best tokens
-        by ``key`` (their residual Gram matrix is small), as if no token outside the pool could
-        overtake; a wrong guess only costs an earlier refill."""
+    def _predict(self, pick: int, key: Tensor, t: int, factor: Tensor, fresh: int,
+                 most: int) -> tuple[Tensor, Tensor]:
+        """``(tokens, factor[:t, tokens])``: the tokens the next steps will most likely pick, in that
+        order, ``pick`` first, up to the ``fresh``-th not cached or ``most`` in all. The greedy runs
+        ahead exactly on a pool of the ``LOOKAHEAD * BLOCK`` best tokens by ``key`` (their residual
+        Gram matrix is small), as if no token outside the pool could overtake; a wrong guess only
+        costs an earlier refill."""
         n = self.v.shape[0]
         others = key.clone()
         others[pick] = float("-inf")
-        pool = torch.cat([torch.tensor([pick]), others.topk(min(LOOKAHEAD * m, n - t) - 1).indices])  # [P]
+        pool = torch.cat([torch.tensor([pick]), others.topk(min(LOOKAHEAD * BLOCK, n - t) - 1).indices])  # [P]
         pool_factor = factor[:t].index_select(1, pool)  # [t, P]
-        if m == 1 or pool.numel() <= m:
-            return pool[:m], pool_factor[:, :m]
+        cached = self._slot[pool.numpy()] >= 0
+        if most == 1 or pool.numel() <= most and int((~cached).sum()) <= fresh:
+            return pool[:most], pool_factor[:, :most]
         vp = self.v.index_select(0, pool)
         gram = vp @ vp.T
         if self.row_scale is not None:
@@ -431,10 +439,13 @@ class Block:
         e = self.energy.index_select(0, pool).double().numpy()
         w = self.weights.index_select(0, pool).double().numpy()
         live_floor = self.floor.index_select(0, pool).double().numpy()
-        prev = np.zeros((m, pool.numel()))
+        prev = np.zeros((most, pool.numel()))
         chosen, out = [0], np.zeros(pool.numel(), dtype=bool)  # out: taken, or at or below its floor
         keys = np.empty_like(e)
-        for j in range(m - 1):
+        new = 1  # the pick is not cached
+        for j in range(most - 1):
+            if new == fresh:
+                break
             p = chosen[-1]
             out[p] = True
             col = g[p] - prev[:j, p] @ prev[:j]
@@ -446,10 +457,15 @@ class Block:
             if keys[nxt] < 0:  # nothing live left in the pool: fill up with the best by key
                 break
             chosen.append(nxt)
-        if len(chosen) < m:
+            new += int(not cached[nxt])
+        if new < fresh and len(chosen) < most:
             rest = np.ones(pool.numel(), dtype=bool)
             rest[chosen] = False
-            chosen += np.flatnonzero(rest)[: m - len(chosen)].tolist()
+            for i in np.flatnonzero(rest).tolist():
+                if new == fresh or len(chosen) == most:
+                    break
+                chosen.append(i)
+                new += int(not cached[i])
         index = torch.tensor(chosen)
         return pool.index_select(0, index), pool_factor.index_select(1, index)
 

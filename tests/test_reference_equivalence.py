@@ -72,13 +72,13 @@ def test_blocked_predictions_change_the_time_never_the_picks(predict, monkeypatc
     ref = greedy_residual_select(tokens, 60, weights=w, method="incremental")
     real = linalg.Block._predict
 
-    def guess(self, pick, key, t, factor, m):
+    def guess(self, pick, key, t, factor, fresh, most):
         if predict == "topk":
             monkeypatch.setattr(linalg, "LOOKAHEAD", 1)  # a pool of m: the run-ahead only reorders it
-            return real(self, pick, key, t, factor, m)
+            return real(self, pick, key, t, factor, fresh, most)
         others = key.clone()
         others[pick] = float("inf")
-        cand = torch.cat([torch.tensor([pick]), (-others).topk(m - 1).indices])
+        cand = torch.cat([torch.tensor([pick]), (-others).topk(most - 1).indices])
         return cand, factor[:t].index_select(1, cand)
 
     monkeypatch.setattr(linalg.Block, "_predict", guess)
