@@ -33,7 +33,8 @@ from .visualize import overlay_selection, overlay_stages
 __all__ = ["DEFAULT_CONFIGS", "pixel_tokens", "compare_selectors", "run_demo", "run_video_demo"]
 
 DEFAULT_CONFIGS = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next",
-                   "qwen2_5_vl": "resprune-qwen2.5-vl", "llava_onevision": "resprune-llava-onevision"}
+                   "qwen2_5_vl": "resprune-qwen2.5-vl", "llava_onevision": "resprune-llava-onevision",
+                   "gemma3": "resprune-gemma3"}
 VIDEO_CONFIGS = {"qwen2_5_vl": "resprune-video", "llava_onevision": "resprune-llava-onevision"}
 """The default pipeline of ``resprune demo --video`` per model type."""
 """The paper's setting for each backbone (shipped configs)."""

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 __all__ = ["EncodedImage", "ImageSelection", "PrunedBatch", "Attached", "PlaceholderInjector", "config_image_token_id",
-           "in_sequence_order"]
+           "in_sequence_order", "gather_columns"]
 
 
 @dataclass
@@ -250,7 +250,7 @@ class Attached:
                     raise InvalidInputError("labels: a pipeline with stages inside the LLM shortens the sequence "
                                             "the loss is computed on; compute the loss from the returned logits "
                                             "and attached.last.output_columns instead.")
-                new["labels"] = _gather_columns(labels, batch.columns, fill=-100)
+                new["labels"] = gather_columns(labels, batch.columns, fill=-100)
             return self._call(original, new, batch)
 
         return forward
@@ -321,7 +321,8 @@ def _bind(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
     return out
 
 
-def _gather_columns(values: Tensor, columns: Tensor, *, fill: int | float) -> Tensor:
+def gather_columns(values: Tensor, columns: Tensor, *, fill: int | float) -> Tensor:
+    """``values [B, L]`` at the original columns of a rewritten batch (``columns``), ``fill`` at padding."""
     index = columns.clamp_min(0).to(values.device)
     out = torch.gather(values, 1, index)
     return out.masked_fill(columns.to(values.device) < 0, fill)
@@ -580,7 +581,7 @@ class PlaceholderInjector(Injector):
         rows_k, cols_k = keep.nonzero(as_tuple=True)  # every row at once (one host read)
         columns[rows_k, slot[rows_k, cols_k]] = cols_k
         pad_id = _pad_id(model, processor)
-        new_ids = _gather_columns(input_ids, columns, fill=pad_id)
+        new_ids = gather_columns(input_ids, columns, fill=pad_id)
         new_mask = (columns >= 0).to(mask.dtype)
         embed = model.get_input_embeddings()
         inputs_embeds = embed(new_ids)

@@ -6,18 +6,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResPruneError
-from .prompts import tokenizer_of
+from .prompts import per_prompt_images, tokenizer_of
 
 __all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "render_chats", "is_tiny"]
 
 TINY_PREFIX = "tiny:"
-"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``, ``tiny:llava_onevision``: random tiny models built offline
+"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``, ``tiny:llava_onevision``, ``tiny:gemma3``: random tiny
+models built offline
 (2 decoder layers; ``tiny:llava:32`` gives the LLM 32, deep enough for in-LLM stages at the
 shipped layers; the LLaVA towers have CLIP-L's 24 layers)."""
 
-_TINY_IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 448, "llava_onevision": 378}
+_TINY_IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 448, "llava_onevision": 378, "gemma3": 896}
 """Tiny models see images at the real token counts (LLaVA-1.5: 576; LLaVA-NeXT: up to ~2900;
-LLaVA-OneVision: 729 per tile as SigLIP at 384 px, 196 per video frame)."""
+LLaVA-OneVision: 729 per tile as SigLIP at 384 px, 196 per video frame; Gemma 3: 256 per image)."""
 
 _TINY_VISION_LAYERS = {"llava": 24, "llava_next": 24}
 """Tiny LLaVA towers are as deep as CLIP ViT-L/14 (24 layers, features from the 23rd), so stages
@@ -82,6 +83,9 @@ def render_chats(processor: Any, chats: list[list[dict[str, Any]]], images: list
     texts = [processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
     if suffixes is not None:
         texts = [text + suffix for text, suffix in zip(texts, suffixes, strict=True)]
-    batch = processor(images=images or None, text=texts, padding=True, return_tensors="pt")
+    counts = [sum(1 for message in chat if isinstance(message.get("content"), list)
+                  for part in message["content"] if part.get("type") == "image") for chat in chats]
+    batch = processor(images=per_prompt_images(processor, images, counts), text=texts, padding=True,
+                      return_tensors="pt")
     moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     return batch.to(**moves) if moves else batch

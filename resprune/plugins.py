@@ -70,6 +70,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",
     "resprune.backbones.llava_onevision",
+    "resprune.backbones.gemma3",
     "resprune.strategies.metrics",
 )
 """Modules registered as plugins before any entry point, under their module names."""

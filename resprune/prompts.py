@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .errors import InvalidInputError, MissingContextError
 
-__all__ = ["tokenizer_of", "row_texts", "instruction_text", "word_embedder"]
+__all__ = ["tokenizer_of", "row_texts", "instruction_text", "word_embedder", "per_prompt_images", "NESTED_IMAGE_PROCESSORS"]
 
 
 def tokenizer_of(processor: Any) -> Any:
@@ -82,3 +82,19 @@ def word_embedder(model: Any, processor: Any) -> Callable[[str], Tensor] | None:
             return table(torch.as_tensor(ids, device=table.weight.device)).float()
 
     return embed
+
+
+NESTED_IMAGE_PROCESSORS = ("Gemma3Processor",)
+"""Processors that take a batch's images as one list per prompt (the others take one flat list)."""
+
+
+def per_prompt_images(processor: Any, images: list[Any], counts: list[int]) -> Any:
+    """``images`` (in prompt order; ``counts[i]`` of them belong to prompt ``i``) in the form the
+    processor takes: one flat list, or a list per prompt for ``NESTED_IMAGE_PROCESSORS``;
+    ``None`` when there are none."""
+    if not images:
+        return None
+    if not any(cls.__name__ in NESTED_IMAGE_PROCESSORS for cls in type(processor).__mro__):
+        return images
+    it = iter(images)
+    return [[next(it) for _ in range(c)] for c in counts]

@@ -18,6 +18,9 @@ Default sizes and image-token counts ``N`` per image:
   pinpoints of 1-3 tiles, Qwen2 LLM; an image is its base tile plus the unpadded crops with a
   newline per row (e.g. 192 for a square photo), a video frame is the 3x3 bilinear pooling of
   its tile, plus one newline per video (``N = 9 t + 1``).
+- ``"gemma3"``: SigLIP tower at 168 px (12x12 patches), average-pooled 2x2 to ``N = 36`` tokens per
+  image (6x6; at 896 px 4x4 to 256, as Gemma 3), a Gemma 3 LLM of one sliding-window (512 tokens, as
+  Gemma 3 1B) and one full-attention layer, bidirectional attention among an image's tokens.
 """
 
 from __future__ import annotations
@@ -33,14 +36,16 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_TYPES", "tiny_inputs", "tiny_lvlm"]
 
-ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision"]
-MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")
+ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3"]
+MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
 
 _PATCH = 14
-_DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224, "llava_onevision": 84}
+_DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224, "llava_onevision": 84, "gemma3": 168}
 
 _LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 _ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+_GEMMA3_SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                    "<end_of_image>", "<image_soft_token>"]
 _QWEN_SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -92,8 +97,26 @@ _QWEN_CHAT_TEMPLATE = _chatml_template("\n", "<|vision_start|><|image_pad|><|vis
 # "<|im_start|>user <image>\n{text}<|im_end|>\n<|im_start|>assistant\n" (llava-onevision-qwen2-hf's template,
 # without the system turn)
 _ONEVISION_CHAT_TEMPLATE = _chatml_template(" ", "<image>\n", "<video>\n")
+# "<start_of_turn>user\n<start_of_image>{text}<end_of_turn>\n<start_of_turn>model\n" (gemma-3-it's template
+# without the system turn; the tokenizer adds <bos>, the processor expands <start_of_image>)
+_GEMMA3_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for c in message['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif c['type'] == 'text' -%}{{ c['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 _CHAT_TEMPLATES = {"llava": _LLAVA_CHAT_TEMPLATE, "llava_next": _LLAVA_CHAT_TEMPLATE,
-                   "qwen2_5_vl": _QWEN_CHAT_TEMPLATE, "llava_onevision": _ONEVISION_CHAT_TEMPLATE}
+                   "qwen2_5_vl": _QWEN_CHAT_TEMPLATE, "llava_onevision": _ONEVISION_CHAT_TEMPLATE,
+                   "gemma3": _GEMMA3_CHAT_TEMPLATE}
 
 
 def _check_type(model_type: str) -> None:
@@ -120,6 +143,14 @@ def _tokenizer(model_type: str) -> PreTrainedTokenizerFast:
         tok.add_special_tokens(specials)
         hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                      extra_special_tokens=named)
+    elif model_type == "gemma3":
+        tok.add_special_tokens(_GEMMA3_SPECIALS)
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                     extra_special_tokens={"image_token": "<image_soft_token>",
+                                                           "boi_token": "<start_of_image>",
+                                                           "eoi_token": "<end_of_image>"})
     else:
         tok.add_special_tokens(_LLAVA_SPECIALS)
         # Llama tokenizers prepend <s>; do the same.
@@ -165,6 +196,11 @@ def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -
             num_additional_image_tokens=1,
             chat_template=_LLAVA_CHAT_TEMPLATE,
         )
+    if model_type == "gemma3":
+        cls = transformers.Gemma3ImageProcessor if tv else transformers.Gemma3ImageProcessorPil
+        return transformers.Gemma3Processor(image_processor=cls(size=crop), tokenizer=tok,
+                                            chat_template=_GEMMA3_CHAT_TEMPLATE,
+                                            image_seq_length=_gemma3_tokens_per_side(image_size) ** 2)
     if model_type == "llava_onevision":
         cls = transformers.LlavaOnevisionImageProcessor if tv else transformers.LlavaOnevisionImageProcessorPil
         ip = cls(size=crop, image_grid_pinpoints=_pinpoints(image_size))
@@ -226,7 +262,19 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
         num_key_value_heads=2,
         max_position_embeddings=4096,
     )
-    if model_type == "qwen2_5_vl":
+    if model_type == "gemma3":
+        text_config = transformers.Gemma3TextConfig(
+            **text, head_dim=16, sliding_window=512,
+            layer_types=[("full_attention" if (i + 1) % 2 == 0 else "sliding_attention") for i in range(layers)],
+            pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"), eos_token_id=ids("<end_of_turn>"))
+        vision_config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=vision_layers, num_attention_heads=2,
+                                                        image_size=image_size, patch_size=_PATCH)
+        cfg = transformers.Gemma3Config(
+            text_config=text_config, vision_config=vision_config,
+            mm_tokens_per_image=_gemma3_tokens_per_side(image_size) ** 2, image_token_id=ids("<image_soft_token>"),
+            boi_token_id=ids("<start_of_image>"), eoi_token_id=ids("<end_of_image>"))
+    elif model_type == "qwen2_5_vl":
         text_config = transformers.Qwen2_5_VLTextConfig(
             **text,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
@@ -294,6 +342,13 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
     return cfg
 
 
+def _gemma3_tokens_per_side(image_size: int) -> int:
+    """Gemma 3 pools its SigLIP patches to ``mm_tokens_per_image``: 4x4 from 64x64 at 896 px (256
+    tokens); the tiny default pools 2x2 (12x12 patches at 168 px: 36 tokens)."""
+    patches = image_size // _PATCH
+    return patches // 4 if patches >= 64 and patches % 4 == 0 else patches // 2
+
+
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed torch's CPU RNG and build in float32 without touching the caller's state."""
@@ -322,7 +377,8 @@ def tiny_lvlm(
 
     model_type: ``"llava"`` (LlavaForConditionalGeneration, CLIP tower), ``"llava_next"``
     (LlavaNextForConditionalGeneration), ``"qwen2_5_vl"`` (Qwen2_5_VLForConditionalGeneration),
-    ``"llava_onevision"`` (LlavaOnevisionForConditionalGeneration, SigLIP tower, Qwen2 LLM).
+    ``"llava_onevision"`` (LlavaOnevisionForConditionalGeneration, SigLIP tower, Qwen2 LLM), ``"gemma3"``
+    (Gemma3ForConditionalGeneration, SigLIP tower, Gemma 3 LLM).
     Same ``seed`` -> bit-identical weights; the caller's RNG state is left untouched. The model
     is float32, on CPU, in eval mode, with ``attn_implementation`` for all sub-models.
     ``image_size``: LLaVA input side (multiple of 14, default 84), LLaVA-NeXT base tile side
@@ -344,6 +400,9 @@ def tiny_lvlm(
             raise ValueError(f"image_size must be >= 56 for qwen2_5_vl, got {size}")
     elif size < _PATCH or size % _PATCH:
         raise ValueError(f"image_size must be a positive multiple of {_PATCH} for {model_type}, got {size}")
+    elif model_type == "gemma3" and (size // _PATCH) % 2:
+        raise ValueError(f"image_size must be an even multiple of {_PATCH} for gemma3 (its patches pool 2x2), "
+                         f"got {size}")
 
     tok = _tokenizer(model_type)
     tok.chat_template = _CHAT_TEMPLATES[model_type]
@@ -360,9 +419,14 @@ def tiny_lvlm(
         "llava_next": transformers.LlavaNextForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+        "gemma3": transformers.Gemma3ForConditionalGeneration,
     }[model_type]
     with _seeded(seed):
         model = cls(config)
+        if model_type == "gemma3":  # Gemma 3 initialises its projection to zeros: every image would be 0
+            weight = model.model.multi_modal_projector.mm_input_projection_weight
+            with torch.no_grad():
+                weight.normal_(std=config.get_text_config().initializer_range)
     model = model.to(device="cpu", dtype=torch.float32).eval()
 
     text_cfg = config.get_text_config()
@@ -372,6 +436,8 @@ def tiny_lvlm(
     gen.eos_token_id = (
         [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
         if model_type in ("qwen2_5_vl", "llava_onevision")
+        else [tok.convert_tokens_to_ids("<end_of_turn>"), tok.convert_tokens_to_ids("<eos>")]
+        if model_type == "gemma3"
         else text_cfg.eos_token_id
     )
     gen.do_sample = False
@@ -398,5 +464,9 @@ def tiny_inputs(
                              f"not {model_type}")
         messages = [{"role": "user", "content": content}]
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    from .prompts import per_prompt_images
+
     present = [image for image in images if image is not None]
-    return processor(images=present or None, text=texts, padding=True, return_tensors="pt")
+    counts = [int(image is not None) for image in images]
+    return processor(images=per_prompt_images(processor, present, counts), text=texts, padding=True,
+                     return_tensors="pt")

@@ -19,9 +19,9 @@ from PIL import Image
 import resprune
 from resprune.testing.tiny import tiny_inputs, tiny_lvlm
 
-TYPES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")
+TYPES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
 CONFIG = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next", "qwen2_5_vl": "resprune-qwen2.5-vl",
-          "llava_onevision": "resprune-llava-onevision"}
+          "llava_onevision": "resprune-llava-onevision", "gemma3": "resprune-gemma3"}
 PROMPTS = ["What is shown in the picture?", "Describe the colours of the sky, please."]
 
 
@@ -443,3 +443,43 @@ def test_instruction_is_the_last_user_turn_without_template(prompt, expected):
 
     specials = ["<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
     assert instruction_text(prompt, PlaceholderInjector.instruction_patterns, specials) == expected
+
+
+# --- Gemma 3: the bidirectional image blocks follow the kept tokens ------------------------------
+
+
+def test_gemma3_mask_over_the_kept_tokens_is_the_models_own_rule_for_a_prompt_holding_only_them():
+    """In the pruned forward, every query attends to the keys before it, and an image's kept tokens
+    also to each other both ways (Gemma 3's rule: one bidirectional block per run of image
+    tokens), never to padding; built here by hand from the pruned prompt and compared with the
+    full-attention mask the LLM received (eager, so the mask is a tensor)."""
+    model, proc = model_and_processor("gemma3", "eager")
+    inputs = inputs_for("gemma3")
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["mask"] = kwargs["attention_mask"]["full_attention"]
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with pipeline("gemma3", 5).attach(model, proc) as attached, torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    batch = attached.last
+    image = batch.input_ids == model.config.image_token_id
+    valid = batch.attention_mask.bool()
+    b, length = image.shape
+    block = (image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]).cumsum(1)  # run number of each image token
+    expected = torch.zeros(b, length, length, dtype=torch.bool)
+    for r in range(b):
+        for i in range(length):
+            for j in range(length):
+                same_image = bool(image[r, i] and image[r, j] and block[r, i] == block[r, j])
+                expected[r, i, j] = bool(valid[r, j]) and (j <= i or same_image)
+    got = seen["mask"][:, 0]
+    allowed = got if got.dtype == torch.bool else got == 0
+    rows = valid  # padded queries are not compared (their rows are the model's business)
+    assert torch.equal(allowed[rows], expected[rows])
+    assert int(image.sum()) == 10 and any(expected[r, i, j] for r in range(b) for i in range(length)
+                                          for j in range(i + 1, length))  # a kept token sees a later one
