@@ -28,6 +28,12 @@ class LLMDims:
     layers: int
     kv_heads: int
     head_dim: int
+    windows: tuple[int | None, ...] = ()
+    """Per layer, the sliding window of a sliding-attention layer (Gemma 3's local layers), or
+    ``None`` for full attention; empty: every layer is full attention."""
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if layer < len(self.windows) else None
 
 
 def llm_dims(config: Any) -> LLMDims:
@@ -35,12 +41,16 @@ def llm_dims(config: Any) -> LLMDims:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     heads = int(text.num_attention_heads)
+    types = getattr(text, "layer_types", None) or ()
+    window = getattr(text, "sliding_window", None)
+    windows = tuple(int(window) if kind == "sliding_attention" and window else None for kind in types)
     return LLMDims(
         hidden=hidden,
         intermediate=int(text.intermediate_size),
         layers=int(text.num_hidden_layers),
         kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
         head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+        windows=windows if any(w is not None for w in windows) else (),
     )
 
 
@@ -58,23 +68,31 @@ def layer_tokens(layers: int, tokens: Tokens) -> list[int]:
 
 
 def prefill_flops(dims: LLMDims | Any, tokens: Tokens) -> float:
-    """Eq. 18 summed over layers: ``sum_l (8 T_l d^2 + 4 T_l^2 d + 6 T_l d m)``.
+    """Eq. 18 summed over layers: ``sum_l (8 T_l d^2 + 4 T_l A_l d + 6 T_l d m)``.
 
     ``T_l`` counts every token of the prompt (visual and text) that layer ``l`` runs on:
-    ``tokens`` is one count for all layers or a ``(first layer, tokens)`` schedule. Pass a
-    model config or ``LLMDims``.
+    ``tokens`` is one count for all layers or a ``(first layer, tokens)`` schedule. ``A_l``, the
+    keys a query attends to, is ``T_l`` (the paper's ``T^2`` term), or at most the window ``W``
+    of a sliding-attention layer (``min(T_l, W)``). Pass a model config or ``LLMDims``.
     """
     dims = dims if isinstance(dims, LLMDims) else llm_dims(dims)
     d, m = float(dims.hidden), float(dims.intermediate)
-    return sum(8 * t * d * d + 4 * t * t * d + 6 * t * d * m for t in map(float, layer_tokens(dims.layers, tokens)))
+    total = 0.0
+    for layer, t in enumerate(map(float, layer_tokens(dims.layers, tokens))):
+        window = dims.window(layer)
+        keys = t if window is None else min(t, float(window))
+        total += 8 * t * d * d + 4 * t * keys * d + 6 * t * d * m
+    return total
 
 
 def kv_cache_bytes(dims: LLMDims | Any, tokens: Tokens, bytes_per_value: int = 2) -> int:
     """Keys and values of the prompt over all layers (``bytes_per_value`` 2 = bf16); with a
-    schedule each layer holds the tokens it ran on."""
+    schedule each layer holds the tokens it ran on, a sliding-attention layer at most its window."""
     dims = dims if isinstance(dims, LLMDims) else llm_dims(dims)
     per_token = 2 * dims.kv_heads * dims.head_dim * bytes_per_value
-    return per_token * sum(layer_tokens(dims.layers, tokens))
+    held = [t if dims.window(layer) is None else min(t, dims.window(layer))
+            for layer, t in enumerate(layer_tokens(dims.layers, tokens))]
+    return per_token * sum(held)
 
 
 def vision_dims(config: Any) -> LLMDims:

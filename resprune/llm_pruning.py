@@ -21,6 +21,8 @@ row stays its last prompt token. A stage that keeps every token changes nothing.
 
 from __future__ import annotations
 
+import inspect
+
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -133,7 +135,7 @@ class _Region:
     valid: Tensor  # bool [B, L_r]
     uniform: bool  # every column valid: no mask needed in prefill
     prefill_mask: Tensor | None = None
-    gathered: dict[str, Any] = field(default_factory=dict)  # position tensors at the region's columns
+    gathered: dict[Any, Any] = field(default_factory=dict)  # position tensors and masks at the region's columns
     reindex: bool = False  # positions 0.. over the kept tokens instead of their original ones
     offset: Tensor | None = None  # [B] tokens dropped so far per row (re-indexed decoding positions)
 
@@ -333,15 +335,15 @@ class LLMPruner:
             if prefill and index in st.pending:
                 _fit_batch(st, hidden.shape[0])
                 before = next((r for r in reversed(st.regions) if r.start <= index), None)
-                here = self._positions(st, before, kwargs, hidden) if before is not None else kwargs
+                here = self._positions(st, before, kwargs, hidden, index) if before is not None else kwargs
                 hidden = self._run_stage(st, st.pending.pop(index), hidden, index, here.get("position_embeddings"))
             region = next((r for r in reversed(st.regions) if r.start <= index), None)
             if region is None:
                 return None
             kwargs = dict(kwargs)
             if prefill:
-                kwargs.update(self._positions(st, region, kwargs, hidden))
-                kwargs["attention_mask"] = region.prefill_mask
+                kwargs.update(self._positions(st, region, kwargs, hidden, index))
+                kwargs["attention_mask"] = self._prefill_mask(st, region, kwargs.get("attention_mask"), hidden)
             else:
                 cache = kwargs.get("past_key_values")
                 seen = cache.layers[index].get_seq_length() if cache is not None else 0
@@ -349,7 +351,7 @@ class LLMPruner:
                 if region.reindex:
                     position_ids = kwargs["position_ids"] - region.offset[:, None].to(kwargs["position_ids"].device)
                     kwargs["position_ids"] = position_ids
-                    kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids)
+                    kwargs["position_embeddings"] = self._rotary(hidden, position_ids, index)
             if args:
                 return (hidden, *args[1:]), kwargs
             kwargs["hidden_states"] = hidden
@@ -357,28 +359,69 @@ class LLMPruner:
 
         return hook
 
-    def _positions(self, st: _CallState, region: _Region, kwargs: dict[str, Any], hidden: Tensor) -> dict[str, Any]:
+    def _positions(self, st: _CallState, region: _Region, kwargs: dict[str, Any], hidden: Tensor,
+                   layer: int) -> dict[str, Any]:
         """``position_ids`` / ``position_embeddings`` of the region's columns in prefill: the
         original ones gathered, or (``reindex``) 0, 1, ... over each row's kept tokens."""
         if not region.reindex:
             return {name: self._gathered(st, region, name, kwargs[name])
                     for name in ("position_embeddings", "position_ids") if kwargs.get(name) is not None}
-        if "reindexed" not in region.gathered:
+        kind = self._layer_type(layer)  # layers of different types may use different rotary embeddings
+        if ("reindexed", kind) not in region.gathered:
             position_ids = (region.valid.long().cumsum(1) - 1).clamp_min(0).to(hidden.device)
-            region.gathered["reindexed"] = {"position_ids": position_ids,
-                                            "position_embeddings": self.lm.rotary_emb(hidden, position_ids)}
-        return region.gathered["reindexed"]
+            region.gathered["reindexed", kind] = {"position_ids": position_ids,
+                                                  "position_embeddings": self._rotary(hidden, position_ids, layer)}
+        return region.gathered["reindexed", kind]
+
+    def _layer_type(self, layer: int) -> str | None:
+        """The LLM config's ``layer_types[layer]`` (Gemma 3: sliding or full attention), or None."""
+        types = getattr(getattr(self.lm, "config", None), "layer_types", None)
+        return types[layer] if types else None
+
+    def _rotary(self, hidden: Tensor, position_ids: Tensor, layer: int) -> Any:
+        """The LLM's rotary embedding of ``position_ids`` for layer ``layer`` (Gemma 3 has one per
+        layer type: its ``rotary_emb`` takes the type)."""
+        kind = self._layer_type(layer)
+        if kind is not None and "layer_type" in inspect.signature(self.lm.rotary_emb.forward).parameters:
+            return self.lm.rotary_emb(hidden, position_ids, kind)
+        return self.lm.rotary_emb(hidden, position_ids)
 
     def _gathered(self, st: _CallState, region: _Region, name: str, value: Any) -> Any:
-        """``value`` (full-length, per position) at the columns of ``region``, computed once per call."""
-        if name in region.gathered:
-            return region.gathered[name]
+        """``value`` (full-length, per position) at the columns of ``region``, computed once per call
+        for each value the model passes (Gemma 3 passes one ``position_embeddings`` per layer type)."""
+        cached = region.gathered.get((name, id(value)))  # the value is held there: its id is not reused
+        if cached is not None and cached[0] is value:
+            return cached[1]
         index = st.columns.clamp_min(0)  # position tensors are full length: index by input column
         if isinstance(value, tuple):
             out = tuple(_take(v, index) for v in value)
         else:
             out = _take(value, index)
-        region.gathered[name] = out
+        region.gathered[name, id(value)] = (value, out)
+        return out
+
+    def _prefill_mask(self, st: _CallState, region: _Region, mask: Tensor | None, hidden: Tensor) -> Tensor | None:
+        """The mask of the region's columns in prefill: the layer's own mask (the model's, over the
+        input columns, which may say more than causality: Gemma 3's bidirectional image blocks, a
+        sliding window) at the kept rows and columns, or causal over them when the model passed none
+        (SDPA's default). Computed once per call for each mask the model builds (one per layer type)."""
+        if mask is None:
+            return region.prefill_mask
+        cached = region.gathered.get(("attention_mask", id(mask)))
+        if cached is not None and cached[0] is mask:
+            return cached[1]
+        b, new_len = region.valid.shape
+        index = st.columns.clamp_min(0).to(mask.device)  # [B, L']: input column of each column
+        m = mask.expand(b, *mask.shape[1:]) if mask.shape[0] == 1 and b > 1 else mask
+        heads = m.shape[1]
+        rows = torch.gather(m, 2, index[:, None, :, None].expand(b, heads, new_len, m.shape[-1]))
+        both = torch.gather(rows, 3, index[:, None, None, :].expand(b, heads, new_len, new_len))
+        allowed = both if both.dtype == torch.bool else both > torch.finfo(both.dtype).min / 2
+        valid = region.valid.to(mask.device)
+        eye = torch.eye(new_len, dtype=torch.bool, device=mask.device)
+        allowed = (allowed & valid[:, None, None, :]) | eye  # a padding query still sees itself: no NaN rows
+        out = self._as_mask(allowed, hidden.dtype)
+        region.gathered["attention_mask", id(mask)] = (mask, out)
         return out
 
     def _decode_mask(self, region: _Region, mask: Tensor | None, hidden: Tensor, seen: int) -> Tensor | None:

@@ -23,7 +23,7 @@ from resprune.tiny import tiny_inputs, tiny_lvlm
 
 from test_backbones import PROMPTS, photos
 
-TYPES = ("llava", "llava_next", "qwen2_5_vl")
+TYPES = ("llava", "llava_next", "qwen2_5_vl", "gemma3")
 
 
 @functools.cache

@@ -117,14 +117,15 @@ def test_token_counts_match_the_reference_at_any_batch_size(docs):
 
 
 @pytest.mark.parametrize("model_type,pipeline", [("llava_next", "resprune-llava-next"),
-                                                 ("qwen2_5_vl", "resprune-qwen2.5-vl")])
+                                                 ("qwen2_5_vl", "resprune-qwen2.5-vl"), ("gemma3", "resprune-gemma3")])
 def test_other_backbones_batched(docs, model_type, pipeline):
-    """LLaVA-NeXT and Qwen2.5-VL: images give different token counts; each request keeps 64."""
+    """LLaVA-NeXT and Qwen2.5-VL: images give different token counts; Gemma 3: 256 each, its images
+    nested per prompt by the processor; each request keeps 64."""
     docs = docs[:4]
     lm = load(f"pretrained=tiny:{model_type},pipeline={pipeline},budget=64", docs, batch_size=3)
     reference = [chat_inputs(lm.processor, [d["picture"]], [d["question"]]) for d in docs]
     visual = [int((r["input_ids"] == lm.image_token_id).sum()) for r in reference]
-    assert len(set(visual)) > 1  # the photos' sizes differ, and so do their token counts
+    assert len(set(visual)) > 1 or model_type == "gemma3"  # the photos' sizes differ, and so do their token counts
     reset_logged_metrics()
     out = lm.generate_until(chat_requests(docs))
     assert [r.token_counts.input_tokens for r in out] == [int(r["attention_mask"].sum()) - v + 64

@@ -27,6 +27,27 @@ def test_prefill_flops_is_eq_18_summed_over_layers():
     assert kv_cache_bytes(dims, 1000) == 2 * 32 * 32 * 128 * 1000 * 2
 
 
+def test_a_sliding_attention_layer_attends_to_at_most_its_window_in_flops_and_kv_cache():
+    """Gemma 3's local layers: Eq. 18's T^2 term becomes T min(T, W), and the KV cache holds min(T, W)."""
+    from resprune.testing.tiny import tiny_lvlm
+
+    model, _ = tiny_lvlm("gemma3", text_layers=4)
+    dims = llm_dims(model.config)
+    assert dims.windows == (512, None, 512, None)  # sliding, full, sliding, full
+    d, m = dims.hidden, dims.intermediate
+
+    def layer(t, keys):
+        return 8 * t * d * d + 4 * t * keys * d + 6 * t * d * m
+
+    assert prefill_flops(dims, 2000) == pytest.approx(2 * layer(2000, 512) + 2 * layer(2000, 2000))
+    assert prefill_flops(dims, 300) == pytest.approx(4 * layer(300, 300))  # within the window: Eq. 18 as is
+    assert prefill_flops(dims, [(0, 2000), (2, 400)]) == pytest.approx(
+        layer(2000, 512) + layer(2000, 2000) + layer(400, 400) + layer(400, 400))
+    per_token = 2 * dims.kv_heads * dims.head_dim * 2
+    assert kv_cache_bytes(dims, 2000) == per_token * (512 + 2000 + 512 + 2000)
+    assert llm_dims(load_model("tiny:qwen2_5_vl")[0].config).windows == ()  # full attention everywhere
+
+
 def test_llm_dims_read_from_a_model_config():
     model, _ = load_model("tiny:qwen2_5_vl")
     dims = llm_dims(model.config)

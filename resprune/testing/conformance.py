@@ -29,7 +29,7 @@ from .contracts import check_merger_contract, check_scorer_contract, check_selec
 
 __all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "BACKBONES"]
 
-BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision")
+BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
 
 
 def _photo(which: int = 0) -> Any:
