@@ -2,7 +2,7 @@
 
 Fixtures (nothing heavy is imported until a fixture is used):
 
-- ``tiny_llava``, ``tiny_llava_next``, ``tiny_qwen2_5_vl``, ``tiny_llava_onevision``:
+- ``tiny_llava``, ``tiny_llava_next``, ``tiny_qwen2_5_vl``, ``tiny_llava_onevision``, ``tiny_gemma3``:
   ``(model, processor)`` of a tiny randomly initialised backbone, built offline once per session;
 - ``tiny_lvlm_factory``: ``make(model_type, seed=0)`` for other seeds;
 - ``resprune_context``: a ``PruneContext`` with every standard field;
@@ -52,6 +52,11 @@ def tiny_qwen2_5_vl():
 @pytest.fixture(scope="session")
 def tiny_llava_onevision():
     return _tiny("llava_onevision")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    return _tiny("gemma3")
 
 
 @pytest.fixture
