@@ -483,3 +483,24 @@ def test_gemma3_mask_over_the_kept_tokens_is_the_models_own_rule_for_a_prompt_ho
     assert torch.equal(allowed[rows], expected[rows])
     assert int(image.sum()) == 10 and any(expected[r, i, j] for r in range(b) for i in range(length)
                                           for j in range(i + 1, length))  # a kept token sees a later one
+
+
+def test_gemma3_pan_and_scan_crops_are_images_of_their_own_and_a_bad_token_type_ids_is_named():
+    model, proc = model_and_processor("gemma3")
+    wide = photos()[0].resize((900, 300))
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                     "text": "What is on the table?"}]}], add_generation_prompt=True, tokenize=False)
+    inputs = proc(images=[[wide]], text=[text], return_tensors="pt", do_pan_and_scan=True,
+                  pan_and_scan_min_crop_size=64)
+    assert inputs["pixel_values"].shape[0] == 4  # the image and 3 crops
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with pipeline("gemma3", 100_000).attach(model, proc):
+            assert torch.equal(model(**inputs).logits, reference)
+        with pipeline("gemma3", 9).attach(model, proc) as attached:
+            model(**inputs)
+        assert [(s.k, s.n) for s in attached.selections] == [(9, 36)] * 4
+        bad = dict(inputs, token_type_ids=inputs["token_type_ids"][:, :-1])
+        with pipeline("gemma3", 9).attach(model, proc), pytest.raises(resprune.InvalidInputError,
+                                                                      match="token_type_ids has shape"):
+            model(**bad)
