@@ -22,7 +22,6 @@ row stays its last prompt token. A stage that keeps every token changes nothing.
 from __future__ import annotations
 
 import inspect
-
 import sys
 import threading
 from collections.abc import Callable, Sequence
