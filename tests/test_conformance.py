@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from resprune.plugins import get_host
 from resprune.strategies.cls_attention import ClsAttention
-from resprune.testing.conformance import MergerConformance, ScorerConformance, SelectorConformance
+from resprune.testing.conformance import InjectorConformance, MergerConformance, ScorerConformance, SelectorConformance
 
 SCORERS = {"hired": [("cls_attention_early", ClsAttention(layer=0))]}
 """Scores a built-in selector reads under names no scorer writes by default."""
@@ -32,3 +32,34 @@ class TestScorer_cls_attention_layer0(ScorerConformance):
 
     scorer = "cls_attention"
     params = {"layer": 0}
+
+
+# --- injectors: every built-in backbone passes the suite a new backbone runs ------------------------
+
+
+class TestInjector_llava(InjectorConformance):
+    model_type = "llava"
+
+
+class TestInjector_llava_next(InjectorConformance):
+    model_type = "llava_next"
+
+
+class TestInjector_llava_onevision(InjectorConformance):
+    model_type = "llava_onevision"
+
+
+class TestInjector_gemma3(InjectorConformance):
+    model_type = "gemma3"
+
+
+class TestInjector_qwen2_5_vl(InjectorConformance):
+    """Qwen2.5-VL keeps each kept token's original M-RoPE position: its reference says so."""
+
+    model_type = "qwen2_5_vl"
+
+    def masked_reference(self, model, inputs, attached):
+        reference = super().masked_reference(model, inputs, attached)
+        positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                  inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+        return {**reference, "position_ids": positions}

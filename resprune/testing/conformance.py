@@ -14,6 +14,10 @@ it reads the LLM's fields) runs on each tiny backbone
 (``resprune.testing.tiny_lvlm``): the right number of tokens kept per image, and with a
 budget at or above ``N`` outputs bit-identical to the unpruned model. A selector also runs at
 a stage inside the CLIP towers (LLaVA-1.5, LLaVA-NeXT) when what it reads is there.
+
+``InjectorConformance`` does the same for a backbone: subclass it with ``model_type`` (or your
+own tiny model and inputs) for keep-all identity, budgets, equivalence to the masked unpruned
+model and ``generate``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..interfaces import Merger, Scorer, Selector
 from ..plugins import get_host
 from .contracts import check_merger_contract, check_scorer_contract, check_selector_contract, random_context
 
-__all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "BACKBONES"]
+__all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "InjectorConformance", "BACKBONES"]
 
 BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
 
@@ -283,3 +287,126 @@ class MergerConformance:
             return Pipeline(topk, budget=budget, scorers=["norm"], merger=m)
 
         _run_on_backbone(model_type, pipe(0.25), pipe(1.0))
+
+
+class InjectorConformance:
+    """Base class of an injector's conformance tests: the checks every built-in backbone passes.
+
+    Set ``model_type`` to a type ``resprune.testing.tiny_lvlm`` builds, or override ``load``
+    (``(model, processor)`` of a tiny model of your backbone with ``attn_implementation``) and
+    ``inputs`` (a left-padded batch of ``batch`` one-image chats). The tests:
+
+    - keep-all (a budget at or above ``N``) is bit-identical to the unpruned model, ``forward``
+      logits and every ``generate`` step, SDPA and eager, batch 1 and 2; the model is unchanged
+      after the handle is removed;
+    - a budget keeps exactly that many tokens per image, every text column, in order;
+    - pruned ``forward`` equals the unpruned model with the dropped image tokens masked out of
+      attention, within ``1e-5`` (``masked_reference``: positions re-indexed contiguously, as
+      for the LLaVA family; override it for a backbone that keeps original positions, as
+      Qwen2.5-VL's M-RoPE);
+    - ``generate`` returns the caller's prompt and the new tokens, greedy and with beams.
+    """
+
+    model_type: ClassVar[str | None] = None
+    prompts: ClassVar[tuple[str, ...]] = ("What is in the picture?", "Describe the colours of the sky, please.")
+
+    def load(self, attn: str = "sdpa") -> tuple[Any, Any]:
+        if self.model_type is None:
+            pytest.skip("set `model_type` (or override `load` and `inputs`) on the subclass")
+        from ..tiny import tiny_lvlm
+
+        return tiny_lvlm(self.model_type, seed=0, attn_implementation=attn)
+
+    def inputs(self, processor: Any, batch: int) -> Any:
+        from ..tiny import tiny_inputs
+
+        return tiny_inputs(self.model_type, processor, [_photo(i) for i in range(batch)], list(self.prompts[:batch]))
+
+    def pipeline(self, budget: Any) -> Any:
+        """The pipeline the tests attach: norm-seeded ResPrune (no CLS attention needed)."""
+        from ..pipeline import Pipeline
+
+        selector = get_host().selectors.get("residual_energy")({"seed": "norm"})
+        return Pipeline(selector, budget=budget, scorers=["norm"])
+
+    def masked_reference(self, model: Any, inputs: Any, attached: Any) -> dict[str, Any]:
+        """The unpruned inputs with the dropped image tokens masked out and each kept column at
+        the position it has in the pruned forward (its place in the re-padded row)."""
+        batch = attached.last
+        ids, cols = inputs["input_ids"], batch.columns
+        mask = inputs["attention_mask"].clone()
+        rows = torch.arange(ids.shape[0])[:, None].expand_as(cols)
+        kept = torch.zeros_like(mask, dtype=torch.bool)
+        kept[rows[cols >= 0], cols[cols >= 0]] = True
+        placeholder = torch.isin(ids, torch.tensor(attached.injector.placeholder_ids(model)))
+        mask[placeholder & ~kept] = 0
+        positions = torch.zeros_like(ids)
+        for r in range(ids.shape[0]):
+            valid = cols[r] >= 0
+            positions[r, cols[r][valid]] = torch.arange(cols.shape[1])[valid]
+        return {**inputs, "attention_mask": mask, "position_ids": positions}
+
+    @staticmethod
+    def _generate(model: Any, inputs: Any, **kw: Any) -> Any:
+        kw = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True, "output_logits": True, **kw}
+        return model.generate(**inputs, **kw)
+
+    @pytest.mark.parametrize("attn", ["sdpa", "eager"])
+    @pytest.mark.parametrize("batch", [1, 2])
+    def test_keep_all_is_bit_identical(self, attn: str, batch: int) -> None:
+        model, processor = self.load(attn)
+        inputs = self.inputs(processor, batch)
+        before = set(model.__dict__)
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            reference = self._generate(model, inputs)
+            with self.pipeline(10**9).attach(model, processor) as attached:
+                assert torch.equal(model(**inputs).logits, logits), "keep-all forward differs from the model"
+                out = self._generate(model, inputs)
+            assert all(s.k == s.n for s in attached.selections)
+        assert torch.equal(out.sequences, reference.sequences), "keep-all generate differs from the model"
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, reference.logits))
+        assert set(model.__dict__) == before, "the model keeps attributes after the handle is removed"
+
+    @pytest.mark.parametrize("budget", [1, 3, 0.5])
+    def test_a_budget_keeps_that_many_tokens_per_image_and_every_text_column(self, budget: Any) -> None:
+        from ..budget import resolve_budget
+
+        model, processor = self.load()
+        inputs = self.inputs(processor, 2)
+        with self.pipeline(budget).attach(model, processor) as attached, torch.no_grad():
+            batch = attached.prune(inputs)
+        assert [s.k for s in batch.selections] == [resolve_budget(budget, s.n) for s in batch.selections]
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        placeholder = torch.isin(ids, torch.tensor(attached.injector.placeholder_ids(model)))
+        for r in range(ids.shape[0]):
+            cols = batch.columns[r][batch.columns[r] >= 0]
+            assert torch.equal(cols, cols.sort().values), "kept columns are out of order"
+            text = (mask[r] & ~placeholder[r]).nonzero().flatten()
+            assert set(text.tolist()) <= set(cols.tolist()), "a text column was dropped"
+            assert torch.equal(batch.input_ids[r][batch.columns[r] >= 0], ids[r, cols])
+        assert torch.equal(batch.attention_mask.bool(), batch.columns >= 0)
+
+    @pytest.mark.parametrize("budget", [1, 0.3])
+    def test_pruned_forward_equals_the_masked_unpruned_model(self, budget: Any) -> None:
+        model, processor = self.load()
+        inputs = self.inputs(processor, 2)
+        with self.pipeline(budget).attach(model, processor) as attached, torch.no_grad():
+            logits = model(**inputs).logits
+            reference_inputs = self.masked_reference(model, inputs, attached)
+        with torch.no_grad():
+            reference = model(**reference_inputs).logits
+        cols = attached.last.columns
+        for r in range(cols.shape[0]):
+            valid = cols[r] >= 0
+            torch.testing.assert_close(logits[r, valid], reference[r, cols[r][valid]], rtol=0, atol=1e-5)
+
+    @pytest.mark.parametrize("mode", [{}, {"num_beams": 2, "num_return_sequences": 2}])
+    def test_generate_returns_the_callers_prompt_then_new_tokens(self, mode: dict[str, Any]) -> None:
+        model, processor = self.load()
+        inputs = self.inputs(processor, 2)
+        with self.pipeline(3).attach(model, processor), torch.no_grad():
+            out = self._generate(model, inputs, **mode).sequences
+        prompt = inputs["input_ids"].repeat_interleave(mode.get("num_return_sequences", 1), 0)
+        assert torch.equal(out[:, : prompt.shape[1]], prompt)
+        assert out.shape[1] <= prompt.shape[1] + 4
