@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import resprune
+from resprune.testing.conformance import assert_equal_at_kept_columns, masked_out_dropped, pruned_forward_positions
 from resprune.testing.tiny import tiny_inputs, tiny_lvlm
 
 TYPES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
@@ -54,17 +55,9 @@ def generate(model, inputs, **kw):
 
 def masked_reference_inputs(model, model_type, inputs, attached, call):
     """The unpruned inputs with the dropped image tokens masked out, positions as the injector has them."""
-    batch = attached.last
-    ids = inputs["input_ids"]
-    mask = inputs["attention_mask"].clone()
-    kept = torch.zeros_like(mask, dtype=torch.bool)
-    cols = batch.columns
-    kept[torch.arange(ids.shape[0])[:, None].expand_as(cols)[cols >= 0], cols[cols >= 0]] = True
-    image = ids == model.config.image_token_id
-    mask[image & ~kept] = 0
-    ref = dict(inputs)
-    ref["attention_mask"] = mask
+    ref = masked_out_dropped(model, inputs, attached)
     if model_type == "qwen2_5_vl":
+        ids, mask = inputs["input_ids"], ref["attention_mask"]
         types = inputs["mm_token_type_ids"]
         pos3, _ = model.model.get_rope_index(ids, types, inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
         if call == "generate":
@@ -72,14 +65,9 @@ def masked_reference_inputs(model, model_type, inputs, attached, call):
             ref["position_ids"] = torch.cat([text[None], pos3], dim=0)
         else:
             ref["position_ids"] = pos3
-    elif call == "forward":
-        # the pruned forward sees positions 0..L'-1 along its (re-padded) rows
-        pos = torch.zeros_like(ids)
-        for r in range(ids.shape[0]):
-            valid = cols[r] >= 0
-            pos[r, cols[r][valid]] = torch.arange(cols.shape[1])[valid]
-        ref["position_ids"] = pos
-    return ref, kept
+    elif call == "forward":  # the pruned forward sees positions 0..L'-1 along its (re-padded) rows
+        ref["position_ids"] = pruned_forward_positions(attached.last.columns, inputs["input_ids"])
+    return ref
 
 
 # --- keep-all identity --------------------------------------------------------------------
@@ -115,13 +103,10 @@ def test_pruned_forward_equals_masked_unpruned_model(model_type, budget):
     inputs = inputs_for(model_type)
     with pipeline(model_type, budget).attach(model, proc) as attached, torch.no_grad():
         logits = model(**inputs).logits
-        ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "forward")
+        ref_inputs = masked_reference_inputs(model, model_type, inputs, attached, "forward")
     with torch.no_grad():
         ref = model(**ref_inputs).logits
-    cols = attached.last.columns
-    for r in range(cols.shape[0]):
-        valid = cols[r] >= 0
-        torch.testing.assert_close(logits[r, valid], ref[r, cols[r][valid]], rtol=0, atol=1e-5)
+    assert_equal_at_kept_columns(logits, ref, attached.last.columns)
     assert [s.k for s in attached.selections] == [resprune.resolve_budget(budget, s.n) for s in attached.selections]
 
 
@@ -138,7 +123,7 @@ def test_pruned_generate_equals_masked_unpruned_model(model_type, mode):
     with pipeline(model_type, 4).attach(model, proc) as attached, torch.no_grad():
         torch.manual_seed(0)
         out = generate(model, inputs, **mode)
-        ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "generate")
+        ref_inputs = masked_reference_inputs(model, model_type, inputs, attached, "generate")
     with torch.no_grad():
         torch.manual_seed(0)
         ref = generate(model, ref_inputs, **mode)
@@ -203,7 +188,7 @@ def test_several_images_in_one_prompt_each_get_their_own_budget(model_type):
     inputs = proc(images=photos()[:3], text=[text, single], padding=True, return_tensors="pt")
     with pipeline(model_type, 0.5).attach(model, proc) as attached, torch.no_grad():
         out = generate(model, inputs)
-        ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "generate")
+        ref_inputs = masked_reference_inputs(model, model_type, inputs, attached, "generate")
     assert [s.row for s in attached.selections] == [0, 0, 1]
     assert all(s.k == resprune.resolve_budget(0.5, s.n) for s in attached.selections)
     assert attached.selections[0].text == "Compare the two pictures."
@@ -217,7 +202,7 @@ def test_text_only_row_in_a_qwen_batch():
     inputs = tiny_inputs("qwen2_5_vl", proc, [photos()[0], None], PROMPTS)
     with pipeline("qwen2_5_vl", 3).attach(model, proc) as attached, torch.no_grad():
         out = generate(model, inputs)
-        ref_inputs, _ = masked_reference_inputs(model, "qwen2_5_vl", inputs, attached, "generate")
+        ref_inputs = masked_reference_inputs(model, "qwen2_5_vl", inputs, attached, "generate")
     assert [s.row for s in attached.selections] == [0]
     with torch.no_grad():
         ref = generate(model, ref_inputs)
@@ -396,7 +381,7 @@ def test_random_budgets_and_image_sizes_match_masked_reference(model_type):
         inputs = tiny_inputs(model_type, proc, [image, photos()[(which + 1) % 4]], PROMPTS)
         with pipeline(model_type, budget).attach(model, proc) as attached, torch.no_grad():
             out = generate(model, inputs, max_new_tokens=3)
-            ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "generate")
+            ref_inputs = masked_reference_inputs(model, model_type, inputs, attached, "generate")
         for s in attached.selections:
             assert s.k == resprune.resolve_budget(budget, s.n)
             assert torch.equal(s.kept, s.kept.sort().values) and set(s.order.tolist()) == set(s.kept.tolist())

@@ -190,7 +190,7 @@ def test_pruned_forward_with_input_stage_then_llm_stage(model_type):
     # the injector gives them) and the layer-2 drops masked from layer 2 on
     from test_backbones import masked_reference_inputs
 
-    ref_inputs, _ = masked_reference_inputs(model, model_type, inputs, attached, "forward")
+    ref_inputs = masked_reference_inputs(model, model_type, inputs, attached, "forward")
     keep2 = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     rows = torch.arange(2)[:, None].expand_as(out_cols)
     keep2[rows[out_cols >= 0], out_cols[out_cols >= 0]] = True

@@ -18,6 +18,7 @@ import resprune
 from resprune.data import photo_path
 from resprune.errors import InvalidInputError
 from resprune.models import load_model
+from resprune.testing.conformance import assert_equal_at_kept_columns, masked_out_dropped, pruned_forward_positions
 from resprune.video import Video, qwen_video_inputs, video_chat_inputs
 
 
@@ -112,26 +113,14 @@ def test_keep_all_on_videos_is_bit_identical(case):
         sorted(t * h * w // 4 for t, h, w in videos)
 
 
-def dropped_masked_out(model, inputs, attached):
-    """``(input_ids, attention mask with every dropped image or video token at 0, kept columns)``."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"].clone()
-    cols = attached.last.columns
-    kept = torch.zeros_like(mask, dtype=torch.bool)
-    rows = torch.arange(ids.shape[0])[:, None].expand_as(cols)
-    kept[rows[cols >= 0], cols[cols >= 0]] = True
-    visual = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
-    mask[visual & ~kept] = 0
-    return ids, mask, cols
-
-
 def masked_reference(model, inputs, attached, call: str) -> dict:
     """The unpruned inputs with every dropped image or video token masked out of attention and every
     token at the position the unpruned prompt gives it (M-RoPE time, row and column)."""
-    ids, mask, cols = dropped_masked_out(model, inputs, attached)
-    pos3, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
+    ref = masked_out_dropped(model, inputs, attached)
+    mask = ref["attention_mask"]
+    pos3, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
                                          inputs["video_grid_thw"], inputs["second_per_grid_ts"],
                                          attention_mask=inputs["attention_mask"])
-    ref = {**inputs, "attention_mask": mask}
     if call == "generate":
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         ref["position_ids"] = torch.cat([text[None], pos3], dim=0)
@@ -153,10 +142,7 @@ def assert_pruned_equals_masked(model, proc, inputs, config: str, reference) -> 
         ref_logits = model(**fwd_ref).logits
         ref = model.generate(**gen_ref, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-    cols = attached.last.columns
-    for r in range(cols.shape[0]):
-        valid = cols[r] >= 0
-        torch.testing.assert_close(logits[r, valid], ref_logits[r, cols[r][valid]], rtol=0, atol=1e-5)
+    assert_equal_at_kept_columns(logits, ref_logits, attached.last.columns)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
@@ -528,14 +514,9 @@ def test_onevision_keep_all_is_bit_identical(case):
 def onevision_masked_reference(model, inputs, attached, call: str) -> dict:
     """The unpruned inputs with every dropped image or video token masked out; the pruned forward
     numbers its kept tokens 0..L'-1 (LLaVA's 1-D positions), generate lets the mask number them."""
-    ids, mask, cols = dropped_masked_out(model, inputs, attached)
-    ref = {**inputs, "attention_mask": mask}
+    ref = masked_out_dropped(model, inputs, attached)
     if call == "forward":
-        pos = torch.zeros_like(ids)
-        for r in range(ids.shape[0]):
-            valid = cols[r] >= 0
-            pos[r, cols[r][valid]] = torch.arange(cols.shape[1])[valid]
-        ref["position_ids"] = pos
+        ref["position_ids"] = pruned_forward_positions(attached.last.columns, inputs["input_ids"])
     return ref
 
 

@@ -26,12 +26,14 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from torch import Tensor
 
 from ..interfaces import Merger, Scorer, Selector
 from ..plugins import get_host
 from .contracts import check_merger_contract, check_scorer_contract, check_selector_contract, random_context
 
-__all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "InjectorConformance", "BACKBONES"]
+__all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "InjectorConformance", "BACKBONES",
+           "masked_out_dropped", "pruned_forward_positions", "assert_equal_at_kept_columns"]
 
 BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
 
@@ -289,6 +291,37 @@ class MergerConformance:
         _run_on_backbone(model_type, pipe(0.25), pipe(1.0))
 
 
+def masked_out_dropped(model: Any, inputs: Any, attached: Any) -> dict[str, Any]:
+    """``inputs`` with the attention mask at 0 on every image or video placeholder the last pruned
+    call of ``attached`` dropped: the unpruned model that sees only the kept visual tokens."""
+    ids, cols = inputs["input_ids"], attached.last.columns
+    mask = inputs["attention_mask"].clone()
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(cols)
+    kept = torch.zeros_like(mask, dtype=torch.bool)
+    kept[rows[cols >= 0], cols[cols >= 0]] = True
+    placeholder = torch.isin(ids, torch.tensor(attached.injector.placeholder_ids(model), device=ids.device))
+    mask[placeholder & ~kept] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+def pruned_forward_positions(columns: Tensor, input_ids: Tensor) -> Tensor:
+    """``[B, L]`` position ids for the unpruned prompt that give each kept column the position the
+    pruned forward gives it: its place in the re-padded row (1-D positions, as LLaVA's)."""
+    positions = torch.zeros_like(input_ids)
+    for r in range(input_ids.shape[0]):
+        valid = columns[r] >= 0
+        positions[r, columns[r][valid]] = torch.arange(columns.shape[1], device=input_ids.device)[valid]
+    return positions
+
+
+def assert_equal_at_kept_columns(pruned: Tensor, reference: Tensor, columns: Tensor, atol: float = 1e-5) -> None:
+    """The pruned sequence's outputs ``[B, L', ...]`` equal the reference's ``[B, L, ...]`` at the
+    original column of every kept column (``columns``: ``PrunedBatch.columns``), within ``atol``."""
+    for r in range(columns.shape[0]):
+        valid = columns[r] >= 0
+        torch.testing.assert_close(pruned[r, valid], reference[r, columns[r][valid]], rtol=0, atol=atol)
+
+
 class InjectorConformance:
     """Base class of an injector's conformance tests: the checks every built-in backbone passes.
 
@@ -332,19 +365,8 @@ class InjectorConformance:
     def masked_reference(self, model: Any, inputs: Any, attached: Any) -> dict[str, Any]:
         """The unpruned inputs with the dropped image tokens masked out and each kept column at
         the position it has in the pruned forward (its place in the re-padded row)."""
-        batch = attached.last
-        ids, cols = inputs["input_ids"], batch.columns
-        mask = inputs["attention_mask"].clone()
-        rows = torch.arange(ids.shape[0])[:, None].expand_as(cols)
-        kept = torch.zeros_like(mask, dtype=torch.bool)
-        kept[rows[cols >= 0], cols[cols >= 0]] = True
-        placeholder = torch.isin(ids, torch.tensor(attached.injector.placeholder_ids(model)))
-        mask[placeholder & ~kept] = 0
-        positions = torch.zeros_like(ids)
-        for r in range(ids.shape[0]):
-            valid = cols[r] >= 0
-            positions[r, cols[r][valid]] = torch.arange(cols.shape[1])[valid]
-        return {**inputs, "attention_mask": mask, "position_ids": positions}
+        reference = masked_out_dropped(model, inputs, attached)
+        return {**reference, "position_ids": pruned_forward_positions(attached.last.columns, inputs["input_ids"])}
 
     @staticmethod
     def _generate(model: Any, inputs: Any, **kw: Any) -> Any:
@@ -396,10 +418,7 @@ class InjectorConformance:
             reference_inputs = self.masked_reference(model, inputs, attached)
         with torch.no_grad():
             reference = model(**reference_inputs).logits
-        cols = attached.last.columns
-        for r in range(cols.shape[0]):
-            valid = cols[r] >= 0
-            torch.testing.assert_close(logits[r, valid], reference[r, cols[r][valid]], rtol=0, atol=1e-5)
+        assert_equal_at_kept_columns(logits, reference, attached.last.columns)
 
     @pytest.mark.parametrize("mode", [{}, {"num_beams": 2, "num_return_sequences": 2}])
     def test_generate_returns_the_callers_prompt_then_new_tokens(self, mode: dict[str, Any]) -> None:
