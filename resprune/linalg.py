@@ -287,21 +287,20 @@ def _blocked_rows(v: Tensor, k: int, energy0: Tensor, w: Tensor, floor: Tensor, 
     cpu = [None if x is None else x.cpu() for x in (v, energy0, w, floor, fallback, first, row_scale)]
     v, energy0, w, floor, fallback, first, row_scale = cpu
     b = v.shape[0]
-    rows, traces = [], []
-    for i in range(b):
+
+    def row(i: int, picks: int, target: float | None) -> tuple[list[int], list[Tensor] | None]:
         row_trace: list[Tensor] | None = [] if trace is not None else None
-        args = (v[i], energy0[i], w[i], floor[i], fallback[i].clone(), None if first is None else int(first[i]),
-                None if row_scale is None else row_scale[i])
-        rows.append(_blocked_row(*args, k, until_fraction, row_trace))  # stops at the row's own count
-        traces.append(row_trace)
+        out = _blocked_row(v[i], energy0[i], w[i], floor[i], fallback[i].clone(),
+                           None if first is None else int(first[i]), None if row_scale is None else row_scale[i],
+                           picks, target, row_trace)
+        return out, row_trace
+
+    rows, traces = map(list, zip(*(row(i, k, until_fraction) for i in range(b))))  # each stops at its own count
     own = [len(r) for r in rows]
-    steps = max(len(r) for r in rows)
+    steps = max(own)
     for i in range(b):  # with an energy target every row runs to the latest stop (as the batched loop)
-        if len(rows[i]) < steps:
-            args = (v[i], energy0[i], w[i], floor[i], fallback[i].clone(), None if first is None else int(first[i]),
-                    None if row_scale is None else row_scale[i])
-            traces[i] = [] if trace is not None else None
-            rows[i] = _blocked_row(*args, steps, None, traces[i])
+        if own[i] < steps:
+            rows[i], traces[i] = row(i, steps, None)
     if trace is not None:
         trace.extend(torch.stack(step).to(device) for step in zip(*traces))
     if until_fraction is not None and counts is not None:
