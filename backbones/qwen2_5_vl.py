@@ -72,6 +72,12 @@ class Qwen25VLInjector(PlaceholderInjector):
             types = (ids == self.image_token_id(model)).int() + 2 * (ids == model.config.video_token_id).int()
         pos3, _ = model.model.get_rope_index(ids, types, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
                                              inputs.get("second_per_grid_ts"), attention_mask=mask)
+        return self.kept_positions(model, pos3, batch, call)
+
+    def kept_positions(self, model: Any, pos3: Any, batch: PrunedBatch, call: str) -> dict[str, Any]:
+        """The ``position_ids`` of the pruned sequence: the unpruned prompt's M-RoPE positions
+        ``pos3`` ``[3, B, L]`` at the kept columns (with the text positions in front for
+        ``generate``), and the model's ``rope_deltas`` set for decoding after them."""
         columns = batch.columns.to(pos3.device)
         kept = torch.gather(pos3, 2, columns.clamp_min(0).unsqueeze(0).expand(3, -1, -1))
         kept = kept.masked_fill(columns.unsqueeze(0) < 0, 0)

@@ -662,7 +662,8 @@ def _lookup(registry: Any, name: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-MODEL_SUFFIXES = {"llava15": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl"}
+MODEL_SUFFIXES = {"llava15": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl",
+                  "qwen3-vl": "qwen3_vl"}
 """How shipped config names end for a backbone (``visionzip-qwen2.5-vl``) -> its ``model_type``."""
 
 

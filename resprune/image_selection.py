@@ -46,6 +46,9 @@ class EncodedImage:
             it (the others were pruned in the tower; their ``features`` are zeros).
         tower_schedule: ``(first encoder layer, tokens per tile)`` pairs the vision tower ran on.
         tower_tiles: how many tiles of this image went through the tower.
+        deepstack: ``[N, D]`` per LLM layer ``0, 1, ...``: features the model adds to each
+            token's hidden state after that decoder layer (Qwen3-VL's DeepStack); a kept token
+            keeps its own, a dropped token's are dropped with it.
     """
 
     features: Tensor
@@ -63,6 +66,7 @@ class EncodedImage:
     vision_masks: list[Tensor] = field(default_factory=list)
     tower_schedule: list[tuple[int, int]] = field(default_factory=list)
     tower_tiles: int = 0
+    deepstack: list[Tensor] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -90,7 +94,8 @@ class EncodedImage:
                             tiles=take(self.tiles), frames=take(self.frames),
                             extra={k: v[idx.to(v.device)] for k, v in self.extra.items()},
                             image_extra=self.image_extra, candidates=take(self.candidates), always=take(self.always),
-                            groups=take(self.groups), layout=self.layout)
+                            groups=take(self.groups), layout=self.layout,
+                            deepstack=[d[idx.to(d.device)] for d in self.deepstack])
 
 
 @dataclass

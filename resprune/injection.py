@@ -40,6 +40,7 @@ from torch import Tensor
 from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError, PluginError
 from .image_selection import EncodedImage, ImageSelection, select_images
 from .interfaces import Injector
+from .deepstack import DeepStack
 from .llm_pruning import LLM_STAGE_FIELDS, LLMPruner, StageRecord, Span
 from .prompts import row_texts, tokenizer_of, word_embedder
 from .timing import clock
@@ -73,6 +74,9 @@ class PrunedBatch:
         tower_schedule: ``(first encoder layer, tokens summed over tiles)`` pairs the vision
             tower ran on (``[]`` when the backbone does not record it).
         tower_tiles: the tiles the vision tower ran on.
+        deepstack: per LLM layer ``j``, the kept visual tokens' features the model adds after
+            layer ``j`` (Qwen3-VL's DeepStack), ``[M, D]`` in the row-major order of the visual
+            columns of ``input_ids`` (``[]``: the backbone has none).
     """
 
     input_ids: Tensor
@@ -89,6 +93,7 @@ class PrunedBatch:
     vision_stages: list[tuple[str, list[ImageSelection]]] = field(default_factory=list)
     tower_schedule: list[tuple[int, int]] = field(default_factory=list)
     tower_tiles: int = 0
+    deepstack: list[Tensor] = field(default_factory=list)
 
     @property
     def token_schedule(self) -> list[tuple[int, int]]:
@@ -137,6 +142,7 @@ class Attached:
         self._state: dict[str, Any] = {}
         self._active = False
         self._llm: LLMPruner | None = None
+        self._deepstack: DeepStack | None = None
 
     # --- patching -----------------------------------------------------------------------
 
@@ -159,6 +165,10 @@ class Attached:
                 if self.pipeline.llm_stages:
                     self._llm = LLMPruner(self.model, self.pipeline.llm_stages, source=f"injector '{self.injector.name}'")
                     self._llm.install()
+                stacked = self.injector.deepstack_layers(self.model)
+                if stacked:
+                    self._deepstack = DeepStack(self.model, stacked, source=f"injector '{self.injector.name}'")
+                    self._deepstack.install()
                 for name, make in (("forward", self._wrap_forward), ("generate", self._wrap_generate)):
                     original = getattr(self.model, name)
                     self._saved[name] = self.model.__dict__.get(name, _MISSING)
@@ -167,7 +177,7 @@ class Attached:
                     setattr(self.model, name, wrapper)
             except BaseException:
                 self._restore_methods()
-                self._remove_llm()
+                self._remove_hooks()
                 self.injector.restore_state(self.model, self._state)
                 raise
             _attached[self.model] = self
@@ -189,7 +199,7 @@ class Attached:
                 return
             try:
                 self._restore_methods()
-                self._remove_llm()
+                self._remove_hooks()
                 self.injector.restore_state(self.model, self._state)
             except Exception as exc:
                 raise PluginError(f"injector '{self.injector.name}' failed to restore the model's state "
@@ -208,10 +218,13 @@ class Attached:
         out += [("input", self.last.selections)] if self.pipeline.input_stage is not None else []
         return out + [(f"layer {record.layer}", record.selections) for record in self.last.stages]
 
-    def _remove_llm(self) -> None:
+    def _remove_hooks(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             llm.remove()
+        if self._deepstack is not None:
+            stack, self._deepstack = self._deepstack, None
+            stack.remove()
 
     def __enter__(self) -> Attached:
         return self
@@ -278,7 +291,18 @@ class Attached:
         return generate
 
     def _call(self, original: Callable[..., Any], kwargs: dict[str, Any], batch: PrunedBatch) -> Any:
-        """Call the model; with in-LLM stages, armed for this call's visual tokens."""
+        """Call the model; with in-LLM stages (and DeepStack features), armed for this call's visual tokens."""
+        if self._deepstack is not None and batch.deepstack:
+            ids = torch.tensor(self.injector.placeholder_ids(self.model), device=batch.input_ids.device)
+            slots = torch.isin(batch.input_ids, ids) & batch.attention_mask.bool()
+            self._deepstack.arm(slots, batch.deepstack, self._llm)
+        try:
+            return self._call_llm(original, kwargs, batch)
+        finally:
+            if self._deepstack is not None:
+                self._deepstack.disarm()
+
+    def _call_llm(self, original: Callable[..., Any], kwargs: dict[str, Any], batch: PrunedBatch) -> Any:
         if self._llm is None:
             batch.output_columns = batch.columns
             return original(**kwargs)
@@ -432,6 +456,12 @@ class PlaceholderInjector(Injector):
         """
         return {}
 
+    def deepstack_layers(self, model: Any) -> int:
+        """How many LLM layers, from the first, the model adds per-token visual features after
+        (Qwen3-VL's DeepStack; default 0). ``encode`` then gives every image its
+        ``EncodedImage.deepstack``, and the kept tokens' features are added there."""
+        return 0
+
     def save_state(self, model: Any) -> dict[str, Any]:
         """Model state the injector may change while attached (restored by ``restore_state``)."""
         return {}
@@ -563,6 +593,7 @@ class PlaceholderInjector(Injector):
         flat_cols = placeholder.nonzero()  # row-major: matches feature order
         offset = 0
         kept_feats: list[Tensor] = []
+        kept_stack: list[list[Tensor]] = []  # per image, per DeepStack layer
         for img, sel in zip(images, selections):
             cols = flat_cols[offset: offset + img.n]
             chosen = cols[sel.kept.to(cols.device)]
@@ -570,6 +601,7 @@ class PlaceholderInjector(Injector):
             merged = sel.features
             kept_feats.append(img.features[sel.kept.to(img.features.device)] if merged is None
                               else merged.to(img.features.device, img.features.dtype))
+            kept_stack.append([d[sel.kept.to(d.device)] for d in img.deepstack])
             offset += img.n
         counts = keep.sum(dim=1)  # [B] columns each row keeps
         new_len = int(counts.max())
@@ -592,12 +624,24 @@ class PlaceholderInjector(Injector):
         batch = PrunedBatch(new_ids, new_mask, inputs_embeds, columns, selections,
                             features=[img.features for img in images], row_text=texts,
                             vision_stages=_tower_selections(pipeline, images, rows),
-                            tower_schedule=_tower_schedule(images), tower_tiles=sum(img.tower_tiles for img in images))
+                            tower_schedule=_tower_schedule(images), tower_tiles=sum(img.tower_tiles for img in images),
+                            deepstack=_stacked(kept_stack, self.name))
         batch.extra = self.extra_inputs(model, inputs, batch, call)
         return batch
 
 
 # --- helpers of prune_inputs --------------------------------------------------------------
+
+
+def _stacked(per_image: list[list[Tensor]], who: str) -> list[Tensor]:
+    """The kept tokens' DeepStack features of every image, one ``[M, D]`` per layer."""
+    layers = {len(features) for features in per_image}
+    if len(layers) > 1:
+        raise PluginError(f"injector '{who}': its images carry DeepStack features for different numbers of layers "
+                          f"({sorted(layers)}); encode must give every image the same.")
+    if not per_image or not per_image[0]:
+        return []
+    return [torch.cat([features[j] for features in per_image]) for j in range(len(per_image[0]))]
 
 
 def _everything(img: EncodedImage, i: int, row: int, present: Tensor | None) -> ImageSelection:

@@ -69,6 +69,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.mergers",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",
+    "resprune.backbones.qwen3_vl",
     "resprune.backbones.llava_onevision",
     "resprune.backbones.gemma3",
     "resprune.strategies.metrics",

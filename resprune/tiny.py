@@ -21,6 +21,9 @@ Default sizes and image-token counts ``N`` per image:
 - ``"gemma3"``: SigLIP tower at 168 px (12x12 patches), average-pooled 2x2 to ``N = 36`` tokens per
   image (6x6; at 896 px 4x4 to 256, as Gemma 3), a Gemma 3 LLM of one sliding-window (512 tokens, as
   Gemma 3 1B) and one full-attention layer, bidirectional attention among an image's tokens.
+- ``"qwen3_vl"``: patch 16, 2x2 merge (32 px per token), 64*64 <= pixels <= 256*256; a 112x84
+  image gives 12 tokens (a 448x448 photo 64); DeepStack features of both vision layers added
+  after LLM layers 0 and 1; a Qwen3 LLM (per-head query/key norms) with interleaved M-RoPE.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_TYPES", "tiny_inputs", "tiny_lvlm"]
 
-ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3"]
-MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
+ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl"]
+MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl")
 
 _PATCH = 14
-_DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224, "llava_onevision": 84, "gemma3": 168}
+_DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224, "llava_onevision": 84, "gemma3": 168,
+                       "qwen3_vl": 256}
+_QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl")  # dynamic-resolution grids, the Qwen tokenizer and chat template
+_TEXT_ONLY_ROWS = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")  # ChatML models: a row may have no image
 
 _LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 _ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -116,7 +122,7 @@ _GEMMA3_CHAT_TEMPLATE = (
 )
 _CHAT_TEMPLATES = {"llava": _LLAVA_CHAT_TEMPLATE, "llava_next": _LLAVA_CHAT_TEMPLATE,
                    "qwen2_5_vl": _QWEN_CHAT_TEMPLATE, "llava_onevision": _ONEVISION_CHAT_TEMPLATE,
-                   "gemma3": _GEMMA3_CHAT_TEMPLATE}
+                   "gemma3": _GEMMA3_CHAT_TEMPLATE, "qwen3_vl": _QWEN_CHAT_TEMPLATE}
 
 
 def _check_type(model_type: str) -> None:
@@ -138,6 +144,7 @@ def _tokenizer(model_type: str) -> PreTrainedTokenizerFast:
                                         "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}),
         "llava_onevision": (_ONEVISION_SPECIALS, {"image_token": "<image>", "video_token": "<video>"}),
     }
+    qwen_family["qwen3_vl"] = qwen_family["qwen2_5_vl"]
     if model_type in qwen_family:
         specials, named = qwen_family[model_type]
         tok.add_special_tokens(specials)
@@ -213,10 +220,14 @@ def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -
 
         return _image_only_processor_cls("LlavaOnevisionProcessor")(**common, video_processor=BaseVideoProcessor())
     cls = transformers.Qwen2VLImageProcessor if tv else transformers.Qwen2VLImageProcessorPil
-    ip = cls(min_pixels=4 * 28 * 28, max_pixels=image_size * image_size)
+    if model_type == "qwen3_vl":
+        ip = cls(patch_size=16, size={"shortest_edge": 4 * 32 * 32, "longest_edge": image_size * image_size})
+    else:
+        ip = cls(min_pixels=4 * 28 * 28, max_pixels=image_size * image_size)
+    name = "Qwen3VLProcessor" if model_type == "qwen3_vl" else "Qwen2_5_VLProcessor"
     if tv:
-        vp = transformers.Qwen2VLVideoProcessor()
-        return transformers.Qwen2_5_VLProcessor(
+        vp = (transformers.Qwen3VLVideoProcessor if model_type == "qwen3_vl" else transformers.Qwen2VLVideoProcessor)()
+        return getattr(transformers, name)(
             image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=_QWEN_CHAT_TEMPLATE
         )
     # Without torchvision the processor refuses a video processor of any type it knows:
@@ -224,8 +235,8 @@ def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -
     from transformers.video_processing_utils import BaseVideoProcessor
 
     vp = BaseVideoProcessor()
-    vp.merge_size = 2
-    return _image_only_processor_cls("Qwen2_5_VLProcessor")(
+    vp.merge_size, vp.temporal_patch_size = 2, 2
+    return _image_only_processor_cls(name)(
         image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=_QWEN_CHAT_TEMPLATE
     )
 
@@ -302,6 +313,18 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
             vision_start_token_id=ids("<|vision_start|>"),
             vision_end_token_id=ids("<|vision_end|>"),
         )
+    elif model_type == "qwen3_vl":
+        text_config = transformers.Qwen3VLTextConfig(
+            **text, head_dim=16, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                             "mrope_interleaved": True})
+        vision_config = transformers.Qwen3VLVisionConfig(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+        cfg = transformers.Qwen3VLConfig(
+            text_config=text_config, vision_config=vision_config, image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"))
     elif model_type == "llava_onevision":
         text_config = transformers.Qwen2Config(**text, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
                                                pad_token_id=ids("<|endoftext|>"))
@@ -395,9 +418,9 @@ def tiny_lvlm(
     if attn_implementation not in ("sdpa", "eager"):
         raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', not {attn_implementation!r}")
     size = _DEFAULT_IMAGE_SIZE[model_type] if image_size is None else int(image_size)
-    if model_type == "qwen2_5_vl":
-        if size < 56:
-            raise ValueError(f"image_size must be >= 56 for qwen2_5_vl, got {size}")
+    if model_type in _QWEN_TYPES:
+        if size < 4 * _PATCH:
+            raise ValueError(f"image_size must be >= 56 for {model_type}, got {size}")
     elif size < _PATCH or size % _PATCH:
         raise ValueError(f"image_size must be a positive multiple of {_PATCH} for {model_type}, got {size}")
     elif model_type == "gemma3" and (size // _PATCH) % 2:
@@ -411,8 +434,8 @@ def tiny_lvlm(
         raise ValueError(f"text_layers must be an int >= 1, got {text_layers!r}")
     if isinstance(vision_layers, bool) or not isinstance(vision_layers, int) or vision_layers < 2:
         raise ValueError(f"vision_layers must be an int >= 2 (LLaVA reads the second-to-last), got {vision_layers!r}")
-    if model_type == "qwen2_5_vl" and vision_layers != 2:
-        raise ValueError("vision_layers sets the CLIP tower of the LLaVA models; the tiny qwen2_5_vl has its own")
+    if model_type in _QWEN_TYPES and vision_layers != 2:
+        raise ValueError(f"vision_layers sets the CLIP tower of the LLaVA models; the tiny {model_type} has its own")
     config = _config(model_type, tok, size, attn_implementation, text_layers, vision_layers)
     cls = {
         "llava": transformers.LlavaForConditionalGeneration,
@@ -420,6 +443,7 @@ def tiny_lvlm(
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
         "gemma3": transformers.Gemma3ForConditionalGeneration,
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
     }[model_type]
     with _seeded(seed):
         model = cls(config)
@@ -435,7 +459,7 @@ def tiny_lvlm(
     gen.bos_token_id = text_cfg.bos_token_id
     gen.eos_token_id = (
         [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
-        if model_type in ("qwen2_5_vl", "llava_onevision")
+        if model_type in _TEXT_ONLY_ROWS
         else [tok.convert_tokens_to_ids("<end_of_turn>"), tok.convert_tokens_to_ids("<eos>")]
         if model_type == "gemma3"
         else text_cfg.eos_token_id
@@ -459,8 +483,8 @@ def tiny_inputs(
         content: list[dict[str, str]] = [{"type": "text", "text": prompt}]
         if image is not None:
             content.insert(0, {"type": "image"})
-        elif model_type not in ("qwen2_5_vl", "llava_onevision"):
-            raise ValueError(f"text-only rows (image None) are only supported for qwen2_5_vl and llava_onevision, "
+        elif model_type not in _TEXT_ONLY_ROWS:
+            raise ValueError(f"text-only rows (image None) are only supported for {', '.join(_TEXT_ONLY_ROWS)}, "
                              f"not {model_type}")
         messages = [{"role": "user", "content": content}]
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))

@@ -161,7 +161,7 @@ def load_video(spec: str, fps: float = 2.0, max_frames: int = 32) -> Video:
     return Video(frames, fps=fps)
 
 
-VIDEO_MODEL_TYPES = ("qwen2_5_vl", "llava_onevision")
+VIDEO_MODEL_TYPES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
 """The backbones resprune prunes videos of."""
 
 
@@ -170,7 +170,7 @@ def require_videos(model: Any, name: str, what: str) -> None:
     (``VIDEO_MODEL_TYPES``); ``what`` names the command or option asking (``--video``)."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in VIDEO_MODEL_TYPES:
-        raise InvalidInputError(f"{what} runs on Qwen2.5-VL and LLaVA-OneVision models (videos of other backbones "
+        raise InvalidInputError(f"{what} runs on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision models (videos of other backbones "
                                 f"are not supported yet); '{name}' is a {model_type} model.")
 
 
@@ -195,9 +195,24 @@ def _settings(processor: Any) -> dict[str, Any]:
             "mean": np.asarray(ip.image_mean, dtype=np.float32), "std": np.asarray(ip.image_std, dtype=np.float32)}
 
 
+def is_qwen3_vl_processor(processor: Any) -> bool:
+    """A Qwen3-VL processor: it writes a timestamp before each temporal patch of a video."""
+    return any(cls.__name__ == "Qwen3VLProcessor" for cls in type(processor).__mro__)
+
+
+def qwen3_video_placeholder(processor: Any, video: Video, t: int, tokens_per_patch: int) -> str:
+    """What a Qwen3-VL processor writes for a video token: per temporal patch, its time (the mean of
+    its frames' times, ``<0.8 seconds>``) and its tokens between vision start and end."""
+    temporal = _settings(processor)["temporal"]
+    times = [(i * temporal + (temporal - 1) / 2) / video.fps for i in range(t)]
+    frame = processor.vision_start_token + processor.video_token * tokens_per_patch + processor.vision_end_token
+    return "".join(f"<{time:.1f} seconds>{frame}" for time in times)
+
+
 def qwen_video_inputs(videos: Sequence[Video], processor: Any) -> dict[str, torch.Tensor]:
-    """``pixel_values_videos``, ``video_grid_thw`` and ``second_per_grid_ts`` of ``videos`` for a
-    Qwen2.5-VL model whose processor (or image processor) is ``processor``."""
+    """``pixel_values_videos``, ``video_grid_thw`` and (Qwen2.5-VL) ``second_per_grid_ts`` of
+    ``videos`` for a Qwen2.5-VL or Qwen3-VL model whose processor (or image processor) is
+    ``processor``."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # no torchvision
 
     s = _settings(processor)
@@ -220,8 +235,10 @@ def qwen_video_inputs(videos: Sequence[Video], processor: Any) -> dict[str, torc
         rows.append(patches.reshape(t * gh * gw, c * temporal * patch * patch))
         grids.append([t, gh, gw])
         seconds.append(temporal / video.fps)
-    return {"pixel_values_videos": torch.cat(rows).float(), "video_grid_thw": torch.tensor(grids, dtype=torch.long),
-            "second_per_grid_ts": torch.tensor(seconds, dtype=torch.float32)}
+    out = {"pixel_values_videos": torch.cat(rows).float(), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+    if not is_qwen3_vl_processor(processor):  # Qwen3-VL writes timestamps into the prompt instead
+        out["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+    return out
 
 
 def onevision_video_inputs(videos: Sequence[Video], processor: Any) -> dict[str, torch.Tensor]:
@@ -257,7 +274,7 @@ def _onevision_video_tokens(processor: Any, video: torch.Tensor) -> int:
 def video_chat_inputs(processor: Any, media: Sequence[Sequence[Image.Image | Video]], prompts: Sequence[str], *,
                       device: Any = None) -> Any:
     """A left-padded batch of one-turn chats: prompt ``i`` shows ``media[i]`` (images and
-    videos, in that order), then asks ``prompts[i]``. Qwen2.5-VL and LLaVA-OneVision processors."""
+    videos, in that order), then asks ``prompts[i]``. Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision processors."""
     if len(media) != len(prompts):
         raise InvalidInputError(f"video_chat_inputs: {len(media)} media lists for {len(prompts)} prompts.")
     chats = [[{"role": "user", "content": [{"type": "video" if isinstance(m, Video) else "image"} for m in items]
@@ -272,13 +289,13 @@ def render_media_chats(processor: Any, chats: Sequence[Sequence[dict[str, Any]]]
     chat template and the generation prompt (then ``suffixes``): ``media`` fill the chats'
     ``{"type": "image"}`` and ``{"type": "video"}`` parts in order. Each video's placeholder is
     expanded to its token count and its frames packed as the model's video processor packs them
-    (no torchvision). Floating tensors go to ``dtype`` if given. Qwen2.5-VL and LLaVA-OneVision
-    processors."""
+    (no torchvision; Qwen3-VL: a timestamp before each temporal patch, as its processor writes).
+    Floating tensors go to ``dtype`` if given. Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision processors."""
     tok = getattr(processor, "tokenizer", None)
     video_token = getattr(processor, "video_token", None)
     if tok is None or video_token is None:
-        raise InvalidInputError("videos need a Qwen2.5-VL or LLaVA-OneVision processor (its tokenizer and video "
-                                "token).")
+        raise InvalidInputError("videos need a Qwen2.5-VL, Qwen3-VL or LLaVA-OneVision processor (its tokenizer "
+                                "and video token).")
     bad = [type(m).__name__ for m in media if not isinstance(m, (Image.Image, Video))]
     if bad:
         raise InvalidInputError(f"video_chat_inputs: media must be PIL images or resprune.video.Video, got {bad[0]}.")
@@ -294,19 +311,24 @@ def render_media_chats(processor: Any, chats: Sequence[Sequence[dict[str, Any]]]
     videos = [m for m in media if isinstance(m, Video)]
     if onevision:
         packed = onevision_video_inputs(videos, processor) if videos else {}
-        counts = iter([_onevision_video_tokens(processor, v) for v in packed.get("pixel_values_videos", [])])
+        spans = iter([video_token * _onevision_video_tokens(processor, v)
+                      for v in packed.get("pixel_values_videos", [])])
     else:
         packed = qwen_video_inputs(videos, processor) if videos else {}
         merge = _settings(processor)["merge"]
-        counts = iter([int(t * h * w) // merge**2
-                       for t, h, w in packed.get("video_grid_thw", torch.zeros(0, 3)).tolist()])
+        grids = packed.get("video_grid_thw", torch.zeros(0, 3, dtype=torch.long)).tolist()
+        if is_qwen3_vl_processor(processor):
+            spans = iter([qwen3_video_placeholder(processor, v, t, h * w // merge**2) for v, (t, h, w) in
+                          zip(videos, grids)])
+        else:
+            spans = iter([video_token * (t * h * w // merge**2) for t, h, w in grids])
     texts = []
     for chat, chat_kinds in zip(chats, kinds):
         text = processor.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True)
         pieces = text.split(video_token)
         if len(pieces) - 1 != chat_kinds.count("video"):
             raise InvalidInputError("the chat template did not place one video token per video.")
-        texts.append(pieces[0] + "".join(video_token * next(counts) + rest for rest in pieces[1:]))
+        texts.append(pieces[0] + "".join(next(spans) + rest for rest in pieces[1:]))
     if suffixes is not None:
         texts = [text + suffix for text, suffix in zip(texts, suffixes, strict=True)]
     old_side = getattr(tok, "padding_side", "left")

@@ -2,7 +2,7 @@
 
 References are independent of the injector: the *unpruned* model run on the full prompt,
 with the dropped image tokens masked out of attention and positions set as the injector
-defines them (contiguous for the LLaVA family, original M-RoPE for Qwen2.5-VL).
+defines them (contiguous for the LLaVA family, original M-RoPE for Qwen2.5-VL and Qwen3-VL).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import resprune
 from resprune.testing.conformance import assert_equal_at_kept_columns, masked_out_dropped, pruned_forward_positions
 from resprune.testing.tiny import tiny_inputs, tiny_lvlm
 
-TYPES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
+TYPES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl")
 CONFIG = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next", "qwen2_5_vl": "resprune-qwen2.5-vl",
-          "llava_onevision": "resprune-llava-onevision", "gemma3": "resprune-gemma3"}
+          "llava_onevision": "resprune-llava-onevision", "gemma3": "resprune-gemma3", "qwen3_vl": "resprune-qwen3-vl"}
+MROPE = ("qwen2_5_vl", "qwen3_vl")  # original M-RoPE positions kept
 PROMPTS = ["What is shown in the picture?", "Describe the colours of the sky, please."]
 
 
@@ -56,7 +57,7 @@ def generate(model, inputs, **kw):
 def masked_reference_inputs(model, model_type, inputs, attached, call):
     """The unpruned inputs with the dropped image tokens masked out, positions as the injector has them."""
     ref = masked_out_dropped(model, inputs, attached)
-    if model_type == "qwen2_5_vl":
+    if model_type in MROPE:
         ids, mask = inputs["input_ids"], ref["attention_mask"]
         types = inputs["mm_token_type_ids"]
         pos3, _ = model.model.get_rope_index(ids, types, inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
@@ -489,3 +490,68 @@ def test_gemma3_pan_and_scan_crops_are_images_of_their_own_and_a_bad_token_type_
         with pipeline("gemma3", 9).attach(model, proc), pytest.raises(resprune.InvalidInputError,
                                                                       match="token_type_ids has shape"):
             model(**bad)
+
+
+# --- Qwen3-VL: DeepStack features follow the kept tokens -----------------------------------------
+
+
+def _planted_deepstack(model, seed: int = 3):
+    """Make the vision tower return DeepStack features drawn at random (distinct for every token and
+    layer) and give them back per layer, ``[all tokens of the call, D]``."""
+    original = model.model.get_image_features
+    planted = []
+
+    def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
+        out = original(pixel_values, image_grid_thw, **kwargs)
+        gen = torch.Generator().manual_seed(seed)
+        out.deepstack_features = [torch.randn(f.shape, generator=gen) for f in out.deepstack_features]
+        planted[:] = out.deepstack_features
+        return out
+
+    model.model.get_image_features = get_image_features
+    return planted
+
+
+@pytest.mark.parametrize("stage_layer", [None, 1])
+def test_qwen3_vl_each_kept_token_gets_its_own_deepstack_features_and_no_dropped_one_lands(stage_layer):
+    """Planted DeepStack features: after each DeepStack layer the hidden states gain, at each kept
+    visual token's column, exactly that token's feature for the layer, and nothing anywhere else;
+    with a stage inside the LLM at layer 1 (DeepStack still pending there), the layer-1 features
+    are those of the tokens the stage kept, at their columns in its shorter sequence."""
+    model, proc = tiny_lvlm("qwen3_vl", seed=0, text_layers=4)
+    planted = _planted_deepstack(model)
+    inputs = inputs_for("qwen3_vl")
+    stages = [] if stage_layer is None else [resprune.Stage(
+        resprune.get_host().selectors.get("topk")({"score": "norm"}), budget=0.5, layer=stage_layer,
+        scorers=["norm"])]
+    pipe = resprune.Pipeline(resprune.get_host().selectors.get("residual_energy")({"seed": "norm"}), budget=0.5,
+                             scorers=["norm"], stages=stages)
+    layers = model.model.language_model.layers
+    before, after = {}, {}
+    # registered before attach: runs before resprune's hook, so it sees the layer's own output
+    handles = [layers[i].register_forward_hook(lambda m, a, out, i=i: before.setdefault(i, out.clone()))
+               for i in (0, 1)]
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        handles += [layers[i].register_forward_hook(lambda m, a, out, i=i: after.setdefault(i, out.clone()))
+                    for i in (0, 1)]
+        try:
+            model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    batch = attached.last
+    image = (inputs["input_ids"] == model.config.image_token_id) & inputs["attention_mask"].bool()
+    token_of = torch.full(image.shape, -1)
+    token_of[image] = torch.arange(int(image.sum()))  # row-major: the order of the planted features
+    for layer in (0, 1):
+        columns = batch.output_columns if stage_layer is not None and layer >= stage_layer else batch.columns
+        expected = torch.zeros_like(after[layer])
+        for r in range(columns.shape[0]):
+            for c, original in enumerate(columns[r].tolist()):
+                if original >= 0 and token_of[r, original] >= 0:
+                    expected[r, c] = planted[layer][token_of[r, original]]
+        torch.testing.assert_close(after[layer] - before[layer], expected, atol=1e-5, rtol=0)
+        placed = int((expected.abs().sum(-1) > 0).sum())
+        kept = attached.last.stages[0].selections if stage_layer is not None and layer >= stage_layer \
+            else attached.selections
+        assert placed == sum(s.k for s in kept) < int(image.sum())

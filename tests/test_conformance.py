@@ -63,3 +63,9 @@ class TestInjector_qwen2_5_vl(InjectorConformance):
         positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                   inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
         return {**reference, "position_ids": positions}
+
+
+class TestInjector_qwen3_vl(TestInjector_qwen2_5_vl):
+    """Qwen3-VL keeps M-RoPE positions like Qwen2.5-VL, and its DeepStack features follow the kept tokens."""
+
+    model_type = "qwen3_vl"

@@ -23,7 +23,7 @@ from resprune.tiny import tiny_inputs, tiny_lvlm
 
 from test_backbones import PROMPTS, photos
 
-TYPES = ("llava", "llava_next", "qwen2_5_vl", "gemma3")
+TYPES = ("llava", "llava_next", "qwen2_5_vl", "gemma3", "qwen3_vl")
 
 
 @functools.cache
@@ -174,7 +174,7 @@ def test_pruned_generate_equals_masked_reference(model_type, batch, attn):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl", "qwen3_vl"])
 def test_pruned_forward_with_input_stage_then_llm_stage(model_type):
     """Input-stage pruning then a stage at layer 2: the forward's logits at the output columns
     equal the masked reference's at the same original columns."""

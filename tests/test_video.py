@@ -325,7 +325,7 @@ def test_the_video_demo_refuses_a_backbone_without_videos(capsys):
     from resprune.cli import main
 
     assert main(["demo", "--video", "pan", "--model", "tiny:llava"]) == 2
-    assert "runs on Qwen2.5-VL and LLaVA-OneVision models" in capsys.readouterr().err
+    assert "runs on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision models" in capsys.readouterr().err
 
 
 def test_the_video_demo_on_llava_onevision_keeps_nothing_of_a_repeated_frame(tmp_path, capsys):
@@ -789,7 +789,7 @@ def test_resprune_run_on_a_video_file_prints_each_frames_share_and_writes_a_cont
     assert len(kept["per_frame"]) == 8 and sum(kept["per_frame"]) <= 48  # the newline is no frame's cell
     assert Image.open(out).width > 7 * Image.open(out).height
     assert main(["run", "resprune-llava15", "--model", "tiny:llava", "--video", "cut", "--prompt", "hi"]) == 2
-    assert "runs on Qwen2.5-VL and LLaVA-OneVision models" in capsys.readouterr().err
+    assert "runs on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision models" in capsys.readouterr().err
 
 
 # --- the temporal merger -------------------------------------------------------------------------------
@@ -907,3 +907,62 @@ def test_a_video_budget_as_an_energy_fraction_through_a_pipeline():
     assert capped.k == 2 and torch.equal(capped.kept, plain.kept)
     with pytest.raises(resprune.ConfigError, match="energy_fraction must be below 1"):
         resprune.load_pipeline("resprune-video", ["selector.params.energy_fraction=1.0"])
+
+
+# --- Qwen3-VL: a timestamp before each temporal patch, DeepStack features on video tokens ------------
+
+
+@functools.cache
+def qwen3():
+    return load_model("tiny:qwen3_vl")
+
+
+def qwen3_inputs(case: str):
+    media, prompts = BATCHES[case]
+    return video_chat_inputs(qwen3()[1], media, prompts)
+
+
+def test_qwen3_vl_video_prompt_is_what_its_processor_writes():
+    """Each temporal patch written as its time and its tokens, as Qwen3VLProcessor.replace_video_token
+    writes them for the same frames (its timestamps: the mean of each patch's frame times)."""
+    from transformers.video_utils import VideoMetadata
+
+    _, proc = qwen3()
+    video = clip(5)
+    inputs = video_chat_inputs(proc, [[video]], ["What happens?"])
+    t, h, w = inputs["video_grid_thw"][0].tolist()
+    assert t == 3 and "second_per_grid_ts" not in inputs
+    metadata = VideoMetadata(total_num_frames=6, fps=video.fps, frames_indices=list(range(6)))
+    expected = proc.replace_video_token({"video_grid_thw": inputs["video_grid_thw"], "video_metadata": [metadata]}, 0)
+    text = proc.tokenizer.decode(inputs["input_ids"][0])
+    assert expected in text and expected.count("seconds>") == 3 and "<0.2 seconds>" in expected
+    assert int((inputs["input_ids"] == qwen3()[0].config.video_token_id).sum()) == t * h * w // 4
+
+
+def qwen3_masked_reference(model, inputs, attached, call: str) -> dict:
+    """As ``masked_reference``, with Qwen3-VL's ``get_rope_index`` (videos split per timestamped patch)."""
+    ref = masked_out_dropped(model, inputs, attached)
+    mask = ref["attention_mask"]
+    pos3, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
+                                         inputs["video_grid_thw"], attention_mask=inputs["attention_mask"])
+    if call == "generate":
+        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        ref["position_ids"] = torch.cat([text[None], pos3], dim=0)
+    else:
+        ref["position_ids"] = pos3
+    return ref
+
+
+@pytest.mark.parametrize("case", sorted(BATCHES))
+def test_qwen3_vl_keep_all_on_videos_is_bit_identical(case):
+    inputs = qwen3_inputs(case)
+    selections = assert_keep_all_is_identical(*qwen3(), inputs, "resprune-qwen3-vl")
+    assert sorted(s.n for s in selections) == sorted(t * h * w // 4 for t, h, w in inputs["video_grid_thw"].tolist())
+
+
+@pytest.mark.parametrize("case", sorted(BATCHES))
+@pytest.mark.parametrize("config", ["resprune-qwen3-vl", "divprune"])
+def test_qwen3_vl_pruned_videos_equal_the_masked_unpruned_model(case, config):
+    """A video's timestamped patches are one video for the selection; its kept tokens keep their
+    time, row and column positions and their DeepStack features."""
+    assert_pruned_equals_masked(*qwen3(), qwen3_inputs(case), config, qwen3_masked_reference)

@@ -35,7 +35,7 @@ from .contracts import check_merger_contract, check_scorer_contract, check_selec
 __all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "InjectorConformance", "BACKBONES",
            "masked_out_dropped", "pruned_forward_positions", "assert_equal_at_kept_columns"]
 
-BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3")
+BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl")
 
 
 def _photo(which: int = 0) -> Any:

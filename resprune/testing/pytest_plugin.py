@@ -2,7 +2,8 @@
 
 Fixtures (nothing heavy is imported until a fixture is used):
 
-- ``tiny_llava``, ``tiny_llava_next``, ``tiny_qwen2_5_vl``, ``tiny_llava_onevision``, ``tiny_gemma3``:
+- ``tiny_llava``, ``tiny_llava_next``, ``tiny_qwen2_5_vl``, ``tiny_llava_onevision``, ``tiny_gemma3``,
+  ``tiny_qwen3_vl``:
   ``(model, processor)`` of a tiny randomly initialised backbone, built offline once per session;
 - ``tiny_lvlm_factory``: ``make(model_type, seed=0)`` for other seeds;
 - ``resprune_context``: a ``PruneContext`` with every standard field;
@@ -57,6 +58,11 @@ def tiny_llava_onevision():
 @pytest.fixture(scope="session")
 def tiny_gemma3():
     return _tiny("gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl():
+    return _tiny("qwen3_vl")
 
 
 @pytest.fixture
