@@ -12,11 +12,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LLMDims", "Tokens", "llm_dims", "vision_dims", "layer_tokens", "prefill_flops", "vision_flops",
+__all__ = ["LLMDims", "LinearAttentionDims", "Tokens", "llm_dims", "vision_dims", "layer_tokens", "prefill_flops", "vision_flops",
            "kv_cache_bytes"]
 
 Tokens = int | Sequence[tuple[int, int]]
 """Prompt tokens: one count for every layer, or ``(first layer, tokens)`` pairs."""
+
+
+@dataclass(frozen=True)
+class LinearAttentionDims:
+    """The sizes of a Gated DeltaNet layer (Qwen3.5's linear attention)."""
+
+    key_heads: int
+    value_heads: int
+    key_dim: int  # per head
+    value_dim: int  # per head
+    conv_kernel: int
+
+    def flops_per_token(self, hidden: int) -> float:
+        """One token through the layer's token mixer (Eq. 18's convention: 2 FLOPs per multiply-add):
+        the input projections (queries, keys, values, output gate, the ``a`` and ``b`` of the decay
+        and write strength) and the output projection ``2 d (2 K + 3 V + 2 h_v)``, the short causal
+        convolution ``2 k_conv (2 K + V)`` and the recurrent state update ``8 h_v d_k d_v`` (decay,
+        read, write and query of each value head's ``d_k x d_v`` state), with ``K = h_k d_k`` and
+        ``V = h_v d_v``. Linear in the tokens: nothing grows like Eq. 18's ``T^2``."""
+        keys, values = self.key_heads * self.key_dim, self.value_heads * self.value_dim
+        project = 2 * hidden * (2 * keys + 3 * values + 2 * self.value_heads)
+        conv = 2 * self.conv_kernel * (2 * keys + values)
+        state = 8 * self.value_heads * self.key_dim * self.value_dim
+        return float(project + conv + state)
 
 
 @dataclass(frozen=True)
@@ -31,9 +55,16 @@ class LLMDims:
     windows: tuple[int | None, ...] = ()
     """Per layer, the sliding window of a sliding-attention layer (Gemma 3's local layers), or
     ``None`` for full attention; empty: every layer is full attention."""
+    linear: tuple[bool, ...] = ()
+    """Per layer, whether it is a linear-attention layer (Qwen3.5's Gated DeltaNet); empty: none."""
+    linear_attention: LinearAttentionDims | None = None
+    """The sizes of those layers."""
 
     def window(self, layer: int) -> int | None:
         return self.windows[layer] if layer < len(self.windows) else None
+
+    def is_linear(self, layer: int) -> bool:
+        return layer < len(self.linear) and self.linear[layer]
 
 
 def llm_dims(config: Any) -> LLMDims:
@@ -44,6 +75,11 @@ def llm_dims(config: Any) -> LLMDims:
     types = getattr(text, "layer_types", None) or ()
     window = getattr(text, "sliding_window", None)
     windows = tuple(int(window) if kind == "sliding_attention" and window else None for kind in types)
+    linear = tuple(kind == "linear_attention" for kind in types)
+    linear_attention = LinearAttentionDims(
+        key_heads=int(text.linear_num_key_heads), value_heads=int(text.linear_num_value_heads),
+        key_dim=int(text.linear_key_head_dim), value_dim=int(text.linear_value_head_dim),
+        conv_kernel=int(text.linear_conv_kernel_dim)) if any(linear) else None
     return LLMDims(
         hidden=hidden,
         intermediate=int(text.intermediate_size),
@@ -51,6 +87,8 @@ def llm_dims(config: Any) -> LLMDims:
         kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
         head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
         windows=windows if any(w is not None for w in windows) else (),
+        linear=linear if any(linear) else (),
+        linear_attention=linear_attention,
     )
 
 
@@ -73,12 +111,17 @@ def prefill_flops(dims: LLMDims | Any, tokens: Tokens) -> float:
     ``T_l`` counts every token of the prompt (visual and text) that layer ``l`` runs on:
     ``tokens`` is one count for all layers or a ``(first layer, tokens)`` schedule. ``A_l``, the
     keys a query attends to, is ``T_l`` (the paper's ``T^2`` term), or at most the window ``W``
-    of a sliding-attention layer (``min(T_l, W)``). Pass a model config or ``LLMDims``.
+    of a sliding-attention layer (``min(T_l, W)``). A linear-attention layer (Qwen3.5) costs
+    ``T_l`` times its token mixer's per-token FLOPs (``LinearAttentionDims.flops_per_token``) plus
+    the same MLP term ``6 T_l d m``. Pass a model config or ``LLMDims``.
     """
     dims = dims if isinstance(dims, LLMDims) else llm_dims(dims)
     d, m = float(dims.hidden), float(dims.intermediate)
     total = 0.0
     for layer, t in enumerate(map(float, layer_tokens(dims.layers, tokens))):
+        if dims.is_linear(layer) and dims.linear_attention is not None:
+            total += t * dims.linear_attention.flops_per_token(dims.hidden) + 6 * t * d * m
+            continue
         window = dims.window(layer)
         keys = t if window is None else min(t, float(window))
         total += 8 * t * d * d + 4 * t * keys * d + 6 * t * d * m
@@ -87,10 +130,11 @@ def prefill_flops(dims: LLMDims | Any, tokens: Tokens) -> float:
 
 def kv_cache_bytes(dims: LLMDims | Any, tokens: Tokens, bytes_per_value: int = 2) -> int:
     """Keys and values of the prompt over all layers (``bytes_per_value`` 2 = bf16); with a
-    schedule each layer holds the tokens it ran on, a sliding-attention layer at most its window."""
+    schedule each layer holds the tokens it ran on, a sliding-attention layer at most its window,
+    a linear-attention layer none (its recurrent state has one size whatever the prompt)."""
     dims = dims if isinstance(dims, LLMDims) else llm_dims(dims)
     per_token = 2 * dims.kv_heads * dims.head_dim * bytes_per_value
-    held = [t if dims.window(layer) is None else min(t, dims.window(layer))
+    held = [0 if dims.is_linear(layer) else t if dims.window(layer) is None else min(t, dims.window(layer))
             for layer, t in enumerate(layer_tokens(dims.layers, tokens))]
     return per_token * sum(held)
 

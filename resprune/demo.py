@@ -34,9 +34,10 @@ __all__ = ["DEFAULT_CONFIGS", "pixel_tokens", "compare_selectors", "run_demo", "
 
 DEFAULT_CONFIGS = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next",
                    "qwen2_5_vl": "resprune-qwen2.5-vl", "llava_onevision": "resprune-llava-onevision",
-                   "gemma3": "resprune-gemma3", "qwen3_vl": "resprune-qwen3-vl"}
+                   "gemma3": "resprune-gemma3", "qwen3_vl": "resprune-qwen3-vl",
+                   "qwen3_5": "resprune-qwen3.5"}
 VIDEO_CONFIGS = {"qwen2_5_vl": "resprune-video", "llava_onevision": "resprune-llava-onevision",
-                 "qwen3_vl": "resprune-qwen3-vl"}
+                 "qwen3_vl": "resprune-qwen3-vl", "qwen3_5": "resprune-qwen3.5"}
 """The default pipeline of ``resprune demo --video`` per model type."""
 """The paper's setting for each backbone (shipped configs)."""
 
@@ -232,7 +233,7 @@ def run_video_demo(clip: str = "pan", *, model: str = "tiny:qwen2_5_vl", config:
             batch, (sel,) = attached.last, attached.selections
     t, (rows, cols) = sel.geometry.layout["temporal"], sel.geometry.layout["grid"]
     per_frame = frame_counts(sel)
-    unit = "frame pair" if lvlm.config.model_type in ("qwen2_5_vl", "qwen3_vl") else "frame"  # 2 frames as one
+    unit = "frame pair" if lvlm.config.model_type in ("qwen2_5_vl", "qwen3_vl", "qwen3_5") else "frame"  # 2 as one
     print_fn(f"kept {sel.k} of the video's {sel.n} tokens ({t} {unit}s of {rows}x{cols}); per {unit}: {per_frame}")
     dims = llm_dims(lvlm.config)
     t_full, t_pruned = int(inputs["attention_mask"].sum()), batch.token_schedule

@@ -17,6 +17,11 @@ How it works (transformers 5.x decoder-only LLMs: Llama, Qwen2, Mistral, ...):
 
 Rows are re-padded on the left when their kept counts differ, so the last column of every
 row stays its last prompt token. A stage that keeps every token changes nothing.
+
+Hybrid LLMs (Qwen3.5: linear-attention layers, ``layer_types``) have attention only at their
+full-attention layers: a stage acts after the first of them (whose cache ``generate`` reads) and
+reads attention only from one of them; a linear layer after a stage gets the 2-D padding mask of
+the shorter rows, and its recurrent state is that of the shorter sequence.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ LLM_STAGE_FIELDS = frozenset(LLM_FIELDS) | {"text"}
 processor or ``text=`` supplies it)."""
 
 _WRAPPED = ("sdpa", "eager")
+LINEAR = "linear_attention"  # a layer type of hybrid LLMs (Qwen3.5's Gated DeltaNet): no attention, no KV cache
 _PREFIX = "resprune_"
 _active: dict[int, LLMPruner] = {}  # id(attention module) -> pruner; read by the attention wrapper
 _lock = threading.Lock()
@@ -196,6 +202,7 @@ class LLMPruner:
                     f"layers; an in-LLM stage acts on layer 1..{len(self.layers) - 1} (scores come from layer "
                     f"K-1).{tiny}")
         self.capture_at = {s.layer - 1: s for s in self.stages if s.requires & {"llm_attention", "llm_keys"}}
+        self._check_hybrid_layers(model)
         self._wants_raters = any(getattr(getattr(scorer, "params", None), "query", None) == "raters"
                                  for s in self.stages for _, scorer in s.scorers)
         rope = getattr(self.lm.config, "rope_parameters", None) or getattr(self.lm.config, "rope_scaling", None) or {}
@@ -208,6 +215,35 @@ class LLMPruner:
         self._hooks: list[Any] = []
         self._saved_impl: Any = None
         self._installed = False
+
+    def _check_hybrid_layers(self, model: Any) -> None:
+        """A hybrid LLM (Qwen3.5: linear-attention layers between full-attention ones) has attention
+        to read only at its full-attention layers, and ``generate`` counts the prompt by the cache of
+        its first full-attention layer, which must keep the whole prompt: refuse stages elsewhere,
+        naming the layers they may act at."""
+        types = getattr(self.lm.config, "layer_types", None) or []
+        if LINEAR not in types:
+            return
+        full = [i for i, kind in enumerate(types) if kind != LINEAR]
+        name = type(model).__name__
+        after = full[0] + 1 if full else len(types)
+        for stage in self.stages:
+            if stage.layer < after:
+                raise InvalidInputError(
+                    f"{self.source}: stage at layer {stage.layer}: {name}'s LLM has linear-attention layers, and "
+                    f"generate counts the prompt by the cache of its first full-attention layer ({after - 1}), which "
+                    f"must keep every token; a stage inside this LLM acts at layer {after}..{len(types) - 1}.")
+            needs = [(1, "llm_attention or llm_keys (read at layer K-1)")] \
+                if stage.requires & {"llm_attention", "llm_keys"} else []
+            needs += [(0, "llm_own_attention (read at layer K)")] if "llm_own_attention" in stage.requires else []
+            for back, what in needs:  # the layer read: K - back
+                if types[stage.layer - back] == LINEAR:
+                    allowed = [k for k in range(after, len(types)) if types[k - back] != LINEAR]
+                    raise IncompatibleBackboneError(
+                        f"{self.source}: stage at layer {stage.layer} reads {what}, and layer {stage.layer - back} of "
+                        f"{name}'s LLM is a linear-attention layer (no attention weights); allowed layers for this "
+                        f"stage: {', '.join(map(str, allowed)) or 'none'}. Stages that read no attention (hidden-state "
+                        f"similarity, ResPrune on hidden states) act at any layer from {after}.")
 
     # --- install / remove ------------------------------------------------------------------
 
@@ -313,7 +349,8 @@ class LLMPruner:
         normed = block.input_layernorm(hidden)
         head = attn.head_dim
         q = attn.q_proj(torch.gather(normed, 1, rows[..., None].expand(b, rows.shape[1], width)))
-        q = q.view(b, rows.shape[1], -1, head).transpose(1, 2)
+        q = q.view(b, rows.shape[1], self.lm.config.num_attention_heads, -1)
+        q = q[..., :head].transpose(1, 2)  # a gated attention (Qwen3.5) projects each head's query, then its gate
         k = attn.k_proj(normed).view(b, length, -1, head).transpose(1, 2)
         if hasattr(attn, "q_norm"):  # per-head query/key norms (Qwen3-style attention)
             q, k = attn.q_norm(q), attn.k_norm(k)
@@ -340,7 +377,10 @@ class LLMPruner:
             if region is None:
                 return None
             kwargs = dict(kwargs)
-            if prefill:
+            if self._layer_type(index) == LINEAR:  # a recurrent layer: its mask is the 2-D padding of the rows
+                if prefill:
+                    kwargs["attention_mask"] = None if region.uniform else region.valid.long()
+            elif prefill:
                 kwargs.update(self._positions(st, region, kwargs, hidden, index))
                 kwargs["attention_mask"] = self._prefill_mask(st, region, kwargs.get("attention_mask"), hidden)
             else:
@@ -599,6 +639,8 @@ def _is_prefill(cache: Any, layer: int) -> bool:
         return True
     layers = getattr(cache, "layers", None)
     if layers is not None and layer < len(layers):
+        if not hasattr(layers[layer], "get_seq_length"):  # a linear-attention layer: a state, no sequence
+            return not cache.has_previous_state(layer)
         return layers[layer].get_seq_length() == 0
     return cache.get_seq_length(layer) == 0
 

@@ -24,6 +24,11 @@ Default sizes and image-token counts ``N`` per image:
 - ``"qwen3_vl"``: patch 16, 2x2 merge (32 px per token), 64*64 <= pixels <= 256*256; a 112x84
   image gives 12 tokens (a 448x448 photo 64); DeepStack features of both vision layers added
   after LLM layers 0 and 1; a Qwen3 LLM (per-head query/key norms) with interleaved M-RoPE.
+- ``"qwen3_5"``: Qwen3-VL's vision side without DeepStack, and Qwen3.5's hybrid LLM: Gated
+  DeltaNet (linear attention) layers and full-attention layers, one full layer in every 4 as on
+  the released checkpoints (``linear, linear, linear, full, ...``); with fewer than 4 layers the
+  first is full (the default 2 layers are ``full, linear``, so a stage at layer 1 can read
+  attention).
 """
 
 from __future__ import annotations
@@ -39,14 +44,15 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_TYPES", "tiny_inputs", "tiny_lvlm"]
 
-ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl"]
-MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl")
+ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5"]
+MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5")
 
 _PATCH = 14
 _DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224, "llava_onevision": 84, "gemma3": 168,
-                       "qwen3_vl": 256}
-_QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl")  # dynamic-resolution grids, the Qwen tokenizer and chat template
-_TEXT_ONLY_ROWS = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")  # ChatML models: a row may have no image
+                       "qwen3_vl": 256, "qwen3_5": 256}
+_QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")  # dynamic-resolution grids, the Qwen tokenizer and chat template
+_QWEN3_VISION = ("qwen3_vl", "qwen3_5")  # 16 px patches, Qwen3VLProcessor
+_TEXT_ONLY_ROWS = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5")  # ChatML models: a row may have no image
 
 _LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 _ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -122,7 +128,7 @@ _GEMMA3_CHAT_TEMPLATE = (
 )
 _CHAT_TEMPLATES = {"llava": _LLAVA_CHAT_TEMPLATE, "llava_next": _LLAVA_CHAT_TEMPLATE,
                    "qwen2_5_vl": _QWEN_CHAT_TEMPLATE, "llava_onevision": _ONEVISION_CHAT_TEMPLATE,
-                   "gemma3": _GEMMA3_CHAT_TEMPLATE, "qwen3_vl": _QWEN_CHAT_TEMPLATE}
+                   "gemma3": _GEMMA3_CHAT_TEMPLATE, "qwen3_vl": _QWEN_CHAT_TEMPLATE, "qwen3_5": _QWEN_CHAT_TEMPLATE}
 
 
 def _check_type(model_type: str) -> None:
@@ -144,7 +150,7 @@ def _tokenizer(model_type: str) -> PreTrainedTokenizerFast:
                                         "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}),
         "llava_onevision": (_ONEVISION_SPECIALS, {"image_token": "<image>", "video_token": "<video>"}),
     }
-    qwen_family["qwen3_vl"] = qwen_family["qwen2_5_vl"]
+    qwen_family["qwen3_vl"] = qwen_family["qwen3_5"] = qwen_family["qwen2_5_vl"]
     if model_type in qwen_family:
         specials, named = qwen_family[model_type]
         tok.add_special_tokens(specials)
@@ -220,13 +226,14 @@ def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -
 
         return _image_only_processor_cls("LlavaOnevisionProcessor")(**common, video_processor=BaseVideoProcessor())
     cls = transformers.Qwen2VLImageProcessor if tv else transformers.Qwen2VLImageProcessorPil
-    if model_type == "qwen3_vl":
+    if model_type in _QWEN3_VISION:
         ip = cls(patch_size=16, size={"shortest_edge": 4 * 32 * 32, "longest_edge": image_size * image_size})
     else:
         ip = cls(min_pixels=4 * 28 * 28, max_pixels=image_size * image_size)
-    name = "Qwen3VLProcessor" if model_type == "qwen3_vl" else "Qwen2_5_VLProcessor"
+    name = "Qwen3VLProcessor" if model_type in _QWEN3_VISION else "Qwen2_5_VLProcessor"
     if tv:
-        vp = (transformers.Qwen3VLVideoProcessor if model_type == "qwen3_vl" else transformers.Qwen2VLVideoProcessor)()
+        vp = (transformers.Qwen3VLVideoProcessor if model_type in _QWEN3_VISION
+              else transformers.Qwen2VLVideoProcessor)()
         return getattr(transformers, name)(
             image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=_QWEN_CHAT_TEMPLATE
         )
@@ -322,6 +329,25 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
         cfg = transformers.Qwen3VLConfig(
+            text_config=text_config, vision_config=vision_config, image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"))
+    elif model_type == "qwen3_5":
+        if layers >= 4:  # as the released checkpoints: every 4th layer is full attention
+            kinds = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
+        else:  # the first, so a stage at layer 1 can read its attention (the strategy conformance suites)
+            kinds = ["full_attention"] + ["linear_attention"] * (layers - 1)
+        text_config = transformers.Qwen3_5TextConfig(
+            **text, head_dim=16, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+            layer_types=kinds,
+            linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+            linear_num_value_heads=4, partial_rotary_factor=0.5,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                             "mrope_interleaved": True, "partial_rotary_factor": 0.5})
+        vision_config = transformers.Qwen3_5VisionConfig(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+        cfg = transformers.Qwen3_5Config(
             text_config=text_config, vision_config=vision_config, image_token_id=ids("<|image_pad|>"),
             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
             vision_end_token_id=ids("<|vision_end|>"))
@@ -444,6 +470,7 @@ def tiny_lvlm(
         "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
         "gemma3": transformers.Gemma3ForConditionalGeneration,
         "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
     }[model_type]
     with _seeded(seed):
         model = cls(config)

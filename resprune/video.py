@@ -161,7 +161,7 @@ def load_video(spec: str, fps: float = 2.0, max_frames: int = 32) -> Video:
     return Video(frames, fps=fps)
 
 
-VIDEO_MODEL_TYPES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
+VIDEO_MODEL_TYPES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5")
 """The backbones resprune prunes videos of."""
 
 
@@ -170,8 +170,8 @@ def require_videos(model: Any, name: str, what: str) -> None:
     (``VIDEO_MODEL_TYPES``); ``what`` names the command or option asking (``--video``)."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in VIDEO_MODEL_TYPES:
-        raise InvalidInputError(f"{what} runs on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision models (videos of other backbones "
-                                f"are not supported yet); '{name}' is a {model_type} model.")
+        raise InvalidInputError(f"{what} runs on Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision models (videos of "
+                                f"other backbones are not supported yet); '{name}' is a {model_type} model.")
 
 
 def frame_counts(selection: Any) -> list[int]:

@@ -71,6 +71,45 @@ def masked_reference_inputs(model, model_type, inputs, attached, call):
     return ref
 
 
+def pruned_prompt_inputs(model, inputs, selections):
+    """The pruned prompt built here by hand, for a model whose layers cannot mask a token out
+    (Qwen3.5's linear attention): ``(kwargs of the model's forward, columns)``. Each row keeps its
+    text and the kept image tokens (``selections``), in order, left-padded; the embeddings are the
+    model's own image features at the kept tokens; positions are the unpruned prompt's M-RoPE
+    positions at the kept columns. ``columns [B, L']``: the original column of each (-1: padding)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    image = (ids == model.config.image_token_id) & mask
+    features = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    keep, flat, offset, kept = mask & ~image, image.nonzero(), 0, []
+    for sel in sorted(selections, key=lambda s: s.image):
+        cols = flat[offset: offset + sel.n][sel.kept]
+        keep[cols[:, 0], cols[:, 1]] = True
+        kept.append(features[offset: offset + sel.n][sel.kept])
+        offset += sel.n
+    length = int(keep.sum(1).max())
+    columns = torch.full((ids.shape[0], length), -1)
+    for r in range(ids.shape[0]):
+        c = keep[r].nonzero().squeeze(1)
+        columns[r, length - c.numel():] = c
+    valid = columns >= 0
+    new_ids = ids.gather(1, columns.clamp_min(0))
+    embeds = model.get_input_embeddings()(new_ids)
+    embeds[(new_ids == model.config.image_token_id) & valid] = torch.cat(kept)
+    positions, _ = model.model.get_rope_index(ids, inputs["mm_token_type_ids"], inputs["image_grid_thw"],
+                                              attention_mask=inputs["attention_mask"])
+    positions = positions.gather(2, columns.clamp_min(0)[None].expand(3, -1, -1)) * valid
+    return {"inputs_embeds": embeds, "attention_mask": valid.long(), "position_ids": positions}, columns
+
+
+def at_original_columns(values, columns, length):
+    """``values [B, L', ...]`` of a pruned prompt put at their original columns ``[B, L, ...]`` (NaN elsewhere)."""
+    out = torch.full((values.shape[0], length, *values.shape[2:]), float("nan"), dtype=values.dtype)
+    for r in range(values.shape[0]):
+        valid = columns[r] >= 0
+        out[r, columns[r][valid]] = values[r, valid]
+    return out
+
+
 # --- keep-all identity --------------------------------------------------------------------
 
 

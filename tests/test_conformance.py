@@ -69,3 +69,16 @@ class TestInjector_qwen3_vl(TestInjector_qwen2_5_vl):
     """Qwen3-VL keeps M-RoPE positions like Qwen2.5-VL, and its DeepStack features follow the kept tokens."""
 
     model_type = "qwen3_vl"
+
+
+class TestInjector_qwen3_5(TestInjector_qwen2_5_vl):
+    """Qwen3.5: Qwen3-VL's vision side before a hybrid LLM. Its Gated DeltaNet layers cannot mask a
+    token out, so the reference is the model fed the pruned prompt, built by hand."""
+
+    model_type = "qwen3_5"
+
+    def reference_logits(self, model, inputs, attached):
+        from test_backbones import at_original_columns, pruned_prompt_inputs
+
+        reference, columns = pruned_prompt_inputs(model, inputs, attached.selections)
+        return at_original_columns(model(**reference).logits, columns, inputs["input_ids"].shape[1])

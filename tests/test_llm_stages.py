@@ -50,7 +50,8 @@ def keep_masks(model, inputs, stages) -> dict[int, torch.Tensor]:
     """layer -> bool [B, L]: the columns still attended to from that layer on (cumulative over stages)."""
     ids = inputs["input_ids"]
     mask = inputs["attention_mask"].bool()
-    flat = ((ids == model.config.image_token_id) & mask).nonzero()
+    visual = [t for t in (model.config.image_token_id, getattr(model.config, "video_token_id", None)) if t is not None]
+    flat = (torch.isin(ids, torch.tensor(visual)) & mask).nonzero()  # images and videos, in sequence order
     keep = torch.ones_like(ids, dtype=torch.bool)
     out = {}
     for record in stages:
@@ -408,6 +409,135 @@ def test_any_layer_and_budget_equal_the_masked_reference(model_type, layer, k, i
         records = attached.last.stages
     assert all(s.k == min(k, s.n) for s in records[0].selections)
     ids, logits = reference_generate(model, inputs, keep_masks(model, inputs, records), 3)
+    assert torch.equal(out.sequences, ids)
+    for a, b in zip(out.logits, logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+# --- Qwen3.5: a hybrid LLM (Gated DeltaNet layers between full-attention ones) -------------------
+
+
+def hybrid_reference(model, inputs, masks, steps):
+    """Greedy decoding without a cache, the language model run layer by layer by hand: from each
+    stage's layer on, only the columns it kept (gathered, rows re-padded on the left), with the
+    masks the model's own mask functions build for that shorter sequence (a causal mask for a
+    full-attention layer, the 2-D padding mask for a linear one) and the kept tokens' original
+    M-RoPE positions. Independent of resprune.llm_pruning (which reuses the full-length masks)."""
+    from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+
+    lm, config = model.model.language_model, model.model.language_model.config
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    types = inputs["mm_token_type_ids"]
+    features = {}  # the model's own features of every image and video, by placeholder token
+    for token, pixels, grid, encode in ((model.config.image_token_id, "pixel_values", "image_grid_thw",
+                                         model.model.get_image_features),
+                                        (model.config.video_token_id, "pixel_values_videos", "video_grid_thw",
+                                         model.model.get_video_features)):
+        if inputs.get(pixels) is not None:
+            features[token] = torch.cat(encode(inputs[pixels], inputs[grid]).pooler_output)
+    logits = []
+    for _ in range(steps):
+        embeds = model.get_input_embeddings()(ids)
+        for token, values in features.items():
+            embeds = embeds.masked_scatter((ids == token)[..., None], values)
+        positions, _ = model.model.get_rope_index(ids, types, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+                                                  attention_mask=am)
+        hidden, mask, pos = embeds, am, positions
+        current = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)  # the original column of each column
+        for i, layer in enumerate(lm.layers):
+            if i in masks:  # keep the columns the stage kept (and every generated token), re-padded on the left
+                kept = torch.cat([masks[i], torch.ones(ids.shape[0], ids.shape[1] - masks[i].shape[1],
+                                                       dtype=torch.bool)], 1) & am.bool()
+                here = [(kept[r].gather(0, current[r].clamp_min(0)) & (current[r] >= 0)).nonzero().squeeze(1)
+                        for r in range(ids.shape[0])]
+                width = max(h.numel() for h in here)
+                index = torch.stack([torch.cat([torch.zeros(width - h.numel(), dtype=torch.long), h]) for h in here])
+                pad = torch.arange(width)[None] < torch.tensor([width - h.numel() for h in here])[:, None]
+                hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+                current = current.gather(1, index).masked_fill(pad, -1)
+                mask = (~pad).long()
+                pos = positions.gather(2, current.clamp_min(0)[None].expand(3, -1, -1))
+            rotary = lm.rotary_emb(hidden, pos)
+            if config.layer_types[i] == "linear_attention":
+                layer_mask = create_recurrent_attention_mask(config, hidden, mask)
+            else:
+                layer_mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=mask,
+                                                past_key_values=None, position_ids=None)
+            hidden = layer(hidden, position_embeddings=rotary, attention_mask=layer_mask, position_ids=None,
+                           past_key_values=None)
+        step = model.lm_head(lm.norm(hidden))[:, -1]
+        logits.append(step)
+        nxt = step.argmax(-1, keepdim=True)
+        ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+        types = torch.cat([types, torch.zeros_like(nxt)], 1)
+    return ids, logits
+
+
+def residual_energy_on_hidden_states(budget, layer) -> Stage:
+    return Stage(resprune.get_host().selectors.get("residual_energy")({"seed": "norm"}), budget=budget, layer=layer,
+                 scorers=["norm"])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_qwen3_5_stages_at_full_and_linear_layers_equal_the_hand_run_hybrid_llm(batch, attn):
+    """FastV at layer 4 (it reads the attention of layer 3, a full-attention layer) and ResPrune on
+    hidden states at layer 5 (a linear-attention layer: it reads no attention): generate with the
+    shorter KV cache and the linear layers' recurrent and convolution states of the pruned sequence
+    equals the LLM run layer by layer by hand without a cache."""
+    model, proc = deep_model("qwen3_5", layers=8, attn=attn)
+    assert model.config.text_config.layer_types[3:6] == ["full_attention", "linear_attention", "linear_attention"]
+    inputs = inputs_for("qwen3_5", batch)
+    pipe = resprune.Pipeline(None, budget=0.5, stages=[fastv(0.5, layer=4), residual_energy_on_hidden_states(0.5, 5)])
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        out = greedy(model, inputs)
+        records = attached.last.stages
+    assert [r.layer for r in records] == [4, 5]
+    assert all(0 < s.k < s.n for r in records for s in r.selections)
+    with torch.no_grad():
+        ids, logits = hybrid_reference(model, inputs, keep_masks(model, inputs, records), 4)
+    assert torch.equal(out.sequences, ids)
+    for a, b in zip(out.logits, logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_qwen3_5_keep_all_inside_the_llm_is_bit_identical_and_bad_layers_are_named():
+    model, proc = deep_model("qwen3_5", layers=8)
+    inputs = inputs_for("qwen3_5", 2)
+    with torch.no_grad():
+        ref = greedy(model, inputs)
+    pipe = resprune.Pipeline(None, budget=1.0, stages=[fastv(1.0, layer=4), residual_energy_on_hidden_states(1.0, 6)])
+    with pipe.attach(model, proc), torch.no_grad():
+        out = greedy(model, inputs)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    with pytest.raises(resprune.IncompatibleBackboneError, match=r"layer 5 reads llm_attention.*layer 4 of "
+                                                                 r"Qwen3_5ForConditionalGeneration's LLM is a "
+                                                                 r"linear-attention layer.*allowed layers for this "
+                                                                 r"stage: 4"):
+        resprune.Pipeline(None, budget=4, stages=[fastv(4, layer=5)]).attach(model, proc)
+    with pytest.raises(resprune.InvalidInputError, match=r"first full-attention layer \(3\).*acts at layer 4\.\.7"):
+        resprune.Pipeline(None, budget=4, stages=[residual_energy_on_hidden_states(4, 2)]).attach(model, proc)
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+@pytest.mark.parametrize("stages", [[], [4]])
+def test_qwen3_5_input_stage_pruning_equals_the_pruned_prompt_run_by_hand(stages):
+    """Pruning before the LLM (then, optionally, FastV at layer 4): generate, whose Gated DeltaNet
+    layers carry the recurrent and convolution states of the pruned prompt, equals the LLM run by
+    hand without a cache on the prompt holding only the kept tokens (a drop "at layer 0")."""
+    from types import SimpleNamespace
+
+    model, proc = deep_model("qwen3_5", layers=8)
+    inputs = inputs_for("qwen3_5", 2)
+    selector = resprune.get_host().selectors.get("residual_energy")({"seed": "norm"})
+    pipe = resprune.Pipeline(selector, budget=0.5, scorers=["norm"], stages=[fastv(0.5, layer=k) for k in stages])
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        out = greedy(model, inputs)
+    records = [SimpleNamespace(layer=0, selections=attached.selections), *attached.last.stages]
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 4
+    with torch.no_grad():
+        ids, logits = hybrid_reference(model, inputs, keep_masks(model, inputs, records), 4)
     assert torch.equal(out.sequences, ids)
     for a, b in zip(out.logits, logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

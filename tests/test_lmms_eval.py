@@ -118,7 +118,7 @@ def test_token_counts_match_the_reference_at_any_batch_size(docs):
 
 @pytest.mark.parametrize("model_type,pipeline", [("llava_next", "resprune-llava-next"),
                                                  ("qwen2_5_vl", "resprune-qwen2.5-vl"), ("gemma3", "resprune-gemma3"),
-                                                 ("qwen3_vl", "resprune-qwen3-vl")])
+                                                 ("qwen3_vl", "resprune-qwen3-vl"), ("qwen3_5", "resprune-qwen3.5")])
 def test_other_backbones_batched(docs, model_type, pipeline):
     """LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL: images give different token counts; Gemma 3: 256 each, its
     images nested per prompt by the processor; each request keeps 64."""

@@ -48,6 +48,28 @@ def test_a_sliding_attention_layer_attends_to_at_most_its_window_in_flops_and_kv
     assert llm_dims(load_model("tiny:qwen2_5_vl")[0].config).windows == ()  # full attention everywhere
 
 
+def test_a_linear_attention_layer_costs_what_its_weights_and_state_say_and_holds_no_kv_cache():
+    """Qwen3.5's Gated DeltaNet layers: per token, 2 FLOPs per weight of its projections and of its
+    depthwise convolution (counted here from the module's own weights) and 8 d_k d_v per value head
+    for the recurrent state, plus the MLP; no T^2 term and no KV cache. Full layers keep Eq. 18."""
+    from resprune.testing.tiny import tiny_lvlm
+
+    model, _ = tiny_lvlm("qwen3_5", text_layers=4)
+    dims = llm_dims(model.config)
+    assert dims.linear == (True, True, True, False) and dims.windows == ()
+    mixer = model.model.language_model.layers[0].linear_attn
+    weights = sum(p.numel() for name, p in mixer.named_parameters() if name.startswith(("in_proj", "out_proj")))
+    state = 8 * mixer.num_v_heads * mixer.head_k_dim * mixer.head_v_dim
+    per_token = 2 * weights + 2 * mixer.conv1d.weight.numel() + state
+    d, m = dims.hidden, dims.intermediate
+    assert dims.linear_attention.flops_per_token(d) == per_token
+    full = 8 * 100 * d * d + 4 * 100 * 100 * d + 6 * 100 * d * m
+    assert prefill_flops(dims, 100) == pytest.approx(3 * 100 * (per_token + 6 * d * m) + full)
+    assert prefill_flops(dims, [(0, 100), (3, 40)]) == pytest.approx(
+        3 * 100 * (per_token + 6 * d * m) + 8 * 40 * d * d + 4 * 40 * 40 * d + 6 * 40 * d * m)
+    assert kv_cache_bytes(dims, 100) == 2 * dims.kv_heads * dims.head_dim * 2 * 100  # the full layer only
+
+
 def test_llm_dims_read_from_a_model_config():
     model, _ = load_model("tiny:qwen2_5_vl")
     dims = llm_dims(model.config)

@@ -325,7 +325,7 @@ def test_the_video_demo_refuses_a_backbone_without_videos(capsys):
     from resprune.cli import main
 
     assert main(["demo", "--video", "pan", "--model", "tiny:llava"]) == 2
-    assert "runs on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision models" in capsys.readouterr().err
+    assert "runs on Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision models" in capsys.readouterr().err
 
 
 def test_the_video_demo_on_llava_onevision_keeps_nothing_of_a_repeated_frame(tmp_path, capsys):
@@ -789,7 +789,7 @@ def test_resprune_run_on_a_video_file_prints_each_frames_share_and_writes_a_cont
     assert len(kept["per_frame"]) == 8 and sum(kept["per_frame"]) <= 48  # the newline is no frame's cell
     assert Image.open(out).width > 7 * Image.open(out).height
     assert main(["run", "resprune-llava15", "--model", "tiny:llava", "--video", "cut", "--prompt", "hi"]) == 2
-    assert "runs on Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision models" in capsys.readouterr().err
+    assert "runs on Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision models" in capsys.readouterr().err
 
 
 # --- the temporal merger -------------------------------------------------------------------------------
@@ -966,3 +966,26 @@ def test_qwen3_vl_pruned_videos_equal_the_masked_unpruned_model(case, config):
     """A video's timestamped patches are one video for the selection; its kept tokens keep their
     time, row and column positions and their DeepStack features."""
     assert_pruned_equals_masked(*qwen3(), qwen3_inputs(case), config, qwen3_masked_reference)
+
+
+@pytest.mark.parametrize("case", sorted(BATCHES))
+def test_qwen3_5_videos_keep_all_and_pruned_equal_the_pruned_prompt_run_by_hand(case):
+    """Qwen3.5 (Gated DeltaNet layers cannot mask): keep-all is the model; pruned, generate equals
+    its LLM run by hand without a cache on the prompt holding only the kept image and video tokens."""
+    from types import SimpleNamespace
+
+    from test_llm_stages import greedy, hybrid_reference, keep_masks
+
+    model, proc = load_model("tiny:qwen3_5")
+    media, prompts = BATCHES[case]
+    inputs = video_chat_inputs(proc, media, prompts)
+    assert_keep_all_is_identical(model, proc, inputs, "resprune-qwen3.5")
+    with resprune.load_pipeline("resprune-qwen3.5", budget=0.3).attach(model, proc) as attached, torch.no_grad():
+        out = greedy(model, inputs)
+    assert any(s.geometry.layout["kind"] == "video" and s.k < s.n for s in attached.selections)
+    with torch.no_grad():
+        ids, logits = hybrid_reference(model, inputs, keep_masks(model, inputs, [SimpleNamespace(
+            layer=0, selections=attached.selections)]), 4)
+    assert torch.equal(out.sequences, ids)
+    for a, b in zip(out.logits, logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

@@ -35,7 +35,7 @@ from .contracts import check_merger_contract, check_scorer_contract, check_selec
 __all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "InjectorConformance", "BACKBONES",
            "masked_out_dropped", "pruned_forward_positions", "assert_equal_at_kept_columns"]
 
-BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl")
+BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5")
 
 
 def _photo(which: int = 0) -> Any:
@@ -50,6 +50,11 @@ def _run_on_backbone(model_type: str, pipeline: Any, budget_all: Any) -> None:
     from ..tiny import tiny_inputs, tiny_lvlm
 
     model, processor = tiny_lvlm(model_type)
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
+    for stage in pipeline.llm_stages:
+        if "llm_own_attention" in stage.requires and kinds and kinds[stage.layer] == "linear_attention":
+            pytest.skip(f"{model_type}: layer {stage.layer} is a linear-attention layer (the strategy reads the "
+                        f"attention of layer K itself)")
     if "frames" in pipeline.requires:  # a strategy of videos: run it on two short clips
         missing = sorted(set(pipeline.requires) - set(get_host().injector_for(model_type).provides) - {"text",
                                                                                                          "text_embedder"})
@@ -336,7 +341,8 @@ class InjectorConformance:
     - pruned ``forward`` equals the unpruned model with the dropped image tokens masked out of
       attention, within ``1e-5`` (``masked_reference``: positions re-indexed contiguously, as
       for the LLaVA family; override it for a backbone that keeps original positions, as
-      Qwen2.5-VL's M-RoPE);
+      Qwen2.5-VL's M-RoPE; override ``reference_logits`` where layers cannot mask, as Qwen3.5's
+      linear attention);
     - ``generate`` returns the caller's prompt and the new tokens, greedy and with beams.
     """
 
@@ -367,6 +373,13 @@ class InjectorConformance:
         the position it has in the pruned forward (its place in the re-padded row)."""
         reference = masked_out_dropped(model, inputs, attached)
         return {**reference, "position_ids": pruned_forward_positions(attached.last.columns, inputs["input_ids"])}
+
+    def reference_logits(self, model: Any, inputs: Any, attached: Any) -> Tensor:
+        """Logits ``[B, L, V]`` at the columns of the unpruned prompt that the pruned forward must
+        match at its kept columns: the unpruned model on ``masked_reference``. Override it for a
+        backbone whose layers cannot mask a token out (linear attention, as Qwen3.5's): there the
+        reference is the model fed the pruned prompt directly, its logits put at their columns."""
+        return model(**self.masked_reference(model, inputs, attached)).logits
 
     @staticmethod
     def _generate(model: Any, inputs: Any, **kw: Any) -> Any:
@@ -415,9 +428,8 @@ class InjectorConformance:
         inputs = self.inputs(processor, 2)
         with self.pipeline(budget).attach(model, processor) as attached, torch.no_grad():
             logits = model(**inputs).logits
-            reference_inputs = self.masked_reference(model, inputs, attached)
         with torch.no_grad():
-            reference = model(**reference_inputs).logits
+            reference = self.reference_logits(model, inputs, attached)
         assert_equal_at_kept_columns(logits, reference, attached.last.columns)
 
     @pytest.mark.parametrize("mode", [{}, {"num_beams": 2, "num_return_sequences": 2}])
