@@ -28,7 +28,7 @@ class Qwen35Injector(Qwen3VLInjector):
     name = "qwen3_5"
     model_types = ("qwen3_5",)
     description = ("Qwen3.5 (Qwen3_5ForConditionalGeneration): images and videos, M-RoPE positions kept; hybrid LLM "
-                   "(in-LLM stages that read attention act at full-attention layers)")
+                   "(in-LLM stages that read attention read it from full-attention layers)")
     vision_refusal = (" (its blocks attend over whole images listed by cu_seqlens and its 2x2 patch merger needs "
                       "every patch of each 2x2 group: allowed vision layers: none)")
 

@@ -663,7 +663,8 @@ def _lookup(registry: Any, name: Any, where: str) -> Any:
 
 
 MODEL_SUFFIXES = {"llava15": "llava", "llava-next": "llava_next", "qwen2.5-vl": "qwen2_5_vl",
-                  "qwen3-vl": "qwen3_vl", "qwen3.5": "qwen3_5"}
+                  "qwen3-vl": "qwen3_vl", "qwen3.5": "qwen3_5",
+                  "internvl": "internvl"}
 """How shipped config names end for a backbone (``visionzip-qwen2.5-vl``) -> its ``model_type``."""
 
 

@@ -35,7 +35,7 @@ __all__ = ["DEFAULT_CONFIGS", "pixel_tokens", "compare_selectors", "run_demo", "
 DEFAULT_CONFIGS = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next",
                    "qwen2_5_vl": "resprune-qwen2.5-vl", "llava_onevision": "resprune-llava-onevision",
                    "gemma3": "resprune-gemma3", "qwen3_vl": "resprune-qwen3-vl",
-                   "qwen3_5": "resprune-qwen3.5"}
+                   "qwen3_5": "resprune-qwen3.5", "internvl": "resprune-internvl"}
 VIDEO_CONFIGS = {"qwen2_5_vl": "resprune-video", "llava_onevision": "resprune-llava-onevision",
                  "qwen3_vl": "resprune-qwen3-vl", "qwen3_5": "resprune-qwen3.5"}
 """The default pipeline of ``resprune demo --video`` per model type."""

@@ -336,6 +336,11 @@ def _subsets(img: EncodedImage) -> Callable[[Pipeline], list[tuple[Tensor, int]]
             return [(cand.nonzero().squeeze(1), k)]
         groups = groups.cpu()
         ids = sorted(set(groups[cand].tolist()))
+        if img.groups is not None and 0 < k < len(ids):
+            raise InvalidInputError(
+                f"a budget of {k} token(s) for an image of {n} tokens in {len(ids)} tiles: with a budget per tile "
+                f"(backbone.params.scope: per_tile) every tile needs at least one; raise the budget to {len(ids)} "
+                f"or more, or set backbone.params.scope: global.")
         members = [(cand & (groups == g)).nonzero().squeeze(1) for g in ids]
         sizes = [int(m.numel()) for m in members]
         weights: list[float] = [float(s) for s in sizes]

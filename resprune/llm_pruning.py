@@ -18,10 +18,10 @@ How it works (transformers 5.x decoder-only LLMs: Llama, Qwen2, Mistral, ...):
 Rows are re-padded on the left when their kept counts differ, so the last column of every
 row stays its last prompt token. A stage that keeps every token changes nothing.
 
-Hybrid LLMs (Qwen3.5: linear-attention layers, ``layer_types``) have attention only at their
-full-attention layers: a stage acts after the first of them (whose cache ``generate`` reads) and
-reads attention only from one of them; a linear layer after a stage gets the 2-D padding mask of
-the shorter rows, and its recurrent state is that of the shorter sequence.
+Hybrid LLMs (Qwen3.5: linear-attention layers, ``layer_types``) have attention weights only at
+their full-attention layers: a stage reads attention only from one of them, while a stage that
+reads none acts at any layer; a linear layer after a stage gets the 2-D padding mask of the
+shorter rows, and its recurrent state is that of the shorter sequence.
 """
 
 from __future__ import annotations
@@ -218,32 +218,24 @@ class LLMPruner:
 
     def _check_hybrid_layers(self, model: Any) -> None:
         """A hybrid LLM (Qwen3.5: linear-attention layers between full-attention ones) has attention
-        to read only at its full-attention layers, and ``generate`` counts the prompt by the cache of
-        its first full-attention layer, which must keep the whole prompt: refuse stages elsewhere,
-        naming the layers they may act at."""
+        weights only at its full-attention layers: refuse a stage that would read them from a linear
+        layer, naming the layers it may act at. Stages that read no attention act at any layer."""
         types = getattr(self.lm.config, "layer_types", None) or []
         if LINEAR not in types:
             return
-        full = [i for i, kind in enumerate(types) if kind != LINEAR]
         name = type(model).__name__
-        after = full[0] + 1 if full else len(types)
         for stage in self.stages:
-            if stage.layer < after:
-                raise InvalidInputError(
-                    f"{self.source}: stage at layer {stage.layer}: {name}'s LLM has linear-attention layers, and "
-                    f"generate counts the prompt by the cache of its first full-attention layer ({after - 1}), which "
-                    f"must keep every token; a stage inside this LLM acts at layer {after}..{len(types) - 1}.")
             needs = [(1, "llm_attention or llm_keys (read at layer K-1)")] \
                 if stage.requires & {"llm_attention", "llm_keys"} else []
             needs += [(0, "llm_own_attention (read at layer K)")] if "llm_own_attention" in stage.requires else []
             for back, what in needs:  # the layer read: K - back
                 if types[stage.layer - back] == LINEAR:
-                    allowed = [k for k in range(after, len(types)) if types[k - back] != LINEAR]
+                    allowed = [k for k in range(1, len(types)) if types[k - back] != LINEAR]
                     raise IncompatibleBackboneError(
                         f"{self.source}: stage at layer {stage.layer} reads {what}, and layer {stage.layer - back} of "
                         f"{name}'s LLM is a linear-attention layer (no attention weights); allowed layers for this "
                         f"stage: {', '.join(map(str, allowed)) or 'none'}. Stages that read no attention (hidden-state "
-                        f"similarity, ResPrune on hidden states) act at any layer from {after}.")
+                        f"similarity, ResPrune on hidden states) act at any layer.")
 
     # --- install / remove ------------------------------------------------------------------
 

@@ -11,16 +11,17 @@ from .prompts import per_prompt_images, tokenizer_of
 __all__ = ["TINY_PREFIX", "load_model", "chat_inputs", "render_chats", "is_tiny"]
 
 TINY_PREFIX = "tiny:"
-"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``, ``tiny:llava_onevision``, ``tiny:gemma3``, ``tiny:qwen3_vl``, ``tiny:qwen3_5``: random tiny
+"""``tiny:llava``, ``tiny:llava_next``, ``tiny:qwen2_5_vl``, ``tiny:llava_onevision``, ``tiny:gemma3``, ``tiny:qwen3_vl``, ``tiny:qwen3_5``, ``tiny:internvl``: random tiny
 models built offline
 (2 decoder layers; ``tiny:llava:32`` gives the LLM 32, deep enough for in-LLM stages at the
 shipped layers; the LLaVA towers have CLIP-L's 24 layers)."""
 
 _TINY_IMAGE_SIZE = {"llava": 336, "llava_next": 336, "qwen2_5_vl": 448, "llava_onevision": 378, "gemma3": 896,
-                    "qwen3_vl": 512, "qwen3_5": 512}
+                    "qwen3_vl": 512, "qwen3_5": 512, "internvl": 448}
 """Tiny models see images at the real token counts (LLaVA-1.5: 576; LLaVA-NeXT: up to ~2900;
 LLaVA-OneVision: 729 per tile as SigLIP at 384 px, 196 per video frame; Gemma 3: 256 per image;
-Qwen3-VL and Qwen3.5: up to 256, 32 px per token)."""
+Qwen3-VL and Qwen3.5: up to 256, 32 px per token; InternVL3: 256 per 448 px tile, up to 12 tiles and a
+thumbnail)."""
 
 _TINY_VISION_LAYERS = {"llava": 24, "llava_next": 24}
 """Tiny LLaVA towers are as deep as CLIP ViT-L/14 (24 layers, features from the 23rd), so stages

@@ -71,6 +71,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.backbones.qwen2_5_vl",
     "resprune.backbones.qwen3_vl",
     "resprune.backbones.qwen3_5",
+    "resprune.backbones.internvl",
     "resprune.backbones.llava_onevision",
     "resprune.backbones.gemma3",
     "resprune.strategies.metrics",

@@ -29,6 +29,10 @@ Default sizes and image-token counts ``N`` per image:
   the released checkpoints (``linear, linear, linear, full, ...``); with fewer than 4 layers the
   first is full (the default 2 layers are ``full, linear``, so a stage at layer 1 can read
   attention).
+- ``"internvl"``: InternVL3's layout: an InternViT tower with a CLS token on 112 px tiles (8x8
+  patches of 14 px, pixel-shuffled 2x2 to ``16`` tokens a tile; at 448 px 32x32 to 256, as
+  InternVL3), up to 6 tiles of the aspect ratio closest to the image's plus a thumbnail, a Qwen2 LLM;
+  a square photo is one tile (16 tokens), a 2:1 photo 2 tiles and the thumbnail (48).
 """
 
 from __future__ import annotations
@@ -44,18 +48,21 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_TYPES", "tiny_inputs", "tiny_lvlm"]
 
-ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5"]
-MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5")
+ModelType = Literal["llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5",
+                    "internvl"]
+MODEL_TYPES: tuple[str, ...] = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5",
+                                "internvl")
 
 _PATCH = 14
 _DEFAULT_IMAGE_SIZE = {"llava": 84, "llava_next": 42, "qwen2_5_vl": 224, "llava_onevision": 84, "gemma3": 168,
-                       "qwen3_vl": 256, "qwen3_5": 256}
+                       "qwen3_vl": 256, "qwen3_5": 256, "internvl": 112}
 _QWEN_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")  # dynamic-resolution grids, the Qwen tokenizer and chat template
 _QWEN3_VISION = ("qwen3_vl", "qwen3_5")  # 16 px patches, Qwen3VLProcessor
-_TEXT_ONLY_ROWS = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5")  # ChatML models: a row may have no image
+_TEXT_ONLY_ROWS = ("qwen2_5_vl", "llava_onevision", "qwen3_vl", "qwen3_5", "internvl")  # ChatML: rows may lack images
 
 _LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 _ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+_INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 _GEMMA3_SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                     "<end_of_image>", "<image_soft_token>"]
 _QWEN_SPECIALS = [
@@ -109,6 +116,9 @@ _QWEN_CHAT_TEMPLATE = _chatml_template("\n", "<|vision_start|><|image_pad|><|vis
 # "<|im_start|>user <image>\n{text}<|im_end|>\n<|im_start|>assistant\n" (llava-onevision-qwen2-hf's template,
 # without the system turn)
 _ONEVISION_CHAT_TEMPLATE = _chatml_template(" ", "<image>\n", "<video>\n")
+# "<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n" (InternVL3-hf's template without
+# the system turn; the processor expands <IMG_CONTEXT> to <img>, 256 per tile, </img>)
+_INTERNVL_CHAT_TEMPLATE = _chatml_template("\n", "<IMG_CONTEXT>\n", "<video>\n")
 # "<start_of_turn>user\n<start_of_image>{text}<end_of_turn>\n<start_of_turn>model\n" (gemma-3-it's template
 # without the system turn; the tokenizer adds <bos>, the processor expands <start_of_image>)
 _GEMMA3_CHAT_TEMPLATE = (
@@ -128,7 +138,8 @@ _GEMMA3_CHAT_TEMPLATE = (
 )
 _CHAT_TEMPLATES = {"llava": _LLAVA_CHAT_TEMPLATE, "llava_next": _LLAVA_CHAT_TEMPLATE,
                    "qwen2_5_vl": _QWEN_CHAT_TEMPLATE, "llava_onevision": _ONEVISION_CHAT_TEMPLATE,
-                   "gemma3": _GEMMA3_CHAT_TEMPLATE, "qwen3_vl": _QWEN_CHAT_TEMPLATE, "qwen3_5": _QWEN_CHAT_TEMPLATE}
+                   "gemma3": _GEMMA3_CHAT_TEMPLATE, "qwen3_vl": _QWEN_CHAT_TEMPLATE, "qwen3_5": _QWEN_CHAT_TEMPLATE,
+                   "internvl": _INTERNVL_CHAT_TEMPLATE}
 
 
 def _check_type(model_type: str) -> None:
@@ -151,6 +162,8 @@ def _tokenizer(model_type: str) -> PreTrainedTokenizerFast:
         "llava_onevision": (_ONEVISION_SPECIALS, {"image_token": "<image>", "video_token": "<video>"}),
     }
     qwen_family["qwen3_vl"] = qwen_family["qwen3_5"] = qwen_family["qwen2_5_vl"]
+    qwen_family["internvl"] = (_INTERNVL_SPECIALS, {"start_image_token": "<img>", "end_image_token": "</img>",
+                                                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
     if model_type in qwen_family:
         specials, named = qwen_family[model_type]
         tok.add_special_tokens(specials)
@@ -209,6 +222,17 @@ def _processor(model_type: str, tok: PreTrainedTokenizerFast, image_size: int) -
             num_additional_image_tokens=1,
             chat_template=_LLAVA_CHAT_TEMPLATE,
         )
+    if model_type == "internvl":
+        cls = transformers.GotOcr2ImageProcessor if tv else transformers.GotOcr2ImageProcessorPil
+        ip = cls(size=crop, crop_to_patches=True, min_patches=1, max_patches=12 if image_size >= 448 else 6,
+                 image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        common = dict(image_processor=ip, tokenizer=tok, chat_template=_INTERNVL_CHAT_TEMPLATE,
+                      image_seq_length=(image_size // _PATCH // 2) ** 2)
+        if tv:
+            return transformers.InternVLProcessor(**common, video_processor=transformers.InternVLVideoProcessor())
+        from transformers.video_processing_utils import BaseVideoProcessor
+
+        return _image_only_processor_cls("InternVLProcessor")(**common, video_processor=BaseVideoProcessor())
     if model_type == "gemma3":
         cls = transformers.Gemma3ImageProcessor if tv else transformers.Gemma3ImageProcessorPil
         return transformers.Gemma3Processor(image_processor=cls(size=crop), tokenizer=tok,
@@ -351,6 +375,16 @@ def _config(model_type: str, tok: PreTrainedTokenizerFast, image_size: int, attn
             text_config=text_config, vision_config=vision_config, image_token_id=ids("<|image_pad|>"),
             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
             vision_end_token_id=ids("<|vision_end|>"))
+    elif model_type == "internvl":
+        text_config = transformers.Qwen2Config(**text, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                                               pad_token_id=ids("<|endoftext|>"))
+        vision_config = transformers.InternVLVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
+            image_size=[image_size, image_size], patch_size=[_PATCH, _PATCH])
+        cfg = transformers.InternVLConfig(
+            vision_config=vision_config, text_config=text_config, image_token_id=ids("<IMG_CONTEXT>"),
+            image_seq_length=(image_size // _PATCH // 2) ** 2, downsample_ratio=0.5, vision_feature_layer=-1,
+            vision_feature_select_strategy="default")
     elif model_type == "llava_onevision":
         text_config = transformers.Qwen2Config(**text, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
                                                pad_token_id=ids("<|endoftext|>"))
@@ -449,8 +483,8 @@ def tiny_lvlm(
             raise ValueError(f"image_size must be >= 56 for {model_type}, got {size}")
     elif size < _PATCH or size % _PATCH:
         raise ValueError(f"image_size must be a positive multiple of {_PATCH} for {model_type}, got {size}")
-    elif model_type == "gemma3" and (size // _PATCH) % 2:
-        raise ValueError(f"image_size must be an even multiple of {_PATCH} for gemma3 (its patches pool 2x2), "
+    elif model_type in ("gemma3", "internvl") and (size // _PATCH) % 2:
+        raise ValueError(f"image_size must be an even multiple of {_PATCH} for {model_type} (its patches pool 2x2), "
                          f"got {size}")
 
     tok = _tokenizer(model_type)
@@ -471,6 +505,7 @@ def tiny_lvlm(
         "gemma3": transformers.Gemma3ForConditionalGeneration,
         "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
         "qwen3_5": transformers.Qwen3_5ForConditionalGeneration,
+        "internvl": transformers.InternVLForConditionalGeneration,
     }[model_type]
     with _seeded(seed):
         model = cls(config)

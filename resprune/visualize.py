@@ -83,7 +83,8 @@ def overlay_selection(image: Image.Image, selection: Any, *, processor: Any = No
     - a single grid (LLaVA-1.5, Qwen2.5-VL after the 2x2 merge): kept patches shown,
       dropped ones dimmed; LLaVA's centre crop is applied when the processor crops;
     - LLaVA-NeXT AnyRes: the base view and the high-resolution crop grid side by side,
-      with a strip for the row newlines (kept ones white, dropped ones dark).
+      with a strip for the row newlines (kept ones white, dropped ones dark); InternVL3's
+      thumbnail and crop grid the same way (no newlines).
 
     Args:
         image: the original picture.
@@ -166,15 +167,16 @@ def _anyres(img: Image.Image, keep: np.ndarray, layout: dict, dim: float, outlin
         rc = layout["crop_rc"].cpu().numpy()[crop_idx]
         width = max(1, round(panel * w / h))
         crop = _cells(img.resize((width, panel), Image.BICUBIC), rc, keep[crop_idx], (h, w), dim, outline)
-        # newline strip: one cell per crop row, right of the crop view
+        views.append(crop)
         nl_idx = np.flatnonzero(newline)
-        strip = Image.new("RGB", (max(6, panel // max(h, 1)), panel), (0, 0, 0))
-        draw = ImageDraw.Draw(strip)
-        ys = np.linspace(0, panel, max(len(nl_idx), 1) + 1).round().astype(int)
-        for j, idx in enumerate(nl_idx):
-            draw.rectangle([1, ys[j] + 1, strip.width - 2, ys[j + 1] - 2],
-                           fill=(255, 255, 255) if keep[idx] else (60, 60, 60))
-        views += [crop, strip]
+        if len(nl_idx):  # newline strip: one cell per crop row, right of the crop view
+            strip = Image.new("RGB", (max(6, panel // max(h, 1)), panel), (0, 0, 0))
+            draw = ImageDraw.Draw(strip)
+            ys = np.linspace(0, panel, len(nl_idx) + 1).round().astype(int)
+            for j, idx in enumerate(nl_idx):
+                draw.rectangle([1, ys[j] + 1, strip.width - 2, ys[j + 1] - 2],
+                               fill=(255, 255, 255) if keep[idx] else (60, 60, 60))
+            views.append(strip)
     gap = 8
     out = Image.new("RGB", (sum(v.width for v in views) + gap * (len(views) - 1), panel), (0, 0, 0))
     x = 0

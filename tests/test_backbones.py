@@ -20,9 +20,12 @@ import resprune
 from resprune.testing.conformance import assert_equal_at_kept_columns, masked_out_dropped, pruned_forward_positions
 from resprune.testing.tiny import tiny_inputs, tiny_lvlm
 
-TYPES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl")
+TYPES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "internvl")
 CONFIG = {"llava": "resprune-llava15", "llava_next": "resprune-llava-next", "qwen2_5_vl": "resprune-qwen2.5-vl",
-          "llava_onevision": "resprune-llava-onevision", "gemma3": "resprune-gemma3", "qwen3_vl": "resprune-qwen3-vl"}
+          "llava_onevision": "resprune-llava-onevision", "gemma3": "resprune-gemma3", "qwen3_vl": "resprune-qwen3-vl",
+          "internvl": "resprune-internvl"}
+GLOBAL_BUDGET = {"internvl": ["backbone.params.scope=global"]}
+"""Overrides for the tests of any budget: InternVL's default budget per tile refuses one below an image's tiles."""
 MROPE = ("qwen2_5_vl", "qwen3_vl")  # original M-RoPE positions kept
 PROMPTS = ["What is shown in the picture?", "Describe the colours of the sky, please."]
 
@@ -46,7 +49,7 @@ def inputs_for(model_type: str, batch: int = 2):
 
 
 def pipeline(model_type: str, budget, **overrides):
-    return resprune.load_pipeline(CONFIG[model_type], budget=budget, **overrides)
+    return resprune.load_pipeline(CONFIG[model_type], GLOBAL_BUDGET.get(model_type, []), budget=budget, **overrides)
 
 
 def generate(model, inputs, **kw):
@@ -68,7 +71,22 @@ def masked_reference_inputs(model, model_type, inputs, attached, call):
             ref["position_ids"] = pos3
     elif call == "forward":  # the pruned forward sees positions 0..L'-1 along its (re-padded) rows
         ref["position_ids"] = pruned_forward_positions(attached.last.columns, inputs["input_ids"])
-    return ref
+    return own_embeddings_for_beams(model, ref) if call == "generate" else ref
+
+
+def own_embeddings_for_beams(model, inputs):
+    """InternVL3's inputs for ``generate`` with the model's own input embeddings in place of
+    ``pixel_values`` (other models: unchanged). Its generate expands ``pixel_values`` tile by tile for
+    beams (transformers' generic repeat_interleave), which mixes up the tiles of a multi-tile image."""
+    if model.config.model_type != "internvl":
+        return inputs
+    inputs = dict(inputs)
+    ids = inputs["input_ids"]
+    features = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), vision_feature_layer=-1,
+                                              vision_feature_select_strategy="default").pooler_output
+    inputs["inputs_embeds"] = model.get_input_embeddings()(ids).masked_scatter(
+        (ids == model.config.image_token_id)[..., None], features.reshape(-1, features.shape[-1]))
+    return inputs
 
 
 def pruned_prompt_inputs(model, inputs, selections):
@@ -594,3 +612,83 @@ def test_qwen3_vl_each_kept_token_gets_its_own_deepstack_features_and_no_dropped
         kept = attached.last.stages[0].selections if stage_layer is not None and layer >= stage_layer \
             else attached.selections
         assert placed == sum(s.k for s in kept) < int(image.sum())
+
+
+# --- InternVL3: crops and a thumbnail, each tile its share ---------------------------------------
+
+
+@pytest.mark.parametrize("size", [(300, 100), (100, 300), (200, 130), (130, 200), (240, 120), (160, 160), (330, 110)])
+def test_internvl_crop_grid_is_the_one_the_processor_cut(size):
+    """The crop grid read back from the tiles (the arrangement whose crops, shrunk, match the
+    thumbnail) is the one the processor chose from the image size."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    from resprune.backbones.internvl import crop_grid
+
+    model, proc = model_and_processor("internvl")
+    ip = proc.image_processor
+    for photo in photos()[:2]:
+        inputs = tiny_inputs("internvl", proc, [photo.resize(size)], ["What is it?"])
+        cols, rows = get_optimal_tiled_canvas((size[1], size[0]), (ip.size["height"], ip.size["width"]),
+                                              ip.min_patches, ip.max_patches)
+        assert inputs["pixel_values"].shape[0] == rows * cols + (rows * cols > 1)
+        if rows * cols > 1:
+            assert crop_grid(inputs["pixel_values"]) == (rows, cols)
+
+
+def test_internvl_budget_per_tile_tiles_positions_and_a_budget_below_the_tiles():
+    model, proc = model_and_processor("internvl")
+    wide = photos()[0].resize((240, 120))  # 2 crops side by side and the thumbnail: 48 tokens
+    inputs = tiny_inputs("internvl", proc, [wide, photos()[2]], PROMPTS)
+    with resprune.load_pipeline("resprune-internvl", budget=10).attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    first, second = attached.selections
+    assert (first.n, second.n) == (48, 16)
+    tiles = first.geometry.tiles
+    assert tiles.tolist() == [1] * 16 + [2] * 16 + [0] * 16  # crops in raster order, the thumbnail last
+    assert torch.bincount(tiles[first.kept], minlength=3).tolist() == [4, 3, 3]  # 10 over 3 equal tiles
+    assert first.geometry.layout["crop_grid"] == (4, 8)
+    pos = first.geometry.positions
+    assert pos[16].tolist() == [0.0, pytest.approx(1.75)]  # crop 2's first token, in thumbnail units
+    assert pos[32].tolist() == [0.0, 0.0] and pos[47].tolist() == [3.0, 3.0]
+    with pytest.raises(resprune.InvalidInputError, match=r"budget of 2 token\(s\).*3 tiles.*scope: global"):
+        with resprune.load_pipeline("resprune-internvl", budget=2).attach(model, proc), torch.no_grad():
+            model(**inputs)
+    with resprune.load_pipeline("resprune-internvl", ["backbone.params.scope=global"], budget=2).attach(
+            model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    assert [s.k for s in attached.selections] == [2, 2]
+
+
+def test_internvl_cls_attention_is_the_feature_layers_eager_attention_folded_by_the_pixel_shuffle():
+    model, proc = model_and_processor("internvl")
+    inputs = tiny_inputs("internvl", proc, [photos()[0].resize((240, 120))], ["What is it?"])
+    tower = model.model.vision_tower
+    impl = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            eager = tower(pixel_values=inputs["pixel_values"], output_attentions=True).attentions[-1]
+    finally:
+        tower.config._attn_implementation = impl
+    row = eager[:, :, 0, 1:].mean(1)  # [tiles, 64]: the CLS query over the patches, mean over heads
+    side = int(row.shape[1] ** 0.5)
+    folded = model.model.pixel_shuffle(row.reshape(-1, side, side, 1), scale_factor=0.5).sum(-1)  # [tiles, 4, 4]
+    with resprune.load_pipeline("resprune-internvl", budget=1.0).attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    scores = attached.selections[0].scores["cls_attention"]
+    torch.testing.assert_close(scores, folded.reshape(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_internvl_hired_shares_a_global_budget_between_tiles_by_early_cls_attention():
+    """HiRED on InternVL3 (scope global): the thumbnail keeps its share, the crops split the rest by
+    their layer-0 CLS attention, as on LLaVA-NeXT."""
+    model, proc = model_and_processor("internvl")
+    inputs = tiny_inputs("internvl", proc, [photos()[0].resize((330, 110))], ["What is it?"])
+    pipe = resprune.load_pipeline("hired", ["backbone.model_type=internvl",
+                                            "backbone.params.scope=global"], budget=20)
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        model(**inputs)
+    sel = attached.selections[0]
+    per_tile = torch.bincount(sel.geometry.tiles[sel.kept], minlength=4)
+    assert sel.k == 20 and sel.n == 64 and int(per_tile.sum()) == 20 and (per_tile > 0).all()

@@ -82,3 +82,11 @@ class TestInjector_qwen3_5(TestInjector_qwen2_5_vl):
 
         reference, columns = pruned_prompt_inputs(model, inputs, attached.selections)
         return at_original_columns(model(**reference).logits, columns, inputs["input_ids"].shape[1])
+
+
+class TestInjector_internvl(InjectorConformance):
+    """InternVL3: crops and a thumbnail per image. The suite's budgets go below an image's 7 tiles, so
+    one budget per image (``scope="global"``); budgets per tile are tested in tests/test_backbones.py."""
+
+    model_type = "internvl"
+    attach_params = {"scope": "global"}

@@ -21,9 +21,9 @@ import resprune
 from resprune.stages import Stage
 from resprune.tiny import tiny_inputs, tiny_lvlm
 
-from test_backbones import PROMPTS, photos
+from test_backbones import PROMPTS, own_embeddings_for_beams, photos
 
-TYPES = ("llava", "llava_next", "qwen2_5_vl", "gemma3", "qwen3_vl")
+TYPES = ("llava", "llava_next", "qwen2_5_vl", "gemma3", "qwen3_vl", "internvl")
 
 
 @functools.cache
@@ -222,7 +222,7 @@ def test_beams_equal_the_masked_reference(model_type, mode):
     ref = MaskedReference(model, keep_masks(model, inputs, records))
     try:
         with torch.no_grad():
-            expected = model.generate(**inputs, **kw)
+            expected = model.generate(**own_embeddings_for_beams(model, inputs), **kw)
     finally:
         ref.remove()
     assert torch.equal(out.sequences, expected.sequences)
@@ -480,19 +480,23 @@ def residual_energy_on_hidden_states(budget, layer) -> Stage:
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_qwen3_5_stages_at_full_and_linear_layers_equal_the_hand_run_hybrid_llm(batch, attn):
+@pytest.mark.parametrize("layers", [(4, 5), (1, 4)])
+def test_qwen3_5_stages_at_full_and_linear_layers_equal_the_hand_run_hybrid_llm(batch, attn, layers):
     """FastV at layer 4 (it reads the attention of layer 3, a full-attention layer) and ResPrune on
-    hidden states at layer 5 (a linear-attention layer: it reads no attention): generate with the
-    shorter KV cache and the linear layers' recurrent and convolution states of the pruned sequence
-    equals the LLM run layer by layer by hand without a cache."""
+    hidden states at a linear-attention layer (it reads no attention), after it (5) or before the
+    first full-attention layer (1): generate with the shorter KV caches and the linear layers'
+    recurrent and convolution states of the pruned sequence equals the LLM run layer by layer by
+    hand without a cache."""
     model, proc = deep_model("qwen3_5", layers=8, attn=attn)
-    assert model.config.text_config.layer_types[3:6] == ["full_attention", "linear_attention", "linear_attention"]
+    assert model.config.text_config.layer_types[:6] == ["linear_attention"] * 3 + ["full_attention"] + \
+        ["linear_attention"] * 2
     inputs = inputs_for("qwen3_5", batch)
-    pipe = resprune.Pipeline(None, budget=0.5, stages=[fastv(0.5, layer=4), residual_energy_on_hidden_states(0.5, 5)])
+    stages = [fastv(0.5, layer=4) if k == 4 else residual_energy_on_hidden_states(0.5, k) for k in layers]
+    pipe = resprune.Pipeline(None, budget=0.5, stages=stages)
     with pipe.attach(model, proc) as attached, torch.no_grad():
         out = greedy(model, inputs)
         records = attached.last.stages
-    assert [r.layer for r in records] == [4, 5]
+    assert [r.layer for r in records] == list(layers)
     assert all(0 < s.k < s.n for r in records for s in r.selections)
     with torch.no_grad():
         ids, logits = hybrid_reference(model, inputs, keep_masks(model, inputs, records), 4)
@@ -516,8 +520,12 @@ def test_qwen3_5_keep_all_inside_the_llm_is_bit_identical_and_bad_layers_are_nam
                                                                  r"linear-attention layer.*allowed layers for this "
                                                                  r"stage: 4"):
         resprune.Pipeline(None, budget=4, stages=[fastv(4, layer=5)]).attach(model, proc)
-    with pytest.raises(resprune.InvalidInputError, match=r"first full-attention layer \(3\).*acts at layer 4\.\.7"):
-        resprune.Pipeline(None, budget=4, stages=[residual_energy_on_hidden_states(4, 2)]).attach(model, proc)
+    own = Stage(resprune.get_host().selectors.get("topk")({"score": "llm_attention"}), budget=4, layer=2,
+                scorers=[resprune.get_host().scorers.get("llm_attention")({"layer": "current"})])  # PDrop's
+    with pytest.raises(resprune.IncompatibleBackboneError, match=r"layer 2 reads llm_own_attention \(read at layer "
+                                                                 r"K\), and layer 2 .* linear-attention layer.*allowed "
+                                                                 r"layers for this stage: 3, 7\."):
+        resprune.Pipeline(None, budget=4, stages=[own]).attach(model, proc)
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
 
 

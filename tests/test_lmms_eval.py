@@ -118,10 +118,11 @@ def test_token_counts_match_the_reference_at_any_batch_size(docs):
 
 @pytest.mark.parametrize("model_type,pipeline", [("llava_next", "resprune-llava-next"),
                                                  ("qwen2_5_vl", "resprune-qwen2.5-vl"), ("gemma3", "resprune-gemma3"),
-                                                 ("qwen3_vl", "resprune-qwen3-vl"), ("qwen3_5", "resprune-qwen3.5")])
+                                                 ("qwen3_vl", "resprune-qwen3-vl"), ("qwen3_5", "resprune-qwen3.5"),
+                                                 ("internvl", "resprune-internvl")])
 def test_other_backbones_batched(docs, model_type, pipeline):
-    """LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL: images give different token counts; Gemma 3: 256 each, its
-    images nested per prompt by the processor; each request keeps 64."""
+    """LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and InternVL3 (its tiles): images give different token
+    counts; Gemma 3: 256 each, its images nested per prompt by the processor; each request keeps 64."""
     docs = docs[:4]
     lm = load(f"pretrained=tiny:{model_type},pipeline={pipeline},budget=64", docs, batch_size=3)
     reference = [chat_inputs(lm.processor, [d["picture"]], [d["question"]]) for d in docs]

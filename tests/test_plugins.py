@@ -600,7 +600,8 @@ def test_two_injectors_claiming_one_model_type_is_a_duplicate(plugin_host):
 def test_the_host_finds_the_injector_of_a_model_type():
     host = resprune.get_host()
     assert host.injector_for("llava_next").name == "llava_next" and host.injector_for("llava").name == "llava"
-    assert host.model_types == ["gemma3", "llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_5", "qwen3_vl"]
+    assert host.model_types == ["gemma3", "internvl", "llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_5",
+                                "qwen3_vl"]
     assert host.injector_for("llava_onevision").name == "llava_onevision"
     with pytest.raises(resprune.IncompatibleBackboneError, match=r"no injector supports model_type 'blip_2'.*llava"):
         host.injector_for("blip_2")

@@ -35,7 +35,7 @@ from .contracts import check_merger_contract, check_scorer_contract, check_selec
 __all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "InjectorConformance", "BACKBONES",
            "masked_out_dropped", "pruned_forward_positions", "assert_equal_at_kept_columns"]
 
-BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5")
+BACKBONES = ("llava", "llava_next", "qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_vl", "qwen3_5", "internvl")
 
 
 def _photo(which: int = 0) -> Any:
@@ -76,9 +76,7 @@ def _run_on_backbone(model_type: str, pipeline: Any, budget_all: Any) -> None:
         assert len(selections) == 2
         adaptive = stage.selector is not None and stage.selector.adaptive  # it decides each image's count
         for sel in selections:
-            want = stage.budget_for(sel.n)
-            if stage.merger is not None and want < sel.n:  # tokens a merger makes on top of the budget
-                want += stage.merger.extra(want - stage.merger.slots(want, sel.n), sel.n)
+            want = _wanted(stage, sel)
             assert (1 <= sel.k <= want) if adaptive else sel.k == want, \
                 f"{model_type}: kept {sel.k} of {sel.n} ({stage.where})"
             assert len(set(sel.kept.tolist())) == sel.k
@@ -86,6 +84,26 @@ def _run_on_backbone(model_type: str, pipeline: Any, budget_all: Any) -> None:
             return
         with budget_all.attach(model, processor):
             assert torch.equal(model(**inputs).logits, reference), f"{model_type}: keep-all is not the unpruned model"
+
+
+def _wanted(stage: Any, sel: Any) -> int:
+    """The tokens a stage keeps of an image: its budget, plus what a merger makes on top of it, for
+    the whole image or, when the budget is split over its tiles (``groups``), tile by tile."""
+    from ..image_selection import proportional_shares
+
+    groups = None if stage.layer is not None or sel.geometry is None else sel.geometry.groups
+    if groups is None:
+        parts = [(stage.budget_for(sel.n), sel.n)]
+    else:
+        sizes = torch.bincount(groups.cpu()).tolist()
+        sizes = [size for size in sizes if size]
+        parts = list(zip(proportional_shares(stage.budget_for(sel.n), [float(s) for s in sizes], sizes), sizes))
+    want = 0
+    for k, n in parts:
+        if stage.merger is not None and k < n:  # tokens a merger makes on top of the budget
+            k += stage.merger.extra(k - stage.merger.slots(k, n), n)
+        want += k
+    return want
 
 
 def _run_in_tower(model_type: str, selector: Selector, scorers: list[Any]) -> None:
@@ -195,7 +213,12 @@ class SelectorConformance:
 
     @pytest.mark.parametrize("model_type", BACKBONES)
     def test_runs_on_backbone(self, model_type: str) -> None:
+        from ..llm_pruning import LLM_FIELDS
+
         sel = self.make()
+        provides = set(LLM_FIELDS) if _inside_llm([sel]) else set(get_host().injector_for(model_type).provides)
+        if not set(sel.requires) <= provides | {"text", "text_embedder"}:
+            pytest.skip(f"{model_type} cannot supply {sorted(set(sel.requires) - provides)}")
         scorers = _scorers_for(sel, model_type, self.scorers)
         missing = sel.required_scores() - {name for name, _ in scorers}
         if missing:
@@ -348,6 +371,9 @@ class InjectorConformance:
 
     model_type: ClassVar[str | None] = None
     prompts: ClassVar[tuple[str, ...]] = ("What is in the picture?", "Describe the colours of the sky, please.")
+    attach_params: ClassVar[dict[str, Any]] = {}
+    """Injector params for every ``attach`` (InternVL: ``scope="global"``, so that budgets below an
+    image's tile count are allowed)."""
 
     def load(self, attn: str = "sdpa") -> tuple[Any, Any]:
         if self.model_type is None:
@@ -395,7 +421,7 @@ class InjectorConformance:
         with torch.no_grad():
             logits = model(**inputs).logits
             reference = self._generate(model, inputs)
-            with self.pipeline(10**9).attach(model, processor) as attached:
+            with self.pipeline(10**9).attach(model, processor, **self.attach_params) as attached:
                 assert torch.equal(model(**inputs).logits, logits), "keep-all forward differs from the model"
                 out = self._generate(model, inputs)
             assert all(s.k == s.n for s in attached.selections)
@@ -409,7 +435,7 @@ class InjectorConformance:
 
         model, processor = self.load()
         inputs = self.inputs(processor, 2)
-        with self.pipeline(budget).attach(model, processor) as attached, torch.no_grad():
+        with self.pipeline(budget).attach(model, processor, **self.attach_params) as attached, torch.no_grad():
             batch = attached.prune(inputs)
         assert [s.k for s in batch.selections] == [resolve_budget(budget, s.n) for s in batch.selections]
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
@@ -426,7 +452,7 @@ class InjectorConformance:
     def test_pruned_forward_equals_the_masked_unpruned_model(self, budget: Any) -> None:
         model, processor = self.load()
         inputs = self.inputs(processor, 2)
-        with self.pipeline(budget).attach(model, processor) as attached, torch.no_grad():
+        with self.pipeline(budget).attach(model, processor, **self.attach_params) as attached, torch.no_grad():
             logits = model(**inputs).logits
         with torch.no_grad():
             reference = self.reference_logits(model, inputs, attached)
@@ -436,7 +462,7 @@ class InjectorConformance:
     def test_generate_returns_the_callers_prompt_then_new_tokens(self, mode: dict[str, Any]) -> None:
         model, processor = self.load()
         inputs = self.inputs(processor, 2)
-        with self.pipeline(3).attach(model, processor), torch.no_grad():
+        with self.pipeline(3).attach(model, processor, **self.attach_params), torch.no_grad():
             out = self._generate(model, inputs, **mode).sequences
         prompt = inputs["input_ids"].repeat_interleave(mode.get("num_return_sequences", 1), 0)
         assert torch.equal(out[:, : prompt.shape[1]], prompt)

@@ -3,7 +3,7 @@
 Fixtures (nothing heavy is imported until a fixture is used):
 
 - ``tiny_llava``, ``tiny_llava_next``, ``tiny_qwen2_5_vl``, ``tiny_llava_onevision``, ``tiny_gemma3``,
-  ``tiny_qwen3_vl``, ``tiny_qwen3_5``:
+  ``tiny_qwen3_vl``, ``tiny_qwen3_5``, ``tiny_internvl``:
   ``(model, processor)`` of a tiny randomly initialised backbone, built offline once per session;
 - ``tiny_lvlm_factory``: ``make(model_type, seed=0)`` for other seeds;
 - ``resprune_context``: a ``PruneContext`` with every standard field;
@@ -68,6 +68,11 @@ def tiny_qwen3_vl():
 @pytest.fixture(scope="session")
 def tiny_qwen3_5():
     return _tiny("qwen3_5")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl():
+    return _tiny("internvl")
 
 
 @pytest.fixture
