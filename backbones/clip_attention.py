@@ -56,19 +56,26 @@ class ClsAttentionProbe:
     ``[images, L, S]`` at every encoder layer when ``every_layer`` is set. With ``keys``,
     ``keys`` is the feature layer's keys averaged over heads ``[images, S, head_dim]`` and
     ``cls_hidden`` the CLS token's output of the feature layer ``[images, C]`` (VisionZip).
+
+    Another tower names its pieces: ``layers`` (the encoder layers), ``attention`` (each layer's
+    attention module) and the modules whose outputs are the query and the key (``query``, ``key``;
+    InternViT: ``layer``, ``attention``, ``q_norm``, ``k_norm``, after its query/key norms).
     """
 
     def __init__(self, vision_tower: Any, vision_feature_layer: int | list[int], *, every_layer: bool = False,
-                 keys: bool = False) -> None:
-        try:
-            layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
-        except AttributeError:
-            raise IncompatibleBackboneError(
-                f"cls_attention needs a CLIP-style vision tower (encoder.layers); "
-                f"{type(vision_tower).__name__} has none.") from None
+                 keys: bool = False, layers: Any = None, attention: str = "self_attn", query: str = "q_proj",
+                 key: str = "k_proj") -> None:
+        if layers is None:
+            try:
+                layers = getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+            except AttributeError:
+                raise IncompatibleBackboneError(
+                    f"cls_attention needs a CLIP-style vision tower (encoder.layers); "
+                    f"{type(vision_tower).__name__} has none.") from None
         self.feature_layer = feature_layer_index(vision_feature_layer, len(layers))
         wanted = range(len(layers)) if every_layer else (self.feature_layer,)
-        self.modules = {i: layers[i].self_attn for i in wanted}
+        self.modules = {i: getattr(layers[i], attention) for i in wanted}
+        self._taps = (query, key)
         self.feature_block = layers[self.feature_layer] if keys else None
         self.keys: Tensor | None = None
         self.cls_hidden: Tensor | None = None
@@ -109,9 +116,10 @@ class ClsAttentionProbe:
         self.cls_hidden = hidden[:, 0].detach()
 
     def __enter__(self) -> ClsAttentionProbe:
+        query, key = self._taps
         for index, attn in self.modules.items():
-            self._handles.append(attn.q_proj.register_forward_hook(self._query(index)))
-            self._handles.append(attn.k_proj.register_forward_hook(self._key(index)))
+            self._handles.append(getattr(attn, query).register_forward_hook(self._query(index)))
+            self._handles.append(getattr(attn, key).register_forward_hook(self._key(index)))
         if self.feature_block is not None:
             self._handles.append(self.feature_block.register_forward_hook(self._block_output))
         return self

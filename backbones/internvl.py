@@ -38,53 +38,10 @@ from resprune.errors import InvalidInputError
 from resprune.injection import EncodedImage, PlaceholderInjector
 from resprune.params import check_choice
 
-from .clip_attention import cls_attention_row, feature_layer_index
+from .clip_attention import ClsAttentionProbe
 from .llava import ProjectorInput
 
 __all__ = ["InternVLInjector", "crop_grid"]
-
-
-class InternViTClsProbe:
-    """Context manager recording the CLS row of the attention of InternViT layers, ``[tiles, S]``
-    (CLS column included), from each layer's own query and key (after their norms) as it runs:
-    ``rows[i]`` for layer ``i``, the feature layer's (``attention``) or, with ``every_layer``, all."""
-
-    def __init__(self, vision_tower: Any, vision_feature_layer: int | list[int], *, every_layer: bool = False) -> None:
-        layers = vision_tower.encoder.layer
-        self.feature_layer = feature_layer_index(vision_feature_layer, len(layers))
-        wanted = range(len(layers)) if every_layer else (self.feature_layer,)
-        self.modules = {i: layers[i].attention for i in wanted}
-        self.rows: dict[int, Tensor] = {}
-        self._queries: dict[int, Tensor] = {}
-        self._handles: list[Any] = []
-
-    @property
-    def attention(self) -> Tensor | None:
-        return self.rows.get(self.feature_layer)
-
-    def _on_query(self, index: int) -> Any:
-        def hook(module: Any, args: Any, output: Tensor) -> None:
-            self._queries[index] = output[:, :1].detach()
-
-        return hook
-
-    def _on_key(self, index: int) -> Any:
-        def hook(module: Any, args: Any, output: Tensor) -> None:
-            with torch.no_grad():
-                self.rows[index] = cls_attention_row(self.modules[index], self._queries.pop(index), output.detach())
-
-        return hook
-
-    def __enter__(self) -> InternViTClsProbe:
-        for index, attn in self.modules.items():
-            self._handles += [attn.q_norm.register_forward_hook(self._on_query(index)),
-                              attn.k_norm.register_forward_hook(self._on_key(index))]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 def crop_grid(tiles: Tensor) -> tuple[int, int]:
@@ -164,7 +121,9 @@ class InternVLInjector(PlaceholderInjector):
         layer = cfg.vision_feature_layer if layer is None else layer
         strategy = inputs.get("vision_feature_select_strategy") or cfg.vision_feature_select_strategy
         pixels = inputs["pixel_values"]
-        probe = InternViTClsProbe(model.model.vision_tower, layer, every_layer="cls_attention_layers" in need) \
+        tower = model.model.vision_tower
+        probe = ClsAttentionProbe(tower, layer, every_layer="cls_attention_layers" in need, layers=tower.encoder.layer,
+                                  attention="attention", query="q_norm", key="k_norm") \
             if need & {"cls_attention", "cls_attention_layers"} else contextlib.nullcontext()
         with probe, contextlib.ExitStack() as stack:
             pre = stack.enter_context(ProjectorInput(model)) if "vision_features" in need else None

@@ -54,13 +54,16 @@ class Qwen25VLInjector(PlaceholderInjector):
                 continue
             grid_thw = inputs.get(grids)
             if grid_thw is None:
-                raise InvalidInputError(f"injector 'qwen2_5_vl': {grids} is required with {pixels} (pass the "
+                raise InvalidInputError(f"injector '{self.name}': {grids} is required with {pixels} (pass the "
                                         f"processor's output unchanged).")
             encode = model.model.get_image_features if kind == "image" else model.model.get_video_features
-            out = encode(inputs[pixels], grid_thw)
+            out = encode(inputs[pixels], grid_thw, return_dict=True)
+            # Qwen3-VL's tower also returns DeepStack features, concatenated over its images: split them
+            sizes = [f.shape[0] for f in out.pooler_output]
+            stacked = [layer.split(sizes) for layer in (getattr(out, "deepstack_features", None) or [])]
             token = self.image_token_id(model) if kind == "image" else int(model.config.video_token_id)
-            media[token] = [_encoded(feats, t, h // merge, w // merge, kind)
-                            for feats, (t, h, w) in zip(out.pooler_output, grid_thw.tolist())]
+            media[token] = [_encoded(feats, t, h // merge, w // merge, kind, [layer[i] for layer in stacked])
+                            for i, (feats, (t, h, w)) in enumerate(zip(out.pooler_output, grid_thw.tolist()))]
         return in_sequence_order(inputs, media, self.name)
 
     def extra_inputs(self, model: Any, inputs: Mapping[str, Any], batch: PrunedBatch, call: str) -> dict[str, Any]:
@@ -70,14 +73,9 @@ class Qwen25VLInjector(PlaceholderInjector):
         types = inputs.get("mm_token_type_ids")
         if types is None:
             types = (ids == self.image_token_id(model)).int() + 2 * (ids == model.config.video_token_id).int()
-        pos3, _ = model.model.get_rope_index(ids, types, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-                                             inputs.get("second_per_grid_ts"), attention_mask=mask)
-        return self.kept_positions(model, pos3, batch, call)
-
-    def kept_positions(self, model: Any, pos3: Any, batch: PrunedBatch, call: str) -> dict[str, Any]:
-        """The ``position_ids`` of the pruned sequence: the unpruned prompt's M-RoPE positions
-        ``pos3`` ``[3, B, L]`` at the kept columns (with the text positions in front for
-        ``generate``), and the model's ``rope_deltas`` set for decoding after them."""
+        pos3, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=inputs.get("image_grid_thw"),
+                                             video_grid_thw=inputs.get("video_grid_thw"),
+                                             second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=mask)
         columns = batch.columns.to(pos3.device)
         kept = torch.gather(pos3, 2, columns.clamp_min(0).unsqueeze(0).expand(3, -1, -1))
         kept = kept.masked_fill(columns.unsqueeze(0) < 0, 0)
@@ -96,15 +94,16 @@ class Qwen25VLInjector(PlaceholderInjector):
         model.model.rope_deltas = state["rope_deltas"]
 
 
-def _encoded(features: Any, t: int, rows: int, cols: int, kind: str) -> EncodedImage:
+def _encoded(features: Any, t: int, rows: int, cols: int, kind: str, deepstack: list[Any]) -> EncodedImage:
     """One image (``t == 1``) or video (``t`` temporal patches of ``rows x cols`` tokens, frame by
-    frame): its tokens, grid (images only) and per-token (row, col) positions."""
+    frame): its tokens, grid (images only), per-token (row, col) positions and DeepStack features."""
     if kind == "image" and t == 1:
-        return EncodedImage(features, grid=(rows, cols), layout={"kind": "grid", "grid": (rows, cols), "temporal": t})
+        return EncodedImage(features, grid=(rows, cols), layout={"kind": "grid", "grid": (rows, cols), "temporal": t},
+                            deepstack=deepstack)
     frame = torch.stack([torch.arange(rows, dtype=torch.float32).repeat_interleave(cols),
                          torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
     return EncodedImage(features, positions=frame.repeat(t, 1), frames=torch.arange(t).repeat_interleave(rows * cols),
-                        layout={"kind": kind, "grid": (rows, cols), "temporal": t})
+                        layout={"kind": kind, "grid": (rows, cols), "temporal": t}, deepstack=deepstack)
 
 
 @hookimpl

@@ -12,8 +12,6 @@ they may act at).
 
 from __future__ import annotations
 
-from typing import Any
-
 from resprune import hookimpl
 
 from .qwen3_vl import Qwen3VLInjector
@@ -31,9 +29,6 @@ class Qwen35Injector(Qwen3VLInjector):
                    "(in-LLM stages that read attention read it from full-attention layers)")
     vision_refusal = (" (its blocks attend over whole images listed by cu_seqlens and its 2x2 patch merger needs "
                       "every patch of each 2x2 group: allowed vision layers: none)")
-
-    def deepstack_layers(self, model: Any) -> int:
-        return 0
 
 
 @hookimpl

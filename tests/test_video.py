@@ -115,11 +115,14 @@ def test_keep_all_on_videos_is_bit_identical(case):
 
 def masked_reference(model, inputs, attached, call: str) -> dict:
     """The unpruned inputs with every dropped image or video token masked out of attention and every
-    token at the position the unpruned prompt gives it (M-RoPE time, row and column)."""
+    token at the position the unpruned prompt gives it (M-RoPE time, row and column; Qwen2.5-VL and
+    Qwen3-VL)."""
     ref = masked_out_dropped(model, inputs, attached)
     mask = ref["attention_mask"]
-    pos3, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
-                                         inputs["video_grid_thw"], inputs["second_per_grid_ts"],
+    pos3, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs.get("image_grid_thw"),
+                                         video_grid_thw=inputs["video_grid_thw"],
+                                         second_per_grid_ts=inputs.get("second_per_grid_ts"),  # Qwen2.5-VL's
                                          attention_mask=inputs["attention_mask"])
     if call == "generate":
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -939,20 +942,6 @@ def test_qwen3_vl_video_prompt_is_what_its_processor_writes():
     assert int((inputs["input_ids"] == qwen3()[0].config.video_token_id).sum()) == t * h * w // 4
 
 
-def qwen3_masked_reference(model, inputs, attached, call: str) -> dict:
-    """As ``masked_reference``, with Qwen3-VL's ``get_rope_index`` (videos split per timestamped patch)."""
-    ref = masked_out_dropped(model, inputs, attached)
-    mask = ref["attention_mask"]
-    pos3, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs.get("image_grid_thw"),
-                                         inputs["video_grid_thw"], attention_mask=inputs["attention_mask"])
-    if call == "generate":
-        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        ref["position_ids"] = torch.cat([text[None], pos3], dim=0)
-    else:
-        ref["position_ids"] = pos3
-    return ref
-
-
 @pytest.mark.parametrize("case", sorted(BATCHES))
 def test_qwen3_vl_keep_all_on_videos_is_bit_identical(case):
     inputs = qwen3_inputs(case)
@@ -965,7 +954,7 @@ def test_qwen3_vl_keep_all_on_videos_is_bit_identical(case):
 def test_qwen3_vl_pruned_videos_equal_the_masked_unpruned_model(case, config):
     """A video's timestamped patches are one video for the selection; its kept tokens keep their
     time, row and column positions and their DeepStack features."""
-    assert_pruned_equals_masked(*qwen3(), qwen3_inputs(case), config, qwen3_masked_reference)
+    assert_pruned_equals_masked(*qwen3(), qwen3_inputs(case), config, masked_reference)
 
 
 @pytest.mark.parametrize("case", sorted(BATCHES))
