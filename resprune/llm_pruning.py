@@ -139,6 +139,7 @@ class _Region:
     start: int
     valid: Tensor  # bool [B, L_r]
     uniform: bool  # every column valid: no mask needed in prefill
+    columns: Tensor | None = None  # int64 [B, L_r] the LLM-input column of each column (sliding windows)
     prefill_mask: Tensor | None = None
     gathered: dict[Any, Any] = field(default_factory=dict)  # position tensors and masks at the region's columns
     reindex: bool = False  # positions 0.. over the kept tokens instead of their original ones
@@ -378,7 +379,11 @@ class LLMPruner:
             else:
                 cache = kwargs.get("past_key_values")
                 seen = cache.layers[index].get_seq_length() if cache is not None else 0
-                kwargs["attention_mask"] = self._decode_mask(region, kwargs.get("attention_mask"), hidden, seen)
+                if getattr(getattr(cache, "layers", [None] * (index + 1))[index], "is_sliding", False):
+                    kwargs["attention_mask"] = self._sliding_decode_mask(st, region, hidden, seen,
+                                                                         cache.layers[index])
+                else:
+                    kwargs["attention_mask"] = self._decode_mask(region, kwargs.get("attention_mask"), hidden, seen)
                 if region.reindex:
                     position_ids = kwargs["position_ids"] - region.offset[:, None].to(kwargs["position_ids"].device)
                     kwargs["position_ids"] = position_ids
@@ -471,6 +476,26 @@ class LLMPruner:
         head = region.valid[:, None, None, :].expand(b, 1, q, kept)
         allowed = torch.cat([head.to(tail_ok.device), tail_ok.expand(b, 1, q, new)], dim=-1)
         return self._as_mask(allowed, hidden.dtype)
+
+    def _sliding_decode_mask(self, st: _CallState, region: _Region, hidden: Tensor, seen: int, layer: Any) -> Tensor:
+        """The mask of decoding queries at a sliding-window layer (Gemma 3's local layers) after a
+        stage: its cache holds only the last ``W - 1`` keys of what it ran on (the region's kept
+        columns, then the new tokens), and a query sees a key within ``W`` columns of the LLM's input
+        before it, as in prefill (the model's own rule at the kept columns)."""
+        q = hidden.shape[1]
+        dev = hidden.device
+        keys, _ = layer.get_mask_sizes(q)  # the keys this step attends: the cached ones and the queries
+        b, kept = region.valid.shape
+        generated = seen - kept  # tokens generated before this step
+        new_cols = st.full_len + torch.arange(generated + q, device=dev)
+        columns = torch.cat([region.columns.to(dev), new_cols.expand(b, -1)], dim=1)[:, -keys:]  # [B, kv]
+        valid = torch.cat([region.valid.to(dev), torch.ones(b, generated + q, dtype=torch.bool, device=dev)],
+                          dim=1)[:, -keys:]
+        query = new_cols[generated:]  # [q]
+        window = int(layer.sliding_window)
+        distance = query[None, :, None] - columns[:, None, :]  # [B, q, kv]
+        allowed = valid[:, None, :] & (distance >= 0) & (distance < window)
+        return self._as_mask(allowed[:, None], hidden.dtype)
 
     def _as_mask(self, allowed: Tensor, dtype: torch.dtype) -> Tensor:
         if self._base == "sdpa":
@@ -579,7 +604,8 @@ class LLMPruner:
         st.columns = torch.gather(st.columns, 1, index)
         st.valid = valid
         st.row_tokens = counts
-        region = _Region(layer, valid, all(c == new_len for c in counts), reindex=stage.positions == "reindex",
+        region = _Region(layer, valid, all(c == new_len for c in counts), columns=st.columns,
+                         reindex=stage.positions == "reindex",
                          offset=torch.tensor([t - c for t, c in zip(st.input_tokens, counts)], device=dev))
         if not region.uniform or self._base != "sdpa":  # eager attention has no causal default: it needs a mask
             causal = torch.ones(new_len, new_len, dtype=torch.bool, device=dev).tril()

@@ -549,3 +549,22 @@ def test_qwen3_5_input_stage_pruning_equals_the_pruned_prompt_run_by_hand(stages
     assert torch.equal(out.sequences, ids)
     for a, b in zip(out.logits, logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_gemma3_stage_then_decoding_past_the_sliding_window_equals_the_masked_reference(attn):
+    """Prompts longer than Gemma 3's sliding window (512 on the tiny model): after a stage, a local
+    layer's cache keeps the last W - 1 of its kept tokens, and a decoding query sees the keys within
+    W columns of the LLM's input before it, as the unpruned model masked (recomputed without a cache)."""
+    model, proc = deep_model("gemma3", attn=attn)
+    prompts = ["Describe the picture in detail, please. " * 15, "What is it? " * 50]
+    inputs = tiny_inputs("gemma3", proc, photos()[:2], prompts)
+    assert inputs["input_ids"].shape[1] > model.config.text_config.sliding_window
+    pipe = resprune.Pipeline(None, budget=0.5, stages=[fastv(0.5, layer=2)])
+    with pipe.attach(model, proc) as attached, torch.no_grad():
+        out = greedy(model, inputs)
+        records = attached.last.stages
+    ids, logits = reference_generate(model, inputs, keep_masks(model, inputs, records), 4)
+    assert torch.equal(out.sequences, ids)
+    for a, b in zip(out.logits, logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
