@@ -166,21 +166,17 @@ class InternVLInjector(PlaceholderInjector):
                                 tiles=torch.zeros(side * side, dtype=torch.long),
                                 layout={"kind": "grid", "grid": (side, side), "tiles": 1})
         rows, cols = crop_grid(pixels)
-        positions, tile_of = [], []
-        for t in range(tiles - 1):  # crops, raster order: their place in the crop grid, in thumbnail units
-            tr, tc = divmod(t, cols)
-            positions.append(torch.stack([(tr * side + r + 0.5) / (rows * side) * side - 0.5,
-                                          (tc * side + c + 0.5) / (cols * side) * side - 0.5], dim=1))
-            tile_of.append(torch.full((side * side,), t + 1))
-        positions.append(torch.stack([r, c], dim=1))  # the thumbnail
-        tile_of.append(torch.zeros(side * side, dtype=torch.long))
-        tile = torch.cat(tile_of).long()
+        crops = tiles - 1
+        t = torch.arange(crops).repeat_interleave(side * side)  # the crop of each crop token, raster order
         crop_rc = torch.full((feats.shape[0], 2), float("nan"))  # row, col in the crop grid's tokens
-        t = torch.arange(tiles - 1).repeat_interleave(side * side)
-        crop_rc[: t.numel(), 0] = (t // cols * side).float() + r.repeat(tiles - 1)
-        crop_rc[: t.numel(), 1] = (t % cols * side).float() + c.repeat(tiles - 1)
+        crop_rc[: t.numel(), 0] = (t // cols * side).float() + r.repeat(crops)
+        crop_rc[: t.numel(), 1] = (t % cols * side).float() + c.repeat(crops)
+        scale = torch.tensor([rows * side, cols * side], dtype=torch.float32)
+        positions = torch.cat([(crop_rc[: t.numel()] + 0.5) / scale * side - 0.5,  # crops, in thumbnail units
+                               torch.stack([r, c], dim=1)])  # the thumbnail
+        tile = torch.cat([t + 1, torch.zeros(side * side, dtype=torch.long)])
         # drawn like LLaVA-NeXT's AnyRes (resprune.visualize): the thumbnail as the base view, then the crops
-        return EncodedImage(feats, positions=torch.cat(positions), cls_attention=cls, tiles=tile,
+        return EncodedImage(feats, positions=positions, cls_attention=cls, tiles=tile,
                             groups=tile if self.params.scope == "per_tile" else None,
                             layout={"kind": "anyres", "base_grid": (side, side), "crop_grid": (rows * side, cols * side),
                                     "tiles": tiles, "tile": tile, "crop_rc": crop_rc,
