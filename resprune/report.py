@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,18 @@ from .metrics import finite_number
 from .runfiles import check_inside, replace_with, unique_slug, writable_file, writable_folder, write_atomic
 
 __all__ = ["lower_is_better", "is_percent", "load_results", "results_table", "plot_metric_vs_budget", "write_report",
-           "md_text"]
+           "md_text", "csv_text"]
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: Any) -> Any:
+    """A CSV cell that a spreadsheet cannot run: text starting like a formula (``=``, ``+``, ``-``,
+    ``@``, tab, carriage return) gets a leading ``'``; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def md_text(value: Any) -> str:
@@ -86,6 +98,10 @@ def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
             if problem:
                 raise InvalidInputError(f"{path}:{n}: {problem}; not a row resprune writes (an edited or damaged "
                                         f"file): fix the line or run the sweep again.")
+            for key, value in row["metrics"].items():
+                if value is not None and not finite_number(value):
+                    warnings.warn(f"{path}:{n}: metric '{key}' of {row.get('label') or row['method']} is {value}, not "
+                                  f"a finite number; shown as {NOT_A_NUMBER}", RuntimeWarning, stacklevel=2)
             rows.append(row)
     return rows
 
@@ -141,9 +157,17 @@ def _metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(names, key=key)
 
 
+NOT_A_NUMBER = "n/a"
+"""A table cell whose value was read but is not a finite number (NaN, Infinity; warned when read)."""
+MISSING = "–"
+"""A table cell with no value (the row did not measure that metric)."""
+
+
 def _fmt(name: str, value: float | None) -> str:
-    if not finite_number(value):  # missing, NaN or infinite
-        return "–"
+    if value is None:
+        return MISSING
+    if not finite_number(value):  # NaN or infinite
+        return NOT_A_NUMBER
     if is_percent(name):
         value = 100 * value
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"  # MME's 1862, not 1.86e+03
@@ -160,12 +184,14 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
     rows, model = _one_model(rows, model)
     done = [r for r in rows if r["status"] == "done"]
     names = metrics or _metric_names(done)
-    header = "| method | " + " | ".join(md_text(n) for n in names) + " | Rel. |"
-    shares = ", ".join(md_text(n) for n in sorted(filter(is_percent, names))) or "none"
-    lower = ", ".join(md_text(n) for n in sorted(filter(lower_is_better, names))) or "none"
-    lines = [f"**{md_text(model)}**: {len(done)} rows; shares in % ({shares}); lower is better for {lower}; best per "
-             f"block in bold.",
-             "", header, "|---|" + "---:|" * (len(names) + 1)]
+    columns = ["method", *(md_text(n) for n in names), "Rel."]
+    header = "| " + " | ".join(columns) + " |"
+    shares = ", ".join(md_text(n) for n in sorted(filter(is_percent, names)))
+    lower = ", ".join(md_text(n) for n in sorted(filter(lower_is_better, names)))
+    about = [f"{len(done)} rows"] + ([f"shares in % ({shares})"] if shares else []) + \
+        ([f"lower is better for {lower}"] if lower else []) + ["best per block in bold"]
+    lines = [f"**{md_text(model)}**: {'; '.join(about)}.", "", header, "|---|" + "---:|" * (len(columns) - 1)]
+    shown: set[str] = set()  # the placeholders the table shows, explained under it
 
     def line(row: dict[str, Any], best: dict[str, float]) -> str:
         cells = []
@@ -173,8 +199,10 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
             value = row["metrics"].get(name)
             text = _fmt(name, value)
             cells.append(f"**{text}**" if finite_number(value) and best.get(name) == value else text)
-        rel = f"{100 * row['rel']:.1f}" if finite_number(row.get("rel")) else "–"
-        return f"| {md_text(row['method'])} | " + " | ".join(cells) + f" | {rel} |"
+        rel = row.get("rel")
+        cells.append(f"{100 * rel:.1f}" if finite_number(rel) else MISSING if rel is None else NOT_A_NUMBER)
+        shown.update(c for c in cells if c in (MISSING, NOT_A_NUMBER))
+        return f"| {md_text(row['method'])} | " + " | ".join(cells) + " |"
 
     for row in (r for r in done if r["method"] == "full"):
         lines.append(line(row, {}))
@@ -191,8 +219,11 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
                 vals = [r["metrics"][name] for r in block if finite_number(r["metrics"].get(name))]
                 if vals and len(set(vals)) > 1:  # no bold where every method ties
                     best[name] = min(vals) if lower_is_better(name) else max(vals)
-        lines.append(f"| **{md_text(_budget_title(budget))}** |" + " |" * (len(names) + 1))
+        lines.append(f"| **{md_text(_budget_title(budget))}** |" + " |" * (len(columns) - 1))
         lines.extend(line(r, best) for r in block)
+    legend = {MISSING: "not measured", NOT_A_NUMBER: "read, but not a finite number (a warning named it)"}
+    if shown:
+        lines += ["", "; ".join(f"{mark}: {legend[mark]}" for mark in (MISSING, NOT_A_NUMBER) if mark in shown) + "."]
     other = [r for r in rows if r["status"] != "done"]
     if other:
         lines += ["", "Skipped and failed cells:", ""]
@@ -230,10 +261,10 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """The flat table (``flat_table``) as CSV, written atomically."""
     columns, records = flat_table(rows)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[csv_text(c) for c in columns], lineterminator="\n")
     writer.writeheader()
     for record in records:
-        writer.writerow({k: "" if v is None else v for k, v in record.items()})
+        writer.writerow({csv_text(k): "" if v is None else csv_text(v) for k, v in record.items()})
     path = Path(path)
     write_atomic(path, buffer.getvalue())
     return path

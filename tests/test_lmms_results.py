@@ -197,3 +197,80 @@ def test_an_interpolation_in_a_result_file_is_shown_as_written_never_resolved(tm
     assert cli(["report", str(tmp_path), "--no-plots", "--csv", str(tmp_path / "t.csv")]) == 0
     for written in (tmp_path / "report.md", tmp_path / "t.csv"):
         assert secret not in written.read_text()
+
+
+def table_cells(line):
+    """The cells of a markdown table line (``\\|`` inside a cell is text)."""
+    import re
+
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def assert_tables_well_formed(text):
+    """Every markdown table in ``text``: a header, a separator and rows, all with one column count."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    assert tables
+    for table in tables:
+        width = len(table_cells(table[0]))
+        assert all(set(c) <= set("-:") and c for c in table_cells(table[1])), table[1]
+        assert [len(table_cells(line)) for line in table] == [width] * len(table), table
+
+
+def test_values_that_are_not_numbers_are_warned_and_shown_as_n_a_in_a_well_formed_table(tmp_path):
+    """NaN, Infinity and text scores of an lmms-eval file are never dropped without a word: each gets a
+    warning naming the file, the task and the metric, and its cell reads n/a; a task whose metrics
+    are all missing reads – ; every table of the report keeps one column count."""
+    write_result(tmp_path, "full", f"{MODEL},pipeline=none", FULL)
+    bad = write_result(tmp_path, "bad", f"{MODEL},pipeline=resprune-llava15,budget=64",
+                       {"gqa": {"exact_match": float("nan")}, "pope": {"pope_f1_score": float("inf")},
+                        "mme": {"mme_perception_score": "oops", "mme_cognition_score": 300.0}},
+                       stats={"flops.ratio": float("-inf")})
+    with pytest.warns(RuntimeWarning) as caught:
+        rows = load_lmms_eval(tmp_path)
+    said = [str(w.message) for w in caught]
+    for key, shown in (("results.gqa.exact_match,none", "NaN"), ("results.pope.pope_f1_score,none", "Infinity"),
+                       ("results.mme.mme_perception_score,none", '"oops"'),
+                       ("throughput.avg_resprune.flops.ratio", "-Infinity")):
+        assert any(str(bad) in m and f"{key} is {shown}, not a finite number; shown as n/a" in m for m in said), key
+    pruned = next(r for r in rows if r["method"] != "full")
+    assert pruned["metrics"]["gqa"] != pruned["metrics"]["gqa"]  # NaN: kept, not dropped
+    with pytest.warns(RuntimeWarning):
+        assert cli(["report", str(tmp_path), "--no-plots"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "| resprune-llava15 | n/a | n/a | n/a |" in text  # MME: a sum with a part that is not a number
+    assert "n/a: read, but not a finite number (a warning named it)." in text
+    assert_tables_well_formed(text)
+
+
+def test_a_table_without_metrics_is_still_well_formed(tmp_path):
+    from resprune.report import results_table
+
+    rows = [{"model": "m", "status": "done", "method": "full", "budget": None, "metrics": {}, "rel": None},
+            {"model": "m", "status": "done", "method": "a", "budget": 8, "metrics": {}, "rel": None}]
+    text = results_table(rows)
+    assert "lower is better for none" not in text and "shares in % ()" not in text
+    assert_tables_well_formed(text)
+
+
+def test_csv_cells_that_would_start_a_formula_are_escaped_and_numbers_are_not(tmp_path):
+    """A handed-over result file cannot put a live formula in `report --csv`: text starting with
+    =, +, -, @, tab or carriage return gets a leading quote; numeric cells stay numbers."""
+    write_result(tmp_path, "full", "pretrained==HYPERLINK(1),pipeline=none", {"gqa": {"exact_match": 0.62}})
+    write_result(tmp_path, "pruned", "pretrained=@SUM(1),pipeline=resprune-llava15,budget=64",
+                 {"gqa": {"exact_match": -0.25}})
+    table = tmp_path / "table.csv"
+    assert cli(["report", str(tmp_path), "--no-plots", "--csv", str(table)]) == 0
+    with table.open() as f:
+        records = list(csv.DictReader(f))
+    assert {r["model"] for r in records} == {"'=HYPERLINK(1)", "'@SUM(1)"}
+    assert {r["gqa.exact_match"] for r in records} == {"0.62", "-0.25"}  # numbers: unchanged, a minus included
+    from resprune.report import csv_text
+
+    assert [csv_text(v) for v in ("+1", "-x", "\tx", "\rx", "ok", "", -3, 2.5)] == \
+        ["'+1", "'-x", "'\tx", "'\rx", "ok", "", -3, 2.5]

@@ -86,9 +86,11 @@ def test_ties_nan_and_ratio_blocks():
         "| **budget 32** | | | |",
         "| a | 20 | – | 40.0 |",
         "| **keep 25.0 %** | | | |",
-        "| a | **40** | – | 80.0 |",  # NaN: shown as –, never best
-        "| b | **40** | **0.3** | – |",  # a shared best is bold in both rows
-        "| c | 30 | 0.5 | – |",
+        "| a | **40** | n/a | 80.0 |",  # NaN: shown as n/a, never best
+        "| b | **40** | **0.3** | n/a |",  # a shared best is bold in both rows
+        "| c | 30 | 0.5 | – |",  # None: not measured
+        "",
+        "–: not measured; n/a: read, but not a finite number (a warning named it).",
     ]
 
 
@@ -102,7 +104,7 @@ def test_separate_tables_per_model():
     q = results_table(rows, model="q").splitlines()
     assert q[0].startswith("**q**: 2 rows;")
     assert q[2:] == ["| method | flops.ratio | Rel. |", "|---|---:|---:|", "| full | 1 | 100.0 |",
-                     "| **budget 16** | | |", "| dpp | 0.1 | – |"]
+                     "| **budget 16** | | |", "| dpp | 0.1 | – |", "", "–: not measured."]
     assert "residual_energy" not in results_table(rows, model="q")
     assert "dpp | 0.1" not in results_table(rows, model="m")
 

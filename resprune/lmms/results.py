@@ -144,10 +144,10 @@ def _read(path: Path) -> dict[str, Any] | None:
     settings.update({k: args[k] for k in ("dtype", "seed") if k in args})
     key = json.dumps([model, pipeline, sorted(overrides), settings], sort_keys=True, default=str)
     subtasks = {t for group in (data.get("group_subtasks") or {}).values() for t in group}
-    metrics, tasks = _scores(data, subtasks)
+    metrics, tasks = _scores(path, data, subtasks)
     stats = data.get("throughput") or {}
-    metrics.update({k[len(_STATS):]: float(v) for k, v in stats.items()
-                    if k.startswith(_STATS) and k != _STATS + "requests" and finite_number(v)})
+    metrics.update({k[len(_STATS):]: _number(path, f"throughput.{k}", v) for k, v in stats.items()
+                    if k.startswith(_STATS) and k != _STATS + "requests"})
     return {"file": path, "date": str(data.get("date") or ""), "cell": hashlib.sha1(key.encode()).hexdigest()[:10],
             "model": model, "pipeline": pipeline, "overrides": overrides, "settings": settings,
             "metrics": metrics, "tasks": tasks}
@@ -190,8 +190,21 @@ def _check_types(path: Path, data: dict[str, Any]) -> None:
             raise bad(f"n-samples.{task}.effective", "a count (an int >= 0)", effective)
 
 
-def _scores(data: dict[str, Any], subtasks: set[str]) -> tuple[dict[str, float], dict[str, int]]:
-    """Headline and detailed scores of the file's tasks, and each top-level task's examples."""
+def _number(path: Path, key: str, value: Any) -> float:
+    """``value`` as a float, or NaN (a report shows ``n/a``) with a warning naming the file and the
+    key when it is not a finite number (NaN, Infinity, text, a list...): never dropped silently."""
+    if finite_number(value):
+        return float(value)
+    shown = json.dumps(value, default=str)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    warnings.warn(f"{path}: {key} is {shown}, not a finite number; shown as n/a", RuntimeWarning, stacklevel=4)
+    return math.nan
+
+
+def _scores(path: Path, data: dict[str, Any], subtasks: set[str]) -> tuple[dict[str, float], dict[str, int]]:
+    """Headline and detailed scores of the file's tasks, and each top-level task's examples. A key
+    without a filter (``alias``) is a label, not a metric; a metric whose value is not a finite
+    number is kept as NaN, with a warning."""
     metrics: dict[str, float] = {}
     tasks: dict[str, int] = {}
     higher = data.get("higher_is_better") or {}
@@ -199,10 +212,10 @@ def _scores(data: dict[str, Any], subtasks: set[str]) -> tuple[dict[str, float],
     for task, values in data["results"].items():
         plain: dict[str, float] = {}
         for key, value in values.items():
-            name, _, filt = key.partition(",")
-            if "_stderr" in name or not finite_number(value):
+            name, comma, filt = key.partition(",")
+            if "_stderr" in name or not comma:
                 continue
-            plain[name if filt in ("", "none") else f"{name}@{filt}"] = float(value)
+            plain[name if filt in ("", "none") else f"{name}@{filt}"] = _number(path, f"results.{task}.{key}", value)
         metrics.update({f"{task}.{name}": v for name, v in plain.items()})
         if task in subtasks:
             continue  # a group's member: the group's own row counts
