@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 import json
 import operator
 import os
@@ -94,8 +95,9 @@ class ResultTable(list):
     A row holds ``model``, ``cell`` (its id), ``label``, ``method``, ``selector`` (the input
     stage's selector, or ``topk@2``-style for stages inside the LLM), ``budget``, ``params``
     (the grid values applied), ``status`` (``done`` / ``skipped`` / ``failed``), ``reason``,
-    ``examples``, ``metrics`` (``{"fidelity.kl": ...}``, means over the examples) and ``rel``
-    (the paper's relative score, or ``None``).
+    ``examples``, ``metrics`` (``{"fidelity.kl": ...}``, means over the examples),
+    ``intervals`` (``{"fidelity.kl": [low, high]}``: the 95 % interval of each mean over the
+    examples, ``resprune.stats``) and ``rel`` (the paper's relative score, or ``None``).
     """
 
     @classmethod
@@ -591,6 +593,7 @@ class Ablation:
             lines.update(self._example_lines(path))  # each example once, whichever rank or run wrote it
         row["examples"] = len(lines)
         row["metrics"] = _mean(lines[i] for i in sorted(lines))
+        row["intervals"] = _intervals([lines[i] for i in sorted(lines)], self.seed)
         if failed:
             row.update(status="failed", reason=failed[0].get("error", "no error recorded"))
         elif row["examples"] >= len(self.records):
@@ -615,7 +618,7 @@ class Ablation:
         return {"cell": "full", "label": "full (unpruned)", "model": self.model_name, "method": "full",
                 "selector": None, "budget": None, "params": {}, "status": "done", "reason": None,
                 "examples": len(values),
-                "metrics": _mean(values), "rel": 1.0}
+                "metrics": _mean(values), "intervals": _intervals(values, self.seed), "rel": 1.0}
 
     def collect(self, out_dir: str | Path) -> ResultTable:
         """The results in ``out_dir`` (finished or not) as a ``ResultTable``."""
@@ -744,6 +747,21 @@ def _reference_problem(info: Any, logits: torch.Tensor, vocab: int | None) -> st
         if value is not None and not finite_number(value):
             return f"{name} {value!r} is not a finite number"
     return None
+
+
+def _intervals(rows: Sequence[Mapping[str, float]], seed: int) -> dict[str, list[float]]:
+    """Per metric key, the 95 % interval ``[low, high]`` of its mean over the examples
+    (``resprune.stats.mean_interval``: Wilson for 0/1 values, a seeded bootstrap otherwise)."""
+    from .stats import mean_interval
+
+    keys = sorted({key for row in rows for key in row})
+    out = {}
+    for key in keys:
+        values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
+        if values:
+            ci = mean_interval(values, seed=seed)
+            out[key] = [ci.low, ci.high]
+    return out
 
 
 def _mean(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:

@@ -119,6 +119,7 @@ _ROW_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "cell": ((str, type(None)), "text"),
     "examples": ((int, type(None)), "an int"),
     "rel": ((int, float, type(None)), "a number or null"),
+    "intervals": ((dict, type(None)), "a mapping of metric keys to [low, high]"),
 }
 
 
@@ -132,6 +133,10 @@ def _row_problem(row: dict[str, Any]) -> str | None:
     for key, value in row["metrics"].items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"metric '{key}' is {type(value).__name__} {json.dumps(value)[:40]}, expected a number"
+    for key, value in (row.get("intervals") or {}).items():
+        if not (isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            return f"interval '{key}' is {json.dumps(value)[:40]}, expected [low, high]"
     return None
 
 
@@ -173,6 +178,16 @@ def _fmt(name: str, value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"  # MME's 1862, not 1.86e+03
 
 
+def _cell(name: str, value: Any, interval: Any) -> str:
+    """A table cell: the value, and its 95 % interval when the row has one (``62.1 (58.3–65.7)``)."""
+    text = _fmt(name, value)
+    if not finite_number(value) or not (isinstance(interval, list) and len(interval) == 2
+                                        and all(finite_number(v) for v in interval)):
+        return text
+    low, high = (_fmt(name, v) for v in interval)
+    return text if low == high == text else f"{text} ({low}–{high})"
+
+
 def _budget_title(budget: Any) -> str:
     if isinstance(budget, float) and budget <= 1.0:
         return f"keep {100 * budget:.1f} %"
@@ -189,7 +204,8 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
     shares = ", ".join(md_text(n) for n in sorted(filter(is_percent, names)))
     lower = ", ".join(md_text(n) for n in sorted(filter(lower_is_better, names)))
     about = [f"{len(done)} rows"] + ([f"shares in % ({shares})"] if shares else []) + \
-        ([f"lower is better for {lower}"] if lower else []) + ["best per block in bold"]
+        ([f"lower is better for {lower}"] if lower else []) + ["best per block in bold"] + \
+        (["95 % intervals over the examples in brackets"] if any(r.get("intervals") for r in done) else [])
     lines = [f"**{md_text(model)}**: {'; '.join(about)}.", "", header, "|---|" + "---:|" * (len(columns) - 1)]
     shown: set[str] = set()  # the placeholders the table shows, explained under it
 
@@ -197,7 +213,7 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
         cells = []
         for name in names:
             value = row["metrics"].get(name)
-            text = _fmt(name, value)
+            text = _cell(name, value, (row.get("intervals") or {}).get(name))
             cells.append(f"**{text}**" if finite_number(value) and best.get(name) == value else text)
         rel = row.get("rel")
         cells.append(f"{100 * rel:.1f}" if finite_number(rel) else MISSING if rel is None else NOT_A_NUMBER)
@@ -243,9 +259,12 @@ ROW_COLUMNS = ("model", "cell", "label", "method", "selector", "budget", "status
 def flat_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """Result rows as flat records: ``ROW_COLUMNS``, then one column per grid parameter (its
     dotted key, e.g. ``selector.params.alpha``; ``base`` for the config), then one per metric
-    key (``fidelity.kl``). Returns ``(columns, records)``; a missing value is ``None``."""
+    key (``fidelity.kl``), then the bounds of each metric's 95 % interval where rows have one
+    (``fidelity.kl.ci_low``, ``fidelity.kl.ci_high``). Returns ``(columns, records)``; a missing
+    value is ``None``."""
     params = sorted({k for r in rows for k in (r.get("params") or {}) if k not in ("selector", "budget")})
     metrics = _metric_names(rows)
+    bounds = [k for k in metrics if any(k in (r.get("intervals") or {}) for r in rows)]
     records = []
     for r in rows:
         record: dict[str, Any] = {c: r.get(c) for c in ROW_COLUMNS}
@@ -253,8 +272,12 @@ def flat_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str
             record["selector"] = (r.get("params") or {}).get("selector", r.get("method"))
         record.update({k: (r.get("params") or {}).get(k) for k in params})
         record.update({k: (r.get("metrics") or {}).get(k) for k in metrics})
+        for k in bounds:
+            low, high = (r.get("intervals") or {}).get(k) or (None, None)
+            record[f"{k}.ci_low"], record[f"{k}.ci_high"] = low, high
         records.append(record)
-    return list(ROW_COLUMNS) + params + metrics, records
+    limits = [f"{k}.ci_{side}" for k in bounds for side in ("low", "high")]
+    return list(ROW_COLUMNS) + params + metrics + limits, records
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:

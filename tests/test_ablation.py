@@ -305,3 +305,37 @@ def test_two_processes_give_the_same_table_as_one(tmp_path):
     strip = lambda t: [(r["label"], r["examples"], {k: round(v, 6) for k, v in r["metrics"].items()  # noqa: E731
                         if not k.startswith("latency")}) for r in t]
     assert strip(one) == strip(two)
+
+
+def test_rows_carry_95_percent_intervals_into_the_report_csv_and_frame(tmp_path):
+    """Each row's metrics get the 95 % interval of their mean over the examples: Wilson's for a 0/1
+    metric (equal to scipy's on the examples the cell wrote), a seeded bootstrap otherwise; the
+    report shows them in brackets and the CSV as ``<metric>.ci_low`` / ``.ci_high``."""
+    from scipy import stats
+
+    from resprune.cli import main as cli
+
+    s = study({"selector": ["residual_energy", "random"], "budget": [16]}, limit=3)
+    table = s.run(tmp_path)
+    for row in table:
+        assert row["intervals"] and set(row["intervals"]) <= set(row["metrics"])
+        for key, (low, high) in row["intervals"].items():
+            assert low <= row["metrics"][key] <= high, (row["label"], key)
+    row = table[1]
+    lines = [json.loads(x) for x in (tmp_path / "cells" / row["cell"] / "examples.rank0.jsonl").read_text().splitlines()]
+    agree = [line["metrics"]["fidelity.top1_agree"] for line in lines]
+    wilson = stats.binomtest(int(sum(agree)), len(agree)).proportion_ci(0.95, method="wilson")
+    assert row["intervals"]["fidelity.top1_agree"] == pytest.approx([wilson.low, wilson.high])
+    assert s.run(tmp_path)[1]["intervals"] == row["intervals"]  # seeded: a rerun gives the same intervals
+    out = tmp_path / "table.csv"
+    assert cli(["report", str(tmp_path), "--no-plots", "--csv", str(out)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "95 % intervals over the examples in brackets" in text
+    low, high = (f"{v:.3g}" for v in row["intervals"]["fidelity.kl"])
+    assert f"({low}–{high})" in text
+    import csv
+
+    with out.open() as f:
+        records = list(csv.DictReader(f))
+    mine = next(r for r in records if r["cell"] == row["cell"])
+    assert float(mine["fidelity.kl.ci_low"]) == pytest.approx(row["intervals"]["fidelity.kl"][0])
