@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from .deepstack import DeepStack
 from .errors import IncompatibleBackboneError, InvalidInputError, MissingContextError, PluginError
 from .image_selection import EncodedImage, ImageSelection, select_images
 from .interfaces import Injector
-from .deepstack import DeepStack
 from .llm_pruning import LLM_STAGE_FIELDS, LLMPruner, StageRecord, Span
 from .prompts import row_texts, tokenizer_of, word_embedder
 from .timing import clock

@@ -378,10 +378,10 @@ class LLMPruner:
                 kwargs["attention_mask"] = self._prefill_mask(st, region, kwargs.get("attention_mask"), hidden)
             else:
                 cache = kwargs.get("past_key_values")
-                seen = cache.layers[index].get_seq_length() if cache is not None else 0
-                if getattr(getattr(cache, "layers", [None] * (index + 1))[index], "is_sliding", False):
-                    kwargs["attention_mask"] = self._sliding_decode_mask(st, region, hidden, seen,
-                                                                         cache.layers[index])
+                layer_cache = cache.layers[index] if cache is not None else None
+                seen = layer_cache.get_seq_length() if layer_cache is not None else 0
+                if getattr(layer_cache, "is_sliding", False):  # keeps the last W - 1 keys only
+                    kwargs["attention_mask"] = self._sliding_decode_mask(st, region, hidden, seen, layer_cache)
                 else:
                     kwargs["attention_mask"] = self._decode_mask(region, kwargs.get("attention_mask"), hidden, seen)
                 if region.reindex:
