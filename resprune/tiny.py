@@ -461,11 +461,14 @@ def tiny_lvlm(
     model_type: ``"llava"`` (LlavaForConditionalGeneration, CLIP tower), ``"llava_next"``
     (LlavaNextForConditionalGeneration), ``"qwen2_5_vl"`` (Qwen2_5_VLForConditionalGeneration),
     ``"llava_onevision"`` (LlavaOnevisionForConditionalGeneration, SigLIP tower, Qwen2 LLM), ``"gemma3"``
-    (Gemma3ForConditionalGeneration, SigLIP tower, Gemma 3 LLM).
+    (Gemma3ForConditionalGeneration, SigLIP tower, Gemma 3 LLM), ``"qwen3_vl"``
+    (Qwen3VLForConditionalGeneration, DeepStack), ``"qwen3_5"`` (Qwen3_5ForConditionalGeneration,
+    hybrid LLM), ``"internvl"`` (InternVLForConditionalGeneration, InternViT tower, Qwen2 LLM).
     Same ``seed`` -> bit-identical weights; the caller's RNG state is left untouched. The model
     is float32, on CPU, in eval mode, with ``attn_implementation`` for all sub-models.
     ``image_size``: LLaVA input side (multiple of 14, default 84), LLaVA-NeXT base tile side
-    (multiple of 14, default 42), Qwen2.5-VL side of the max-pixels square (default 224).
+    (multiple of 14, default 42), Qwen2.5-VL side of the max-pixels square (default 224; Qwen3-VL
+    and Qwen3.5: 256), Gemma 3 input side (168), InternVL3 tile side (even multiple of 14, 112).
     ``text_layers``: decoder layers of the language model (in-LLM stages act on layers
     ``1..text_layers-1``; the shipped configs use layers up to 24). ``vision_layers``: encoder
     layers of the CLIP tower of the LLaVA models (features from the second-to-last; stages
