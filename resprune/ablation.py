@@ -298,17 +298,24 @@ class Ablation:
         seed: set before every example of every cell.
         limit: use at most this many examples (>= 1; ``None``: all).
         progress: show progress bars and a line per finished cell.
+        against: the method the paired tests compare every other row with, at the same budget (a
+            row's ``method`` or ``selector``; default ResPrune's selector ``residual_energy``;
+            ``None``: no tests). A row compared gets ``tests``: ``{"against": name, "p": {metric:
+            p}}``, p-values Holm-corrected across the rows of the table (``resprune.stats``).
     """
 
     def __init__(self, base: Any, grid: Mapping[str, Any], *, model: Any, processor: Any = None,
                  dataset: Any = None, metrics: Sequence[str] = ("fidelity", "reconstruction", "flops", "latency"),
                  model_name: str | None = None, max_new_tokens: int = 16, seed: int = 0, limit: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, against: str | None = "residual_energy") -> None:
         self.base, self.grid = base, dict(grid) if isinstance(grid, Mapping) else grid
         self.model, self.processor = model, processor
         self.model_name = model_name or f"{type(model).__name__}:{getattr(model.config, '_name_or_path', '') or 'random'}"
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         self.seed, self.progress = _int("seed", seed), bool(progress)
+        if against is not None and not isinstance(against, str):
+            raise AblationError(f"against must be a method or selector name (or None), got {against!r}.")
+        self.against = against
         if isinstance(metrics, str) or not isinstance(metrics, Sequence):
             raise AblationError(f"metrics must be a list of metric names, got {metrics!r}.")
         self.metrics: dict[str, Metric] = {}
@@ -588,9 +595,7 @@ class Ablation:
         folder = out / "cells" / cell.id
         metas = [m for p in sorted(folder.glob("meta.rank*.json")) if (m := runfiles.read_json(p)) is not None]
         failed = [m for m in metas if m.get("status") == "failed"]
-        lines: dict[int, dict[str, float]] = {}
-        for path in sorted(folder.glob("examples.rank*.jsonl")):
-            lines.update(self._example_lines(path))  # each example once, whichever rank or run wrote it
+        lines = self._cell_examples(out, cell)
         row["examples"] = len(lines)
         row["metrics"] = _mean(lines[i] for i in sorted(lines))
         row["intervals"] = _intervals([lines[i] for i in sorted(lines)], self.seed)
@@ -601,6 +606,13 @@ class Ablation:
         else:
             row.update(status="failed", reason=f"only {row['examples']} of {len(self.records)} examples finished")
         return row
+
+    def _cell_examples(self, out: Path, cell: Cell) -> dict[int, dict[str, float]]:
+        """Example index -> metrics of a cell, each example once, whichever rank or run wrote it."""
+        lines: dict[int, dict[str, float]] = {}
+        for path in sorted((out / "cells" / cell.id).glob("examples.rank*.jsonl")):
+            lines.update(self._example_lines(path))
+        return lines
 
     def _full_row(self, out: Path) -> dict[str, Any]:
         refuse_pickles(out / "reference")
@@ -632,6 +644,9 @@ class Ablation:
             row["rel"] = sum(ratios) / len(ratios) if ratios else None
         if not any(key in full["metrics"] and full["metrics"][key] for key in relative):
             full["rel"] = None
+        if self.against is not None:
+            examples = [{}] + [{} if cell.skip else self._cell_examples(out, cell) for cell in self.cells]
+            _paired_tests(rows, examples, self.against)
         return ResultTable(rows)
 
     # --- processes ------------------------------------------------------------------------
@@ -747,6 +762,37 @@ def _reference_problem(info: Any, logits: torch.Tensor, vocab: int | None) -> st
         if value is not None and not finite_number(value):
             return f"{name} {value!r} is not a finite number"
     return None
+
+
+def _paired_tests(rows: list[dict[str, Any]], examples: list[dict[int, dict[str, float]]], against: str) -> None:
+    """Each done row against the ``against`` row of its budget, metric by metric, on the examples
+    both finished: McNemar or Wilcoxon (``resprune.stats.paired_test``), Holm-corrected per metric
+    across the rows of the table; written to ``row["tests"]``."""
+    from .stats import holm, paired_test
+
+    def budget_key(row: dict[str, Any]) -> str:
+        return repr(row["budget"])
+
+    done = [i for i, row in enumerate(rows) if row["method"] != "full" and row["status"] == "done"]
+    reference = {}
+    for i in done:
+        if against in (rows[i]["method"], rows[i]["selector"]):
+            reference.setdefault(budget_key(rows[i]), i)
+    raw: dict[str, dict[str, float]] = {}
+    for i in done:
+        j = reference.get(budget_key(rows[i]))
+        if j is None or j == i:
+            continue
+        mine, theirs = examples[i], examples[j]
+        common = sorted(set(mine) & set(theirs))
+        for key in rows[i]["metrics"]:
+            pairs = [(mine[k][key], theirs[k][key]) for k in common if key in mine[k] and key in theirs[k]
+                     and math.isfinite(mine[k][key]) and math.isfinite(theirs[k][key])]
+            if len(pairs) >= 2:
+                raw.setdefault(key, {})[str(i)] = paired_test([a for a, _ in pairs], [b for _, b in pairs])
+    for key, pvalues in raw.items():
+        for i, p in holm(pvalues).items():
+            rows[int(i)].setdefault("tests", {"against": against, "p": {}})["p"][key] = p
 
 
 def _intervals(rows: Sequence[Mapping[str, float]], seed: int) -> dict[str, list[float]]:

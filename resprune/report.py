@@ -120,6 +120,7 @@ _ROW_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "examples": ((int, type(None)), "an int"),
     "rel": ((int, float, type(None)), "a number or null"),
     "intervals": ((dict, type(None)), "a mapping of metric keys to [low, high]"),
+    "tests": ((dict, type(None)), "a mapping {against, p}"),
 }
 
 
@@ -133,6 +134,10 @@ def _row_problem(row: dict[str, Any]) -> str | None:
     for key, value in row["metrics"].items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"metric '{key}' is {type(value).__name__} {json.dumps(value)[:40]}, expected a number"
+    tests = row.get("tests") or {}
+    if tests and not (isinstance(tests.get("against"), str) and isinstance(tests.get("p"), dict)
+                      and all(finite_number(p) for p in tests["p"].values())):
+        return f"'tests' is {json.dumps(tests)[:40]}, expected {{\"against\": name, \"p\": {{metric: p-value}}}}"
     for key, value in (row.get("intervals") or {}).items():
         if not (isinstance(value, list) and len(value) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
@@ -162,6 +167,8 @@ def _metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(names, key=key)
 
 
+ALPHA = 0.05
+"""The level at which a report marks a paired difference (after Holm's correction)."""
 NOT_A_NUMBER = "n/a"
 """A table cell whose value was read but is not a finite number (NaN, Infinity; warned when read)."""
 MISSING = "–"
@@ -211,10 +218,15 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
 
     def line(row: dict[str, Any], best: dict[str, float]) -> str:
         cells = []
+        pvalues = (row.get("tests") or {}).get("p") or {}
         for name in names:
             value = row["metrics"].get(name)
             text = _cell(name, value, (row.get("intervals") or {}).get(name))
-            cells.append(f"**{text}**" if finite_number(value) and best.get(name) == value else text)
+            text = f"**{text}**" if finite_number(value) and best.get(name) == value else text
+            if finite_number(pvalues.get(name)) and pvalues[name] < ALPHA:
+                text += " †"
+                shown.add("†")
+            cells.append(text)
         rel = row.get("rel")
         cells.append(f"{100 * rel:.1f}" if finite_number(rel) else MISSING if rel is None else NOT_A_NUMBER)
         shown.update(c for c in cells if c in (MISSING, NOT_A_NUMBER))
@@ -237,9 +249,14 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
                     best[name] = min(vals) if lower_is_better(name) else max(vals)
         lines.append(f"| **{md_text(_budget_title(budget))}** |" + " |" * (len(columns) - 1))
         lines.extend(line(r, best) for r in block)
-    legend = {MISSING: "not measured", NOT_A_NUMBER: "read, but not a finite number (a warning named it)"}
+    against = sorted({(r.get("tests") or {}).get("against") for r in done} - {None})
+    legend = {MISSING: "not measured", NOT_A_NUMBER: "read, but not a finite number (a warning named it)",
+              "†": f"differs from {' / '.join(md_text(a) for a in against)} at the same budget, p < {ALPHA} (paired "
+                   f"over the examples: McNemar's test for 0/1 metrics, Wilcoxon's otherwise; Holm-corrected across "
+                   f"the table)"}
     if shown:
-        lines += ["", "; ".join(f"{mark}: {legend[mark]}" for mark in (MISSING, NOT_A_NUMBER) if mark in shown) + "."]
+        lines += ["", "; ".join(f"{mark}: {legend[mark]}" for mark in (MISSING, NOT_A_NUMBER, "†") if mark in shown)
+                  + "."]
     other = [r for r in rows if r["status"] != "done"]
     if other:
         lines += ["", "Skipped and failed cells:", ""]
@@ -260,11 +277,15 @@ def flat_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str
     """Result rows as flat records: ``ROW_COLUMNS``, then one column per grid parameter (its
     dotted key, e.g. ``selector.params.alpha``; ``base`` for the config), then one per metric
     key (``fidelity.kl``), then the bounds of each metric's 95 % interval where rows have one
-    (``fidelity.kl.ci_low``, ``fidelity.kl.ci_high``). Returns ``(columns, records)``; a missing
-    value is ``None``."""
+    (``fidelity.kl.ci_low``, ``fidelity.kl.ci_high``), and the Holm-corrected p-value of each
+    metric's paired test against the reference method (``fidelity.kl.p_vs_residual_energy``).
+    Returns ``(columns, records)``; a missing value is ``None``."""
     params = sorted({k for r in rows for k in (r.get("params") or {}) if k not in ("selector", "budget")})
     metrics = _metric_names(rows)
     bounds = [k for k in metrics if any(k in (r.get("intervals") or {}) for r in rows)]
+    against = sorted({(r.get("tests") or {}).get("against") for r in rows} - {None})
+    tested = [(k, a) for a in against for k in metrics
+              if any(k in ((r.get("tests") or {}).get("p") or {}) and r["tests"]["against"] == a for r in rows)]
     records = []
     for r in rows:
         record: dict[str, Any] = {c: r.get(c) for c in ROW_COLUMNS}
@@ -275,9 +296,12 @@ def flat_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str
         for k in bounds:
             low, high = (r.get("intervals") or {}).get(k) or (None, None)
             record[f"{k}.ci_low"], record[f"{k}.ci_high"] = low, high
+        tests = r.get("tests") or {}
+        for k, a in tested:
+            record[f"{k}.p_vs_{a}"] = (tests.get("p") or {}).get(k) if tests.get("against") == a else None
         records.append(record)
     limits = [f"{k}.ci_{side}" for k in bounds for side in ("low", "high")]
-    return list(ROW_COLUMNS) + params + metrics + limits, records
+    return list(ROW_COLUMNS) + params + metrics + limits + [f"{k}.p_vs_{a}" for k, a in tested], records
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:

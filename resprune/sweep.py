@@ -48,6 +48,8 @@ class SweepConfig:
     """Passed to `torch.manual_seed` before every example of every cell, so cells differ only in the grid's values."""
     limit: Optional[int] = None
     """At most this many examples; `null` for all."""
+    against: Optional[str] = "residual_energy"
+    """The method (a row's method or selector) every other row is tested against at its budget: paired tests (McNemar for per-example correctness, Wilcoxon otherwise), Holm-corrected across the table; `null` for none."""
     out_dir: str = "runs/sweep"
     """Run folder: `sweep.json`, one folder per cell (examples appended as they finish, so a rerun resumes) and `results.jsonl`."""
     device: Optional[str] = None
@@ -159,7 +161,7 @@ def run_sweep(spec: SweepConfig, *, out_dir: str | Path | None = None, progress:
         model, processor = load_model(str(name), device=device)
         studies.append((name, Ablation(spec.base, spec.grid, model=model, processor=processor, dataset=spec.dataset,
                                        metrics=spec.metrics, model_name=str(name), max_new_tokens=spec.max_new_tokens,
-                                       seed=spec.seed, limit=spec.limit, progress=progress)))
+                                       seed=spec.seed, limit=spec.limit, progress=progress, against=spec.against)))
     folders = [root if len(studies) == 1 else root / unique_slug(str(name)) for name, _ in studies]  # org/m, org:m
     for folder, (_, study) in zip(folders, studies):
         study.check_out_dir(folder)  # every output checked before the first cell runs

@@ -339,3 +339,40 @@ def test_rows_carry_95_percent_intervals_into_the_report_csv_and_frame(tmp_path)
         records = list(csv.DictReader(f))
     mine = next(r for r in records if r["cell"] == row["cell"])
     assert float(mine["fidelity.kl.ci_low"]) == pytest.approx(row["intervals"]["fidelity.kl"][0])
+
+
+def test_each_method_is_tested_against_resprune_at_its_budget(tmp_path):
+    """Paired tests on the examples the cells wrote: Wilcoxon's for a continuous metric, McNemar's
+    (scipy's binomial test on the discordant pairs) for a 0/1 one, Holm-corrected across the table;
+    the reference row and the full row carry none; `against=None` runs none."""
+    from scipy import stats
+
+    s = study({"selector": ["residual_energy", "random", "topk"], "budget": [16]}, limit=4,
+              base="topk-relevance", metrics=["fidelity", "flops"])
+    table = s.run(tmp_path)
+    by = {r["selector"] if r["method"] != "full" else "full": r for r in table}
+    assert "tests" not in by["full"] and "tests" not in by["residual_energy"]
+
+    def examples(row):
+        path = tmp_path / "cells" / row["cell"] / "examples.rank0.jsonl"
+        return [json.loads(x)["metrics"] for x in path.read_text().splitlines()]
+
+    ref = examples(by["residual_energy"])
+    raw = {}
+    for name in ("random", "topk"):
+        mine = examples(by[name])
+        kl = [m["fidelity.kl"] for m in mine], [m["fidelity.kl"] for m in ref]
+        raw[name] = 1.0 if kl[0] == kl[1] else stats.wilcoxon(*kl).pvalue
+        assert by[name]["tests"]["against"] == "residual_energy"
+        agree = [m["fidelity.top1_agree"] for m in mine], [m["fidelity.top1_agree"] for m in ref]
+        only = sum(a > b for a, b in zip(*agree)), sum(a < b for a, b in zip(*agree))
+        mcnemar = stats.binomtest(only[0], sum(only), 0.5).pvalue if sum(only) else 1.0
+        assert by[name]["tests"]["p"]["fidelity.top1_agree"] >= mcnemar - 1e-12  # Holm only raises p-values
+    low, high = sorted(raw, key=raw.get)
+    expected = {low: min(1.0, 2 * raw[low]), high: max(min(1.0, 2 * raw[low]), raw[high])}  # Holm over 2 methods
+    assert {n: by[n]["tests"]["p"]["fidelity.kl"] for n in raw} == pytest.approx(expected)
+    frame_columns = resprune.ResultTable(table).to_pandas().columns
+    assert "fidelity.kl.p_vs_residual_energy" in frame_columns
+    none = study({"selector": ["residual_energy", "random"], "budget": [16]}, limit=4, base="topk-relevance",
+                 metrics=["fidelity"], against=None).run(tmp_path / "none")
+    assert not any("tests" in r for r in none)

@@ -189,3 +189,15 @@ def test_a_third_party_metric_says_how_it_is_read(plugin_host):
     lines = results_table(rows).splitlines()
     assert "shares in % (error_rate.err)" in lines[0] and "lower is better for error_rate.err" in lines[0]
     assert "| a | **25** |" in "\n".join(lines) and "| b | 50 |" in "\n".join(lines)  # the smaller one is best
+
+
+def test_a_paired_difference_is_marked_and_explained():
+    rows = [row("full", None, {"fidelity.kl": 0.0}, rel=1.0),
+            row("resprune", 16, {"fidelity.kl": 0.2}, rel=0.9),
+            {**row("random", 16, {"fidelity.kl": 0.5}, rel=0.7), "tests": {"against": "residual_energy",
+                                                                          "p": {"fidelity.kl": 0.01}}},
+            {**row("uniform", 16, {"fidelity.kl": 0.3}, rel=0.8), "tests": {"against": "residual_energy",
+                                                                           "p": {"fidelity.kl": 0.2}}}]
+    text = results_table(rows)
+    assert "| random | 0.5 † | 70.0 |" in text and "| uniform | 0.3 | 80.0 |" in text
+    assert "†: differs from residual_energy at the same budget, p < 0.05" in text
