@@ -329,12 +329,21 @@ def _pyplot() -> Any:
     return plt
 
 
+def _interval(row: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """A row's 95 % interval of ``metric`` (``None``: it has none)."""
+    band = (row.get("intervals") or {}).get(metric)
+    if isinstance(band, list) and len(band) == 2 and all(finite_number(v) for v in band):
+        return float(band[0]), float(band[1])
+    return None
+
+
 def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem: str | Path, *,
                           model: str | None = None) -> list[Path]:
     """Plot ``metric`` against the budget, one line per method; write PNG and SVG.
 
     Int budgets and ratio budgets go to separate figures (``<stem>_k``, ``<stem>_ratio``)
-    when a model has both. Returns the files written.
+    when a model has both. Where the rows carry 95 % intervals, each line gets a shaded band (and
+    the unpruned model's level one too). Returns the files written.
     """
     plt = _pyplot()
     rows, model = _one_model(rows, model)
@@ -350,10 +359,18 @@ def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem
         stem = Path(str(path_stem) + (f"_{kind}" if len(kinds) > 1 else ""))
         fig, ax = plt.subplots(figsize=(6, 4))
         for method in sorted({r["method"] for r in group}):
-            pts = sorted((r["budget"], r["metrics"][metric]) for r in group if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            mine = sorted((r for r in group if r["method"] == method), key=lambda r: r["budget"])
+            xs = [r["budget"] for r in mine]
+            (line,) = ax.plot(xs, [r["metrics"][metric] for r in mine], marker="o", label=method)
+            bands = [_interval(r, metric) for r in mine]
+            if all(band is not None for band in bands):  # the 95 % interval of each point, as a band
+                ax.fill_between(xs, [b[0] for b in bands], [b[1] for b in bands], color=line.get_color(), alpha=0.15,
+                                linewidth=0)
         if full is not None:
             ax.axhline(full["metrics"][metric], linestyle="--", color="gray", label="full (unpruned)")
+            band = _interval(full, metric)
+            if band is not None:
+                ax.axhspan(band[0], band[1], color="gray", alpha=0.1, linewidth=0)
         budgets = [r["budget"] for r in group]
         if min(budgets) > 0 and max(budgets) / min(budgets) > 10:
             ax.set_xscale("log")

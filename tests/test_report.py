@@ -201,3 +201,22 @@ def test_a_paired_difference_is_marked_and_explained():
     text = results_table(rows)
     assert "| random | 0.5 † | 70.0 |" in text and "| uniform | 0.3 | 80.0 |" in text
     assert "†: differs from residual_energy at the same budget, p < 0.05" in text
+
+
+def test_plots_shade_the_95_percent_interval_of_each_point(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))
+    rows = [{**row("full", None, {"fidelity.kl": 0.0}), "intervals": {"fidelity.kl": [0.0, 0.0]}},
+            {**row("dpp", 8, {"fidelity.kl": 0.2}), "intervals": {"fidelity.kl": [0.1, 0.35]}},
+            {**row("dpp", 32, {"fidelity.kl": 0.1}), "intervals": {"fidelity.kl": [0.05, 0.2]}},
+            row("random", 8, {"fidelity.kl": 0.3})]  # no interval: no band
+    plot_metric_vs_budget(rows, "fidelity.kl", tmp_path / "p")
+    (ax,) = figs[0].axes
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert (ys.min(), ys.max()) == (pytest.approx(0.05), pytest.approx(0.35))
