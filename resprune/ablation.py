@@ -31,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import math
 import json
+import math
 import operator
 import os
 import platform
@@ -584,7 +584,8 @@ class Ablation:
             runfiles.write_atomic(out / "cells" / cell.id / "summary.json", json.dumps(row, indent=2, default=str))
         return row
 
-    def _row(self, out: Path, cell: Cell) -> dict[str, Any]:
+    def _row(self, out: Path, cell: Cell, lines: dict[int, dict[str, float]] | None = None) -> dict[str, Any]:
+        """A cell's result row; ``lines``: its examples when the caller has read them already."""
         selector = None if cell.config is None else selector_label(cell.config)
         row: dict[str, Any] = {"cell": cell.id, "label": cell.label, "model": self.model_name, "method": cell.method,
                                "selector": selector or cell.params.get("selector", cell.method),
@@ -595,7 +596,7 @@ class Ablation:
         folder = out / "cells" / cell.id
         metas = [m for p in sorted(folder.glob("meta.rank*.json")) if (m := runfiles.read_json(p)) is not None]
         failed = [m for m in metas if m.get("status") == "failed"]
-        lines = self._cell_examples(out, cell)
+        lines = self._cell_examples(out, cell) if lines is None else lines
         row["examples"] = len(lines)
         row["metrics"] = _mean(lines[i] for i in sorted(lines))
         row["intervals"] = _intervals([lines[i] for i in sorted(lines)], self.seed)
@@ -636,7 +637,8 @@ class Ablation:
         """The results in ``out_dir`` (finished or not) as a ``ResultTable``."""
         out = Path(out_dir)
         full = self._full_row(out)
-        rows = [full] + [self._row(out, cell) for cell in self.cells]
+        examples = [{} if cell.skip else self._cell_examples(out, cell) for cell in self.cells]  # read once
+        rows = [full] + [self._row(out, cell, lines) for cell, lines in zip(self.cells, examples)]
         relative = {f"{n}.{k}" for n, m in self.metrics.items() for k in m.relative}
         for row in rows[1:]:
             ratios = [row["metrics"][key] / full["metrics"][key] for key in relative
@@ -645,8 +647,7 @@ class Ablation:
         if not any(key in full["metrics"] and full["metrics"][key] for key in relative):
             full["rel"] = None
         if self.against is not None:
-            examples = [{}] + [{} if cell.skip else self._cell_examples(out, cell) for cell in self.cells]
-            _paired_tests(rows, examples, self.against)
+            _paired_tests(rows, [{}] + examples, self.against)
         return ResultTable(rows)
 
     # --- processes ------------------------------------------------------------------------

@@ -185,11 +185,13 @@ def _fmt(name: str, value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"  # MME's 1862, not 1.86e+03
 
 
-def _cell(name: str, value: Any, interval: Any) -> str:
-    """A table cell: the value, and its 95 % interval when the row has one (``62.1 (58.3–65.7)``)."""
+def _cell(name: str, row: dict[str, Any]) -> str:
+    """A table cell: the row's value of ``name``, and its 95 % interval when the row has one
+    (``62.1 (58.3–65.7)``)."""
+    value = row["metrics"].get(name)
     text = _fmt(name, value)
-    if not finite_number(value) or not (isinstance(interval, list) and len(interval) == 2
-                                        and all(finite_number(v) for v in interval)):
+    interval = _interval(row, name)
+    if not finite_number(value) or interval is None:
         return text
     low, high = (_fmt(name, v) for v in interval)
     return text if low == high == text else f"{text} ({low}–{high})"
@@ -221,7 +223,7 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
         pvalues = (row.get("tests") or {}).get("p") or {}
         for name in names:
             value = row["metrics"].get(name)
-            text = _cell(name, value, (row.get("intervals") or {}).get(name))
+            text = _cell(name, row)
             text = f"**{text}**" if finite_number(value) and best.get(name) == value else text
             if finite_number(pvalues.get(name)) and pvalues[name] < ALPHA:
                 text += " †"
