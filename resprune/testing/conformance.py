@@ -140,6 +140,16 @@ def _llm_fields() -> set[str]:
     return set(LLM_FIELDS) - {"tokens", "positions"}
 
 
+def _skip_unless_supplied(model_type: str, strategy: Any, also: set[str] = frozenset()) -> None:
+    """Skip the test when what ``strategy`` reads is not there: inside the LLM (where it runs if it
+    reads the LLM's fields) or from ``model_type``'s injector (``also``: fields counted as there)."""
+    from ..llm_pruning import LLM_FIELDS
+
+    provides = set(LLM_FIELDS) if _inside_llm([strategy]) else set(get_host().injector_for(model_type).provides)
+    if not set(strategy.requires) <= provides | set(also):
+        pytest.skip(f"{model_type} cannot supply {sorted(set(strategy.requires) - provides)}")
+
+
 def _inside_llm(strategies: list[Any]) -> bool:
     """Whether the strategies read fields only a stage inside the LLM has (then they run at layer 1)."""
     from ..llm_pruning import LLM_FIELDS
@@ -213,12 +223,8 @@ class SelectorConformance:
 
     @pytest.mark.parametrize("model_type", BACKBONES)
     def test_runs_on_backbone(self, model_type: str) -> None:
-        from ..llm_pruning import LLM_FIELDS
-
         sel = self.make()
-        provides = set(LLM_FIELDS) if _inside_llm([sel]) else set(get_host().injector_for(model_type).provides)
-        if not set(sel.requires) <= provides | {"text", "text_embedder"}:
-            pytest.skip(f"{model_type} cannot supply {sorted(set(sel.requires) - provides)}")
+        _skip_unless_supplied(model_type, sel, also={"text", "text_embedder"})
         scorers = _scorers_for(sel, model_type, self.scorers)
         missing = sel.required_scores() - {name for name, _ in scorers}
         if missing:
@@ -264,12 +270,8 @@ class ScorerConformance:
 
     @pytest.mark.parametrize("model_type", BACKBONES)
     def test_runs_on_backbone(self, model_type: str) -> None:
-        from ..llm_pruning import LLM_FIELDS
-
         sc = self.make()
-        provides = set(LLM_FIELDS) if _inside_llm([sc]) else set(get_host().injector_for(model_type).provides)
-        if not set(sc.requires) <= provides:
-            pytest.skip(f"{model_type} cannot supply {sorted(set(sc.requires) - provides)}")
+        _skip_unless_supplied(model_type, sc)
         topk = get_host().selectors.get("topk")({"score": sc.output})
         _run_on_backbone(model_type, _pipeline(topk, [sc], 0.25), _pipeline(topk, [sc], 1.0))
 
