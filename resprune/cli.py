@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "FLOPs as JSON instead of the lines")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("sweep", help="run an ablation sweep (default: 4 selectors x 3 budgets, tiny model, "
+    p = sub.add_parser("sweep", help="run an ablation sweep (default: 5 selectors x 3 budgets, tiny model, "
                                      "bundled samples)")
     p.add_argument("file", nargs="?", default=None, help="sweep YAML (default: the bundled default sweep)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. model=tiny:qwen2_5_vl grid.budget=[16,32]")

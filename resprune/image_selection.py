@@ -78,6 +78,14 @@ class EncodedImage:
             return None
         return self.vision_masks[-1].nonzero().squeeze(1).cpu()
 
+    def token_positions(self) -> Tensor | None:
+        """``positions``, or the raster positions of ``grid`` when only the grid is known."""
+        if self.positions is None and self.grid is not None:
+            rows, cols = self.grid
+            return torch.stack([torch.arange(rows, dtype=torch.float32).repeat_interleave(cols),
+                                torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
+        return self.positions
+
     def subset(self, index: Tensor) -> EncodedImage:
         """This image restricted to the tokens ``index`` (ascending), positions kept."""
         idx = index.cpu()
@@ -85,12 +93,7 @@ class EncodedImage:
         def take(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[idx.to(t.device)]
 
-        positions = self.positions
-        if positions is None and self.grid is not None:
-            rows, cols = self.grid
-            positions = torch.stack([torch.arange(rows, dtype=torch.float32).repeat_interleave(cols),
-                                     torch.arange(cols, dtype=torch.float32).repeat(rows)], dim=1)
-        return EncodedImage(take(self.features), positions=take(positions), cls_attention=take(self.cls_attention),
+        return EncodedImage(take(self.features), positions=take(self.token_positions()), cls_attention=take(self.cls_attention),
                             tiles=take(self.tiles), frames=take(self.frames),
                             extra={k: v[idx.to(v.device)] for k, v in self.extra.items()},
                             image_extra=self.image_extra, candidates=take(self.candidates), always=take(self.always),

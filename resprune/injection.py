@@ -313,7 +313,8 @@ class Attached:
         columns = slots[:, 1].split([sel.k for sel in batch.selections])
         spans = [Span(image=sel.image, row=sel.row, n=sel.n,
                       alive=(sel.kept if sel.sources is None else sel.sources).clone(), columns=cols,
-                      positions=None if sel.geometry is None else sel.geometry.positions, geometry=sel.geometry)
+                      positions=None if sel.geometry is None else sel.geometry.token_positions(),
+                      geometry=sel.geometry)
                  for sel, cols in zip(batch.selections, columns)]
         self._llm.arm(spans, batch.attention_mask, batch.row_text, embeds=batch.inputs_embeds)
         try:
@@ -688,8 +689,9 @@ def _tower_schedule(images: list[EncodedImage]) -> list[tuple[int, int]]:
 
 
 def _geometry(img: EncodedImage) -> EncodedImage:
-    return EncodedImage(features=img.features[:0], grid=img.grid, positions=img.positions, candidates=img.candidates,
-                        always=img.always, groups=img.groups, layout=img.layout)
+    return EncodedImage(features=img.features[:0], grid=img.grid, positions=img.positions, tiles=img.tiles,
+                        frames=img.frames, candidates=img.candidates, always=img.always, groups=img.groups,
+                        layout=img.layout)
 
 
 def _pad_id(model: Any, processor: Any) -> int:

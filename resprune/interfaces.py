@@ -66,6 +66,9 @@ class Selector(Strategy, ABC):
     """Picks ``k`` distinct tokens from the tokens and the named scores."""
 
     kind: ClassVar[str] = "selector"
+    default_merger: ClassVar[str | None] = None
+    """The merger a stage runs with this selector when its config names none (``pool``: average
+    pooling needs its cells merged); ``None``: no merger."""
 
     def required_scores(self) -> frozenset[str]:
         """Score names this selector cannot work without (under its current params)."""
@@ -146,6 +149,9 @@ class Merger(Strategy, ABC):
     """
 
     kind: ClassVar[str] = "merger"
+    selector: ClassVar[str | None] = None
+    """The selector whose picks this merger needs (``pool``: the centres of its cells); a stage
+    with another selector is refused when it is built. ``None``: any selector."""
 
     def slots(self, k: int, n: int) -> int:
         """How many of the ``k`` tokens kept out of ``n`` this merger makes from dropped ones

@@ -58,6 +58,8 @@ LLM_FIELDS: dict[str, str] = {
                       "similarity after it)",
     "layer": "the decoder layer K the stage acts on (int)",
     "positions": "token centres as (row, col) in grid units, [N, 2] (when the image has a grid)",
+    "tiles": "the tile of each token, int [N] (when the image has tiles; see resprune.context)",
+    "frames": "the frame of each token of a video, int [N] (videos)",
 }
 """Context fields an in-LLM stage offers its scorers and selector."""
 
@@ -130,6 +132,19 @@ class Span:
     columns: Tensor  # int64 [m] their columns in the current sequence
     positions: Tensor | None = None  # [n, 2] grid positions of all n tokens
     geometry: Any = None  # the image's EncodedImage without features (for pictures)
+
+
+def _geometry_fields(members: list[Span]) -> dict[str, Tensor]:
+    """``tiles`` and ``frames`` of the alive tokens of a group of spans that share them."""
+    out = {}
+    for name in ("tiles", "frames"):
+        values = [None if s.geometry is None else getattr(s.geometry, name, None) for s in members]
+        if any(v is None for v in values):
+            continue
+        alive = [v[s.alive.to(v.device)] for v, s in zip(values, members)]
+        if all(torch.equal(a, alive[0]) for a in alive[1:]):
+            out[name] = alive[0]
+    return out
 
 
 @dataclass
@@ -565,6 +580,7 @@ class LLMPruner:
                 llm_keys=keys, llm_last_hidden=last_hidden[rows], layer=layer, llm_final_norm=self._final_norm,
                 positions=None if pos is None or not all(s.positions is not None for s in members)
                 else pos.to(dev)[members[0].alive.to(dev)],
+                **_geometry_fields(members),
                 text=None if st.texts is None else (lambda g=members: [st.texts(s.row) for s in g]),
                 llm_text_hidden=lambda r=rows: text_fields(r)[0],
                 llm_text_key_norm=lambda r=rows: text_fields(r)[1],

@@ -67,6 +67,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.cdpruner",
     "resprune.strategies.prumerge",
     "resprune.strategies.mergers",
+    "resprune.strategies.pool",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",
     "resprune.backbones.qwen3_vl",

@@ -82,7 +82,13 @@ class Stage:
             raise ConfigError(f"{self.where} stage: selector '{self.selector.name}' decides each image's count "
                               f"(adaptive); it runs in the input stage, one image at a time.")
         self.budget = check_budget(budget, where=f"{self.where} stage budget")
+        if merger is None and self.selector.default_merger is not None:
+            merger = self.selector.default_merger  # a selector whose picks mean nothing unmerged (pool)
         self.merger = None if merger is None else make_merger(merger)
+        if self.merger is not None and self.merger.selector not in (None, self.selector.name):
+            raise ConfigError(f"{self.where} stage: merger '{self.merger.name}' merges what selector "
+                              f"'{self.merger.selector}' picks, not selector '{self.selector.name}'; use "
+                              f"selector: {self.merger.selector} (it runs this merger by itself).")
         self.scorers: list[tuple[str, Scorer]] = []
         for item in scorers:
             out, scorer = item if isinstance(item, tuple) else (None, item)

@@ -281,10 +281,10 @@ def test_sweep_and_report_commands(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["sweep", "--out", str(out), "--quiet", "limit=2", "max_new_tokens=2"]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sum(r["status"] == "done" for r in rows) == 1 + 4 * 3  # full + 4 selectors x 3 budgets
+    assert sum(r["status"] == "done" for r in rows) == 1 + 5 * 3  # full + 5 selectors x 3 budgets
     assert main(["report", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "residual_energy" in report and "divprune" in report and "dpp" in report and "random" in report
+    assert all(name in report for name in ("residual_energy", "divprune", "dpp", "random", "pool"))
     assert list((out / "plots").glob("*.png")) and list((out / "plots").glob("*.svg"))
 
 

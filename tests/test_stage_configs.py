@@ -97,18 +97,18 @@ def test_table_i_sweep_lays_out_methods_before_and_inside_the_llm(tmp_path):
     code = cli(["sweep", "table-i", "--quiet", "limit=1", "max_new_tokens=2", "model=tiny:llava:25",
                 "grid.budget=[64]",
                 "grid.base=[resprune-llava15,visionzip,fastv,pdrop,dart,vispruner,scope,hired,tome,sparsevlm,cdpruner,"
-                "trim,prumerge]",
+                "trim,prumerge,pool]",
                 "--out", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(rows) == {"full", "resprune-llava15", "visionzip", "fastv", "pdrop", "dart", "vispruner", "scope",
-                         "hired", "tome", "sparsevlm", "cdpruner", "trim", "prumerge"}
+                         "hired", "tome", "sparsevlm", "cdpruner", "trim", "prumerge", "pool"}
     assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
     ratio = {m: r["metrics"]["flops.ratio"] for m, r in rows.items() if m != "full"}
     # the same 64 tokens kept, but FastV and DART run layers 0-1 on every token and PDrop keeps
     # 64 at layer 8, then 32 and 16: each costs more than pruning before the LLM
     assert ratio["resprune-llava15"] == pytest.approx(ratio["visionzip"]) == pytest.approx(ratio["scope"]) \
-        == pytest.approx(ratio["cdpruner"])
+        == pytest.approx(ratio["cdpruner"]) == pytest.approx(ratio["pool"])
     assert ratio["cdpruner"] < ratio["trim"]  # TRIM's mean token comes on top
     assert ratio["fastv"] == pytest.approx(ratio["dart"])
     assert ratio["resprune-llava15"] < ratio["fastv"] < ratio["pdrop"] < 1
@@ -139,8 +139,8 @@ def test_table_ii_sweep_lays_out_the_llava_next_rows(tmp_path):
                 "grid.budget=[320]", "--out", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert set(rows) == {"full", "resprune-llava-next", "fastv", "prumerge", "pdrop", "sparsevlm-llava-next", "divprune",
-                         "visionzip", "dart"}
+    assert set(rows) == {"full", "resprune-llava-next", "random", "pool", "fastv", "prumerge", "pdrop",
+                         "sparsevlm-llava-next", "divprune", "visionzip", "dart"}
     assert all(r["status"] == "done" and r["examples"] == 1 for r in rows.values())
     assert cli(["report", str(out)]) == 0
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..interfaces import Merger, Scorer, Selector
 from ..plugins import get_host
-from .contracts import check_merger_contract, check_scorer_contract, check_selector_contract, random_context
+from .contracts import check_merger_contract, check_scorer_contract, check_selector_contract, merger_selector, random_context
 
 __all__ = ["SelectorConformance", "ScorerConformance", "MergerConformance", "InjectorConformance", "BACKBONES",
            "masked_out_dropped", "pruned_forward_positions", "assert_equal_at_kept_columns"]
@@ -305,8 +305,8 @@ class MergerConformance:
 
         from ..llm_pruning import LLM_FIELDS
 
-        topk = get_host().selectors.get("topk")({"score": "norm"})
         m = self.make()
+        selector, scorers = merger_selector(m)
         provides = set(LLM_FIELDS) if inside else set(get_host().injector_for(model_type).provides)
         if not set(m.requires) <= provides:
             where = "inside the LLM" if inside else model_type
@@ -314,9 +314,9 @@ class MergerConformance:
 
         def pipe(budget: Any) -> Pipeline:
             if inside:
-                return Pipeline(None, budget=budget, stages=[Stage(topk, budget=budget, scorers=["norm"], merger=m,
+                return Pipeline(None, budget=budget, stages=[Stage(selector, budget=budget, scorers=scorers, merger=m,
                                                                    layer=1)])
-            return Pipeline(topk, budget=budget, scorers=["norm"], merger=m)
+            return Pipeline(selector, budget=budget, scorers=scorers, merger=m)
 
         _run_on_backbone(model_type, pipe(0.25), pipe(1.0))
 

@@ -159,6 +159,14 @@ def _row(value, i: int, b: int):
     return value
 
 
+def merger_selector(merger: Merger) -> tuple[Selector, list[str]]:
+    """The selector (and scorers) a merger's tests run it after: the one it names
+    (``Merger.selector``), else ``topk`` by norm."""
+    if merger.selector is not None:
+        return get_host().selectors.get(merger.selector)(), []
+    return get_host().selectors.get("topk")({"score": "norm"}), ["norm"]
+
+
 def check_merger_contract(merger: Merger, *, context: PruneContext | None = None) -> None:
     """Assert the merger interface through a stage (``topk`` by norm, then the merger) at
     every budget: ``k`` places (plus the merger's ``extra``) including the selector's picks,
@@ -169,9 +177,9 @@ def check_merger_contract(merger: Merger, *, context: PruneContext | None = None
     ctx = context or random_context()
     b, n = ctx.batch_size, ctx.num_tokens
     before = _snapshot(ctx)
-    topk = get_host().selectors.get("topk")({"score": "norm"})
+    selector, scorers = merger_selector(merger)
     for k in sorted(k for k in {1, 2, n // 2, n - 1, n} if 1 <= k <= n):
-        stage = Stage(topk, budget=k, scorers=["norm"], merger=merger)
+        stage = Stage(selector, budget=k, scorers=scorers, merger=merger)
         sel = stage.run(ctx)  # run_merger checks places, features and that the picks are kept
         made = k + (merger.extra(k - merger.slots(k, n), n) if k < n else 0)  # tokens on top of the budget
         assert sel.kept.shape == (b, made) and sel.k == made
