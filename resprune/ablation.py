@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import runfiles
+from .comparisons import FULL_EXAMPLES, example_line, metric_interval, paired_tests, relative_interval
 from .config import load_config, selector_label, to_yaml
 from .costs import llm_dims, vision_dims
 from .data import describe_source, image_digest_of, load_records, open_image, record_digest
@@ -97,7 +98,9 @@ class ResultTable(list):
     (the grid values applied), ``status`` (``done`` / ``skipped`` / ``failed``), ``reason``,
     ``examples``, ``metrics`` (``{"fidelity.kl": ...}``, means over the examples),
     ``intervals`` (``{"fidelity.kl": [low, high]}``: the 95 % interval of each mean over the
-    examples, ``resprune.stats``) and ``rel`` (the paper's relative score, or ``None``).
+    examples, ``resprune.stats``), ``rel`` (the paper's relative score, or ``None``) with
+    ``rel_interval`` (its paired 95 % interval), and ``tests`` (``{"against": name, "p": {key:
+    p}}``: Holm-corrected paired tests against the reference method, ``resprune.comparisons``).
     """
 
     @classmethod
@@ -384,7 +387,7 @@ class Ablation:
         (``reference/``, each cell's) can be written, and that nothing in it is a symlink leading
         outside it; ``OutputPathError`` / ``RunFileError`` naming the path otherwise."""
         out = runfiles.writable_folder(out_dir, "run folder")
-        for name in ("results.jsonl", "sweep.json", "reference", "cells", runfiles.RunLock.FILENAME):
+        for name in ("results.jsonl", "sweep.json", FULL_EXAMPLES, "reference", "cells", runfiles.RunLock.FILENAME):
             runfiles.check_inside(out, out / name)
         folders = [(out / "reference", "reference folder")]
         folders += [(out / "cells" / c.id, f"folder of cell '{c.label}'") for c in self.cells if not c.skip]
@@ -431,8 +434,12 @@ class Ablation:
             bar.update(1)
         bar.close()
         self._barrier()
-        table = self.collect(out)
+        full_lines = self._full_examples(out)
+        table = self._collect(out, full_lines)
         if self.rank == 0:
+            runfiles.write_atomic(out / FULL_EXAMPLES, "".join(
+                json.dumps({"index": i, "record": self.record_keys[i], "metrics": full_lines[i]}) + "\n"
+                for i in sorted(full_lines)))  # the unpruned model per example: `resprune report --against/--split`
             write_results(out / "results.jsonl", table)
         return table
 
@@ -542,15 +549,9 @@ class Ablation:
         """index -> metrics of the lines of ``path`` that belong to this run's records."""
         out: dict[int, dict[str, float]] = {}
         for n, line in runfiles.read_jsonl(path, repair=repair):
-            if not (isinstance(line, dict) and isinstance(line.get("index"), int) and isinstance(line.get("record"), str)
-                    and isinstance(line.get("metrics"), dict)
-                    and all(isinstance(v, (int, float)) for v in line["metrics"].values())):
-                raise runfiles.RunFileError(
-                    f"{path}:{n}: not an example line (expected {{\"index\": int, \"record\": str, \"metrics\": "
-                    f"{{name: number}}}}); delete the line (its example is recomputed) or the file.")
-            i = line["index"]
-            if 0 <= i < len(self.records) and line["record"] == self.record_keys[i]:
-                out[i] = line["metrics"]  # a later line of the same example replaces an earlier one
+            i, record, metrics = example_line(path, n, line)
+            if 0 <= i < len(self.records) and record == self.record_keys[i]:
+                out[i] = metrics  # a later line of the same example replaces an earlier one
         return out
 
     def _example(self, attached: Any, record: Mapping[str, Any], reference: Reference | None) -> dict[str, float]:
@@ -615,9 +616,10 @@ class Ablation:
             lines.update(self._example_lines(path))
         return lines
 
-    def _full_row(self, out: Path) -> dict[str, Any]:
+    def _full_examples(self, out: Path) -> dict[int, dict[str, float]]:
+        """Example index -> the unpruned model's metrics, for the examples whose reference exists."""
         refuse_pickles(out / "reference")
-        values = []
+        values: dict[int, dict[str, float]] = {}
         for i, record in enumerate(self.records):
             key = self._reference_key(i)
             ref = load_reference(self._reference_path(out, key), key, vocab=self.vocab)
@@ -627,7 +629,11 @@ class Ablation:
             for name, metric in self.metrics.items():
                 for k, value in metric.baseline(record, ref, self.dims).items():
                     per[f"{name}.{k}"] = float(value)
-            values.append(per)
+            values[i] = per
+        return values
+
+    def _full_row(self, out: Path, lines: dict[int, dict[str, float]]) -> dict[str, Any]:
+        values = [lines[i] for i in sorted(lines)]
         return {"cell": "full", "label": "full (unpruned)", "model": self.model_name, "method": "full",
                 "selector": None, "budget": None, "params": {}, "status": "done", "reason": None,
                 "examples": len(values),
@@ -635,19 +641,22 @@ class Ablation:
 
     def collect(self, out_dir: str | Path) -> ResultTable:
         """The results in ``out_dir`` (finished or not) as a ``ResultTable``."""
-        out = Path(out_dir)
-        full = self._full_row(out)
+        return self._collect(Path(out_dir), self._full_examples(Path(out_dir)))
+
+    def _collect(self, out: Path, full_lines: dict[int, dict[str, float]]) -> ResultTable:
+        full = self._full_row(out, full_lines)
         examples = [{} if cell.skip else self._cell_examples(out, cell) for cell in self.cells]  # read once
         rows = [full] + [self._row(out, cell, lines) for cell, lines in zip(self.cells, examples)]
-        relative = {f"{n}.{k}" for n, m in self.metrics.items() for k in m.relative}
-        for row in rows[1:]:
-            ratios = [row["metrics"][key] / full["metrics"][key] for key in relative
-                      if key in row["metrics"] and full["metrics"].get(key)]
-            row["rel"] = sum(ratios) / len(ratios) if ratios else None
+        relative = sorted({f"{n}.{k}" for n, m in self.metrics.items() for k in m.relative})
+        for row, lines in zip(rows[1:], examples):
+            keys = [key for key in relative if key in row["metrics"] and full["metrics"].get(key)]
+            row["rel"] = sum(row["metrics"][key] / full["metrics"][key] for key in keys) / len(keys) if keys else None
+            if keys:
+                row["rel_interval"] = relative_interval(dict(sorted(lines.items())), full_lines, keys, seed=self.seed)
         if not any(key in full["metrics"] and full["metrics"][key] for key in relative):
             full["rel"] = None
         if self.against is not None:
-            _paired_tests(rows, [{}] + examples, self.against)
+            paired_tests(rows, [full_lines] + examples, self.against)
         return ResultTable(rows)
 
     # --- processes ------------------------------------------------------------------------
@@ -765,48 +774,15 @@ def _reference_problem(info: Any, logits: torch.Tensor, vocab: int | None) -> st
     return None
 
 
-def _paired_tests(rows: list[dict[str, Any]], examples: list[dict[int, dict[str, float]]], against: str) -> None:
-    """Each done row against the ``against`` row of its budget, metric by metric, on the examples
-    both finished: McNemar or Wilcoxon (``resprune.stats.paired_test``), Holm-corrected per metric
-    across the rows of the table; written to ``row["tests"]``."""
-    from .stats import holm, paired_test
-
-    def budget_key(row: dict[str, Any]) -> str:
-        return repr(row["budget"])
-
-    done = [i for i, row in enumerate(rows) if row["method"] != "full" and row["status"] == "done"]
-    reference = {}
-    for i in done:
-        if against in (rows[i]["method"], rows[i]["selector"]):
-            reference.setdefault(budget_key(rows[i]), i)
-    raw: dict[str, dict[str, float]] = {}
-    for i in done:
-        j = reference.get(budget_key(rows[i]))
-        if j is None or j == i:
-            continue
-        mine, theirs = examples[i], examples[j]
-        common = sorted(set(mine) & set(theirs))
-        for key in rows[i]["metrics"]:
-            pairs = [(mine[k][key], theirs[k][key]) for k in common if key in mine[k] and key in theirs[k]
-                     and math.isfinite(mine[k][key]) and math.isfinite(theirs[k][key])]
-            if len(pairs) >= 2:
-                raw.setdefault(key, {})[str(i)] = paired_test([a for a, _ in pairs], [b for _, b in pairs])
-    for key, pvalues in raw.items():
-        for i, p in holm(pvalues).items():
-            rows[int(i)].setdefault("tests", {"against": against, "p": {}})["p"][key] = p
-
-
 def _intervals(rows: Sequence[Mapping[str, float]], seed: int) -> dict[str, list[float]]:
     """Per metric key, the 95 % interval ``[low, high]`` of its mean over the examples
-    (``resprune.stats.mean_interval``: Wilson for 0/1 values, a seeded bootstrap otherwise)."""
-    from .stats import mean_interval
-
+    (``resprune.comparisons.metric_interval``: Wilson for a 0/1 share, a seeded bootstrap otherwise)."""
     keys = sorted({key for row in rows for key in row})
     out = {}
     for key in keys:
         values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
         if values:
-            ci = mean_interval(values, seed=seed)
+            ci = metric_interval(key, values, seed=seed)
             out[key] = [ci.low, ci.high]
     return out
 

@@ -127,7 +127,8 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(args.run_dir, plots=not args.no_plots, csv_path=args.csv)
+    path = write_report(args.run_dir, plots=not args.no_plots, csv_path=args.csv, against=args.against,
+                        split=args.split, split_on=args.split_on)
     print(f"report: {path}")
     if args.csv:
         print(f"table: {args.csv}")
@@ -229,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--csv", metavar="FILE", help="also write the flat table (one row per cell; the columns of "
                                                 "ResultTable.to_pandas) to FILE")
+    p.add_argument("--against", metavar="NAME", help="paired tests of every row against this method (a row's method "
+                                                    "or selector) instead of the run's choice")
+    p.add_argument("--split", metavar="BASELINE", help="VTC-Bench's difficulty split: each method on the examples "
+                                                      "BASELINE (pool, downsample, ...) at the same budget gets, and "
+                                                      "on the rest")
+    p.add_argument("--split-on", metavar="KEY", help="the 0/1 metric saying the baseline got an example (default: "
+                                                    "accuracy.exact_match, else fidelity.exact_match, else "
+                                                    "fidelity.top1_agree)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("lmms-tasks", help="print the folder of resprune's lmms-eval tasks (for --include_path)")

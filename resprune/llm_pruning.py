@@ -63,6 +63,9 @@ LLM_FIELDS: dict[str, str] = {
 }
 """Context fields an in-LLM stage offers its scorers and selector."""
 
+IMAGE_FIELDS = frozenset({"tokens", "positions", "tiles", "frames"})
+"""Fields of ``LLM_FIELDS`` that the input stage has as well (the others exist only inside the LLM)."""
+
 LLM_STAGE_FIELDS = frozenset(LLM_FIELDS) | {"text"}
 """Everything a stage inside the LLM can read: ``LLM_FIELDS`` and the instruction text (when a
 processor or ``text=`` supplies it)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError, MissingDependencyError
+from .metric_traits import is_percent, lower_is_better
 from .metrics import finite_number
 from .runfiles import check_inside, replace_with, unique_slug, writable_file, writable_folder, write_atomic
 
@@ -39,26 +40,6 @@ def csv_text(value: Any) -> Any:
 def md_text(value: Any) -> str:
     """``value`` as text that cannot break a markdown table or list: one line, ``|`` escaped."""
     return " ".join(str(value).split()).replace("\\", "\\\\").replace("|", "\\|")
-
-
-def _declared(name: str, attr: str) -> bool:
-    """Whether metric key ``name`` (``fidelity.kl``) is in its metric's ``attr`` set; metrics
-    not installed where the report is written read as higher-is-better plain numbers."""
-    from .plugins import get_host
-
-    metric, _, key = name.partition(".")
-    registry = get_host().metrics
-    return metric in registry and key in getattr(registry.get(metric), attr)
-
-
-def lower_is_better(name: str) -> bool:
-    """Whether smaller values of metric key ``name`` are better (the metric declares it)."""
-    return _declared(name, "lower_is_better")
-
-
-def is_percent(name: str) -> bool:
-    """Whether metric key ``name`` is a share shown as a percentage (the metric declares it)."""
-    return _declared(name, "percent")
 
 
 _ORDER = ("accuracy", "fidelity", "reconstruction", "relevance_mass", "flops", "vision_flops", "kv_cache", "latency",
@@ -120,6 +101,7 @@ _ROW_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "examples": ((int, type(None)), "an int"),
     "rel": ((int, float, type(None)), "a number or null"),
     "intervals": ((dict, type(None)), "a mapping of metric keys to [low, high]"),
+    "rel_interval": ((list, type(None)), "[low, high] or null"),
     "tests": ((dict, type(None)), "a mapping {against, p}"),
 }
 
@@ -138,6 +120,9 @@ def _row_problem(row: dict[str, Any]) -> str | None:
     if tests and not (isinstance(tests.get("against"), str) and isinstance(tests.get("p"), dict)
                       and all(finite_number(p) for p in tests["p"].values())):
         return f"'tests' is {json.dumps(tests)[:40]}, expected {{\"against\": name, \"p\": {{metric: p-value}}}}"
+    rel = row.get("rel_interval")
+    if rel is not None and not (len(rel) == 2 and all(finite_number(v) for v in rel)):
+        return f"'rel_interval' is {json.dumps(rel)[:40]}, expected [low, high]"
     for key, value in (row.get("intervals") or {}).items():
         if not (isinstance(value, list) and len(value) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
@@ -197,6 +182,11 @@ def _cell(name: str, row: dict[str, Any]) -> str:
     return text if low == high == text else f"{text} ({low}–{high})"
 
 
+def budget_order(budget: Any) -> tuple[bool, float]:
+    """The order of a table's budget blocks: token counts before ratios, larger first."""
+    return isinstance(budget, float), -budget if isinstance(budget, (int, float)) else 0.0
+
+
 def _budget_title(budget: Any) -> str:
     if isinstance(budget, float) and budget <= 1.0:
         return f"keep {100 * budget:.1f} %"
@@ -229,8 +219,12 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
                 text += " †"
                 shown.add("†")
             cells.append(text)
-        rel = row.get("rel")
-        cells.append(f"{100 * rel:.1f}" if finite_number(rel) else MISSING if rel is None else NOT_A_NUMBER)
+        rel, span = row.get("rel"), row.get("rel_interval")
+        text = f"{100 * rel:.1f}" if finite_number(rel) else MISSING if rel is None else NOT_A_NUMBER
+        if finite_number(rel) and span:
+            low, high = (f"{100 * v:.1f}" for v in span)
+            text = text if low == high == text else f"{text} ({low}–{high})"
+        cells.append(text)
         shown.update(c for c in cells if c in (MISSING, NOT_A_NUMBER))
         return f"| {md_text(row['method'])} | " + " | ".join(cells) + " |"
 
@@ -241,7 +235,7 @@ def results_table(rows: Sequence[dict[str, Any]], *, metrics: list[str] | None =
     for r in pruned:
         if r["budget"] not in budgets:
             budgets.append(r["budget"])
-    for budget in sorted(budgets, key=lambda b: (isinstance(b, float), -b if isinstance(b, (int, float)) else 0)):
+    for budget in sorted(budgets, key=budget_order):
         block = sorted((r for r in pruned if r["budget"] == budget), key=lambda r: r["method"])
         best: dict[str, float] = {}
         if len(block) > 1:
@@ -279,7 +273,7 @@ def flat_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str
     """Result rows as flat records: ``ROW_COLUMNS``, then one column per grid parameter (its
     dotted key, e.g. ``selector.params.alpha``; ``base`` for the config), then one per metric
     key (``fidelity.kl``), then the bounds of each metric's 95 % interval where rows have one
-    (``fidelity.kl.ci_low``, ``fidelity.kl.ci_high``), and the Holm-corrected p-value of each
+    (``fidelity.kl.ci_low``, ``fidelity.kl.ci_high``; Rel.'s: ``rel.ci_low``, ``rel.ci_high``), and the Holm-corrected p-value of each
     metric's paired test against the reference method (``fidelity.kl.p_vs_residual_energy``).
     Returns ``(columns, records)``; a missing value is ``None``."""
     params = sorted({k for r in rows for k in (r.get("params") or {}) if k not in ("selector", "budget")})
@@ -303,6 +297,10 @@ def flat_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str
             record[f"{k}.p_vs_{a}"] = (tests.get("p") or {}).get(k) if tests.get("against") == a else None
         records.append(record)
     limits = [f"{k}.ci_{side}" for k in bounds for side in ("low", "high")]
+    if any(r.get("rel_interval") for r in rows):
+        limits += ["rel.ci_low", "rel.ci_high"]
+        for r, record in zip(rows, records):
+            record["rel.ci_low"], record["rel.ci_high"] = r.get("rel_interval") or (None, None)
     return list(ROW_COLUMNS) + params + metrics + limits + [f"{k}.p_vs_{a}" for k, a in tested], records
 
 
@@ -391,14 +389,44 @@ def plot_metric_vs_budget(rows: Sequence[dict[str, Any]], metric: str, path_stem
     return written
 
 
+def _check_examples(run: Path, rows: Sequence[dict[str, Any]], examples: Sequence[Any], option: str) -> None:
+    """``InvalidInputError`` when the folder keeps no per-example results to compute ``option`` from."""
+    done = [e for r, e in zip(rows, examples) if r["status"] == "done" and r["method"] != "full"]
+    if not any(done):
+        raise InvalidInputError(f"{option}: '{run}' holds no per-example results (cells/<id>/examples.rank*.jsonl and "
+                                f"full.examples.jsonl, written by `resprune sweep`; lmms-eval folders need "
+                                f"--log_samples); run the sweep again in this folder (finished cells are kept).")
+
+
 def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots: bool = True,
-                 csv_path: str | Path | None = None) -> Path:
+                 csv_path: str | Path | None = None, against: str | None = None, split: str | None = None,
+                 split_on: str | None = None) -> Path:
     """Write ``RUN_DIR/report.md`` (and ``RUN_DIR/plots/``; the flat table to ``csv_path`` if
-    given); return the report's path."""
-    from .lmms.results import is_lmms_eval_dir, lmms_columns
+    given); return the report's path.
+
+    ``against``: test every row against this method (a row's method or selector) instead of the
+    one the run chose, from the per-example results in the folder. ``split``: add VTC-Bench's
+    difficulty split by this baseline (``pool``, ``downsample``, ...; ``split_on``: the 0/1 metric
+    saying it got an example, see ``resprune.comparisons.split_on``)."""
+    from .comparisons import examples_of, paired_tests
+    from .lmms.results import HEADLINE, is_lmms_eval_dir, lmms_columns
+    from .lmms.samples import headline_tests, samples_of
 
     run = Path(run_dir)
     rows = load_results(run)
+    examples = []
+    if against or split:
+        examples = [samples_of(run, r) for r in rows] if is_lmms_eval_dir(run) else examples_of(run, rows)
+    if against or split:
+        _check_examples(run, rows, examples, "--against" if against else "--split")
+    if against:
+        paired_tests(rows, examples, against)
+        for row in rows:
+            headline_tests(row, HEADLINE)
+        if not any(r.get("tests") for r in rows):
+            raise InvalidInputError(f"--against {against}: no done row of '{run}' is '{against}' (a row's method or "
+                                    f"selector) at a budget where other rows ran; rows: "
+                                    f"{', '.join(sorted({r['method'] for r in rows if r['method'] != 'full'}))}.")
     check_inside(run, run / "report.md")
     writable_file(run / "report.md", "report")  # every output checked before the first is written
     if csv_path is not None:
@@ -418,6 +446,18 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
         mine = [r for r in rows if r["model"] == model]
         names = metrics or (lmms_columns(mine) if lmms else None)
         lines += [f"## {md_text(model)}", "", results_table(rows, metrics=names, model=model), ""]
+        if lmms:
+            from .lmms.samples import interval_notes
+
+            notes = interval_notes(mine)
+            lines += [*(f"- {md_text(note)}" for note in notes), ""] if notes else []
+        if split:
+            index = [i for i, r in enumerate(rows) if r["model"] == model]
+            lines += [f"### Difficulty split by {md_text(split)}", "",
+                      "VTC-Bench's split: the examples the baseline at the same budget already gets (easy) and the "
+                      "rest (hard); each cell: mean (95 % interval) over that group.", "",
+                      split_table([rows[i] for i in index], [examples[i] for i in index], split, metrics=metrics,
+                                  on=split_on), ""]
         if plots:
             names = names or _metric_names(mine)
             for name in names:
@@ -430,3 +470,59 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
     out = run / "report.md"
     write_atomic(out, "\n".join(lines))
     return out
+
+
+def split_table(rows: Sequence[dict[str, Any]], examples: Sequence[dict[Any, dict[str, float]]], baseline: str, *,
+                metrics: Sequence[str] | None = None, on: str | None = None, seed: int = 0) -> str:
+    """Markdown: per budget, each done row's mean (95 % interval) of ``metrics`` on the examples
+    the ``baseline`` row (its method or selector) of that budget already gets (easy) and on the
+    rest (hard), with their counts."""
+    from .comparisons import _matches, budget_key, metric_interval, split_on
+
+    full = next((ex for row, ex in zip(rows, examples) if row["method"] == "full"), {})
+    blocks: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row["status"] == "done" and row["method"] != "full":
+            blocks.setdefault(budget_key(row), []).append(i)
+    if not any(_matches(rows[i], baseline) for block in blocks.values() for i in block):
+        names = sorted({rows[i]["method"] for block in blocks.values() for i in block})
+        raise InvalidInputError(f"--split {baseline}: no done row of this run is '{baseline}' (method or selector); "
+                                f"rows: {', '.join(names) or 'none'}. Add it to the sweep's grid.")
+    lines = []
+    for _, block in sorted(blocks.items(), key=lambda item: budget_order(rows[item[1][0]]["budget"])):
+        base = next((i for i in block if _matches(rows[i], baseline)), None)
+        if base is None:
+            lines += [f"*budget {md_text(rows[block[0]]['budget'])}: no '{md_text(baseline)}' row at this budget.*", ""]
+            continue
+        if not examples[base]:
+            lines += [f"*budget {md_text(rows[base]['budget'])}: the run folder holds no per-example results of "
+                      f"'{md_text(baseline)}'.*", ""]
+            continue
+        key, easy, hard, left_out = split_on(examples[base], full, on)
+        have = rows[base]["metrics"]
+        shown = list(metrics) if metrics else \
+            [k for k in ("accuracy.vqa_score", "accuracy.exact_match") if k in have][:1] + \
+            [k for k in ("fidelity.kl", "fidelity.top1_agree") if k in have]
+        if not shown:  # other metrics (lmms-eval tasks): what the split is on, and the baseline's other per-example ones
+            shown = sorted({k for values in examples[base].values() for k in values})[:4]
+        rule = (f"among the examples the full model gets right by `{key}` ({left_out} others left out), "
+                if not key.startswith("fidelity.") else "") + f"easy: '{md_text(baseline)}' has `{key}` = 1"
+        lines += [f"**budget {md_text(rows[base]['budget'])}**: {rule}; easy {len(easy)}, hard {len(hard)} examples.", ""]
+        header = ["method"] + [f"{md_text(m)}, easy" for m in shown] + [f"{md_text(m)}, hard" for m in shown]
+        lines += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        empty = not easy or not hard
+        for i in sorted(block, key=lambda i: rows[i]["method"]):
+            cells = []
+            for group in (easy, hard):
+                for m in shown:
+                    values = [v[m] for e, v in examples[i].items()  # the run's order, as its intervals
+                              if e in group and m in v and finite_number(v[m])]
+                    if not values:
+                        cells.append("–")
+                        continue
+                    ci = metric_interval(m, values, seed=seed)
+                    text, low, high = _fmt(m, ci.estimate), _fmt(m, ci.low), _fmt(m, ci.high)
+                    cells.append(text if low == high == text else f"{text} ({low}–{high})")
+            lines.append(f"| {md_text(rows[i]['method'])} | " + " | ".join(cells) + " |")  # easy ones, then hard
+        lines += ["", "–: no example in that group.", ""] if empty else [""]
+    return "\n".join(lines).rstrip() + "\n"

@@ -5,8 +5,8 @@ Built on ``scipy.stats``, nothing hand-rolled where SciPy has it:
 - ``mean_interval``: the mean of per-example values with a 95 % interval: Wilson's score
   interval when every value is 0 or 1 (an accuracy), else a seeded bootstrap over the examples
   (BCa; the percentile interval where BCa is undefined, e.g. a constant sample);
-- ``ratio_interval``: ``mean(values) / mean(reference)`` over the same examples (the paper's
-  Rel.) with a paired, seeded bootstrap interval;
+- ``ratio_interval``: ``mean(values) / mean(reference)`` over the same examples, or the mean of
+  such ratios over several metrics (the paper's Rel.), with a paired, seeded bootstrap interval;
 - ``paired_test``: the p-value of a method against a reference on the same examples: McNemar's
   exact test (a binomial test on the discordant pairs) when both are 0/1 per example, else the
   Wilcoxon signed-rank test;
@@ -57,15 +57,18 @@ def is_binary(values: Sequence[float]) -> bool:
 
 
 def mean_interval(values: Sequence[float], *, confidence: float = CONFIDENCE, seed: int = 0,
-                  resamples: int = RESAMPLES) -> Interval:
-    """The mean of ``values`` with a ``confidence`` interval (see the module docstring)."""
+                  resamples: int = RESAMPLES, proportion: bool = True) -> Interval:
+    """The mean of ``values`` with a ``confidence`` interval (see the module docstring).
+
+    ``proportion=False``: 0/1 values are plain numbers (a FLOPs ratio of 1 on every example), not
+    successes, so they get no Wilson interval."""
     from scipy import stats
 
     array = _values(values, "mean_interval")
     mean = float(array.mean())
     if array.size == 1:
         return Interval(mean, mean, mean, "exact")
-    if is_binary(array):
+    if proportion and is_binary(array):
         ci = stats.binomtest(int(array.sum()), int(array.size)).proportion_ci(confidence, method="wilson")
         return Interval(mean, float(ci.low), float(ci.high), "wilson")
     if float(array.min()) == float(array.max()):
@@ -73,30 +76,44 @@ def mean_interval(values: Sequence[float], *, confidence: float = CONFIDENCE, se
     return _bootstrap((array,), lambda x, axis: np.mean(x, axis=axis), mean, confidence, seed, resamples)
 
 
-def ratio_interval(values: Sequence[float], reference: Sequence[float], *, confidence: float = CONFIDENCE,
+def ratio_interval(values: Sequence[float] | Sequence[Sequence[float]],
+                   reference: Sequence[float] | Sequence[Sequence[float]], *, confidence: float = CONFIDENCE,
                    seed: int = 0, resamples: int = RESAMPLES) -> Interval:
     """``mean(values) / mean(reference)`` over the same examples with a paired bootstrap interval
-    (the examples are resampled together); NaN when the reference mean is 0."""
-    a = _values(values, "ratio_interval")
-    b = _values(reference, "ratio_interval (reference)")
+    (the examples are resampled together); NaN when a reference mean is 0.
+
+    Rows of 2-D ``values`` and ``reference`` (``[examples, metrics]``) are examples, columns
+    metrics: the estimate is the mean over the metrics of their ratios of means, the paper's
+    Rel., and one resample of the examples moves every metric at once."""
+    a = _matrix(values, "ratio_interval")
+    b = _matrix(reference, "ratio_interval (reference)")
     if a.shape != b.shape:
-        raise InvalidInputError(f"ratio_interval: {a.size} values against {b.size} reference values; a ratio of "
-                                f"means pairs the same examples.")
-    if float(b.mean()) == 0.0:
+        raise InvalidInputError(f"ratio_interval: values of shape {a.shape} against reference values of shape "
+                                f"{b.shape}; a ratio of means pairs the same examples (and metrics).")
+    if bool((b.mean(axis=0) == 0.0).any()):
         return Interval(math.nan, math.nan, math.nan, "undefined")
-    ratio = float(a.mean() / b.mean())
-    if a.size == 1 or (float(a.min()) == float(a.max()) and float(b.min()) == float(b.max())):
-        return Interval(ratio, ratio, ratio, "exact" if a.size == 1 else "percentile")
+    ratio = float(np.mean(a.mean(axis=0) / b.mean(axis=0)))
+    n = a.shape[0]
+    if n == 1 or (bool((a.min(0) == a.max(0)).all()) and bool((b.min(0) == b.max(0)).all())):
+        return Interval(ratio, ratio, ratio, "exact" if n == 1 else "percentile")
 
-    def statistic(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
+    def statistic(index: np.ndarray, axis: int) -> np.ndarray:
+        picked = np.moveaxis(index, axis, -1).astype(np.intp)  # [..., n] resampled example indices
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.mean(x, axis=axis) / np.mean(y, axis=axis)
+            return np.mean(a[picked].mean(axis=-2) / b[picked].mean(axis=-2), axis=-1)
 
-    return _bootstrap((a, b), statistic, ratio, confidence, seed, resamples, paired=True)
+    return _bootstrap((np.arange(n, dtype=np.float64),), statistic, ratio, confidence, seed, resamples)
+
+
+def _matrix(values: Sequence[float] | Sequence[Sequence[float]], what: str) -> np.ndarray:
+    """``values`` as ``[examples, metrics]`` (a 1-D sequence: one metric), finite."""
+    array = np.asarray(values, dtype=np.float64)
+    flat = _values(array.reshape(-1), what)
+    return flat.reshape(array.shape if array.ndim == 2 else (-1, 1))
 
 
 def _bootstrap(data: tuple[np.ndarray, ...], statistic, estimate: float, confidence: float, seed: int,
-               resamples: int, *, paired: bool = False) -> Interval:
+               resamples: int) -> Interval:
     """SciPy's bootstrap, BCa first; the percentile interval where BCa is undefined."""
     import warnings
 
@@ -105,7 +122,7 @@ def _bootstrap(data: tuple[np.ndarray, ...], statistic, estimate: float, confide
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a degenerate BCa warns and returns NaN: fall back below
-            result = stats.bootstrap(data, statistic, paired=paired, vectorized=True, confidence_level=confidence,
+            result = stats.bootstrap(data, statistic, vectorized=True, confidence_level=confidence,
                                      n_resamples=resamples, method=method, rng=np.random.default_rng(seed))
         low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
         if math.isfinite(low) and math.isfinite(high):

@@ -274,3 +274,67 @@ def test_csv_cells_that_would_start_a_formula_are_escaped_and_numbers_are_not(tm
 
     assert [csv_text(v) for v in ("+1", "-x", "\tx", "\rx", "ok", "", -3, 2.5)] == \
         ["'+1", "'-x", "'\tx", "'\rx", "ok", "", -3, 2.5]
+
+
+def write_samples(result, task, values, *, key="exact_match"):
+    """lmms-eval's --log_samples file beside ``result``: one line per doc with its metric."""
+    path = result.with_name(result.name.removesuffix("_results.json") + f"_samples_{task}.jsonl")
+    lines = [{"doc_id": i, "target": "x", "filtered_resps": "y", key: v} for i, v in enumerate(values)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_per_sample_logs_give_intervals_and_paired_tests_and_the_rest_says_why_not(tmp_path):
+    """A planted folder: GQA and POPE per sample (--log_samples), MME without intervals (not per
+    sample); the intervals are Wilson's on the logged values, the tests McNemar's, Holm-corrected."""
+    from scipy import stats
+
+    rng = __import__("random").Random(0)
+    full = [1.0 if rng.random() < 0.7 else 0.0 for _ in range(60)]
+    per = {"none": full,
+           "resprune-llava15": [v if rng.random() < 0.9 else 1.0 - v for v in full],
+           "pool": [v if rng.random() < 0.6 else 0.0 for v in full],
+           "random": [v if rng.random() < 0.7 else 0.0 for v in full]}
+    for pipe, values in per.items():
+        scores = {"gqa": {"exact_match": sum(values) / len(values)}, "pope": {"pope_accuracy": 0.8, "pope_f1_score": 0.8},
+                  "mme": {"mme_perception_score": 1400.0, "mme_cognition_score": 300.0}}
+        budget = "" if pipe == "none" else ",budget=64"
+        result = write_result(tmp_path, pipe, f"{MODEL},pipeline={pipe}{budget}", scores, samples=60)
+        write_samples(result, "gqa", values)
+        write_samples(result, "pope", [{"question_id": i, "score": float(i % 5 != 0)} for i in range(60)],
+                      key="pope_accuracy")
+    rows = {r["method"]: r for r in load_results(tmp_path)}
+    for method, values in (("pool", per["pool"]), ("full", per["none"])):
+        ci = stats.binomtest(int(sum(values)), len(values)).proportion_ci(0.95, method="wilson")
+        assert rows[method]["intervals"]["gqa"] == pytest.approx([100 * ci.low, 100 * ci.high])
+        assert rows[method]["intervals"]["gqa.exact_match"] == pytest.approx([ci.low, ci.high])
+    assert rows["pool"]["intervals"]["pope.pope_accuracy"] == pytest.approx(
+        list(stats.binomtest(48, 60).proportion_ci(0.95, method="wilson")))
+    assert "mme" not in rows["pool"]["intervals"] and "pope" not in rows["pool"]["intervals"]  # F1, MME: no
+    raw = {}
+    for method in ("pool", "random"):
+        a, b = per[method], per["resprune-llava15"]
+        only_a = sum(x == 1 and y == 0 for x, y in zip(a, b))
+        only_b = sum(x == 0 and y == 1 for x, y in zip(a, b))
+        raw[method] = stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+    low, high = sorted(raw, key=raw.get)
+    want = {low: min(1.0, 2 * raw[low])}
+    want[high] = max(want[low], raw[high])
+    for method in ("pool", "random"):
+        assert rows[method]["tests"]["against"] == "residual_energy"
+        assert rows[method]["tests"]["p"]["gqa"] == pytest.approx(want[method])
+    assert "tests" not in rows["resprune-llava15"]
+    assert cli(["report", str(tmp_path), "--no-plots", "--split", "pool"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "mme: no interval or test, MME's score sums per-category accuracies" in text
+    assert_tables_well_formed(text)
+    easy = sum(1 for f, p in zip(per["none"], per["pool"]) if f == 1 and p == 1)
+    hard = sum(1 for f, p in zip(per["none"], per["pool"]) if f == 1 and p == 0)
+    easy += 48  # POPE: each task split by its own correctness; every row gets the same 48 of 60
+    assert f"easy {easy}, hard {hard} examples" in text  # VTC-Bench: among what the full model gets right
+
+
+def test_a_run_without_sample_logs_says_to_log_them(tmp_path):
+    write_result(tmp_path, "full", f"{MODEL},pipeline=none", FULL)
+    assert cli(["report", str(tmp_path), "--no-plots"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "gqa, pope: no interval or test where a run was not made with --log_samples" in text

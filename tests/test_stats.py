@@ -61,6 +61,24 @@ def test_ratio_interval_pairs_the_examples_and_covers_the_true_ratio():
         ratio_interval([1, 2, 3], [1, 2])
 
 
+def test_ratio_interval_is_scipys_paired_bootstrap_and_rel_averages_the_metrics_ratios():
+    rng = np.random.default_rng(7)
+    ref = rng.exponential(1.0, size=(60, 2)) + 1.0
+    val = ref * [0.8, 1.0] + rng.normal(0, 0.05, size=(60, 2))
+    one = ratio_interval(val[:, 0], ref[:, 0], seed=3, resamples=500)
+    want = stats.bootstrap((val[:, 0], ref[:, 0]), lambda x, y, axis: x.mean(axis) / y.mean(axis), paired=True,
+                           vectorized=True, n_resamples=500, method="BCa", rng=np.random.default_rng(3))
+    assert (one.low, one.high) == pytest.approx((want.confidence_interval.low, want.confidence_interval.high))
+    rel = ratio_interval(val, ref, seed=3, resamples=500)  # two metrics: Rel. is the mean of their ratios
+    both = stats.bootstrap((val[:, 0], val[:, 1], ref[:, 0], ref[:, 1]),
+                           lambda a, b, c, d, axis: (a.mean(axis) / c.mean(axis) + b.mean(axis) / d.mean(axis)) / 2,
+                           paired=True, vectorized=True, n_resamples=500, method="BCa", rng=np.random.default_rng(3))
+    assert rel.estimate == pytest.approx(np.mean(val.mean(0) / ref.mean(0)))
+    assert (rel.low, rel.high) == pytest.approx((both.confidence_interval.low, both.confidence_interval.high))
+    assert rel.low < 0.9 < rel.high
+    assert ratio_interval([[1, 2], [2, 2]], [[1, 0], [1, 0]]).method == "undefined"  # one metric's reference is 0
+
+
 def test_paired_tests_are_scipys_on_the_same_data():
     rng = np.random.default_rng(0)
     a, b = rng.normal(0.5, 1, 40), rng.normal(0.0, 1, 40)

@@ -108,7 +108,27 @@ def load_lmms_eval(path: str | Path) -> list[dict[str, Any]]:
         row["examples"] = sum(row["tasks"].values())
         row["tasks"] = sorted(row["tasks"])
     _relative(out)
+    _per_sample(Path(path), out)
     return out
+
+
+DEFAULT_AGAINST = "residual_energy"
+"""The method an lmms-eval report tests every row against (a row's method or selector), as a sweep's."""
+
+
+def _per_sample(root: Path, rows: list[dict[str, Any]]) -> None:
+    """Intervals and paired tests from the per-sample logs (``--log_samples``), where there are any."""
+    from ..comparisons import paired_tests
+    from .samples import headline_tests, row_intervals, samples_of
+
+    examples = [samples_of(root, row) for row in rows]
+    for row, mine in zip(rows, examples):
+        if mine:
+            row["intervals"] = row_intervals(mine, HEADLINE)
+    if any(examples):
+        paired_tests(rows, examples, DEFAULT_AGAINST)
+        for row in rows:
+            headline_tests(row, HEADLINE)
 
 
 def lmms_columns(rows: Iterable[dict[str, Any]]) -> list[str]:

@@ -55,9 +55,10 @@ def _run_on_backbone(model_type: str, pipeline: Any, budget_all: Any) -> None:
         if "llm_own_attention" in stage.requires and kinds and kinds[stage.layer] == "linear_attention":
             pytest.skip(f"{model_type}: layer {stage.layer} is a linear-attention layer (the strategy reads the "
                         f"attention of layer K itself)")
-    if "frames" in pipeline.requires:  # a strategy of videos: run it on two short clips
-        missing = sorted(set(pipeline.requires) - set(get_host().injector_for(model_type).provides) - {"text",
-                                                                                                         "text_embedder"})
+    requires = set().union(*(stage.requires for stage in pipeline.stages))
+    if "frames" in requires:  # a strategy of videos: run it on two short clips
+        missing = sorted(requires - _llm_fields() - set(get_host().injector_for(model_type).provides)
+                         - {"text", "text_embedder"})
         if missing:
             pytest.skip(f"{model_type} cannot supply {missing} (the strategy reads videos)")
         from ..video import demo_clip, video_chat_inputs
@@ -135,26 +136,30 @@ def _run_in_tower(model_type: str, selector: Selector, scorers: list[Any]) -> No
 
 def _llm_fields() -> set[str]:
     """Fields only a stage inside the LLM has (a strategy reading them runs there, at layer 1)."""
-    from ..llm_pruning import LLM_FIELDS
+    from ..llm_pruning import IMAGE_FIELDS, LLM_FIELDS
 
-    return set(LLM_FIELDS) - {"tokens", "positions"}
+    return set(LLM_FIELDS) - IMAGE_FIELDS
+
+
+def _llm_provides(model_type: str) -> set[str]:
+    """What a stage inside the LLM of ``model_type`` has: the LLM's fields, and the image fields
+    (``tiles``, ``frames``, ...) the backbone supplies."""
+    from ..llm_pruning import IMAGE_FIELDS
+
+    return _llm_fields() | (set(get_host().injector_for(model_type).provides) & IMAGE_FIELDS) | {"tokens", "positions"}
 
 
 def _skip_unless_supplied(model_type: str, strategy: Any, also: set[str] = frozenset()) -> None:
     """Skip the test when what ``strategy`` reads is not there: inside the LLM (where it runs if it
     reads the LLM's fields) or from ``model_type``'s injector (``also``: fields counted as there)."""
-    from ..llm_pruning import LLM_FIELDS
-
-    provides = set(LLM_FIELDS) if _inside_llm([strategy]) else set(get_host().injector_for(model_type).provides)
+    provides = _llm_provides(model_type) if _inside_llm([strategy]) else set(get_host().injector_for(model_type).provides)
     if not set(strategy.requires) <= provides | set(also):
         pytest.skip(f"{model_type} cannot supply {sorted(set(strategy.requires) - provides)}")
 
 
 def _inside_llm(strategies: list[Any]) -> bool:
     """Whether the strategies read fields only a stage inside the LLM has (then they run at layer 1)."""
-    from ..llm_pruning import LLM_FIELDS
-
-    extra = set(LLM_FIELDS) - {"tokens", "positions"}
+    extra = _llm_fields()
     return any(set(s.requires) & extra for s in strategies)
 
 
@@ -303,11 +308,9 @@ class MergerConformance:
         from ..pipeline import Pipeline
         from ..stages import Stage
 
-        from ..llm_pruning import LLM_FIELDS
-
         m = self.make()
         selector, scorers = merger_selector(m)
-        provides = set(LLM_FIELDS) if inside else set(get_host().injector_for(model_type).provides)
+        provides = _llm_provides(model_type) if inside else set(get_host().injector_for(model_type).provides)
         if not set(m.requires) <= provides:
             where = "inside the LLM" if inside else model_type
             pytest.skip(f"{where} cannot supply {sorted(set(m.requires) - provides)}")
