@@ -454,9 +454,21 @@ class Ablation:
                 "cells": [{"id": c.id, "label": c.label, "skip": c.skip} for c in self.cells]}
         runfiles.write_atomic(out / "sweep.json", json.dumps(spec, indent=2, default=str))
 
-    def _inputs(self, record: Mapping[str, Any]) -> Any:
-        image = open_image(record["image"])
-        return chat_inputs(self.processor, [image], [str(record["question"])], device=self.model.device)
+    def _inputs(self, record: Mapping[str, Any], pipeline: Pipeline | None = None) -> Any:
+        """The model inputs of ``record``; its image as ``pipeline`` hands it to the processor if given."""
+        images = [open_image(record["image"])]
+        if pipeline is not None:
+            images = pipeline.prepare_images(images, self.processor)  # downsampling resizes before the processor
+        return chat_inputs(self.processor, images, [str(record["question"])], device=self.model.device)
+
+    def _unresized_tower(self, attached: Any, inputs: Any) -> tuple[int, int] | None:
+        """``(tokens, tiles)`` the vision tower would run on for the image as given (one more tower
+        forward, only when ``vision_flops`` is measured)."""
+        if "vision_flops" not in self.metrics or self.vision_dims is None:
+            return None
+        with torch.no_grad():
+            (image,) = attached.injector.encode(self.model, inputs, frozenset())
+        return (image.tower_schedule[0][1] * image.tower_tiles, image.tower_tiles) if image.tower_schedule else None
 
     def _generate(self, inputs: Any) -> tuple[str, torch.Tensor, float, float | None]:
         device = self.model.device
@@ -556,7 +568,9 @@ class Ablation:
 
     def _example(self, attached: Any, record: Mapping[str, Any], reference: Reference | None) -> dict[str, float]:
         torch.manual_seed(self.seed)
-        inputs = self._inputs(record)
+        resized = attached.pipeline.resizes_images
+        inputs = self._inputs(record, attached.pipeline)
+        before = self._inputs(record) if resized else inputs  # FLOPs are counted against the image as given
         answer, logits, total_ms, peak = self._generate(inputs)
         batch = attached.last
         timings: dict[str, float] = {}
@@ -564,12 +578,14 @@ class Ablation:
             timings = {"selection_ms": float(batch.prune_ms or 0.0), "prefill_ms": self._prefill_ms(inputs),
                        "total_ms": total_ms}
         example = Example(record=dict(record), answer=answer, first_logits=logits, selections=batch.selections,
-                          tokens_before=int(inputs["attention_mask"].sum()),
+                          tokens_before=int(before["attention_mask"].sum()),
                           tokens_after=int(batch.attention_mask.sum()), dims=self.dims,
-                          features=[f.detach().float().cpu() for f in batch.features] if "features" in self.needs
-                          else [], timings=timings, peak_mib=peak, reference=reference,
+                          # a resized image's tokens are not the ones it was pruned from: no reconstruction
+                          features=[f.detach().float().cpu() for f in batch.features]
+                          if "features" in self.needs and not resized else [], timings=timings, peak_mib=peak, reference=reference,
                           token_schedule=batch.token_schedule if batch.stages else None, stages=batch.stages,
                           tower_schedule=batch.tower_schedule, tower_tiles=batch.tower_tiles,
+                          unresized_tower=self._unresized_tower(attached, before) if resized else None,
                           vision_dims=self.vision_dims)
         values: dict[str, float] = {}
         for name, metric in self.metrics.items():

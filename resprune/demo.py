@@ -113,7 +113,8 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
     if prompt is None:
         prompt = next((q["question"] for q in sample_questions() if Path(q["image"]).name == path.name),
                       "Describe the picture.") + " Answer the question using a single word or phrase."
-    inputs = chat_inputs(processor, [image], [prompt], device=lvlm.device)
+    full_inputs = chat_inputs(processor, [image], [prompt], device=lvlm.device)
+    inputs = chat_inputs(processor, pipe.prepare_images([image], processor), [prompt], device=lvlm.device)
     tokenizer = tokenizer_of(processor)
 
     if is_tiny(model):
@@ -126,8 +127,8 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
     print_fn(f"image: {path.name}   prompt: {prompt!r}\n")
 
     with torch.no_grad():
-        full_ms = median_ms(lambda: lvlm(**inputs), lvlm.device)
-        full_answer = lvlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        full_ms = median_ms(lambda: lvlm(**full_inputs), lvlm.device)
+        full_answer = lvlm.generate(**full_inputs, max_new_tokens=max_new_tokens, do_sample=False)
         with pipe.attach(lvlm, processor) as attached:
             pruned_ms = median_ms(lambda: lvlm(**inputs), lvlm.device)
             select_ms = median_ms(lambda: attached.prune(inputs), lvlm.device)
@@ -136,8 +137,7 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
             selections = attached.selections
         vision_ms = median_ms(lambda: attached.injector.encode(lvlm, inputs, pipe.requires), lvlm.device)
 
-    prompt_len = inputs["input_ids"].shape[1]
-    t_full = int(inputs["attention_mask"].sum())
+    t_full = int(full_inputs["attention_mask"].sum())  # the image as given (downsampling shrinks `inputs`)
     t_pruned = batch.token_schedule  # (first layer, tokens) pairs; one pair without in-LLM stages
     t_last = t_pruned[-1][1]
     dims = llm_dims(lvlm.config)
@@ -168,9 +168,9 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
     if is_tiny(model):
         print_fn("  (a tiny LLM costs almost nothing, so here selection time is not repaid; the FLOPs rows show "
                  "what it saves at 7B size)")
-    decode = lambda ids: tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)  # noqa: E731
-    print_fn(f"\nanswer, full:   {decode(full_answer)!r}")
-    print_fn(f"answer, pruned: {decode(pruned_answer)!r}")
+    decode = lambda ids, given: tokenizer.decode(ids[0, given["input_ids"].shape[1]:], skip_special_tokens=True)  # noqa: E731
+    print_fn(f"\nanswer, full:   {decode(full_answer, full_inputs)!r}")
+    print_fn(f"answer, pruned: {decode(pruned_answer, inputs)!r}")
 
     out = Path(out)
     if len(stages) > 1 or batch.stages:
@@ -180,9 +180,9 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
         overlay_selection(image, selections[0], processor=processor, path=out)
         print_fn(f"\noverlay of the kept tokens (dropped ones dimmed): {out.resolve()}")
 
-    geometry = selections[0].geometry
     with torch.no_grad():
-        tokens = attached.injector.encode(lvlm, inputs, frozenset())[0].features.float()
+        geometry = attached.injector.encode(lvlm, full_inputs, frozenset())[0]
+    tokens = geometry.features.float()
     k_cmp = min(selections[0].k, max(1, tokens.shape[1] // 2))  # below the rank, or every span is complete
     comparison = compare_selectors(tokens, k_cmp, getattr(geometry, "grid", None))
     print_fn(f"\nhow well {k_cmp} tokens kept by each selector span all {tokens.shape[0]} "

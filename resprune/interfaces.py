@@ -69,10 +69,18 @@ class Selector(Strategy, ABC):
     default_merger: ClassVar[str | None] = None
     """The merger a stage runs with this selector when its config names none (``pool``: average
     pooling needs its cells merged); ``None``: no merger."""
+    resizes_images: ClassVar[bool] = False
+    """Whether the selector spends the budget before the processor, by resizing each image
+    (``resize``; ``downsample``). Its stage then keeps what the tower yields: an int budget is
+    still checked, a float one (a share of the image's own count) was applied by ``resize``."""
 
     def required_scores(self) -> frozenset[str]:
         """Score names this selector cannot work without (under its current params)."""
         return frozenset()
+
+    def resize(self, image: Any, budget: int | float, processor: Any) -> Any:
+        """The image the processor should get, for a selector that ``resizes_images``."""
+        return image
 
     @property
     def adaptive(self) -> bool:

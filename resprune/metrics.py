@@ -64,6 +64,8 @@ class Example:
             ``total_ms`` (generation), when requested.
         peak_mib: peak GPU memory of the pruned generation (CUDA only).
         reference: the unpruned model's outputs (when a metric needs them).
+        unresized_tower: ``(tokens summed over tiles, tiles)`` of the vision tower on the image as
+            given, when the pipeline resized it before the processor (``downsample``); ``None`` otherwise.
     """
 
     record: dict[str, Any]
@@ -81,6 +83,7 @@ class Example:
     stages: list[Any] = field(default_factory=list)
     tower_schedule: list[tuple[int, int]] = field(default_factory=list)
     tower_tiles: int = 0
+    unresized_tower: tuple[int, int] | None = None
     vision_dims: LLMDims | None = None
 
     @property

@@ -161,6 +161,23 @@ class Pipeline:
         """Every context field the input stage needs (in-LLM stages: ``Stage.requires``)."""
         return frozenset() if self.input_stage is None else self.input_stage.requires
 
+    @property
+    def resizes_images(self) -> bool:
+        """Whether the input stage spends the budget by resizing images before the processor."""
+        return self.input_stage is not None and self.input_stage.selector.resizes_images
+
+    def prepare_images(self, images: Sequence[Any], processor: Any) -> list[Any]:
+        """The images as the processor should get them: each PIL image resized by an input-stage
+        selector that spends the budget before the processor (``downsample``), else unchanged.
+        Every entry point that builds model inputs (the demo, sweeps, the lmms-eval model) calls it."""
+        stage = self.input_stage
+        if stage is None or not self.resizes_images:
+            return list(images)
+        from PIL import Image
+
+        return [stage.selector.resize(im, stage.budget, processor) if isinstance(im, Image.Image) else im
+                for im in images]
+
     def budget_for(self, n: int) -> int:
         """Tokens the input stage keeps out of ``n`` (all ``n`` without an input stage)."""
         return n if self.input_stage is None else self.input_stage.budget_for(n)

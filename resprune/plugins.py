@@ -68,6 +68,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "resprune.strategies.prumerge",
     "resprune.strategies.mergers",
     "resprune.strategies.pool",
+    "resprune.strategies.downsample",
     "resprune.backbones.llava",
     "resprune.backbones.qwen2_5_vl",
     "resprune.backbones.qwen3_vl",

@@ -449,7 +449,7 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
         if lmms:
             from .lmms.samples import interval_notes
 
-            notes = interval_notes(mine)
+            notes = interval_notes(mine, HEADLINE)
             lines += [*(f"- {md_text(note)}" for note in notes), ""] if notes else []
         if split:
             index = [i for i, r in enumerate(rows) if r["model"] == model]

@@ -61,7 +61,7 @@ def _setup(config: str, overrides: Iterable[str], model: str, image: str | Path 
         require_videos(lvlm, model, "--video")
         return pipe, lvlm, processor, clip, video_chat_inputs(processor, [[clip]], [prompt], device=lvlm.device)
     img = open_image(str(image))
-    inputs = chat_inputs(processor, [img], [prompt], device=lvlm.device)
+    inputs = chat_inputs(processor, pipe.prepare_images([img], processor), [prompt], device=lvlm.device)
     return pipe, lvlm, processor, img, inputs
 
 

@@ -130,7 +130,10 @@ class Stage:
         return self._requires
 
     def budget_for(self, n: int) -> int:
-        """Tokens kept out of the ``n`` entering the stage."""
+        """Tokens kept out of the ``n`` entering the stage (a selector that resized the image to a
+        float budget before the processor keeps them all)."""
+        if self.selector.resizes_images and isinstance(self.budget, float):
+            return n
         return resolve_budget(self.budget, n)
 
     def run(self, context: PruneContext, *, scores: Mapping[str, Tensor] | None = None,

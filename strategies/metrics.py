@@ -123,14 +123,15 @@ class VisionFlops(Metric):
 
     name = "vision_flops"
     lower_is_better = frozenset({"gflops", "ratio"})
-    description = "vision tower GFLOPs and the ratio to the unpruned tower on the same tiles (CLIP towers)"
+    description = "vision tower GFLOPs and the ratio to the unpruned tower on the image as given (CLIP towers)"
 
     def compute(self, example: Example) -> dict[str, float]:
         if not example.tower_schedule or example.vision_dims is None:
             return {}
         dims, tiles = example.vision_dims, example.tower_tiles
         after = vision_flops(dims, example.tower_schedule, tiles)
-        return {"gflops": after / 1e9, "ratio": after / vision_flops(dims, example.tower_schedule[0][1], tiles)}
+        tokens, tiles = example.unresized_tower or (example.tower_schedule[0][1], tiles)  # the image as given
+        return {"gflops": after / 1e9, "ratio": after / vision_flops(dims, tokens, tiles)}
 
     def baseline(self, record: dict[str, Any], reference: Reference, dims: LLMDims) -> dict[str, float]:
         return {"ratio": 1.0}

@@ -91,6 +91,15 @@ def test_shipped_config_runs_on_random_tokens(name, budget):
         with pytest.raises(resprune.InvalidInputError, match="adaptive count runs one image at a time"):
             pipe.run(two)  # two images, two counts
         return
+    if pipe.resizes_images:  # it spends the budget before the processor: tokens it did not make are refused
+        context = ctx()
+        if resprune.resolve_budget(pipe.budget, context.num_tokens) < context.num_tokens \
+                and isinstance(pipe.budget, int):
+            with pytest.raises(resprune.InvalidInputError, match="prepare_images"):
+                pipe.run(context)
+        else:
+            assert pipe.run(context).k == context.num_tokens
+        return
     if pipe.input_stage is None:  # it prunes inside the LLM or the tower only: no tokens to prune before the LLM
         assert (pipe.llm_stages or pipe.vision_stages) and pipe.selector is None
         with pytest.raises(resprune.ConfigError, match="no input stage"):

@@ -326,6 +326,7 @@ def test_per_sample_logs_give_intervals_and_paired_tests_and_the_rest_says_why_n
     assert cli(["report", str(tmp_path), "--no-plots", "--split", "pool"]) == 0
     text = (tmp_path / "report.md").read_text()
     assert "mme: no interval or test, MME's score sums per-category accuracies" in text
+    assert "pope: its column (pope_f1_score) has no interval, not being a mean over samples; pope.pope_accuracy" in text
     assert_tables_well_formed(text)
     easy = sum(1 for f, p in zip(per["none"], per["pool"]) if f == 1 and p == 1)
     hard = sum(1 for f, p in zip(per["none"], per["pool"]) if f == 1 and p == 0)

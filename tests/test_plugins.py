@@ -17,7 +17,7 @@ from resprune import Scorer, Selector, hookimpl
 from resprune.plugins import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginHost
 
 BUILTIN_SELECTORS = {"residual_energy", "dpp", "divprune", "topk", "random", "uniform", "dart", "vispruner", "scope", "hired",
-                     "tome", "cdpruner", "dycoke", "fastvid", "pool"}
+                     "tome", "cdpruner", "dycoke", "fastvid", "pool", "downsample"}
 BUILTIN_SCORERS = {"text_relevance", "cls_attention", "norm", "mean_similarity", "center", "llm_attention",
                    "key_norm", "hidden_similarity", "clip_relevance", "last_cls_attention", "temporal_change"}
 BUILTIN_MERGERS = {"contextual", "nearest", "visionzip", "recycle", "rest_mean", "prumerge", "temporal", "fastvid", "pool"}

@@ -195,6 +195,8 @@ class ResPrune(lmms):
         """The processor's left-padded batch of ``items`` (chat template, generation prompt
         appended, then ``suffixes`` if given), on the model's device and dtype."""
         media = [im for it in items for im in it.images]
+        if self.pipeline is not None:
+            media = self.pipeline.prepare_images(media, self.processor)  # downsampling resizes before the processor
         render = render_media_chats if any(isinstance(m, Video) for m in media) else render_chats
         return render(self.processor, [it.messages for it in items], media,
                       suffixes=None if suffixes is None else list(suffixes), device=self._model.device,

@@ -132,10 +132,14 @@ def headline_tests(row: dict[str, Any], headline: dict[str, tuple[tuple[str, ...
             tests[task] = tests[found[0]]
 
 
-def interval_notes(rows: list[dict[str, Any]]) -> list[str]:
+def interval_notes(rows: list[dict[str, Any]], headline: dict[str, tuple[tuple[str, ...], float]]) -> list[str]:
     """What the report says about tasks without intervals: not per sample, or no sample logs."""
     tasks = sorted({t for r in rows for t in r.get("tasks", ())})
     notes = [f"{task}: no interval or test, {NOT_PER_SAMPLE[task]}." for task in tasks if task in NOT_PER_SAMPLE]
+    notes += [f"{task}: its column ({' + '.join(headline[task][0])}) has no interval, not being a mean over samples; "
+              f"{', '.join(f'{task}.{m}' for m in PER_SAMPLE[task])} has one (in the CSV)." for task in tasks
+              if task in PER_SAMPLE and task in headline and headline_of(task, headline) is None
+              and any(task in r.get("tasks", ()) and r.get("intervals") for r in rows)]
     unlogged = [t for t in tasks if t in PER_SAMPLE
                 and any(t in r.get("tasks", ()) and t not in (r.get("intervals") or {}) for r in rows)]
     if unlogged:

@@ -149,6 +149,33 @@ def _llm_provides(model_type: str) -> set[str]:
     return _llm_fields() | (set(get_host().injector_for(model_type).provides) & IMAGE_FIELDS) | {"tokens", "positions"}
 
 
+def _run_resized_on_backbone(model_type: str, selector: Selector) -> None:
+    """A selector that resizes images before the processor: on a backbone whose processor gives a
+    smaller image fewer tokens, the LLM gets the processor's count for the resized image, at most
+    the budget, all kept; a fixed-resolution processor is refused with an ``InvalidInputError``."""
+    from ..errors import InvalidInputError
+    from ..pipeline import Pipeline
+    from ..tiny import tiny_inputs, tiny_lvlm
+
+    model, processor = tiny_lvlm(model_type)
+    photos = [_photo(0), _photo(1)]
+    full = tiny_inputs(model_type, processor, photos, ["What is in the picture?", "Describe the colours."])
+    budget = 0.5
+    pipe = Pipeline(selector, budget=budget)
+    try:
+        resized = pipe.prepare_images(photos, processor)
+    except InvalidInputError as exc:
+        pytest.skip(f"{model_type}: {exc}")
+    inputs = tiny_inputs(model_type, processor, resized, ["What is in the picture?", "Describe the colours."])
+    with torch.no_grad(), pipe.attach(model, processor) as attached:
+        model(**inputs)
+    assert int(inputs["attention_mask"].sum()) < int(full["attention_mask"].sum())
+    with torch.no_grad(), Pipeline("uniform", budget=1.0).attach(model, processor) as plain:
+        model(**full)
+    for sel, before in zip(attached.selections, plain.selections):
+        assert sel.k == sel.n <= max(1, int(budget * before.n + 0.5)) < before.n
+
+
 def _skip_unless_supplied(model_type: str, strategy: Any, also: set[str] = frozenset()) -> None:
     """Skip the test when what ``strategy`` reads is not there: inside the LLM (where it runs if it
     reads the LLM's fields) or from ``model_type``'s injector (``also``: fields counted as there)."""
@@ -229,6 +256,9 @@ class SelectorConformance:
     @pytest.mark.parametrize("model_type", BACKBONES)
     def test_runs_on_backbone(self, model_type: str) -> None:
         sel = self.make()
+        if sel.resizes_images:
+            _run_resized_on_backbone(model_type, sel)
+            return
         _skip_unless_supplied(model_type, sel, also={"text", "text_embedder"})
         scorers = _scorers_for(sel, model_type, self.scorers)
         missing = sel.required_scores() - {name for name, _ in scorers}

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..context import PruneContext
+from ..errors import ResPruneError
 from ..interfaces import Merger, Scorer, Selector
 from ..plugins import get_host
 from ..selection import run_scorer, run_selector
@@ -111,10 +112,23 @@ def _assert_unchanged(before: dict[str, Tensor], context: PruneContext, scores: 
 def check_selector_contract(selector: Selector, *, context: PruneContext | None = None) -> None:
     """Assert the selector interface: shapes, dtype, distinct in-range indices, every budget
     from 1 to N, determinism, that each image's picks do not depend on its batch, and that
-    the tokens, scores and context it is handed come back unchanged."""
+    the tokens, scores and context it is handed come back unchanged. A selector that
+    ``resizes_images`` spends its budget before the processor: it keeps all ``N`` tokens at
+    ``k = N`` and refuses any smaller ``k`` (an image that was not resized) with an error."""
     ctx = context or random_context()
     b, n = ctx.batch_size, ctx.num_tokens
     scores = _scores_for(selector, ctx)
+    if selector.resizes_images:
+        out = run_selector(selector, ctx.tokens, n, scores, ctx)
+        assert torch.equal(out.sort(dim=1).values, torch.arange(n).expand(b, n))
+        if n > 1:
+            try:
+                run_selector(selector, ctx.tokens, n - 1, scores, ctx)
+            except ResPruneError:
+                return
+            raise AssertionError(f"selector '{selector.name}' resizes images, yet picked {n - 1} of {n} tokens of an "
+                                 f"image it did not resize instead of refusing it")
+        return
     before = _snapshot(ctx, scores)
     for k in sorted(k for k in {1, 2, n // 2, n - 1, n} if 1 <= k <= n):
         out = run_selector(selector, ctx.tokens, k, scores, ctx)  # checks shape, dtype, range, distinctness
