@@ -273,8 +273,9 @@ def flat_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str
     """Result rows as flat records: ``ROW_COLUMNS``, then one column per grid parameter (its
     dotted key, e.g. ``selector.params.alpha``; ``base`` for the config), then one per metric
     key (``fidelity.kl``), then the bounds of each metric's 95 % interval where rows have one
-    (``fidelity.kl.ci_low``, ``fidelity.kl.ci_high``; Rel.'s: ``rel.ci_low``, ``rel.ci_high``), and the Holm-corrected p-value of each
-    metric's paired test against the reference method (``fidelity.kl.p_vs_residual_energy``).
+    (``fidelity.kl.ci_low``, ``fidelity.kl.ci_high``; Rel.'s: ``rel.ci_low``, ``rel.ci_high``), and
+    the Holm-corrected p-value of each metric's paired test against the reference method
+    (``fidelity.kl.p_vs_residual_energy``).
     Returns ``(columns, records)``; a missing value is ``None``."""
     params = sorted({k for r in rows for k in (r.get("params") or {}) if k not in ("selector", "budget")})
     metrics = _metric_names(rows)
@@ -417,7 +418,6 @@ def write_report(run_dir: str | Path, *, metrics: list[str] | None = None, plots
     examples = []
     if against or split:
         examples = [samples_of(run, r) for r in rows] if is_lmms_eval_dir(run) else examples_of(run, rows)
-    if against or split:
         _check_examples(run, rows, examples, "--against" if against else "--split")
     if against:
         paired_tests(rows, examples, against)
