@@ -24,6 +24,7 @@ align_corners=False)`` resamples a grid to a smaller one: LLaVA-OneVision's vide
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -59,14 +60,21 @@ def band_cells(rows: int, cols: int, k: int) -> list[tuple[int, int, int, int]]:
 class PoolPlan:
     """How ``n`` tokens pool into ``k``: ``places`` int64 ``[k]`` ascending, the token whose place
     each pooled token takes; ``owner`` int64 ``[n]``, the pooled token (index into ``places``)
-    each grid token averages into, -1 for a token of no grid; ``corners`` int64 ``[k, 4]`` and
+    each token averages into (a kept token of no grid: its own; -1: a dropped one); ``sizes``
+    float ``[k]``, the tokens each pooled token averages; ``corners`` int64 ``[k, 4]`` and
     ``weights`` float ``[k, 4]``: the bilinear sample at each cell's centre (a token kept as it
     is: itself with weight 1)."""
 
     places: Tensor
     owner: Tensor
+    sizes: Tensor
     corners: Tensor
     weights: Tensor
+
+    @property
+    def members(self) -> Tensor | None:
+        """The tokens that enter a pooled token, or ``None`` when every token does."""
+        return None if bool((self.owner >= 0).all()) else (self.owner >= 0).nonzero().squeeze(1)
 
 
 def _regions(context: PruneContext, n: int, who: str) -> tuple[Tensor, Tensor]:
@@ -91,9 +99,24 @@ def _regions(context: PruneContext, n: int, who: str) -> tuple[Tensor, Tensor]:
     return positions, region
 
 
+_PLANS: OrderedDict[tuple[int, int, bytes, bytes], PoolPlan] = OrderedDict()
+_CACHED = 64
+
+
 def pool_plan(context: PruneContext, n: int, k: int, *, who: str = "pool") -> PoolPlan:
-    """The cells of ``n`` tokens pooled into ``k`` (``1 <= k <= n``), from the context's positions."""
+    """The cells of ``n`` tokens pooled into ``k`` (``1 <= k <= n``), from the context's positions
+    (the selector's plan is the merger's: the last few are kept, keyed by the geometry)."""
     positions, region = _regions(context, n, who)
+    key = (n, k, positions.numpy().tobytes(), region.numpy().tobytes())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(positions, region, n, k, who)
+        while len(_PLANS) > _CACHED:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _plan(positions: Tensor, region: Tensor, n: int, k: int, who: str) -> PoolPlan:
     ids = [int(r) for r in torch.unique(region) if r >= 0]
     grids = []
     for rid in ids:
@@ -127,6 +150,7 @@ def pool_plan(context: PruneContext, n: int, k: int, *, who: str = "pool") -> Po
             corners.append([int(grid[y0, x0]), int(grid[y0, x1]), int(grid[y1, x0]), int(grid[y1, x1])])
             weights.append([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx])
     for j in loose[: max(k - len(places), 0)]:  # room left after every grid token: tokens of no grid, in order
+        owner[j] = len(places)
         places.append(j)
         corners.append([j] * 4)
         weights.append([1.0, 0.0, 0.0, 0.0])
@@ -136,7 +160,8 @@ def pool_plan(context: PruneContext, n: int, k: int, *, who: str = "pool") -> Po
     rank = torch.empty_like(order)
     rank[order] = torch.arange(k)
     owner = torch.where(owner >= 0, rank[owner.clamp_min(0)], owner)
-    return PoolPlan(torch.tensor(places)[order], owner, torch.tensor(corners)[order],
+    sizes = torch.bincount(owner[owner >= 0], minlength=k).float()
+    return PoolPlan(torch.tensor(places)[order], owner, sizes, torch.tensor(corners)[order],
                     torch.tensor(weights, dtype=torch.float32)[order])
 
 
@@ -151,7 +176,7 @@ class PoolSelector(Selector):
     def select(self, tokens: Tensor, k: int, scores: Mapping[str, Tensor], context: PruneContext) -> Tensor:
         b, n, _ = tokens.shape
         plan = pool_plan(context, n, k, who=f"selector '{self.name}'")
-        return plan.places.to(tokens.device).expand(b, k).contiguous()
+        return plan.places.to(tokens.device).expand(b, k).clone()  # the plan is cached: hand out a copy
 
 
 class PoolMerger(Merger):
@@ -185,17 +210,12 @@ class PoolMerger(Merger):
             weights = plan.weights.to(tokens.device, tokens.dtype)
             picked = tokens[:, corners.reshape(-1)].view(b, k, 4, d)
             return kept, (picked * weights[None, :, :, None]).sum(2)
-        owner = plan.owner.to(tokens.device)
-        members = (owner >= 0).nonzero().squeeze(1)
-        sums = tokens.gather(1, kept[..., None].expand(b, k, d)).clone()  # tokens of no grid stay themselves
-        counts = torch.ones(k, dtype=tokens.dtype, device=tokens.device)
-        pooled = torch.zeros(k, dtype=torch.bool, device=tokens.device)
-        pooled[owner[members]] = True
-        sums[:, pooled] = 0
-        counts[pooled] = 0
-        sums.index_add_(1, owner[members], tokens[:, members])
-        counts.index_add_(0, owner[members], torch.ones(members.numel(), dtype=tokens.dtype, device=tokens.device))
-        return kept, sums / counts[None, :, None]
+        owner, members = plan.owner.to(tokens.device), plan.members
+        if members is not None:  # dropped tokens of no grid (LLaVA-NeXT's newlines) average into nothing
+            members = members.to(tokens.device)
+            owner, tokens = owner[members], tokens[:, members]
+        sums = tokens.new_zeros(b, k, d).index_add_(1, owner, tokens)
+        return kept, sums / plan.sizes.to(tokens.device, tokens.dtype)[None, :, None]
 
 
 @hookimpl
