@@ -57,7 +57,8 @@ LLM_FIELDS: dict[str, str] = {
     "llm_final_norm": "callable [..., D] -> [..., D] float32: the language model's final norm (DART measures "
                       "similarity after it)",
     "layer": "the decoder layer K the stage acts on (int)",
-    "positions": "token centres as (row, col) in grid units, [N, 2] (when the image has a grid)",
+    "positions": "token centres as (row, col) in grid units, [N, 2] (when the image has a grid; one for the images "
+                 "pruned together, which must agree)",
     "tiles": "the tile of each token, int [N] (when the image has tiles; see resprune.context)",
     "frames": "the frame of each token of a video, int [N] (videos)",
 }
@@ -137,16 +138,27 @@ class Span:
     geometry: Any = None  # the image's EncodedImage without features (for pictures)
 
 
-def _geometry_fields(members: list[Span]) -> dict[str, Tensor]:
-    """``tiles`` and ``frames`` of the alive tokens of a group of spans that share them."""
-    out = {}
-    for name in ("tiles", "frames"):
-        values = [None if s.geometry is None else getattr(s.geometry, name, None) for s in members]
+def _geometry_fields(members: list[Span], who: str) -> dict[str, Any]:
+    """``positions``, ``tiles`` and ``frames`` of the alive tokens of a group of spans, as providers:
+    read (one host read) only by a strategy that asks for them, and an ``InvalidInputError`` when the
+    images of the group differ there (one context holds one value for the batch)."""
+    out: dict[str, Any] = {}
+    for name in ("positions", "tiles", "frames"):
+        values = [s.positions if name == "positions" else getattr(s.geometry, name, None) for s in members]
         if any(v is None for v in values):
             continue
-        alive = [v[s.alive.to(v.device)] for v, s in zip(values, members)]
-        if all(torch.equal(a, alive[0]) for a in alive[1:]):
-            out[name] = alive[0]
+
+        def provide(values: list[Tensor] = values, name: str = name) -> Tensor:
+            alive = [v.to(s.alive.device)[s.alive] for v, s in zip(values, members)]
+            same = [torch.nan_to_num(a.float(), nan=-1.0) for a in alive]  # NaN: a token of no grid
+            if not all(torch.equal(a, same[0]) for a in same[1:]):
+                raise InvalidInputError(
+                    f"{who}: the {len(members)} images pruned together here hold different token {name} (another "
+                    f"image size, or other tokens kept by an earlier stage), and a stage's context holds one; "
+                    f"run them one per call (batch size 1) for a strategy that reads {name!r}.")
+            return alive[0]
+
+        out[name] = provide
     return out
 
 
@@ -575,15 +587,12 @@ class LLMPruner:
             if "key" in st.captured:
                 kc = st.captured["key"]  # [B, Hkv, L, hd]
                 keys = kc[rows.to(kc.device)[:, None], :, cols.to(kc.device)].flatten(2).float()  # [G, m, Hkv*hd]
-            pos = members[0].positions
             ctx = PruneContext(
                 tokens, source=f"{self.source} (layer {layer})",
                 llm_attention=(lambda query="last", r=rows, c=cols: attention(query)[r[:, None], c]),
                 llm_own_attention=(lambda query="last", r=rows, c=cols: own_attention(query)[r[:, None], c]),
                 llm_keys=keys, llm_last_hidden=last_hidden[rows], layer=layer, llm_final_norm=self._final_norm,
-                positions=None if pos is None or not all(s.positions is not None for s in members)
-                else pos.to(dev)[members[0].alive.to(dev)],
-                **_geometry_fields(members),
+                **_geometry_fields(members, f"{self.source} (layer {layer})"),
                 text=None if st.texts is None else (lambda g=members: [st.texts(s.row) for s in g]),
                 llm_text_hidden=lambda r=rows: text_fields(r)[0],
                 llm_text_key_norm=lambda r=rows: text_fields(r)[1],

@@ -176,3 +176,23 @@ def test_tokens_with_holes_are_refused_with_the_reason():
     positions = torch.tensor([[r, c] for r in range(4) for c in range(3)], dtype=torch.float32)[:10]
     with pytest.raises(InvalidInputError, match="not a full grid"):
         pool_plan(PruneContext(tokens, positions=positions), 10, 4)
+
+
+def test_inside_the_llm_images_with_other_positions_are_refused_not_given_the_first_ones():
+    """A stage inside the LLM holds one `positions` for the images it prunes together: two images
+    of the same token count but transposed grids must not share the first one's."""
+    from resprune.pipeline import Pipeline
+    from resprune.stages import Stage
+    from resprune.testing.tiny import tiny_inputs, tiny_lvlm
+    from test_backbones import photos
+
+    model, proc = tiny_lvlm("qwen2_5_vl", seed=0)
+    wide, tall = photos()[0].resize((112, 84)), photos()[1].resize((84, 112))
+    pipe = Pipeline(None, budget=1.0, stages=[Stage("pool", budget=0.5, layer=1)])
+    prompts = ["What is shown?", "Describe it."]
+    with torch.no_grad(), pipe.attach(model, proc) as attached:
+        model(**tiny_inputs("qwen2_5_vl", proc, [wide, wide.transpose(0)], prompts))  # one geometry: together
+        (record,) = attached.last.stages
+        assert [s.k for s in record.selections] == [s.n // 2 for s in record.selections]
+        with pytest.raises(InvalidInputError, match="different token positions"):
+            model(**tiny_inputs("qwen2_5_vl", proc, [wide, tall], prompts))
