@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import operator
 import os
 import platform
@@ -45,7 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import runfiles
-from .comparisons import FULL_EXAMPLES, example_line, metric_interval, paired_tests, relative_interval
+from .comparisons import FULL_EXAMPLES, example_line, intervals, paired_tests, relative_interval
 from .config import load_config, selector_label, to_yaml
 from .costs import llm_dims, vision_dims
 from .data import describe_source, image_digest_of, load_records, open_image, record_digest
@@ -616,7 +615,7 @@ class Ablation:
         lines = self._cell_examples(out, cell) if lines is None else lines
         row["examples"] = len(lines)
         row["metrics"] = _mean(lines[i] for i in sorted(lines))
-        row["intervals"] = _intervals([lines[i] for i in sorted(lines)], self.seed)
+        row["intervals"] = intervals([lines[i] for i in sorted(lines)], seed=self.seed)
         if failed:
             row.update(status="failed", reason=failed[0].get("error", "no error recorded"))
         elif row["examples"] >= len(self.records):
@@ -653,7 +652,7 @@ class Ablation:
         return {"cell": "full", "label": "full (unpruned)", "model": self.model_name, "method": "full",
                 "selector": None, "budget": None, "params": {}, "status": "done", "reason": None,
                 "examples": len(values),
-                "metrics": _mean(values), "intervals": _intervals(values, self.seed), "rel": 1.0}
+                "metrics": _mean(values), "intervals": intervals(values, seed=self.seed), "rel": 1.0}
 
     def collect(self, out_dir: str | Path) -> ResultTable:
         """The results in ``out_dir`` (finished or not) as a ``ResultTable``."""
@@ -788,19 +787,6 @@ def _reference_problem(info: Any, logits: torch.Tensor, vocab: int | None) -> st
         if value is not None and not finite_number(value):
             return f"{name} {value!r} is not a finite number"
     return None
-
-
-def _intervals(rows: Sequence[Mapping[str, float]], seed: int) -> dict[str, list[float]]:
-    """Per metric key, the 95 % interval ``[low, high]`` of its mean over the examples
-    (``resprune.comparisons.metric_interval``: Wilson for a 0/1 share, a seeded bootstrap otherwise)."""
-    keys = sorted({key for row in rows for key in row})
-    out = {}
-    for key in keys:
-        values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
-        if values:
-            ci = metric_interval(key, values, seed=seed)
-            out[key] = [ci.low, ci.high]
-    return out
 
 
 def _mean(rows: Iterable[Mapping[str, float]]) -> dict[str, float]:

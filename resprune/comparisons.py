@@ -24,7 +24,7 @@ from .errors import InvalidInputError
 from .metrics import finite_number
 from .runfiles import RunFileError, check_inside, read_jsonl
 
-__all__ = ["FULL_EXAMPLES", "examples_of", "metric_interval", "paired_tests", "relative_interval", "split_on",
+__all__ = ["FULL_EXAMPLES", "examples_of", "intervals", "metric_interval", "paired_tests", "relative_interval", "split_on",
            "SPLIT_KEYS"]
 
 FULL_EXAMPLES = "full.examples.jsonl"
@@ -118,11 +118,24 @@ def paired_tests(rows: list[dict[str, Any]], examples: Sequence[Examples], again
 
 def metric_interval(key: str, values: Sequence[float], *, seed: int = 0) -> Any:
     """``resprune.stats.mean_interval`` of one metric's per-example values: Wilson's interval only
-    for a share (a metric declaring ``percent``, e.g. accuracy) whose values are all 0 or 1."""
-    from .metric_traits import is_percent
+    where 0/1 values count successes (``resprune.metric_traits.counts_successes``: accuracy, not a
+    FLOPs ratio of 1)."""
+    from .metric_traits import counts_successes
     from .stats import mean_interval
 
-    return mean_interval(values, seed=seed, proportion=is_percent(key))
+    return mean_interval(values, seed=seed, proportion=counts_successes(key))
+
+
+def intervals(examples: Sequence[Mapping[str, float]], *, seed: int = 0) -> dict[str, list[float]]:
+    """Per metric key of the per-example values, the 95 % interval ``[low, high]`` of its mean over
+    the examples with a finite value (``metric_interval``)."""
+    out = {}
+    for key in sorted({key for values in examples for key in values}):
+        finite = [values[key] for values in examples if key in values and math.isfinite(values[key])]
+        if finite:
+            ci = metric_interval(key, finite, seed=seed)
+            out[key] = [ci.low, ci.high]
+    return out
 
 
 def relative_interval(mine: Examples, full: Examples, keys: Sequence[str], *, seed: int = 0) -> list[float] | None:

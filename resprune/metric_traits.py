@@ -6,7 +6,7 @@ installed where the table is made reads as a higher-is-better plain number.
 
 from __future__ import annotations
 
-__all__ = ["lower_is_better", "is_percent"]
+__all__ = ["lower_is_better", "is_percent", "counts_successes"]
 
 
 def _declared(name: str, attr: str) -> bool:
@@ -27,3 +27,12 @@ def lower_is_better(name: str) -> bool:
 def is_percent(name: str) -> bool:
     """Whether metric key ``name`` is a share shown as a percentage (the metric declares it)."""
     return _declared(name, "percent")
+
+
+def counts_successes(name: str) -> bool:
+    """Whether 0/1 values of metric key ``name`` count successes (Wilson's interval fits them): a
+    share its metric declares, or a key of no installed metric (lmms-eval's per-sample
+    correctness); a declared plain number (a FLOPs ratio of 1) does not."""
+    from .plugins import get_host
+
+    return is_percent(name) or name.partition(".")[0] not in get_host().metrics

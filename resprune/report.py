@@ -173,9 +173,13 @@ def _fmt(name: str, value: float | None) -> str:
 def _cell(name: str, row: dict[str, Any]) -> str:
     """A table cell: the row's value of ``name``, and its 95 % interval when the row has one
     (``62.1 (58.3–65.7)``)."""
-    value = row["metrics"].get(name)
+    return _with_interval(name, row["metrics"].get(name), _interval(row, name))
+
+
+def _with_interval(name: str, value: float | None, interval: tuple[float, float] | None) -> str:
+    """``value`` formatted for metric ``name``, with its interval in brackets unless it has none or
+    the bounds print as the value itself."""
     text = _fmt(name, value)
-    interval = _interval(row, name)
     if not finite_number(value) or interval is None:
         return text
     low, high = (_fmt(name, v) for v in interval)
@@ -518,11 +522,10 @@ def split_table(rows: Sequence[dict[str, Any]], examples: Sequence[dict[Any, dic
                     values = [v[m] for e, v in examples[i].items()  # the run's order, as its intervals
                               if e in group and m in v and finite_number(v[m])]
                     if not values:
-                        cells.append("–")
+                        cells.append(MISSING)
                         continue
                     ci = metric_interval(m, values, seed=seed)
-                    text, low, high = _fmt(m, ci.estimate), _fmt(m, ci.low), _fmt(m, ci.high)
-                    cells.append(text if low == high == text else f"{text} ({low}–{high})")
+                    cells.append(_with_interval(m, ci.estimate, (ci.low, ci.high)))
             lines.append(f"| {md_text(rows[i]['method'])} | " + " | ".join(cells) + " |")  # easy ones, then hard
-        lines += ["", "–: no example in that group.", ""] if empty else [""]
+        lines += ["", f"{MISSING}: no example in that group.", ""] if empty else [""]
     return "\n".join(lines).rstrip() + "\n"

@@ -10,7 +10,6 @@ scores, GPT-judged tasks), the report says so instead of inventing an interval.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -105,17 +104,12 @@ def _bad(path: Path, n: int, expected: str) -> InvalidInputError:
 
 def row_intervals(examples: dict[str, dict[str, float]], headline: dict[str, tuple[tuple[str, ...], float]], *,
                   seed: int = 0) -> dict[str, list[float]]:
-    """Per metric key of the samples, the 95 % interval of its mean (Wilson's for 0/1 values, a
-    seeded bootstrap otherwise), and each task's headline score's: its metric's, scaled."""
-    from ..stats import mean_interval
+    """Per metric key of the samples, the 95 % interval of its mean (``resprune.comparisons.intervals``:
+    Wilson's for 0/1 values, a seeded bootstrap otherwise), and each task's headline score's: its
+    metric's, scaled."""
+    from ..comparisons import intervals
 
-    keys = sorted({k for values in examples.values() for k in values})
-    out = {}
-    for key in keys:
-        values = [v[key] for v in examples.values() if key in v and math.isfinite(v[key])]
-        if values:
-            ci = mean_interval(values, seed=seed)
-            out[key] = [ci.low, ci.high]
+    out = intervals(list(examples.values()), seed=seed)
     for task in {key.partition(".")[0] for key in out}:
         found = headline_of(task, headline)
         if found is not None and found[0] in out:
