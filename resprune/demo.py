@@ -114,7 +114,8 @@ def run_demo(model: str = "tiny:llava", *, config: str | None = None, photo: str
         prompt = next((q["question"] for q in sample_questions() if Path(q["image"]).name == path.name),
                       "Describe the picture.") + " Answer the question using a single word or phrase."
     full_inputs = chat_inputs(processor, [image], [prompt], device=lvlm.device)
-    inputs = chat_inputs(processor, pipe.prepare_images([image], processor), [prompt], device=lvlm.device)
+    inputs = chat_inputs(processor, pipe.prepare_images([image], processor), [prompt], device=lvlm.device) \
+        if pipe.resizes_images else full_inputs  # downsampling hands the processor a smaller image
     tokenizer = tokenizer_of(processor)
 
     if is_tiny(model):

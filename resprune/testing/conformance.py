@@ -176,12 +176,16 @@ def _run_resized_on_backbone(model_type: str, selector: Selector) -> None:
         assert sel.k == sel.n <= max(1, int(budget * before.n + 0.5)) < before.n
 
 
-def _skip_unless_supplied(model_type: str, strategy: Any, also: set[str] = frozenset()) -> None:
-    """Skip the test when what ``strategy`` reads is not there: inside the LLM (where it runs if it
-    reads the LLM's fields) or from ``model_type``'s injector (``also``: fields counted as there)."""
-    provides = _llm_provides(model_type) if _inside_llm([strategy]) else set(get_host().injector_for(model_type).provides)
+def _skip_unless_supplied(model_type: str, strategy: Any, also: set[str] = frozenset(),
+                          inside: bool | None = None) -> None:
+    """Skip the test when what ``strategy`` reads is not there: inside the LLM (``inside``; by
+    default where it runs if it reads the LLM's fields) or from ``model_type``'s injector (``also``:
+    fields counted as there)."""
+    inside = _inside_llm([strategy]) if inside is None else inside
+    provides = _llm_provides(model_type) if inside else set(get_host().injector_for(model_type).provides)
     if not set(strategy.requires) <= provides | set(also):
-        pytest.skip(f"{model_type} cannot supply {sorted(set(strategy.requires) - provides)}")
+        where = f"{model_type}, inside the LLM," if inside else model_type
+        pytest.skip(f"{where} cannot supply {sorted(set(strategy.requires) - provides)}")
 
 
 def _inside_llm(strategies: list[Any]) -> bool:
@@ -340,10 +344,7 @@ class MergerConformance:
 
         m = self.make()
         selector, scorers = merger_selector(m)
-        provides = _llm_provides(model_type) if inside else set(get_host().injector_for(model_type).provides)
-        if not set(m.requires) <= provides:
-            where = "inside the LLM" if inside else model_type
-            pytest.skip(f"{where} cannot supply {sorted(set(m.requires) - provides)}")
+        _skip_unless_supplied(model_type, m, inside=inside)
 
         def pipe(budget: Any) -> Pipeline:
             if inside:
