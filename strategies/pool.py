@@ -17,8 +17,9 @@ their token counts. Tokens without a position (LLaVA-NeXT's row newlines) are dr
 after every grid token when the budget has room for more than the grid tokens.
 
 The merger's ``mode`` says how a cell becomes a token: ``mean`` (average pooling) or
-``bilinear`` (the grid sampled at the cell's centre, as ``F.interpolate(mode="bilinear",
-align_corners=False)`` resamples a grid to a smaller one: LLaVA-OneVision's video pooling).
+``bilinear`` (the grid sampled where ``F.interpolate(mode="bilinear", align_corners=False)``
+samples it, ``band_centres``: where the bands hold equal counts, exactly that resampling, as
+LLaVA-OneVision pools its video frames, 27x27 to 14x14).
 """
 
 from __future__ import annotations
@@ -38,22 +39,36 @@ from resprune.image_selection import proportional_shares
 from resprune.interfaces import Merger, Selector
 from resprune.params import check_choice
 
-__all__ = ["PoolPlan", "pool_plan", "band_cells", "PoolSelector", "PoolMerger"]
+__all__ = ["PoolPlan", "pool_plan", "band_cells", "band_centres", "PoolSelector", "PoolMerger"]
+
+
+def _bands(rows: int, cols: int, k: int) -> list[int]:
+    """How many cells each band of rows holds: ``r`` bands (``r`` near ``sqrt(k * rows / cols)``),
+    band ``i`` ``floor((i+1) k / r) - floor(i k / r)`` of them."""
+    if not 1 <= k <= rows * cols:
+        raise ValueError(f"band_cells: k={k} cells of a {rows}x{cols} grid")
+    r = min(rows, k, max(math.ceil(k / cols), round(math.sqrt(k * rows / cols))))
+    return [(i + 1) * k // r - i * k // r for i in range(r)]
 
 
 def band_cells(rows: int, cols: int, k: int) -> list[tuple[int, int, int, int]]:
     """``k`` rectangles ``(row0, row1, col0, col1)`` (ends exclusive) that tile a ``rows x cols``
     grid in raster order: ``r`` bands of rows, band ``i`` cut into ``floor((i+1) k / r) - floor(i k / r)``
     runs of columns (``1 <= k <= rows * cols``)."""
-    if not 1 <= k <= rows * cols:
-        raise ValueError(f"band_cells: k={k} cells of a {rows}x{cols} grid")
-    r = min(rows, k, max(math.ceil(k / cols), round(math.sqrt(k * rows / cols))))
-    cells = []
-    for i in range(r):
-        r0, r1 = i * rows // r, (i + 1) * rows // r
-        count = (i + 1) * k // r - i * k // r
-        cells += [(r0, r1, j * cols // count, (j + 1) * cols // count) for j in range(count)]
-    return cells
+    bands = _bands(rows, cols, k)
+    r = len(bands)
+    return [(i * rows // r, (i + 1) * rows // r, j * cols // count, (j + 1) * cols // count)
+            for i, count in enumerate(bands) for j in range(count)]
+
+
+def band_centres(rows: int, cols: int, k: int) -> list[tuple[float, float]]:
+    """Where ``F.interpolate(mode="bilinear", align_corners=False)`` samples a ``rows x cols`` grid
+    for each of the ``k`` cells of ``band_cells``, in token units: band ``i`` of ``r`` at row
+    ``(i + 0.5) rows / r - 0.5``, its cell ``j`` of ``c`` at column ``(j + 0.5) cols / c - 0.5``."""
+    bands = _bands(rows, cols, k)
+    r = len(bands)
+    return [((i + 0.5) * rows / r - 0.5, (j + 0.5) * cols / count - 0.5)
+            for i, count in enumerate(bands) for j in range(count)]
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,7 @@ class PoolPlan:
     each pooled token takes; ``owner`` int64 ``[n]``, the pooled token (index into ``places``)
     each token averages into (a kept token of no grid: its own; -1: a dropped one); ``sizes``
     float ``[k]``, the tokens each pooled token averages; ``corners`` int64 ``[k, 4]`` and
-    ``weights`` float ``[k, 4]``: the bilinear sample at each cell's centre (a token kept as it
+    ``weights`` float ``[k, 4]``: the bilinear sample of each cell (``band_centres``; a token kept as it
     is: itself with weight 1)."""
 
     places: Tensor
@@ -140,10 +155,9 @@ def _plan(positions: Tensor, region: Tensor, n: int, k: int, who: str) -> PoolPl
         if share == 0:
             continue
         rows, cols = grid.shape
-        for r0, r1, c0, c1 in band_cells(rows, cols, share):
+        for (r0, r1, c0, c1), (y, x) in zip(band_cells(rows, cols, share), band_centres(rows, cols, share)):
             owner[grid[r0:r1, c0:c1].reshape(-1)] = len(places)
             places.append(int(grid[(r0 + r1 - 1) // 2, (c0 + c1 - 1) // 2]))
-            y, x = (r0 + r1) / 2 - 0.5, (c0 + c1) / 2 - 0.5  # the cell's centre, in token units
             y0, x0 = math.floor(y), math.floor(x)
             y1, x1 = min(y0 + 1, rows - 1), min(x0 + 1, cols - 1)
             wy, wx = y - y0, x - x0
@@ -183,7 +197,7 @@ class PoolMerger(Merger):
     """Each pooled cell's tokens made into one token at its centre's place (after ``selector: pool``)."""
 
     name = "pool"
-    description = "average pooling: each cell of selector 'pool' becomes its mean (or its bilinear centre sample)"
+    description = "average pooling: each cell of selector 'pool' becomes its mean (or F.interpolate's bilinear sample)"
     requires = frozenset({"positions"})
     selector = "pool"
 
@@ -191,7 +205,8 @@ class PoolMerger(Merger):
     class Params:
         mode: str = "mean"
         """`mean`: the average of the cell's tokens (2x2 / 3x3 average pooling where the grid divides);
-        `bilinear`: the grid sampled bilinearly at the cell's centre (`F.interpolate(mode="bilinear")`)."""
+        `bilinear`: the grid sampled where `F.interpolate(mode="bilinear")` samples it (LLaVA-OneVision's
+        pooling)."""
 
         def __post_init__(self) -> None:
             check_choice("mode", self.mode, ("mean", "bilinear"))

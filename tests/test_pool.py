@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import resprune
 from resprune.context import PruneContext
 from resprune.errors import ConfigError, InvalidInputError, PluginContractError
 from resprune.plugins import get_host
-from resprune.strategies.pool import band_cells, pool_plan
+from resprune.strategies.pool import band_cells, band_centres, pool_plan
 
 BACKBONES = ("llava", "llava_next", "qwen2_5_vl")
 
@@ -61,6 +62,20 @@ def test_on_llava_15s_grid_it_is_s_by_s_pooling(k, stride, mode):
     assert places[0].tolist() == (centre[:, None] * 24 + centre[None, :]).reshape(-1).tolist()
 
 
+def test_bilinear_is_llava_onevisions_pooling_where_the_grid_does_not_divide():
+    """A literal transcription of ``LlavaOnevisionModel.apply_pooling`` (transformers 5.17): a
+    27x27 grid resampled to ceil(27 / 2) = 14 a side, ``F.interpolate(mode="bilinear")``."""
+    tokens = torch.randn(2, 729, 6)
+    _, features = pooled(tokens, PruneContext(tokens, grid=(27, 27)), 196, "bilinear")
+    image = tokens.view(2, 27, 27, 6).permute(0, 3, 1, 2).contiguous()
+    want = F.interpolate(image, size=[math.ceil(27 / 2), math.ceil(27 / 2)], mode="bilinear")
+    torch.testing.assert_close(features, want.permute(0, 2, 3, 1).reshape(2, 196, 6))
+    wide = torch.randn(1, 24 * 40, 3)  # a 24x40 grid to 10x16 (what the band lattice gives for 160)
+    _, features = pooled(wide, PruneContext(wide, grid=(24, 40)), 160, "bilinear")
+    want = F.interpolate(wide.view(1, 24, 40, 3).permute(0, 3, 1, 2), size=(10, 16), mode="bilinear")
+    torch.testing.assert_close(features, want.permute(0, 2, 3, 1).reshape(1, 160, 3))
+
+
 def test_constant_patches_give_their_constants():
     values = torch.randn(8, 8)
     image = values.repeat_interleave(3, 0).repeat_interleave(3, 1)  # 3x3 patches of one value each
@@ -103,8 +118,9 @@ def context_of(image, tokens: torch.Tensor) -> PruneContext:
 @pytest.mark.parametrize("model_type", BACKBONES)
 @pytest.mark.parametrize("mode", ["mean", "bilinear"])
 def test_a_gradient_pools_to_each_cells_centre_on_every_backbone(model_type, mode):
-    """Tokens that are their own (row, col): a linear gradient, whose mean over a cell (and bilinear
-    sample at its centre) is the centre; the pooled token's place is inside its cell."""
+    """Tokens that are their own (row, col): a linear gradient, whose mean over a cell is the cell's
+    centre and whose bilinear sample is the point sampled (``band_centres``, per grid); the pooled
+    token's place is inside its cell."""
     image = encoded(model_type)
     ctx = context_of(image, image.features[None].float())
     positions = ctx.get("positions")
@@ -123,11 +139,18 @@ def test_a_gradient_pools_to_each_cells_centre_on_every_backbone(model_type, mod
     tokens = torch.nan_to_num(grid_rc, nan=-1.0)[None]
     places, features = pooled(tokens, context_of(image, tokens), k, mode)
     assert places.shape == (1, k) and torch.equal(places[0], plan.places)
+    sampled = []  # where bilinear samples each cell: each grid's cells in raster order, as the places
+    for rid in torch.unique(region[spatial]).tolist():
+        members = (spatial & (region == rid)).nonzero().squeeze(1)
+        share = sum(int(region[p]) == rid for p in places[0].tolist())
+        rows, cols = (int(grid_rc[members, axis].max()) + 1 for axis in (0, 1))
+        sampled += band_centres(rows, cols, share)
     for j in range(k):
         members = (plan.owner == j).nonzero().squeeze(1)
         rc = grid_rc[members]
         centre = (rc.min(0).values + rc.max(0).values) / 2
-        torch.testing.assert_close(features[0, j], centre)
+        want = centre if mode == "mean" else torch.tensor(sampled[j], dtype=torch.float32)
+        torch.testing.assert_close(features[0, j], want)
         assert int(places[0, j]) in members.tolist()
         assert bool(((grid_rc[places[0, j]] - centre).abs() <= 0.5).all())  # its position: the cell's centre token
     if image.tiles is not None:  # LLaVA-NeXT: the base image and the crops pooled apart
